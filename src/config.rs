@@ -1,0 +1,750 @@
+//! Configuration: the command line and the configuration file, validated
+//! into one [`Config`].
+//!
+//! Consumes: raw arguments ([`Cli`], parsed by clap) and, with `--config`, a
+//! TOML file whose keys are the long option names (`window = "2m"`,
+//! `listen = ["udp://127.0.0.1:5514"]`) plus `[[pattern]]` tables.
+//! Produces: a [`Config`] with every value checked and typed, or a
+//! [`ConfigError`] naming where the bad value came from (the flag, or the
+//! file and line), the key, the value, and what is expected. Flags override
+//! the file; the file overrides the defaults.
+//! Trusts: the administrator, but checks every value: a configuration error
+//! stops the daemon at start-up (exit status 78, EX_CONFIG) rather than
+//! leaving it running with a value it guessed.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::addr::Cidr;
+use crate::logging::Level;
+use crate::matcher::{Matchers, PatternSpec};
+use crate::sink::{MapType, PostfixMap};
+
+/// Exit status for configuration errors (sysexits.h EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+/// Default listener: loopback UDP, usable without privileges.
+pub const DEFAULT_LISTEN: &str = "udp://127.0.0.1:5514";
+/// Default peers allowed to send UDP datagrams: loopback only.
+pub const DEFAULT_ALLOW_FROM: &[&str] = &["127.0.0.0/8", "::1"];
+/// Default networks never granted: loopback.
+pub const DEFAULT_NEVER: &[&str] = &["127.0.0.0/8", "::1"];
+/// Default window after a login, as in the original smtp-after-popd.
+pub const DEFAULT_WINDOW: &str = "2m";
+/// Default map path.
+pub const DEFAULT_MAP: &str = "/etc/postfix/authenticated_ips";
+/// Default map type.
+pub const DEFAULT_MAP_TYPE: &str = "hash";
+/// Default postmap command (looked up in PATH).
+pub const DEFAULT_POSTMAP: &str = "postmap";
+/// Default mode of unix socket files.
+pub const DEFAULT_SOCKET_MODE: &str = "0660";
+
+/// POP-before-SMTP for Postfix: grants relay access to clients for a short
+/// window after they log in to POP3 or IMAP, by reading the mail servers'
+/// login records from syslog.
+///
+/// rsyslog or syslog-ng forwards mail log records to smtp-after-popd over a
+/// UDP or unix datagram socket. Each successful POP3/IMAP login (Dovecot,
+/// Courier, Cyrus, UW imapd/ipop3d and others, or patterns of your own)
+/// grants the client address for --window; the address is written to a
+/// Postfix access map (built with postmap) that Postfix consults with
+/// check_client_access in smtpd_relay_restrictions.
+#[derive(Debug, Parser)]
+#[command(
+    name = "smtp-after-popd",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; without a subcommand, run the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Daemon options.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the logins recognised in log files (or standard input).
+    ///
+    /// Reads lines as rsyslog writes them to /var/log/mail.log, or raw
+    /// syslog datagrams, and prints one line per recognised login:
+    /// ADDRESS<TAB>SERVER<TAB>SERVICE<TAB>USER. Other lines print nothing.
+    /// Patterns from --config are used too. Use it to check a real log
+    /// before relying on the daemon, as fail2ban-regex is used.
+    Match {
+        /// Configuration file whose [[pattern]] tables are added.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Log files to read; standard input when none is given.
+        #[arg(value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// The daemon's options. Each is also a key of the configuration file,
+/// named as the long option.
+#[derive(Debug, Default, Args)]
+pub struct DaemonArgs {
+    /// Configuration file (TOML); its keys are the long option names.
+    /// Options given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where to receive syslog datagrams: udp://ADDR:PORT (IPv4 or
+    /// [IPv6]) or unix:///PATH (a unix datagram socket). Repeatable.
+    /// [default: udp://127.0.0.1:5514]
+    #[arg(long, value_name = "URL")]
+    pub listen: Vec<String>,
+
+    /// Accept UDP datagrams only from peers in this network. Repeatable.
+    /// [default: 127.0.0.0/8 and ::1]
+    #[arg(long, value_name = "CIDR")]
+    pub allow_from: Vec<String>,
+
+    /// Never grant an address in this network, whatever the log says.
+    /// Repeatable; replaces the default; "none" for no network.
+    /// Unspecified, multicast and broadcast addresses are never granted.
+    /// [default: 127.0.0.0/8 and ::1]
+    #[arg(long, value_name = "CIDR")]
+    pub never: Vec<String>,
+
+    /// How long an address may relay after a login, e.g. 90s, 2m, 1h.
+    /// Each new login restarts the window. [default: 2m]
+    #[arg(long, value_name = "DURATION")]
+    pub window: Option<String>,
+
+    /// The Postfix access map source file; the database is built beside it
+    /// with postmap. [default: /etc/postfix/authenticated_ips]
+    #[arg(long, value_name = "PATH")]
+    pub map: Option<String>,
+
+    /// The map's Postfix type: hash, btree, lmdb or cdb. [default: hash]
+    #[arg(long, value_name = "TYPE")]
+    pub map_type: Option<String>,
+
+    /// The postmap command that builds the database. [default: postmap]
+    #[arg(long, value_name = "PATH")]
+    pub postmap: Option<String>,
+
+    /// File mode of unix socket files, in octal. [default: 0660]
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+
+    /// Receive buffer size asked for each socket, in bytes (suffixes K, M).
+    /// [default: the kernel's]
+    #[arg(long, value_name = "BYTES")]
+    pub receive_buffer: Option<String>,
+
+    /// Least severe log level printed: debug, info, warning or error.
+    /// [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// Where a listener receives datagrams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenSpec {
+    /// A UDP socket.
+    Udp(SocketAddr),
+    /// A unix datagram socket at this path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenSpec::Udp(a) => write!(f, "udp://{a}"),
+            ListenSpec::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The listeners.
+    pub listen: Vec<ListenSpec>,
+    /// UDP peers allowed to send.
+    pub allow_from: Vec<Cidr>,
+    /// Networks never granted.
+    pub never: Vec<Cidr>,
+    /// The window after each login.
+    pub window: Duration,
+    /// The Postfix map.
+    pub map: PostfixMap,
+    /// Mode of unix socket files.
+    pub socket_mode: u32,
+    /// Receive buffer size to ask for.
+    pub receive_buffer: Option<usize>,
+    /// Log level.
+    pub log_level: Level,
+    /// The login patterns, built-in and configured.
+    pub matchers: Matchers,
+}
+
+/// A configuration error, ready to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The configuration file's contents.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<Spanned<Vec<String>>>,
+    allow_from: Option<Spanned<Vec<String>>>,
+    never: Option<Spanned<Vec<String>>>,
+    window: Option<Spanned<String>>,
+    map: Option<Spanned<String>>,
+    map_type: Option<Spanned<String>>,
+    postmap: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<String>>,
+    receive_buffer: Option<Spanned<toml::Value>>,
+    log_level: Option<Spanned<String>>,
+    #[serde(default)]
+    pattern: Vec<PatternSpec>,
+}
+
+/// Where a value came from, for error messages.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    Default,
+    Flag,
+    File {
+        path: &'a Path,
+        source: &'a str,
+        offset: usize,
+    },
+}
+
+impl Origin<'_> {
+    fn error(&self, key: &str, value: &str, expected: &str) -> ConfigError {
+        match self {
+            Origin::Default => ConfigError(format!("default {key} \"{value}\": {expected}")),
+            Origin::Flag => ConfigError(format!("--{key} \"{value}\": {expected}")),
+            Origin::File {
+                path,
+                source,
+                offset,
+            } => ConfigError(format!(
+                "{}, line {}: {key} = \"{value}\": {expected}",
+                path.display(),
+                line_of(source, *offset)
+            )),
+        }
+    }
+}
+
+fn line_of(source: &str, offset: usize) -> usize {
+    source.as_bytes()[..offset.min(source.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Reads the configuration file, if any.
+fn read_file(path: &Path) -> Result<(String, FileConfig), ConfigError> {
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(format!(
+            "cannot read configuration file {}: {e}; check the path given with --config",
+            path.display()
+        ))
+    })?;
+    let file: FileConfig = toml::from_str(&source).map_err(|e| {
+        let line = e.span().map(|s| line_of(&source, s.start)).unwrap_or(1);
+        ConfigError(format!(
+            "{}, line {line}: {}; see smtp-after-popd --help for the keys and their values",
+            path.display(),
+            e.message().trim_end()
+        ))
+    })?;
+    Ok((source, file))
+}
+
+/// Picks a single value: the flag, else the file, else the default.
+fn pick<'a>(
+    flag: &'a Option<String>,
+    file: &'a Option<Spanned<String>>,
+    default: &'a str,
+    path: &'a Path,
+    source: &'a str,
+) -> (&'a str, Origin<'a>) {
+    if let Some(v) = flag {
+        return (v, Origin::Flag);
+    }
+    if let Some(v) = file {
+        return (
+            v.get_ref(),
+            Origin::File {
+                path,
+                source,
+                offset: v.span().start,
+            },
+        );
+    }
+    (default, Origin::Default)
+}
+
+/// Picks a list: the flags if any were given, else the file, else the
+/// default.
+fn pick_list<'a>(
+    flag: &'a [String],
+    file: &'a Option<Spanned<Vec<String>>>,
+    default: &'a [&'a str],
+    path: &'a Path,
+    source: &'a str,
+) -> Vec<(&'a str, Origin<'a>)> {
+    if !flag.is_empty() {
+        return flag.iter().map(|v| (v.as_str(), Origin::Flag)).collect();
+    }
+    if let Some(v) = file {
+        let origin = Origin::File {
+            path,
+            source,
+            offset: v.span().start,
+        };
+        return v.get_ref().iter().map(|s| (s.as_str(), origin)).collect();
+    }
+    default.iter().map(|v| (*v, Origin::Default)).collect()
+}
+
+fn cidrs(
+    key: &str,
+    values: Vec<(&str, Origin<'_>)>,
+    allow_none: bool,
+) -> Result<Vec<Cidr>, ConfigError> {
+    let mut out = Vec::new();
+    for (v, origin) in values {
+        if allow_none && v == "none" {
+            continue;
+        }
+        out.push(v.parse::<Cidr>().map_err(|e| origin.error(key, v, &e))?);
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Validates the daemon's arguments, reading `--config` if given.
+    pub fn from_args(args: &DaemonArgs) -> Result<Config, ConfigError> {
+        let (path, source, file) = match &args.config {
+            Some(p) => {
+                let (source, file) = read_file(p)?;
+                (p.clone(), source, file)
+            }
+            None => (PathBuf::new(), String::new(), FileConfig::default()),
+        };
+        let path = path.as_path();
+        let source = source.as_str();
+
+        let mut listen = Vec::new();
+        for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
+            listen.push(parse_listen(v).map_err(|e| origin.error("listen", v, &e))?);
+        }
+        if listen.is_empty() {
+            return Err(ConfigError(
+                "no listener: give at least one --listen udp://ADDR:PORT or unix:///PATH".into(),
+            ));
+        }
+        let allow_from = cidrs(
+            "allow-from",
+            pick_list(
+                &args.allow_from,
+                &file.allow_from,
+                DEFAULT_ALLOW_FROM,
+                path,
+                source,
+            ),
+            false,
+        )?;
+        let never = cidrs(
+            "never",
+            pick_list(&args.never, &file.never, DEFAULT_NEVER, path, source),
+            true,
+        )?;
+
+        let (v, origin) = pick(&args.window, &file.window, DEFAULT_WINDOW, path, source);
+        let window = parse_duration(v).map_err(|e| origin.error("window", v, &e))?;
+        if window.is_zero() || window > Duration::from_secs(7 * 86400) {
+            return Err(origin.error(
+                "window",
+                v,
+                "expected a window longer than 0 and at most 7d",
+            ));
+        }
+
+        let (v, origin) = pick(
+            &args.map_type,
+            &file.map_type,
+            DEFAULT_MAP_TYPE,
+            path,
+            source,
+        );
+        let map_type = MapType::parse(v).ok_or_else(|| {
+            origin.error(
+                "map-type",
+                v,
+                "expected hash, btree, lmdb or cdb (types postmap builds into one file that can be replaced atomically)",
+            )
+        })?;
+        let (v, origin) = pick(&args.map, &file.map, DEFAULT_MAP, path, source);
+        let map_path = PathBuf::from(v);
+        if v.is_empty() || v.ends_with('/') {
+            return Err(origin.error(
+                "map",
+                v,
+                "expected the path of a file, e.g. /etc/postfix/authenticated_ips",
+            ));
+        }
+        let dir = match map_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(origin.error(
+                "map",
+                v,
+                &format!(
+                    "the directory {} does not exist: create it or choose another path",
+                    dir.display()
+                ),
+            ));
+        }
+        let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
+        let map = PostfixMap {
+            path: map_path,
+            map_type,
+            postmap: PathBuf::from(v),
+        };
+
+        let (v, origin) = pick(
+            &args.socket_mode,
+            &file.socket_mode,
+            DEFAULT_SOCKET_MODE,
+            path,
+            source,
+        );
+        let socket_mode = u32::from_str_radix(v.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                origin.error("socket-mode", v, "expected an octal file mode such as 0660")
+            })?;
+
+        let receive_buffer = match (&args.receive_buffer, &file.receive_buffer) {
+            (Some(v), _) => {
+                Some(parse_size(v).map_err(|e| Origin::Flag.error("receive-buffer", v, &e))?)
+            }
+            (None, Some(v)) => {
+                let origin = Origin::File {
+                    path,
+                    source,
+                    offset: v.span().start,
+                };
+                let text = match v.get_ref() {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(n) => n.to_string(),
+                    other => other.to_string(),
+                };
+                Some(parse_size(&text).map_err(|e| origin.error("receive-buffer", &text, &e))?)
+            }
+            (None, None) => None,
+        };
+
+        let (v, origin) = pick(&args.log_level, &file.log_level, "info", path, source);
+        let log_level = match v {
+            "debug" => Level::Debug,
+            "info" => Level::Info,
+            "warning" => Level::Warning,
+            "error" => Level::Error,
+            _ => {
+                return Err(origin.error("log-level", v, "expected debug, info, warning or error"));
+            }
+        };
+
+        let matchers = build_matchers(path, source, file.pattern)?;
+
+        Ok(Config {
+            listen,
+            allow_from,
+            never,
+            window,
+            map,
+            socket_mode,
+            receive_buffer,
+            log_level,
+            matchers,
+        })
+    }
+}
+
+/// The built-in patterns plus the file's `[[pattern]]` tables.
+fn build_matchers(
+    path: &Path,
+    source: &str,
+    specs: Vec<PatternSpec>,
+) -> Result<Matchers, ConfigError> {
+    let pairs: Vec<(PatternSpec, &str)> = specs.into_iter().map(|s| (s, source)).collect();
+    Matchers::new(&pairs).map_err(|(builtin, e)| {
+        let place = if builtin {
+            "built-in patterns".to_string()
+        } else {
+            path.display().to_string()
+        };
+        match e.line {
+            Some(l) => ConfigError(format!("{place}, line {l}: {}", e.message)),
+            None => ConfigError(format!("{place}: {}", e.message)),
+        }
+    })
+}
+
+/// The patterns for `smtp-after-popd match`: built-in plus the file's.
+pub fn matchers_from_file(path: Option<&Path>) -> Result<Matchers, ConfigError> {
+    match path {
+        None => build_matchers(Path::new(""), "", Vec::new()),
+        Some(p) => {
+            let (source, file) = read_file(p)?;
+            build_matchers(p, &source, file.pattern)
+        }
+    }
+}
+
+/// Parses `udp://ADDR:PORT` or `unix:///PATH`.
+pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    const EXPECTED: &str = "expected udp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or udp://[::]:5514) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock)";
+    if let Some(rest) = s.strip_prefix("udp://") {
+        let addr: SocketAddr = rest.parse().map_err(|_| EXPECTED.to_string())?;
+        return Ok(ListenSpec::Udp(addr));
+    }
+    if let Some(rest) = s.strip_prefix("unix://") {
+        if !rest.starts_with('/') || rest.len() < 2 || rest.ends_with('/') {
+            return Err(format!("{EXPECTED}; the path must be absolute"));
+        }
+        // sockaddr_un holds at most 107 bytes of path.
+        if rest.len() > 107 {
+            return Err(
+                "the socket path is longer than 107 bytes, the limit of a unix socket address"
+                    .into(),
+            );
+        }
+        return Ok(ListenSpec::Unix(PathBuf::from(rest)));
+    }
+    Err(EXPECTED.into())
+}
+
+/// Parses a duration such as `90s`, `2m`, `1h30m`, `1d` or `500ms`; a bare
+/// number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const EXPECTED: &str = "expected a duration such as 90s, 2m, 1h or 1h30m";
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(EXPECTED.into());
+    }
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(EXPECTED.into());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| EXPECTED.to_string())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86400)),
+            _ => return Err(EXPECTED.into()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Writes a duration the way the configuration takes it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match s {
+        s if s % 86400 == 0 && s > 0 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 && s > 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Parses a byte size: a number, optionally followed by K or M (powers of
+/// 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    const EXPECTED: &str = "expected a size in bytes such as 262144, 256K or 4M";
+    let t = s.trim();
+    let (num, mul) = if let Some(n) = t.strip_suffix(['K', 'k']) {
+        (n, 1024)
+    } else if let Some(n) = t.strip_suffix(['M', 'm']) {
+        (n, 1024 * 1024)
+    } else {
+        (t, 1)
+    };
+    let n: usize = num.parse().map_err(|_| EXPECTED.to_string())?;
+    let v = n.checked_mul(mul).ok_or_else(|| EXPECTED.to_string())?;
+    if v == 0 || v > 1 << 30 {
+        return Err("expected a size between 1 byte and 1G".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn args(list: &[&str]) -> DaemonArgs {
+        let mut v = vec!["smtp-after-popd"];
+        v.extend_from_slice(list);
+        Cli::try_parse_from(v).unwrap().daemon
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("2x").is_err());
+        assert!(parse_duration("m").is_err());
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+    }
+
+    #[test]
+    fn listen_urls() {
+        assert_eq!(
+            parse_listen("udp://[::]:5514"),
+            Ok(ListenSpec::Udp("[::]:5514".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_listen("unix:///run/x.sock"),
+            Ok(ListenSpec::Unix("/run/x.sock".into()))
+        );
+        assert!(parse_listen("tcp://1.2.3.4:5").is_err());
+        assert!(parse_listen("unix://relative").is_err());
+        assert!(parse_listen("udp://localhost:5514").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("authenticated_ips");
+        let c = Config::from_args(&args(&["--map", map.to_str().unwrap()])).unwrap();
+        assert_eq!(c.window, Duration::from_secs(120));
+        assert_eq!(
+            c.listen,
+            vec![ListenSpec::Udp("127.0.0.1:5514".parse().unwrap())]
+        );
+        assert_eq!(c.never.len(), 2);
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.map.map_type, MapType::Hash);
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag_and_value() {
+        let e = Config::from_args(&args(&["--window", "2x", "--map", "/tmp/m"])).unwrap_err();
+        assert_eq!(
+            e.0,
+            "--window \"2x\": expected a duration such as 90s, 2m, 1h or 1h30m"
+        );
+        let e = Config::from_args(&args(&["--allow-from", "10.0.0.1/8", "--map", "/tmp/m"]))
+            .unwrap_err();
+        assert!(e.0.contains("perhaps you should use \"10.0.0.0/8\""), "{e}");
+        let e = Config::from_args(&args(&["--map", "/nonexistent/dir/m"])).unwrap_err();
+        assert!(e.0.contains("/nonexistent/dir does not exist"), "{e}");
+        let e = Config::from_args(&args(&["--never", "none", "--map", "/tmp/m"])).unwrap();
+        assert!(e.never.is_empty());
+    }
+
+    #[test]
+    fn file_values_and_flag_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(
+            f,
+            "# comment\nwindow = \"1h\"\nlisten = [\"udp://127.0.0.1:0\", \"unix:///tmp/x.sock\"]\nmap = \"{}/m\"\nreceive-buffer = 1048576",
+            dir.path().display()
+        )
+        .unwrap();
+        drop(f);
+        let c = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.window, Duration::from_secs(3600));
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.receive_buffer, Some(1 << 20));
+        let c = Config::from_args(&args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--window",
+            "5m",
+        ]))
+        .unwrap();
+        assert_eq!(c.window, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn file_errors_name_file_line_key_and_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "map = \"/tmp/m\"\n\nwindow = \"forever\"\n").unwrap();
+        let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "{}, line 3: window = \"forever\": expected a duration such as 90s, 2m, 1h or 1h30m",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "map = \"/tmp/m\"\nwindw = \"2m\"\n").unwrap();
+        let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(
+            e.0.starts_with(&format!(
+                "{}, line 2: unknown field `windw`",
+                path.display()
+            )),
+            "{e}"
+        );
+        std::fs::write(&path, "map = \"/tmp/m\"\nlisten = [\"tcp://x\"]\n").unwrap();
+        let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(
+            e.0.contains("line 2: listen = \"tcp://x\": expected udp://"),
+            "{e}"
+        );
+        std::fs::write(&path, "map = \"/tmp/m\"\n[[pattern]]\nserver = \"x\"\nprogram = [\"x\"]\nservice = \"imap\"\nregex = 'from (?P<addr>.*)'\n").unwrap();
+        let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert!(e.0.contains("line 6: pattern \"x-"), "{e}");
+    }
+}

@@ -1,0 +1,312 @@
+//! The daemon: wires receivers, parser, matchers, address rules, grant table
+//! and sink together, and runs them until SIGTERM or SIGINT. Also the
+//! `match` subcommand, which runs the same parser and matchers over files.
+//!
+//! Consumes: a validated [`Config`].
+//! Produces: grants in the table (and so in the map), one log line per
+//! decision, and an exit status.
+//! Trusts: what each stage's module doc says it trusts; this module adds no
+//! trust of its own.
+
+use std::io::{BufRead, Write as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::addr::AddressPolicy;
+use crate::config::{Cli, Command, Config, EX_CONFIG, format_duration};
+use crate::grants::{Grant, GrantResult, GrantTable};
+use crate::logging::{RateLimit, escape};
+use crate::matcher::{Matchers, Outcome};
+use crate::receiver::{self, Peer};
+use crate::record::{self, ParseError};
+use crate::stats::Stats;
+
+/// Exit status when the daemon cannot start for a reason other than its
+/// configuration (a port in use, no permission).
+pub const EX_OSERR: i32 = 71;
+/// Exit status of `match` when an input file cannot be read.
+pub const EX_NOINPUT: i32 = 66;
+
+/// Runs the command line; returns the exit status.
+pub fn main(cli: Cli) -> i32 {
+    match cli.command {
+        Some(Command::Match { config, files }) => run_match(config, files),
+        None => {
+            let config = match Config::from_args(&cli.daemon) {
+                Ok(c) => c,
+                Err(e) => {
+                    crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
+                    return EX_CONFIG;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::logging::write(
+                        crate::logging::Level::Fatal,
+                        format_args!("cannot start the runtime: {e}"),
+                    );
+                    return EX_OSERR;
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+/// What happens to one datagram: parse, match, check, grant.
+pub struct Pipeline {
+    /// The login patterns.
+    pub matchers: Matchers,
+    /// The never-grant rules.
+    pub policy: AddressPolicy,
+    /// Where grants go.
+    pub table: Arc<GrantTable>,
+    /// The window after each login.
+    pub window: Duration,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
+static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
+
+impl Pipeline {
+    /// Handles one datagram from `peer`.
+    pub fn handle(&self, bytes: &[u8], peer: &Peer) {
+        let rec = match record::parse(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                Stats::bump(match e {
+                    ParseError::TooLong => &self.stats.dropped_too_long,
+                    ParseError::InvalidUtf8 => &self.stats.dropped_invalid_utf8,
+                    ParseError::NoProgram => &self.stats.dropped_unparsed,
+                });
+                crate::log_warning_limited!(INPUT_WARNINGS, "datagram from {peer} dropped: {e}");
+                return;
+            }
+        };
+        let login = match self.matchers.match_record(&rec) {
+            Outcome::NoMatch => return,
+            Outcome::BadAddress { pattern, text } => {
+                Stats::bump(&self.stats.bad_address);
+                crate::log_warning_limited!(
+                    INPUT_WARNINGS,
+                    "line from {peer} matched pattern {pattern} but \"{}\" is not an IP address: nothing granted",
+                    escape(&text)
+                );
+                return;
+            }
+            Outcome::Login(l) => l,
+        };
+        Stats::bump(&self.stats.logins);
+        let ip = match self.policy.check(login.ip) {
+            Ok(ip) => ip,
+            Err(why) => {
+                Stats::bump(&self.stats.refused);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {}: {why} ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                    login.ip,
+                    login.server,
+                    login.service,
+                    escape(&login.user),
+                    login.pattern
+                );
+                return;
+            }
+        };
+        let grant = Grant {
+            expires: tokio::time::Instant::now() + self.window,
+            server: login.server.clone(),
+            service: login.service,
+            user: login.user.clone(),
+            reporter: peer.to_string().into(),
+        };
+        let verb = match self.table.grant(ip, grant) {
+            GrantResult::New => {
+                Stats::bump(&self.stats.granted);
+                "grant"
+            }
+            GrantResult::Renewed => {
+                Stats::bump(&self.stats.renewed);
+                "renew"
+            }
+        };
+        crate::log_info!(
+            "{verb} {ip} for {}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
+            format_duration(self.window),
+            login.server,
+            login.service,
+            escape(&login.user),
+            login.pattern,
+            escape(rec.hostname.unwrap_or("-"))
+        );
+    }
+}
+
+async fn run(config: Config) -> i32 {
+    crate::logging::set_level(config.log_level);
+    let allow = Arc::new(config.allow_from.clone());
+    let mut listeners = Vec::new();
+    for spec in &config.listen {
+        match receiver::bind(
+            spec,
+            allow.clone(),
+            config.socket_mode,
+            config.receive_buffer,
+        ) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
+                return EX_OSERR;
+            }
+        }
+    }
+
+    let stats = Arc::new(Stats::default());
+    let table = Arc::new(GrantTable::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(table.clone().run_purge(stats.clone()));
+
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    tasks.spawn(
+        config
+            .map
+            .clone()
+            .run(table.clone(), stats.clone(), Some(first_tx)),
+    );
+    // Postfix fails every lookup of a missing map, so write it before
+    // accepting logins; if postmap fails, the sink keeps retrying.
+    let _ = first_rx.await;
+
+    let pipeline = Arc::new(Pipeline {
+        matchers: config.matchers,
+        policy: AddressPolicy::new(config.never.clone()),
+        table: table.clone(),
+        window: config.window,
+        stats: stats.clone(),
+    });
+    for l in listeners {
+        let p = pipeline.clone();
+        tasks.spawn(l.run(stats.clone(), move |bytes, peer| p.handle(bytes, peer)));
+    }
+    crate::log_info!(
+        "started: listening on {}; allow-from {}; never {}; window {}; map {}:{}",
+        join(&config.listen),
+        join(&config.allow_from),
+        if config.never.is_empty() {
+            "none".to_string()
+        } else {
+            join(&config.never)
+        },
+        format_duration(config.window),
+        config.map.map_type.name(),
+        config.map.path.display()
+    );
+
+    let status = wait_for_signal().await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    crate::log_info!(
+        "stopped: {}",
+        stats
+            .snapshot()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    status
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Waits for SIGTERM or SIGINT; returns the exit status.
+async fn wait_for_signal() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        crate::log_error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        std::future::pending::<()>().await;
+        return 0;
+    };
+    tokio::select! {
+        _ = term.recv() => crate::log_info!("SIGTERM received, stopping"),
+        _ = int.recv() => crate::log_info!("SIGINT received, stopping"),
+    }
+    0
+}
+
+/// `smtp-after-popd match`: prints each recognised login in the files.
+fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
+    let matchers = match crate::config::matchers_from_file(config.as_deref()) {
+        Ok(m) => m,
+        Err(e) => {
+            crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
+            return EX_CONFIG;
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut status = 0;
+    let mut scan = |reader: &mut dyn BufRead| -> std::io::Result<()> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            let Ok(rec) = record::parse(&line) else {
+                continue;
+            };
+            if let Outcome::Login(l) = matchers.match_record(&rec) {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}",
+                    crate::addr::canonical(l.ip),
+                    l.server,
+                    l.service,
+                    escape(&l.user)
+                )?;
+            }
+        }
+    };
+    if files.is_empty() {
+        let stdin = std::io::stdin();
+        if let Err(e) = scan(&mut stdin.lock()) {
+            crate::log_error!("standard input: {e}");
+            status = EX_NOINPUT;
+        }
+    }
+    for f in &files {
+        match std::fs::File::open(f) {
+            Ok(file) => {
+                if let Err(e) = scan(&mut std::io::BufReader::new(file)) {
+                    crate::log_error!("{}: {e}", f.display());
+                    status = EX_NOINPUT;
+                }
+            }
+            Err(e) => {
+                crate::log_error!("cannot open {}: {e}", f.display());
+                status = EX_NOINPUT;
+            }
+        }
+    }
+    if out.flush().is_err() {
+        return 74;
+    }
+    status
+}

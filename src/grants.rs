@@ -1,0 +1,323 @@
+//! The grant table: which client addresses may relay, and until when.
+//!
+//! Consumes: accepted logins ([`GrantTable::grant`]) from the daemon.
+//! Produces: the set of live addresses, with a generation number that
+//! changes whenever the set changes ([`GrantTable::subscribe`]), for the
+//! sinks; and one log line per expiry.
+//! Trusts: its callers; every address reaching it has passed the matchers
+//! and the never-grant rules.
+//!
+//! Expiry lives in one data structure with one owner: a map from address to
+//! grant plus an ordered set of `(expiry, address)`, under one mutex, and one
+//! purge task that sleeps until the earliest expiry (it does not poll). The
+//! mutex is a `std::sync::Mutex`, not tokio's: it is never held across an
+//! `.await`, and critical sections are a few map operations.
+//!
+//! A renewal (a new login from an address already granted) moves the expiry
+//! but leaves the set of addresses, and so the generation, unchanged: the
+//! Postfix map is rewritten only when the set changes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::logging::escape;
+use crate::matcher::Service;
+use crate::stats::Stats;
+
+/// What is known about one live grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// When the window closes.
+    pub expires: Instant,
+    /// The server software of the latest login, e.g. `dovecot`.
+    pub server: Arc<str>,
+    /// The service of the latest login.
+    pub service: Service,
+    /// The user of the latest login (untrusted text).
+    pub user: String,
+    /// Who reported the latest login: the peer address or socket path.
+    pub reporter: Arc<str>,
+}
+
+/// Whether a login opened a new grant or renewed one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantResult {
+    /// The address was not granted before.
+    New,
+    /// The address was granted; its window now runs from this login.
+    Renewed,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Live grants by address.
+    grants: HashMap<IpAddr, Grant>,
+    /// The same grants ordered by expiry, for the purge task.
+    expiries: BTreeSet<(Instant, IpAddr)>,
+    /// Bumped whenever the set of addresses changes.
+    generation: u64,
+}
+
+/// The table of live grants. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct GrantTable {
+    /// The grants; see the module doc for why a std mutex.
+    inner: Mutex<Inner>,
+    /// Publishes the generation to the sinks.
+    generation_tx: watch::Sender<u64>,
+    /// Wakes the purge task when an earlier expiry appears.
+    purge_wake: Notify,
+}
+
+impl Default for GrantTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrantTable {
+    /// An empty table.
+    pub fn new() -> GrantTable {
+        GrantTable {
+            inner: Mutex::new(Inner::default()),
+            generation_tx: watch::Sender::new(0),
+            purge_wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the two structures out
+        // of step (each operation updates both before it can fail), so the
+        // data is still good after a poisoning.
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Grants `ip` until `now + window`, or renews its grant.
+    pub fn grant(&self, ip: IpAddr, grant: Grant) -> GrantResult {
+        let expires = grant.expires;
+        let mut inner = self.lock();
+        let earliest_before = inner.expiries.first().map(|(t, _)| *t);
+        let result = match inner.grants.insert(ip, grant) {
+            Some(old) => {
+                inner.expiries.remove(&(old.expires, ip));
+                GrantResult::Renewed
+            }
+            None => {
+                inner.generation += 1;
+                GrantResult::New
+            }
+        };
+        inner.expiries.insert((expires, ip));
+        let generation = inner.generation;
+        drop(inner);
+        if result == GrantResult::New {
+            self.generation_tx.send_replace(generation);
+        }
+        if earliest_before.is_none_or(|t| expires < t) {
+            self.purge_wake.notify_one();
+        }
+        result
+    }
+
+    /// Removes a grant at once; returns it if there was one.
+    pub fn revoke(&self, ip: IpAddr) -> Option<Grant> {
+        let mut inner = self.lock();
+        let old = inner.grants.remove(&ip)?;
+        inner.expiries.remove(&(old.expires, ip));
+        inner.generation += 1;
+        let generation = inner.generation;
+        drop(inner);
+        self.generation_tx.send_replace(generation);
+        Some(old)
+    }
+
+    /// Removes every grant whose window has closed by `now`. Returns them and
+    /// the next expiry, if any.
+    pub fn purge(&self, now: Instant) -> (Vec<(IpAddr, Grant)>, Option<Instant>) {
+        let mut inner = self.lock();
+        let mut gone = Vec::new();
+        while let Some(&(t, ip)) = inner.expiries.first() {
+            if t > now {
+                break;
+            }
+            inner.expiries.pop_first();
+            if let Some(g) = inner.grants.remove(&ip) {
+                gone.push((ip, g));
+            }
+        }
+        if !gone.is_empty() {
+            inner.generation += 1;
+        }
+        let next = inner.expiries.first().map(|(t, _)| *t);
+        let generation = inner.generation;
+        drop(inner);
+        if !gone.is_empty() {
+            self.generation_tx.send_replace(generation);
+        }
+        (gone, next)
+    }
+
+    /// The generation and the live addresses, sorted, taken together so a
+    /// sink knows exactly which state it wrote.
+    pub fn addresses(&self) -> (u64, Vec<IpAddr>) {
+        let inner = self.lock();
+        let mut v: Vec<IpAddr> = inner.grants.keys().copied().collect();
+        let generation = inner.generation;
+        drop(inner);
+        v.sort_unstable();
+        (generation, v)
+    }
+
+    /// A copy of one grant.
+    pub fn get(&self, ip: IpAddr) -> Option<Grant> {
+        self.lock().grants.get(&ip).cloned()
+    }
+
+    /// A copy of every grant, ordered by expiry.
+    pub fn list(&self) -> Vec<(IpAddr, Grant)> {
+        let inner = self.lock();
+        inner
+            .expiries
+            .iter()
+            .filter_map(|(_, ip)| inner.grants.get(ip).map(|g| (*ip, g.clone())))
+            .collect()
+    }
+
+    /// How many grants are live.
+    pub fn len(&self) -> usize {
+        self.lock().grants.len()
+    }
+
+    /// Whether no grant is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A receiver of the generation, which changes whenever the set of
+    /// addresses does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation_tx.subscribe()
+    }
+
+    /// Runs the purge task: sleeps until the earliest expiry (or until a new
+    /// earlier one arrives), removes what has expired and logs each expiry.
+    /// Never returns; cancel it by dropping its task.
+    pub async fn run_purge(self: Arc<Self>, stats: Arc<Stats>) {
+        loop {
+            let (gone, next) = self.purge(Instant::now());
+            for (ip, g) in gone {
+                Stats::bump(&stats.expired);
+                crate::log_info!(
+                    "expire {ip}: window over (last login: {} {} user \"{}\", reported by {})",
+                    g.server,
+                    g.service,
+                    escape(&g.user),
+                    g.reporter
+                );
+            }
+            let wake = self.purge_wake.notified();
+            match next {
+                Some(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t) => {}
+                        _ = wake => {}
+                    }
+                }
+                None => wake.await,
+            }
+        }
+    }
+}
+
+/// The expiry for a login seen now with the given window.
+pub fn expiry(window: Duration) -> Instant {
+    Instant::now() + window
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(expires: Instant) -> Grant {
+        Grant {
+            expires,
+            server: "dovecot".into(),
+            service: Service::Imap,
+            user: "alice".into(),
+            reporter: "127.0.0.1".into(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grant_renew_and_expire_on_time() {
+        let table = Arc::new(GrantTable::new());
+        let stats = Arc::new(Stats::default());
+        let mut gen_rx = table.subscribe();
+        let purge = tokio::spawn(table.clone().run_purge(stats.clone()));
+
+        let w = Duration::from_secs(120);
+        assert_eq!(table.grant(ip("192.0.2.7"), g(expiry(w))), GrantResult::New);
+        assert!(gen_rx.has_changed().unwrap());
+        gen_rx.borrow_and_update();
+
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(
+            table.grant(ip("192.0.2.7"), g(expiry(w))),
+            GrantResult::Renewed
+        );
+        // A renewal does not change the set, so no map rewrite is asked for.
+        assert!(!gen_rx.has_changed().unwrap());
+
+        // 200 s after the first login, still inside the renewed window.
+        tokio::time::advance(Duration::from_secs(100)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.len(), 1);
+
+        // Past the renewed window (100 + 120 = 220 s).
+        tokio::time::advance(Duration::from_secs(21)).await;
+        tokio::task::yield_now().await;
+        assert!(table.is_empty());
+        assert!(gen_rx.has_changed().unwrap());
+        assert_eq!(stats.expired.load(std::sync::atomic::Ordering::Relaxed), 1);
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn earlier_expiry_wakes_the_purge_task() {
+        let table = Arc::new(GrantTable::new());
+        let stats = Arc::new(Stats::default());
+        let purge = tokio::spawn(table.clone().run_purge(stats.clone()));
+        table.grant(ip("192.0.2.1"), g(expiry(Duration::from_secs(3600))));
+        tokio::task::yield_now().await;
+        table.grant(ip("192.0.2.2"), g(expiry(Duration::from_secs(2))));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.addresses().1, vec![ip("192.0.2.1")]);
+        purge.abort();
+    }
+
+    #[test]
+    fn revoke_and_list() {
+        let table = GrantTable::new();
+        let now = Instant::now();
+        table.grant(ip("2001:db8::1"), g(now + Duration::from_secs(5)));
+        table.grant(ip("192.0.2.9"), g(now + Duration::from_secs(1)));
+        let l = table.list();
+        assert_eq!(l[0].0, ip("192.0.2.9"));
+        assert!(table.revoke(ip("192.0.2.9")).is_some());
+        assert!(table.revoke(ip("192.0.2.9")).is_none());
+        assert_eq!(table.addresses(), (3, vec![ip("2001:db8::1")]));
+    }
+}

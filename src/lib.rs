@@ -1,0 +1,34 @@
+//! smtp-after-popd: POP-before-SMTP for Postfix, fed by syslog.
+//!
+//! # Layout
+//!
+//! The daemon is a pipeline; each stage is one module, with typed values
+//! between them:
+//!
+//! ```text
+//! receiver ──Datagram──▶ record ──Record──▶ matcher ──Login──▶ addr ──▶ grants ──▶ sink
+//! (UDP, unix)            (syslog parse)     (patterns)         (never-   (table,    (Postfix map
+//!                                                               grant)    expiry)    via postmap)
+//! ```
+//!
+//! - [`receiver`]: binds the listeners and filters peers (`--allow-from`).
+//! - [`record`]: parses one datagram into a syslog [`record::Record`].
+//! - [`matcher`]: recognises successful logins ([`matcher::Login`]).
+//! - [`addr`]: canonical addresses and the never-grant rules.
+//! - [`grants`]: the table of live grants, with expiry.
+//! - [`sink`]: keeps the Postfix access map in step with the table.
+//! - [`config`]: command line and configuration file, validated.
+//! - [`daemon`]: wires the stages together and runs them.
+//! - [`stats`]: counters for everything received, dropped and decided.
+//! - [`logging`]: the daemon's own log, with escaping and rate limits.
+
+pub mod addr;
+pub mod config;
+pub mod daemon;
+pub mod grants;
+pub mod logging;
+pub mod matcher;
+pub mod receiver;
+pub mod record;
+pub mod sink;
+pub mod stats;

@@ -1,0 +1,426 @@
+//! Login matchers: a syslog [`Record`] becomes a [`Login`] when, and only
+//! when, a pattern says it is a successful POP3 or IMAP authentication.
+//!
+//! Consumes: [`Record`]s (program name and message text).
+//! Produces: [`Login`]s: client address, server, service, user, and the id of
+//! the pattern that recognised the line.
+//! Trusts: nothing in the message beyond what a pattern anchors on. Every
+//! pattern names the programs it applies to and is anchored over the whole
+//! message (`^...$`) on text the mail server itself writes; the address is
+//! taken from a position that user-controlled text (a user name, a reverse
+//! DNS name) cannot reach. Whether the record may speak for that program at
+//! all (transport, attestation) is decided before and after this stage.
+//!
+//! The built-in patterns live in `patterns.toml` beside this file, in the
+//! same form administrators use for their own `[[pattern]]` tables, so one
+//! loader checks both. Records are looked up by program name first, which is
+//! the prefilter: lines from programs no pattern names cost one hash lookup.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::record::Record;
+
+/// The built-in patterns, in the configuration file's `[[pattern]]` form.
+pub const BUILTIN_PATTERNS: &str = include_str!("patterns.toml");
+
+/// The mail service a login was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// POP3 (including POP3S).
+    Pop3,
+    /// IMAP (including IMAPS).
+    Imap,
+}
+
+impl Service {
+    /// Reads a service from text such as `pop3`, `POP3`, `imaps`, `imapd`.
+    pub fn from_text(s: &str) -> Option<Service> {
+        let lower = s.to_ascii_lowercase();
+        let base = lower.rsplit('/').next().unwrap_or(&lower);
+        if base.starts_with("pop") || base.starts_with("ipop") || base.contains("pop3") {
+            Some(Service::Pop3)
+        } else if base.starts_with("imap") || base.contains("imap") {
+            Some(Service::Imap)
+        } else {
+            None
+        }
+    }
+
+    /// `pop3` or `imap`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Pop3 => "pop3",
+            Service::Imap => "imap",
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A successful login, as a matcher read it from one record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Login {
+    /// The client address as written in the line (not yet canonical).
+    pub ip: IpAddr,
+    /// The mail server software, e.g. `dovecot`.
+    pub server: Arc<str>,
+    /// POP3 or IMAP.
+    pub service: Service,
+    /// The user name as the server wrote it (untrusted text).
+    pub user: String,
+    /// The id of the pattern that recognised the line.
+    pub pattern: Arc<str>,
+}
+
+/// Where a pattern's service comes from.
+#[derive(Clone, Copy, Debug)]
+enum ServiceFrom {
+    /// Always this service.
+    Fixed(Service),
+    /// The regex's `service` group.
+    Group,
+    /// The program name (`imapd` is IMAP, `ipop3d` is POP3).
+    Program,
+}
+
+/// One compiled pattern.
+#[derive(Debug)]
+struct Pattern {
+    /// Unique id, reported with each login and used by the sample harness.
+    id: Arc<str>,
+    /// Server software name reported with each login.
+    server: Arc<str>,
+    /// The regex over the whole message.
+    regex: Regex,
+    /// How to tell POP3 from IMAP.
+    service: ServiceFrom,
+}
+
+/// One `[[pattern]]` table as written in a configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternSpec {
+    /// Unique id; defaults to `SERVER-N`.
+    pub id: Option<String>,
+    /// Server software name reported with each login.
+    pub server: String,
+    /// Syslog program names (tags) the pattern applies to. A tag with a
+    /// prefix, such as `cyrus/imap`, also matches the name after the last `/`.
+    pub program: Vec<String>,
+    /// `pop3`, `imap`, `program` (from the program name), or absent to use
+    /// the regex's `service` group.
+    pub service: Option<String>,
+    /// A regex over the whole message (after `program[pid]: `) with a named
+    /// group `ip`, and `user` if the line names one. Implicitly anchored.
+    pub regex: toml::Spanned<String>,
+}
+
+/// Patterns in a configuration file, for deserialising `[[pattern]]`.
+#[derive(Debug, Default, Deserialize)]
+struct PatternFile {
+    #[serde(default)]
+    pattern: Vec<PatternSpec>,
+}
+
+/// A pattern that failed to load: which one and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternError {
+    /// 1-based line of the regex (or the table) in its file, when known.
+    pub line: Option<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// The set of patterns, indexed by program name.
+#[derive(Debug)]
+pub struct Matchers {
+    /// All patterns, built-in first.
+    patterns: Vec<Pattern>,
+    /// Program name to indexes into `patterns`.
+    by_program: HashMap<String, Vec<usize>>,
+}
+
+/// The result of trying a record against the patterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// No pattern recognised the line: not a login.
+    NoMatch,
+    /// A successful login.
+    Login(Login),
+    /// A pattern matched but its address did not parse; nothing is granted.
+    BadAddress {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// The text its `ip` group captured.
+        text: String,
+    },
+}
+
+fn line_of(source: &str, offset: usize) -> usize {
+    source.as_bytes()[..offset.min(source.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses the `[[pattern]]` tables of a TOML document.
+pub fn parse_pattern_specs(source: &str) -> Result<Vec<PatternSpec>, PatternError> {
+    #[derive(Deserialize)]
+    struct Only {
+        #[serde(default)]
+        pattern: Vec<PatternSpec>,
+    }
+    let doc: Only = toml::from_str(source).map_err(|e| PatternError {
+        line: e.span().map(|s| line_of(source, s.start)),
+        message: e.message().to_string(),
+    })?;
+    Ok(doc.pattern)
+}
+
+impl Matchers {
+    /// The built-in patterns only.
+    pub fn builtin() -> Matchers {
+        match Matchers::new(&[]) {
+            Ok(m) => m,
+            // The built-in file is part of the program and covered by tests.
+            Err((_, e)) => panic!("built-in pattern, line {:?}: {}", e.line, e.message),
+        }
+    }
+
+    /// The built-in patterns plus the administrator's, whose source text is
+    /// given for error line numbers.
+    pub fn new(custom: &[(PatternSpec, &str)]) -> Result<Matchers, (bool, PatternError)> {
+        let builtin: PatternFile = toml::from_str(BUILTIN_PATTERNS).map_err(|e| {
+            (
+                true,
+                PatternError {
+                    line: e.span().map(|s| line_of(BUILTIN_PATTERNS, s.start)),
+                    message: e.message().to_string(),
+                },
+            )
+        })?;
+        let mut m = Matchers {
+            patterns: Vec::new(),
+            by_program: HashMap::new(),
+        };
+        for spec in &builtin.pattern {
+            m.add(spec, BUILTIN_PATTERNS).map_err(|e| (true, e))?;
+        }
+        for (spec, source) in custom {
+            m.add(spec, source).map_err(|e| (false, e))?;
+        }
+        Ok(m)
+    }
+
+    fn add(&mut self, spec: &PatternSpec, source: &str) -> Result<(), PatternError> {
+        let line = Some(line_of(source, spec.regex.span().start));
+        let err = |message: String| PatternError { line, message };
+        let n = self.patterns.len() + 1;
+        let id: Arc<str> = spec
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{n}", spec.server))
+            .into();
+        if self.patterns.iter().any(|p| p.id == id) {
+            return Err(err(format!(
+                "pattern id \"{id}\" is used twice: give each [[pattern]] its own id"
+            )));
+        }
+        if spec.program.is_empty() || spec.program.iter().any(|p| p.is_empty()) {
+            return Err(err(format!(
+                "pattern \"{id}\": program must list the syslog tags it applies to, e.g. program = [\"dovecot\"]"
+            )));
+        }
+        let text = spec.regex.get_ref();
+        let anchored = format!(
+            "^(?:{})$",
+            text.trim_start_matches('^').trim_end_matches('$')
+        );
+        let regex =
+            Regex::new(&anchored).map_err(|e| err(format!("pattern \"{id}\": bad regex: {e}")))?;
+        let names: Vec<&str> = regex.capture_names().flatten().collect();
+        if !names.contains(&"ip") {
+            return Err(err(format!(
+                "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
+            )));
+        }
+        let service = match spec.service.as_deref() {
+            None if names.contains(&"service") => ServiceFrom::Group,
+            None => {
+                return Err(err(format!(
+                    "pattern \"{id}\": say which service it is: service = \"pop3\", \"imap\" or \"program\", or capture (?P<service>...)"
+                )));
+            }
+            Some("program") => ServiceFrom::Program,
+            Some(s) => match s {
+                "pop3" => ServiceFrom::Fixed(Service::Pop3),
+                "imap" => ServiceFrom::Fixed(Service::Imap),
+                other => {
+                    return Err(err(format!(
+                        "pattern \"{id}\": service = \"{other}\" is not known: expected \"pop3\", \"imap\" or \"program\""
+                    )));
+                }
+            },
+        };
+        if let ServiceFrom::Program = service
+            && let Some(p) = spec
+                .program
+                .iter()
+                .find(|p| Service::from_text(p).is_none())
+        {
+            return Err(err(format!(
+                "pattern \"{id}\": service = \"program\" but program \"{p}\" names neither pop3 nor imap: set service = \"pop3\" or \"imap\""
+            )));
+        }
+        let index = self.patterns.len();
+        self.patterns.push(Pattern {
+            id,
+            server: spec.server.as_str().into(),
+            regex,
+            service,
+        });
+        for p in &spec.program {
+            self.by_program.entry(p.clone()).or_default().push(index);
+        }
+        Ok(())
+    }
+
+    /// The pattern indexes that apply to a program name.
+    fn candidates(&self, program: &str) -> &[usize] {
+        if let Some(v) = self.by_program.get(program) {
+            return v;
+        }
+        if let Some((_, base)) = program.rsplit_once('/')
+            && let Some(v) = self.by_program.get(base)
+        {
+            return v;
+        }
+        &[]
+    }
+
+    /// Tries the record against the patterns for its program.
+    pub fn match_record(&self, rec: &Record<'_>) -> Outcome {
+        for &i in self.candidates(rec.program) {
+            let p = &self.patterns[i];
+            let Some(caps) = p.regex.captures(rec.message) else {
+                continue;
+            };
+            let ip_text = caps.name("ip").map_or("", |m| m.as_str());
+            let service = match p.service {
+                ServiceFrom::Fixed(s) => Some(s),
+                ServiceFrom::Group => caps
+                    .name("service")
+                    .and_then(|m| Service::from_text(m.as_str())),
+                ServiceFrom::Program => Service::from_text(rec.program),
+            };
+            let (Ok(ip), Some(service)) = (parse_ip(ip_text), service) else {
+                return Outcome::BadAddress {
+                    pattern: p.id.clone(),
+                    text: ip_text.to_string(),
+                };
+            };
+            return Outcome::Login(Login {
+                ip,
+                server: p.server.clone(),
+                service,
+                user: caps.name("user").map_or("", |m| m.as_str()).to_string(),
+                pattern: p.id.clone(),
+            });
+        }
+        Outcome::NoMatch
+    }
+
+    /// The ids of all patterns, for the sample harness.
+    pub fn pattern_ids(&self) -> Vec<Arc<str>> {
+        self.patterns.iter().map(|p| p.id.clone()).collect()
+    }
+
+    /// The ids of every pattern for this program whose regex matches the
+    /// message: the sample harness checks that at most one does.
+    pub fn all_matching(&self, rec: &Record<'_>) -> Vec<Arc<str>> {
+        self.candidates(rec.program)
+            .iter()
+            .filter(|&&i| self.patterns[i].regex.is_match(rec.message))
+            .map(|&i| self.patterns[i].id.clone())
+            .collect()
+    }
+}
+
+/// Parses an address as servers write it: brackets around it are allowed,
+/// IPv6 in any case, IPv4-mapped IPv6 kept (the address policy folds it).
+fn parse_ip(text: &str) -> Result<IpAddr, std::net::AddrParseError> {
+    text.trim_start_matches('[').trim_end_matches(']').parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::parse_str;
+
+    #[test]
+    fn builtin_patterns_load() {
+        let m = Matchers::builtin();
+        assert!(m.pattern_ids().len() >= 4);
+    }
+
+    #[test]
+    fn dovecot_login_matches() {
+        let m = Matchers::builtin();
+        let r = parse_str("Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=1234, session=<abcDEF12>").unwrap();
+        match m.match_record(&r) {
+            Outcome::Login(l) => {
+                assert_eq!(l.ip.to_string(), "192.0.2.7");
+                assert_eq!(l.service, Service::Pop3);
+                assert_eq!(l.user, "alice");
+                assert_eq!(&*l.server, "dovecot");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn custom_pattern_errors_are_precise() {
+        let src = "[[pattern]]\nserver = \"x\"\nprogram = [\"x\"]\nservice = \"imap\"\nregex = 'login from (?P<addr>\\S+)'\n";
+        let specs = parse_pattern_specs(src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+        let (builtin, e) = Matchers::new(&pairs).unwrap_err();
+        assert!(!builtin);
+        assert_eq!(e.line, Some(5));
+        assert!(e.message.contains("no named group \"ip\""), "{}", e.message);
+
+        let src = "[[pattern]]\nserver = \"x\"\nprogram = [\"x\"]\nregex = '(?P<ip>\\S+'\n";
+        let specs = parse_pattern_specs(src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+        let (_, e) = Matchers::new(&pairs).unwrap_err();
+        assert!(e.message.contains("bad regex"), "{}", e.message);
+    }
+
+    #[test]
+    fn custom_pattern_grants() {
+        let src = "[[pattern]]\nid = \"mine\"\nserver = \"myserver\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
+        let specs = parse_pattern_specs(src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+        let m = Matchers::new(&pairs).unwrap();
+        let r = parse_str("<22>Nov 23 10:00:01 mypop[3]: OK login bob from 198.51.100.4").unwrap();
+        let Outcome::Login(l) = m.match_record(&r) else {
+            panic!()
+        };
+        assert_eq!(&*l.pattern, "mine");
+        assert_eq!(l.ip.to_string(), "198.51.100.4");
+        // Anchored: trailing text defeats the match.
+        let r =
+            parse_str("<22>Nov 23 10:00:01 mypop[3]: OK login bob from 198.51.100.4 x").unwrap();
+        assert_eq!(m.match_record(&r), Outcome::NoMatch);
+    }
+}

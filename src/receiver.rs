@@ -1,0 +1,228 @@
+//! Receivers: the sockets syslog datagrams arrive on.
+//!
+//! Consumes: datagrams from UDP sockets (`udp://ADDR:PORT`) and unix
+//! datagram sockets (`unix:///PATH`).
+//! Produces: for each datagram, its bytes and the [`Peer`] the kernel
+//! reported, handed to a callback (the rest of the pipeline).
+//! Trusts: the kernel's word on who sent a datagram, and nothing in the
+//! datagram. A UDP datagram from a peer outside `--allow-from` is dropped and
+//! counted here, before it is parsed. A unix socket is trusted as far as its
+//! file permissions reach: its mode (`--socket-mode`, default 0660) decides
+//! who may write to it.
+//!
+//! A UDP source address can be forged on a shared network; loopback UDP can
+//! be written by any local user. Prefer a unix socket for the local rsyslog,
+//! and see SECURITY.md for remote senders.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{UdpSocket, UnixDatagram};
+
+use crate::addr::{Cidr, canonical};
+use crate::config::ListenSpec;
+use crate::logging::RateLimit;
+use crate::record::MAX_RECORD;
+use crate::stats::Stats;
+
+/// Who sent a datagram, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A UDP peer; IPv4 peers on dual-stack sockets are given as IPv4.
+    Udp(SocketAddr),
+    /// A sender on the unix socket at this path.
+    Unix(Arc<str>),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Udp(a) => write!(f, "{a}"),
+            Peer::Unix(p) => write!(f, "unix:{p}"),
+        }
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    /// A UDP socket and the peers it accepts.
+    Udp {
+        /// The socket.
+        socket: UdpSocket,
+        /// Peers allowed to send.
+        allow: Arc<Vec<Cidr>>,
+    },
+    /// A unix datagram socket; the guard removes its file on drop.
+    Unix {
+        /// The socket.
+        socket: UnixDatagram,
+        /// The socket file, removed when the listener is dropped.
+        guard: SocketFile,
+    },
+}
+
+/// Removes a unix socket file when dropped.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds a listener. `recv_buffer` is the receive buffer size to ask for.
+pub fn bind(
+    spec: &ListenSpec,
+    allow: Arc<Vec<Cidr>>,
+    socket_mode: u32,
+    recv_buffer: Option<usize>,
+) -> Result<Listener, String> {
+    match spec {
+        ListenSpec::Udp(addr) => {
+            let socket = Socket::new(Domain::for_address(*addr), Type::DGRAM, Some(Protocol::UDP))
+                .map_err(|e| format!("cannot create a UDP socket for {spec}: {e}"))?;
+            if addr.is_ipv6() {
+                // Accept IPv4 peers too on [::]; they arrive IPv4-mapped and
+                // are turned back into IPv4 before the allow-list check.
+                socket
+                    .set_only_v6(false)
+                    .map_err(|e| format!("cannot make {spec} dual-stack: {e}"))?;
+            }
+            set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
+            socket
+                .bind(&(*addr).into())
+                .map_err(|e| format!("cannot bind {spec}: {e}"))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("cannot make {spec} non-blocking: {e}"))?;
+            let socket = UdpSocket::from_std(socket.into())
+                .map_err(|e| format!("cannot register {spec}: {e}"))?;
+            Ok(Listener::Udp { socket, allow })
+        }
+        ListenSpec::Unix(path) => {
+            remove_stale_socket(path)?;
+            let socket =
+                UnixDatagram::bind(path).map_err(|e| format!("cannot bind {spec}: {e}"))?;
+            let guard = SocketFile(path.clone());
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
+                |e| {
+                    format!(
+                        "cannot set mode {socket_mode:04o} on {}: {e}",
+                        path.display()
+                    )
+                },
+            )?;
+            set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
+            Ok(Listener::Unix { socket, guard })
+        }
+    }
+}
+
+/// Replaces a stale socket file, but never a live socket or another file.
+fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "{} exists and is not a socket: remove it or choose another --listen path",
+            path.display()
+        ));
+    }
+    let probe = std::os::unix::net::UnixDatagram::unbound()
+        .map_err(|e| format!("cannot create a probe socket: {e}"))?;
+    if probe.connect(path).is_ok() {
+        return Err(format!(
+            "{} is in use by a running process (another smtp-after-popd?): stop it or choose another --listen path",
+            path.display()
+        ));
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))
+}
+
+fn set_recv_buffer(sock: &SockRef<'_>, spec: &ListenSpec, size: Option<usize>) {
+    let Some(size) = size else { return };
+    if let Err(e) = sock.set_recv_buffer_size(size) {
+        crate::log_warning!("{spec}: cannot set the receive buffer to {size} bytes: {e}");
+        return;
+    }
+    // Linux reports twice the size it grants (the rest is bookkeeping).
+    if let Ok(got) = sock.recv_buffer_size() {
+        let granted = got / 2;
+        if granted < size {
+            crate::log_warning!(
+                "{spec}: asked for a receive buffer of {size} bytes, the kernel granted {granted}; raise net.core.rmem_max to allow more"
+            );
+        }
+    }
+}
+
+static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
+
+impl Listener {
+    /// Receives datagrams until the socket fails, handing each accepted one
+    /// to `handle`.
+    pub async fn run<F>(self, stats: Arc<Stats>, handle: F)
+    where
+        F: Fn(&[u8], &Peer),
+    {
+        // One byte more than the limit, to tell an oversized datagram.
+        let mut buf = vec![0u8; MAX_RECORD + 1];
+        match self {
+            Listener::Udp { socket, allow } => {
+                let local = socket
+                    .local_addr()
+                    .map_or_else(|_| "udp".to_string(), |a| format!("udp://{a}"));
+                loop {
+                    let (n, peer) = match socket.recv_from(&mut buf).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            crate::log_error!("{local}: receive failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    Stats::bump(&stats.received);
+                    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+                    if !allowed(&allow, peer.ip()) {
+                        Stats::bump(&stats.dropped_peer);
+                        crate::log_warning_limited!(
+                            PEER_WARNINGS,
+                            "{local}: datagram from {peer} dropped: peer not in allow-from"
+                        );
+                        continue;
+                    }
+                    handle(&buf[..n], &Peer::Udp(peer));
+                }
+            }
+            Listener::Unix { socket, guard } => {
+                let peer = Peer::Unix(guard.0.to_string_lossy().into());
+                loop {
+                    let n = match socket.recv(&mut buf).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            crate::log_error!("{peer}: receive failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    Stats::bump(&stats.received);
+                    handle(&buf[..n], &peer);
+                }
+            }
+        }
+    }
+}
+
+fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
+    allow.iter().any(|c| c.contains(ip))
+}

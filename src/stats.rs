@@ -1,0 +1,61 @@
+//! Counters for everything received, dropped and decided.
+//!
+//! Consumes: increments from every stage.
+//! Produces: a snapshot ([`Stats::snapshot`]) of named counters, for the log
+//! and for tests.
+//! Trusts: nothing; counters only count.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// The daemon's counters. All are monotonic since start-up.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Stats {
+            /// Every counter with its name, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($name), self.$name.load(Ordering::Relaxed)), )* ]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Datagrams read from any listener.
+    received,
+    /// Datagrams from a peer outside `--allow-from`.
+    dropped_peer,
+    /// Datagrams longer than 8 KiB.
+    dropped_too_long,
+    /// Datagrams that were not valid UTF-8.
+    dropped_invalid_utf8,
+    /// Datagrams in which no syslog tag could be found.
+    dropped_unparsed,
+    /// Lines a pattern recognised whose address did not parse.
+    bad_address,
+    /// Logins recognised.
+    logins,
+    /// Logins refused by the never-grant rules.
+    refused,
+    /// New grants.
+    granted,
+    /// Logins that renewed a live grant.
+    renewed,
+    /// Grants that expired.
+    expired,
+    /// Map rebuilds that succeeded.
+    map_updates,
+    /// Map rebuilds that failed (and were retried).
+    map_failures,
+}
+
+impl Stats {
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,185 @@
+//! Shared test support: a scratch directory with a Postfix configuration
+//! for `postmap`, the daemon started as a user would start it, and polling
+//! with a deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::UdpSocket;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The daemon binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_smtp-after-popd");
+
+/// A scratch directory with `postfix/main.cf` (empty), so that `postmap`
+/// runs without a system-wide Postfix configuration. Tests export it as
+/// MAIL_CONFIG to the daemon and to `postmap -q`.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix("sap-test-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir(dir.path().join("postfix")).expect("mkdir");
+        std::fs::write(dir.path().join("postfix/main.cf"), "").expect("main.cf");
+        Scratch { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn mail_config(&self) -> PathBuf {
+        self.path("postfix")
+    }
+
+    pub fn map(&self) -> PathBuf {
+        self.path("authenticated_ips")
+    }
+
+    /// `postmap -q ADDRESS hash:MAP`: `Some(value)` when found.
+    pub fn postmap_q(&self, ip: &str) -> Option<String> {
+        postmap_q(&self.mail_config(), &self.map(), ip)
+    }
+}
+
+pub fn postmap_q(mail_config: &Path, map: &Path, ip: &str) -> Option<String> {
+    let out = Command::new("postmap")
+        .env("MAIL_CONFIG", mail_config)
+        .arg("-q")
+        .arg(ip)
+        .arg(format!("hash:{}", map.display()))
+        .output()
+        .expect("run postmap (install postfix)");
+    if out.status.success() {
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        None
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound, then released).
+pub fn free_udp_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+/// A running daemon; stopped with SIGTERM when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon with `args` (MAIL_CONFIG set to the scratch
+    /// Postfix directory) and waits until it logs that it started.
+    pub fn start(scratch: &Scratch, args: &[&str]) -> Daemon {
+        let log = scratch.path(&format!("daemon-{}.log", unique()));
+        let child = Command::new(BIN)
+            .args(args)
+            .env("MAIL_CONFIG", scratch.mail_config())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn daemon");
+        let mut d = Daemon { child, log };
+        let ok = wait_for(Duration::from_secs(10), || {
+            d.log_text().contains("info: started:") || d.exited()
+        });
+        assert!(ok && !d.exited(), "daemon did not start:\n{}", d.log_text());
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> Option<i32> {
+        unsafe_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.exited() {
+            self.stop();
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Sends one datagram over UDP from 127.0.0.1 to `port`.
+pub fn send_udp(port: u16, msg: &str) {
+    send_udp_from("127.0.0.1", port, msg);
+}
+
+/// Sends one datagram over UDP from `src` (a loopback address) to `port`.
+pub fn send_udp_from(src: &str, port: u16, msg: &str) {
+    let s = UdpSocket::bind(format!("{src}:0")).expect("bind sender");
+    s.send_to(msg.as_bytes(), ("127.0.0.1", port)).expect("send");
+}
+
+/// Sends one datagram to a unix datagram socket.
+pub fn send_unix(path: &Path, msg: &str) {
+    let s = UnixDatagram::unbound().expect("socket");
+    s.send_to(msg.as_bytes(), path).expect("send");
+}
+
+/// The lines of the map source file that grant an address.
+pub fn map_lines(map: &Path) -> Vec<String> {
+    std::fs::read_to_string(map)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,281 @@
+//! The daemon end to end: datagrams in over UDP and a unix socket, the real
+//! `postmap` building the map, answers checked with `postmap -q`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LOGINS: &[(&str, Option<&str>)] = &[
+    // (datagram, address that must be granted)
+    (
+        "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<Vb0F8x8s4NzAAAAB>",
+        Some("192.0.2.7"),
+    ),
+    (
+        "<22>Nov 23 10:00:02 mail1 dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=2001:DB8:0:0:0:0:0:2a, lip=2001:db8::1, mpid=4243, TLS, session=<Vb0F8x8s4NzAAAAC>",
+        Some("2001:db8::2a"),
+    ),
+    (
+        "<22>Nov 23 10:00:03 mail1 dovecot: imap-login: Logged in: user=<carol>, method=PLAIN, rip=::ffff:198.51.100.4, lip=::ffff:198.51.100.1, mpid=4244, session=<Vb0F8x8s4NzAAAAD>",
+        Some("198.51.100.4"),
+    ),
+    (
+        "<22>Nov 23 10:00:04 mail1 courierpop3login: LOGIN, user=dave, ip=[::ffff:203.0.113.5], port=[41234]",
+        Some("203.0.113.5"),
+    ),
+    // A failed login grants nothing.
+    (
+        "<22>Nov 23 10:00:05 mail1 dovecot: pop3-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<eve>, method=PLAIN, rip=192.0.2.66, lip=192.0.2.1, session=<Vb0F8x8s4NzAAAAE>",
+        None,
+    ),
+    // An address injected through the user name of a failed login.
+    (
+        "<22>Nov 23 10:00:06 mail1 dovecot: pop3-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<Login: user=<x>, method=PLAIN, rip=192.0.2.67, lip=192.0.2.1>, method=PLAIN, rip=192.0.2.68, lip=192.0.2.1",
+        None,
+    ),
+    // A program that is not a mail server saying the same words.
+    (
+        "<22>Nov 23 10:00:07 mail1 sshd[12]: pop3-login: Login: user=<x>, method=PLAIN, rip=192.0.2.69, lip=192.0.2.1",
+        None,
+    ),
+    // A login from loopback is never granted (default --never).
+    (
+        "<22>Nov 23 10:00:08 mail1 dovecot: pop3-login: Login: user=<lo>, method=PLAIN, rip=127.0.0.9, lip=127.0.0.1, mpid=1, session=<Vb0F8x8s4NzAAAAF>",
+        None,
+    ),
+    // Garbage, oversize and invalid UTF-8 are dropped.
+    ("garbage", None),
+];
+
+const NOT_GRANTED: &[&str] = &["192.0.2.66", "192.0.2.67", "192.0.2.68", "192.0.2.69", "127.0.0.9"];
+
+#[test]
+fn udp_logins_reach_the_postfix_map() {
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let map = s.map();
+    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap(), "--window", "1h"]);
+    // The map exists (empty) as soon as the daemon has started.
+    assert!(s.path("authenticated_ips.db").exists(), "{}", d.log_text());
+
+    for (msg, want) in LOGINS {
+        send_udp(port, msg);
+        if let Some(ip) = want {
+            assert!(
+                wait_for(Duration::from_secs(1), || s.postmap_q(ip).as_deref() == Some("OK")),
+                "{ip} not in the map within a second:\n{}",
+                d.log_text()
+            );
+        }
+    }
+    let mut big = vec![b'x'; 9000];
+    big[0] = b'<';
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(&big, ("127.0.0.1", port))
+        .unwrap();
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(b"<22>Nov 23 10:00:01 mail dovecot: \xff\xfe", ("127.0.0.1", port))
+        .unwrap();
+    // Give the daemon a moment to (not) act on the negatives: a final
+    // positive acts as a barrier, since datagrams are handled in order.
+    send_udp(
+        port,
+        "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip=192.0.2.200, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>",
+    );
+    assert!(wait_for(Duration::from_secs(1), || s.postmap_q("192.0.2.200").is_some()));
+    for ip in NOT_GRANTED {
+        assert_eq!(s.postmap_q(ip), None, "{ip} must not be granted");
+    }
+    let lines = map_lines(&map);
+    assert_eq!(
+        lines,
+        vec!["192.0.2.7 OK", "192.0.2.200 OK", "198.51.100.4 OK", "203.0.113.5 OK", "2001:db8::2a OK"]
+    );
+    let log = d.log_text();
+    assert!(log.contains("grant 192.0.2.7 for 1h: dovecot pop3 login of user \"alice\""), "{log}");
+    assert!(log.contains("refuse 127.0.0.9: address in never-grant network 127.0.0.0/8"), "{log}");
+    assert_eq!(d.stop(), Some(0));
+    let log = d.log_text();
+    assert!(log.contains("dropped_too_long=1"), "{log}");
+    assert!(log.contains("dropped_invalid_utf8=1"), "{log}");
+    assert!(log.contains("dropped_unparsed=1"), "{log}");
+}
+
+#[test]
+fn unix_socket_grants_and_window_expires() {
+    let s = Scratch::new();
+    let sock = s.path("syslog.sock");
+    let listen = format!("unix://{}", sock.display());
+    // A stale socket file from a crashed run is replaced.
+    drop(std::os::unix::net::UnixDatagram::bind(&sock).unwrap());
+    let map = s.map();
+    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap(), "--window", "2s"]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+
+    // As a local program writes it: no hostname.
+    send_unix(
+        &sock,
+        "<22>Nov 23 10:00:01 dovecot: imap-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.8, lip=192.0.2.1, mpid=77, session=<Vb0F8x8s4NzAAAAH>",
+    );
+    assert!(
+        wait_for(Duration::from_secs(1), || s.postmap_q("192.0.2.8").as_deref() == Some("OK")),
+        "{}",
+        d.log_text()
+    );
+    // Gone from the source file and the database a few seconds later.
+    assert!(
+        wait_for(Duration::from_secs(6), || s.postmap_q("192.0.2.8").is_none() && map_lines(&map).is_empty()),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("expire 192.0.2.8: window over"));
+    assert_eq!(d.stop(), Some(0));
+    assert!(!sock.exists(), "socket file removed on exit");
+}
+
+#[test]
+fn peers_outside_allow_from_grant_nothing() {
+    let s = Scratch::new();
+    let port = free_udp_port();
+    // Dual-stack socket: an IPv4 peer must be judged as IPv4.
+    let listen = format!("udp://[::]:{port}");
+    let map = s.map();
+    let d = Daemon::start(
+        &s,
+        &["--listen", &listen, "--allow-from", "127.0.0.2", "--map", map.to_str().unwrap()],
+    );
+    let line = |ip: &str| {
+        format!("<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAI>")
+    };
+    send_udp_from("127.0.0.1", port, &line("192.0.2.10"));
+    send_udp_from("127.0.0.2", port, &line("192.0.2.11"));
+    assert!(wait_for(Duration::from_secs(1), || s.postmap_q("192.0.2.11").is_some()), "{}", d.log_text());
+    assert_eq!(s.postmap_q("192.0.2.10"), None);
+    assert!(d.log_text().contains("peer not in allow-from"));
+}
+
+#[test]
+fn a_burst_of_logins_costs_few_rebuilds() {
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let map = s.map();
+    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap(), "--window", "1h"]);
+    for i in 0..200u32 {
+        send_udp(
+            port,
+            &format!(
+                "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<u{i}>, method=PLAIN, rip=198.51.100.{}, lip=192.0.2.1, mpid={i}, session=<Vb0F8x8s4NzAAAAJ>",
+                i % 250 + 1
+            ),
+        );
+    }
+    assert!(wait_for(Duration::from_secs(5), || map_lines(&map).len() == 200), "{}", d.log_text());
+    d.stop();
+    let rebuilds = d.log_text().matches("rewritten with").count();
+    // One for the empty map at start, then far fewer than one per login.
+    assert!(rebuilds < 40, "{rebuilds} rebuilds for 200 logins");
+}
+
+#[test]
+fn postmap_failure_is_retried_and_not_fatal() {
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let map = s.map();
+    let fake = s.path("postmap-missing");
+    let mut d = Daemon::start(
+        &s,
+        &["--listen", &listen, "--map", map.to_str().unwrap(), "--postmap", fake.to_str().unwrap()],
+    );
+    send_udp(
+        port,
+        "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=192.0.2.12, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAK>",
+    );
+    assert!(wait_for(Duration::from_secs(3), || d.log_text().contains("grant 192.0.2.12")));
+    assert!(d.log_text().contains("not updated: cannot run"));
+    assert!(!d.exited());
+    // Once postmap exists, the retry writes the map with the kept grant.
+    std::os::unix::fs::symlink(which_postmap(), &fake).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || s.postmap_q("192.0.2.12").is_some()),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+fn which_postmap() -> std::path::PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin"] {
+        let p = std::path::Path::new(dir).join("postmap");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("postmap not found: install postfix");
+}
+
+#[test]
+fn configuration_errors_exit_78_with_a_precise_message() {
+    let s = Scratch::new();
+    let conf = s.path("smtp-after-popd.toml");
+    std::fs::write(&conf, "window = \"2m\"\nallow-from = [\"10.1.2.3/8\"]\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--config", conf.to_str().unwrap(), "--map", s.map().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}, line 2: allow-from = \"10.1.2.3/8\": \"10.1.2.3/8\" has non-null host address bits, perhaps you should use \"10.0.0.0/8\" instead",
+            conf.display()
+        )),
+        "{err}"
+    );
+    let out = std::process::Command::new(BIN).args(["--listen", "udp://nowhere"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn match_prints_one_line_per_login() {
+    let s = Scratch::new();
+    let log = s.path("mail.log");
+    std::fs::write(
+        &log,
+        "Nov 23 10:00:01 mail postfix/smtpd[100]: connect from unknown[192.0.2.50]\n\
+         Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<Vb0F8x8s4NzAAAAB>\n\
+         Nov 23 10:00:02 mail dovecot: pop3-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<eve>, method=PLAIN, rip=192.0.2.66, lip=192.0.2.1, session=<Vb0F8x8s4NzAAAAE>\n\
+         Nov 23 10:00:03 mail dovecot: imap(bob)<1234><abc>: Disconnected: Logged out in=10 out=20\n\
+         Nov 23 10:00:04 mail imapd[200]: Login user=bob host=client.example.net [198.51.100.9]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN).arg("match").arg(&log).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "192.0.2.7\tdovecot\tpop3\talice\n198.51.100.9\tuw-imap\timap\tbob\n"
+    );
+    // Standard input works the same.
+    let mut child = std::process::Command::new(BIN)
+        .arg("match")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(&log).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}

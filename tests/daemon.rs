@@ -49,7 +49,13 @@ const LOGINS: &[(&str, Option<&str>)] = &[
     ("garbage", None),
 ];
 
-const NOT_GRANTED: &[&str] = &["192.0.2.66", "192.0.2.67", "192.0.2.68", "192.0.2.69", "127.0.0.9"];
+const NOT_GRANTED: &[&str] = &[
+    "192.0.2.66",
+    "192.0.2.67",
+    "192.0.2.68",
+    "192.0.2.69",
+    "127.0.0.9",
+];
 
 #[test]
 fn udp_logins_reach_the_postfix_map() {
@@ -57,7 +63,17 @@ fn udp_logins_reach_the_postfix_map() {
     let port = free_udp_port();
     let listen = format!("udp://127.0.0.1:{port}");
     let map = s.map();
-    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap(), "--window", "1h"]);
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+        ],
+    );
     // The map exists (empty) as soon as the daemon has started.
     assert!(s.path("authenticated_ips.db").exists(), "{}", d.log_text());
 
@@ -65,7 +81,8 @@ fn udp_logins_reach_the_postfix_map() {
         send_udp(port, msg);
         if let Some(ip) = want {
             assert!(
-                wait_for(Duration::from_secs(1), || s.postmap_q(ip).as_deref() == Some("OK")),
+                wait_for(Duration::from_secs(1), || s.postmap_q(ip).as_deref()
+                    == Some("OK")),
                 "{ip} not in the map within a second:\n{}",
                 d.log_text()
             );
@@ -79,7 +96,10 @@ fn udp_logins_reach_the_postfix_map() {
         .unwrap();
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
-        .send_to(b"<22>Nov 23 10:00:01 mail dovecot: \xff\xfe", ("127.0.0.1", port))
+        .send_to(
+            b"<22>Nov 23 10:00:01 mail dovecot: \xff\xfe",
+            ("127.0.0.1", port),
+        )
         .unwrap();
     // Give the daemon a moment to (not) act on the negatives: a final
     // positive acts as a barrier, since datagrams are handled in order.
@@ -87,18 +107,32 @@ fn udp_logins_reach_the_postfix_map() {
         port,
         "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip=192.0.2.200, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>",
     );
-    assert!(wait_for(Duration::from_secs(1), || s.postmap_q("192.0.2.200").is_some()));
+    assert!(wait_for(Duration::from_secs(1), || s
+        .postmap_q("192.0.2.200")
+        .is_some()));
     for ip in NOT_GRANTED {
         assert_eq!(s.postmap_q(ip), None, "{ip} must not be granted");
     }
     let lines = map_lines(&map);
     assert_eq!(
         lines,
-        vec!["192.0.2.7 OK", "192.0.2.200 OK", "198.51.100.4 OK", "203.0.113.5 OK", "2001:db8::2a OK"]
+        vec![
+            "192.0.2.7 OK",
+            "192.0.2.200 OK",
+            "198.51.100.4 OK",
+            "203.0.113.5 OK",
+            "2001:db8::2a OK"
+        ]
     );
     let log = d.log_text();
-    assert!(log.contains("grant 192.0.2.7 for 1h: dovecot pop3 login of user \"alice\""), "{log}");
-    assert!(log.contains("refuse 127.0.0.9: address in never-grant network 127.0.0.0/8"), "{log}");
+    assert!(
+        log.contains("grant 192.0.2.7 for 1h: dovecot pop3 login of user \"alice\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("refuse 127.0.0.9: address in never-grant network 127.0.0.0/8"),
+        "{log}"
+    );
     assert_eq!(d.stop(), Some(0));
     let log = d.log_text();
     assert!(log.contains("dropped_too_long=1"), "{log}");
@@ -114,9 +148,22 @@ fn unix_socket_grants_and_window_expires() {
     // A stale socket file from a crashed run is replaced.
     drop(std::os::unix::net::UnixDatagram::bind(&sock).unwrap());
     let map = s.map();
-    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap(), "--window", "2s"]);
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "2s",
+        ],
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
 
     // As a local program writes it: no hostname.
     send_unix(
@@ -124,13 +171,19 @@ fn unix_socket_grants_and_window_expires() {
         "<22>Nov 23 10:00:01 dovecot: imap-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.8, lip=192.0.2.1, mpid=77, session=<Vb0F8x8s4NzAAAAH>",
     );
     assert!(
-        wait_for(Duration::from_secs(1), || s.postmap_q("192.0.2.8").as_deref() == Some("OK")),
+        wait_for(Duration::from_secs(1), || s
+            .postmap_q("192.0.2.8")
+            .as_deref()
+            == Some("OK")),
         "{}",
         d.log_text()
     );
     // Gone from the source file and the database a few seconds later.
     assert!(
-        wait_for(Duration::from_secs(6), || s.postmap_q("192.0.2.8").is_none() && map_lines(&map).is_empty()),
+        wait_for(Duration::from_secs(6), || s
+            .postmap_q("192.0.2.8")
+            .is_none()
+            && map_lines(&map).is_empty()),
         "{}",
         d.log_text()
     );
@@ -148,14 +201,29 @@ fn peers_outside_allow_from_grant_nothing() {
     let map = s.map();
     let d = Daemon::start(
         &s,
-        &["--listen", &listen, "--allow-from", "127.0.0.2", "--map", map.to_str().unwrap()],
+        &[
+            "--listen",
+            &listen,
+            "--allow-from",
+            "127.0.0.2",
+            "--map",
+            map.to_str().unwrap(),
+        ],
     );
     let line = |ip: &str| {
-        format!("<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAI>")
+        format!(
+            "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAI>"
+        )
     };
     send_udp_from("127.0.0.1", port, &line("192.0.2.10"));
     send_udp_from("127.0.0.2", port, &line("192.0.2.11"));
-    assert!(wait_for(Duration::from_secs(1), || s.postmap_q("192.0.2.11").is_some()), "{}", d.log_text());
+    assert!(
+        wait_for(Duration::from_secs(1), || s
+            .postmap_q("192.0.2.11")
+            .is_some()),
+        "{}",
+        d.log_text()
+    );
     assert_eq!(s.postmap_q("192.0.2.10"), None);
     assert!(d.log_text().contains("peer not in allow-from"));
 }
@@ -166,7 +234,17 @@ fn a_burst_of_logins_costs_few_rebuilds() {
     let port = free_udp_port();
     let listen = format!("udp://127.0.0.1:{port}");
     let map = s.map();
-    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap(), "--window", "1h"]);
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+        ],
+    );
     for i in 0..200u32 {
         send_udp(
             port,
@@ -176,7 +254,11 @@ fn a_burst_of_logins_costs_few_rebuilds() {
             ),
         );
     }
-    assert!(wait_for(Duration::from_secs(5), || map_lines(&map).len() == 200), "{}", d.log_text());
+    assert!(
+        wait_for(Duration::from_secs(5), || map_lines(&map).len() == 200),
+        "{}",
+        d.log_text()
+    );
     d.stop();
     let rebuilds = d.log_text().matches("rewritten with").count();
     // One for the empty map at start, then far fewer than one per login.
@@ -192,19 +274,30 @@ fn postmap_failure_is_retried_and_not_fatal() {
     let fake = s.path("postmap-missing");
     let mut d = Daemon::start(
         &s,
-        &["--listen", &listen, "--map", map.to_str().unwrap(), "--postmap", fake.to_str().unwrap()],
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--postmap",
+            fake.to_str().unwrap(),
+        ],
     );
     send_udp(
         port,
         "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=192.0.2.12, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAK>",
     );
-    assert!(wait_for(Duration::from_secs(3), || d.log_text().contains("grant 192.0.2.12")));
+    assert!(wait_for(Duration::from_secs(3), || d
+        .log_text()
+        .contains("grant 192.0.2.12")));
     assert!(d.log_text().contains("not updated: cannot run"));
     assert!(!d.exited());
     // Once postmap exists, the retry writes the map with the kept grant.
     std::os::unix::fs::symlink(which_postmap(), &fake).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || s.postmap_q("192.0.2.12").is_some()),
+        wait_for(Duration::from_secs(5), || s
+            .postmap_q("192.0.2.12")
+            .is_some()),
         "{}",
         d.log_text()
     );
@@ -227,7 +320,12 @@ fn configuration_errors_exit_78_with_a_precise_message() {
     let conf = s.path("smtp-after-popd.toml");
     std::fs::write(&conf, "window = \"2m\"\nallow-from = [\"10.1.2.3/8\"]\n").unwrap();
     let out = std::process::Command::new(BIN)
-        .args(["--config", conf.to_str().unwrap(), "--map", s.map().to_str().unwrap()])
+        .args([
+            "--config",
+            conf.to_str().unwrap(),
+            "--map",
+            s.map().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
@@ -239,7 +337,10 @@ fn configuration_errors_exit_78_with_a_precise_message() {
         )),
         "{err}"
     );
-    let out = std::process::Command::new(BIN).args(["--listen", "udp://nowhere"]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--listen", "udp://nowhere"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
 }
 
@@ -256,7 +357,11 @@ fn match_prints_one_line_per_login() {
          Nov 23 10:00:04 mail imapd[200]: Login user=bob host=client.example.net [198.51.100.9]\n",
     )
     .unwrap();
-    let out = std::process::Command::new(BIN).arg("match").arg(&log).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("match")
+        .arg(&log)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -148,7 +148,10 @@ impl Drop for Daemon {
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 fn unique() -> u64 {
@@ -165,7 +168,8 @@ pub fn send_udp(port: u16, msg: &str) {
 /// Sends one datagram over UDP from `src` (a loopback address) to `port`.
 pub fn send_udp_from(src: &str, port: u16, msg: &str) {
     let s = UdpSocket::bind(format!("{src}:0")).expect("bind sender");
-    s.send_to(msg.as_bytes(), ("127.0.0.1", port)).expect("send");
+    s.send_to(msg.as_bytes(), ("127.0.0.1", port))
+        .expect("send");
 }
 
 /// Sends one datagram to a unix datagram socket.

@@ -106,6 +106,12 @@ pub fn bind(
             Ok(Listener::Udp { socket, allow })
         }
         ListenSpec::Unix(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.is_dir()) {
+                return Err(format!(
+                    "cannot bind {spec}: the directory {} does not exist: create it (under systemd, RuntimeDirectory=smtp-after-popd creates /run/smtp-after-popd)",
+                    dir.display()
+                ));
+            }
             remove_stale_socket(path)?;
             let socket =
                 UnixDatagram::bind(path).map_err(|e| format!("cannot bind {spec}: {e}"))?;

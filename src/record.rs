@@ -257,7 +257,8 @@ mod more_tests {
     #[test]
     fn rsyslog_high_precision_file_format() {
         // RSYSLOG_FileFormat, the default of many current distributions.
-        let r = parse_str("2026-11-23T10:00:01.123456+01:00 mail dovecot: pop3-login: Login: x").unwrap();
+        let r = parse_str("2026-11-23T10:00:01.123456+01:00 mail dovecot: pop3-login: Login: x")
+            .unwrap();
         assert_eq!(r.program, "dovecot");
         assert_eq!(r.hostname, Some("mail"));
         assert_eq!(r.message, "pop3-login: Login: x");
@@ -265,7 +266,10 @@ mod more_tests {
 
     #[test]
     fn sd_values_are_unescaped() {
-        let r = parse_str(r#"<22>1 2026-11-23T10:00:01Z mail dovecot 1 - [a@32473 exe="/x\"y\]z\\w"] m"#).unwrap();
+        let r = parse_str(
+            r#"<22>1 2026-11-23T10:00:01Z mail dovecot 1 - [a@32473 exe="/x\"y\]z\\w"] m"#,
+        )
+        .unwrap();
         assert_eq!(r.sd_param("a@32473", "exe"), Some(r#"/x"y]z\w"#));
     }
 }

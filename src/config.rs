@@ -432,6 +432,7 @@ impl Config {
             path: map_path,
             map_type,
             postmap: PathBuf::from(v),
+            mail_config: None,
         };
 
         let (v, origin) = pick(

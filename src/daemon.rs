@@ -149,8 +149,19 @@ impl Pipeline {
     }
 }
 
-async fn run(config: Config) -> i32 {
+async fn run(mut config: Config) -> i32 {
     crate::logging::set_level(config.log_level);
+    match config.map.use_defaults_without_main_cf() {
+        Ok(Some(dir)) => crate::log_info!(
+            "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
+            dir.display()
+        ),
+        Ok(None) => {}
+        Err(e) => crate::log_warning!(
+            "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+            config.map.path.display()
+        ),
+    }
     let allow = Arc::new(config.allow_from.clone());
     let mut listeners = Vec::new();
     for spec in &config.listen {
@@ -191,10 +202,6 @@ async fn run(config: Config) -> i32 {
         window: config.window,
         stats: stats.clone(),
     });
-    for l in listeners {
-        let p = pipeline.clone();
-        tasks.spawn(l.run(stats.clone(), move |bytes, peer| p.handle(bytes, peer)));
-    }
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}; map {}:{}",
         join(&config.listen),
@@ -208,6 +215,13 @@ async fn run(config: Config) -> i32 {
         config.map.map_type.name(),
         config.map.path.display()
     );
+
+    // The sockets are bound, so datagrams that arrived meanwhile wait in
+    // their queues; say "started" before the first of them is handled.
+    for l in listeners {
+        let p = pipeline.clone();
+        tasks.spawn(l.run(stats.clone(), move |bytes, peer| p.handle(bytes, peer)));
+    }
 
     let status = wait_for_signal().await;
     tasks.abort_all();

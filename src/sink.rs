@@ -89,6 +89,10 @@ pub struct PostfixMap {
     pub map_type: MapType,
     /// The `postmap` command.
     pub postmap: PathBuf,
+    /// A Postfix configuration directory to run `postmap` with
+    /// (`MAIL_CONFIG`), when the host has none of its own; see
+    /// [`PostfixMap::use_defaults_without_main_cf`].
+    pub mail_config: Option<PathBuf>,
 }
 
 /// A failed map update.
@@ -108,6 +112,35 @@ impl PostfixMap {
     /// The database file Postfix opens, e.g. `authenticated_ips.db`.
     pub fn database_path(&self) -> PathBuf {
         with_suffix(&self.path, self.map_type.suffix())
+    }
+
+    /// `postmap` refuses to run without a Postfix configuration
+    /// (`/etc/postfix/main.cf`), which a host that only keeps the map (or a
+    /// fresh machine trying the quick start) may not have. When neither
+    /// `MAIL_CONFIG` is set nor that file exists, this gives `postmap` an
+    /// empty configuration of its own next to the map, so that it builds
+    /// the map with Postfix's built-in defaults, and says so. Returns the
+    /// directory used, if any.
+    pub fn use_defaults_without_main_cf(&mut self) -> std::io::Result<Option<PathBuf>> {
+        if std::env::var_os("MAIL_CONFIG").is_some() || Path::new("/etc/postfix/main.cf").exists() {
+            return Ok(None);
+        }
+        let parent = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir = parent.join(".smtp-after-popd-postfix");
+        std::fs::create_dir_all(&dir)?;
+        let main_cf = dir.join("main.cf");
+        if !main_cf.exists() {
+            std::fs::write(
+                &main_cf,
+                "# Written by smtp-after-popd: this host has no /etc/postfix/main.cf,\n\
+                 # so postmap runs with Postfix's built-in defaults.\n",
+            )?;
+        }
+        self.mail_config = Some(dir.clone());
+        Ok(Some(dir))
     }
 
     fn temp_path(&self) -> PathBuf {
@@ -151,7 +184,11 @@ impl PostfixMap {
             .map_err(|e| SinkError(format!("cannot write {}: {e}", tmp.display())))?;
 
         let arg = format!("{}:{}", self.map_type.name(), tmp.display());
-        let child = tokio::process::Command::new(&self.postmap)
+        let mut command = tokio::process::Command::new(&self.postmap);
+        if let Some(dir) = &self.mail_config {
+            command.env("MAIL_CONFIG", dir);
+        }
+        let child = command
             .arg(&arg)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -326,6 +363,7 @@ mod tests {
             path: "/etc/postfix/authenticated_ips".into(),
             map_type: MapType::Lmdb,
             postmap: "postmap".into(),
+            mail_config: None,
         };
         assert_eq!(
             m.database_path(),

@@ -384,3 +384,112 @@ fn match_prints_one_line_per_login() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
 }
+
+/// Every line of every annotated sample log (real Dovecot lines among
+/// them), sent as a datagram the way rsyslog forwards it: the map ends up
+/// holding exactly the addresses annotated `grant`, and nothing from the
+/// failures, disconnects and injections.
+#[test]
+fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let map = s.map();
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+            // The captured Dovecot lines come from 127.0.0.x clients.
+            "--never",
+            "none",
+        ],
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
+    let mut want = std::collections::BTreeSet::new();
+    let mut sent = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("#= grant ") {
+                want.insert(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') && !line.trim().is_empty() {
+                send_udp(port, &format!("<22>{line}"));
+                sent += 1;
+            }
+        }
+    }
+    // A last login acts as a barrier: datagrams are handled in order.
+    send_udp(
+        port,
+        "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip=192.0.2.250, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>",
+    );
+    want.insert("192.0.2.250".to_string());
+    assert!(
+        wait_for(Duration::from_secs(5), || s
+            .postmap_q("192.0.2.250")
+            .is_some()),
+        "{}",
+        d.log_text()
+    );
+    let mut got: Vec<String> = map_lines(&map)
+        .into_iter()
+        .map(|l| l.trim_end_matches(" OK").to_string())
+        .collect();
+    got.sort();
+    let want: Vec<String> = want.into_iter().collect();
+    assert_eq!(got, want, "after {sent} datagrams:\n{}", d.log_text());
+    for ip in &want {
+        assert_eq!(s.postmap_q(ip).as_deref(), Some("OK"), "{ip}");
+    }
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// The quick start on a fresh machine: postfix installed without a
+/// configuration, no MAIL_CONFIG. The daemon gives postmap an empty
+/// configuration of its own and says so.
+#[test]
+fn without_a_postfix_configuration_postmap_runs_with_defaults() {
+    if std::path::Path::new("/etc/postfix/main.cf").exists() {
+        eprintln!("skipped: this host has /etc/postfix/main.cf");
+        return;
+    }
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let map = s.map();
+    let mut d = Daemon::start_with(
+        &s,
+        &["--listen", &listen, "--map", map.to_str().unwrap()],
+        None,
+    );
+    let private = s.path(".smtp-after-popd-postfix");
+    assert!(
+        d.log_text().contains(&format!(
+            "postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
+            private.display()
+        )),
+        "{}",
+        d.log_text()
+    );
+    send_udp(
+        port,
+        "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<Vb0F8x8s4NzAAAAB>",
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || postmap_q(
+            &private,
+            &map,
+            "192.0.2.7"
+        )
+        .as_deref()
+            == Some("OK")),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(d.stop(), Some(0));
+}

@@ -94,10 +94,20 @@ impl Daemon {
     /// Starts the daemon with `args` (MAIL_CONFIG set to the scratch
     /// Postfix directory) and waits until it logs that it started.
     pub fn start(scratch: &Scratch, args: &[&str]) -> Daemon {
+        Self::start_with(scratch, args, Some(&scratch.mail_config()))
+    }
+
+    /// Starts the daemon with `args` and `MAIL_CONFIG` set to `mail_config`,
+    /// or unset, and waits until it logs that it started.
+    pub fn start_with(scratch: &Scratch, args: &[&str], mail_config: Option<&Path>) -> Daemon {
         let log = scratch.path(&format!("daemon-{}.log", unique()));
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        match mail_config {
+            Some(dir) => command.env("MAIL_CONFIG", dir),
+            None => command.env_remove("MAIL_CONFIG"),
+        };
+        let child = command
             .args(args)
-            .env("MAIL_CONFIG", scratch.mail_config())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

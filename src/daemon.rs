@@ -91,7 +91,14 @@ impl Pipeline {
             }
         };
         let login = match self.matchers.match_record(&rec) {
-            Outcome::NoMatch => return,
+            Outcome::NoMatch => {
+                crate::log_debug!(
+                    "no login in record from {peer}: program \"{}\", message \"{}\"",
+                    escape(rec.program),
+                    escape(rec.message)
+                );
+                return;
+            }
             Outcome::BadAddress { pattern, text } => {
                 Stats::bump(&self.stats.bad_address);
                 crate::log_warning_limited!(

@@ -1,0 +1,456 @@
+//! The whole chain on real parts, all on loopback: Dovecot logs a login
+//! through syslog(3) to a private rsyslog (or syslog-ng) that forwards it
+//! with the rule we ship in `rsyslog/`; smtp-after-popd writes the map;
+//! a private Postfix with the README's `smtpd_relay_restrictions` line
+//! then relays for the client that logged in, and for no one else.
+//!
+//! Needs root (CI runs as root; `.ci/run` installs the packages). Test
+//! clients connect from 127.0.0.2 and up; Postfix's mynetworks is
+//! 127.0.0.1/32 only, so they are outsiders unless the map lets them in.
+
+mod common;
+mod stack;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use stack::*;
+
+/// Skips (loudly) when not root: the servers need it.
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: end-to-end tests need root (CI runs them as root)");
+            return;
+        }
+    };
+}
+
+/// The README's `smtpd_relay_restrictions` line, with our map's path.
+fn readme_relay_restrictions(map: &Path) -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("smtpd_relay_restrictions = permit_mynetworks")
+        .expect("README has the smtpd_relay_restrictions line");
+    let block = &readme[start..];
+    let end = block.find("```").expect("end of the code block");
+    let value = block[..end]
+        .trim_start_matches("smtpd_relay_restrictions =")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        value.contains("hash:/etc/postfix/authenticated_ips"),
+        "README line changed: {value}"
+    );
+    value.replace("/etc/postfix/authenticated_ips", &map.display().to_string())
+}
+
+/// rsyslog with our shipped local rule, forwarding to the daemon's socket.
+fn rsyslog_with_local_rule(s: &Scratch, name: &str, daemon_socket: &Path) -> Rsyslog {
+    let rule = shipped(
+        "smtp-after-popd-local.conf",
+        &[(
+            "/run/smtp-after-popd/syslog.sock",
+            &daemon_socket.display().to_string(),
+        )],
+    );
+    Rsyslog::start(&s.path(name), &rule)
+}
+
+/// Waits until `src` may relay; returns how long that took.
+fn until_relay(src: &str, port: u16, within: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    if wait_for(within, || may_relay(src, port)) {
+        Some(t0.elapsed())
+    } else {
+        None
+    }
+}
+
+const INJECTED_USER: &str = "eve>, method=plain, rip=127.0.0.8, lip=127.0.0.1";
+
+#[test]
+fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
+    require_root!();
+    let s = Scratch::new();
+    let daemon_socket = s.path("daemon.sock");
+    let map = s.map();
+    let listen = format!("unix://{}", daemon_socket.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+            // The test clients are on loopback.
+            "--never",
+            "none",
+        ],
+    );
+    let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
+    let dovecot = Dovecot::start(
+        &s.path("dovecot"),
+        &rs.socket,
+        &["alice", "bob", INJECTED_USER],
+        // Dovecot refuses such user names by default; a site may allow
+        // them, and then the address must still come from Dovecot.
+        "auth_username_chars =",
+    );
+    let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
+
+    // Before any login nobody relays; this also leaves an smtpd process
+    // with the map open, as on a live server.
+    assert!(rcpt("127.0.0.5", pf.port).contains("Relay access denied"));
+
+    // 1. POP3 login from 127.0.0.5: it may relay within a few seconds.
+    assert!(pop3_login(
+        "127.0.0.5",
+        dovecot.pop3_port,
+        "alice",
+        PASSWORD
+    ));
+    let delay = until_relay("127.0.0.5", pf.port, Duration::from_secs(10));
+    assert!(
+        delay.is_some(),
+        "127.0.0.5 cannot relay after its login\ndaemon:\n{}\nrsyslog:\n{}\npostfix:\n{}",
+        d.log_text(),
+        rs.received(),
+        pf.log()
+    );
+    eprintln!("POP3 login to first accepted RCPT: {:?}", delay.unwrap());
+    // 127.0.0.6 did not log in.
+    let r = rcpt("127.0.0.6", pf.port);
+    assert!(
+        r.contains("554") && r.contains("Relay access denied"),
+        "{r}"
+    );
+
+    // 2. IMAP from another address.
+    assert!(imap_login("127.0.0.10", dovecot.imap_port, "bob", PASSWORD));
+    assert!(
+        until_relay("127.0.0.10", pf.port, Duration::from_secs(10)).is_some(),
+        "{}",
+        d.log_text()
+    );
+
+    // 3. A wrong password grants nothing; a user name that injects
+    // rip=127.0.0.8 grants its real address and not 127.0.0.8, and the same
+    // user name with a wrong password grants nothing at all.
+    assert!(!pop3_login(
+        "127.0.0.7",
+        dovecot.pop3_port,
+        "alice",
+        "wrong"
+    ));
+    assert!(!pop3_login(
+        "127.0.0.9",
+        dovecot.pop3_port,
+        INJECTED_USER,
+        "wrong"
+    ));
+    assert!(pop3_login(
+        "127.0.0.11",
+        dovecot.pop3_port,
+        INJECTED_USER,
+        PASSWORD
+    ));
+    assert!(
+        until_relay("127.0.0.11", pf.port, Duration::from_secs(10)).is_some(),
+        "{}",
+        d.log_text()
+    );
+    for ip in ["127.0.0.7", "127.0.0.8", "127.0.0.9"] {
+        assert_eq!(s.postmap_q(ip), None, "{ip} must not be granted");
+        assert!(
+            rcpt(ip, pf.port).contains("Relay access denied"),
+            "{ip} may relay"
+        );
+    }
+    let log = d.log_text();
+    assert!(
+        log.contains("grant 127.0.0.11 for 1h: dovecot pop3 login of user \"eve>, method=plain, rip=127.0.0.8"),
+        "{log}"
+    );
+
+    // 6. A line forged by a local user with logger: the daemon cannot tell
+    // it from Dovecot's own through this rule, so today it is granted.
+    // Issue 4 (attested senders) closes this; this assertion then flips.
+    let st = std::process::Command::new("logger")
+        .arg("-u")
+        .arg(&rs.socket)
+        .args(["-p", "mail.info", "-t", "dovecot"])
+        .arg("pop3-login: Login: user=<forger>, method=PLAIN, rip=127.0.0.12, lip=127.0.0.1, mpid=1, session=<abcdefgh>")
+        .status()
+        .expect("logger");
+    assert!(st.success());
+    assert!(
+        wait_for(Duration::from_secs(5), || s
+            .postmap_q("127.0.0.12")
+            .is_some()),
+        "the forged line was not granted (has attestation landed? then flip this test)\n{}",
+        d.log_text()
+    );
+    drop(dovecot);
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// Point 4: after the window, the address is refused again.
+#[test]
+fn relay_closes_when_the_window_is_over() {
+    require_root!();
+    let s = Scratch::new();
+    let daemon_socket = s.path("daemon.sock");
+    let map = s.map();
+    let listen = format!("unix://{}", daemon_socket.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "3s",
+            "--never",
+            "none",
+        ],
+    );
+    let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
+    let dovecot = Dovecot::start(&s.path("dovecot"), &rs.socket, &["alice"], "");
+    let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
+
+    assert!(pop3_login(
+        "127.0.0.5",
+        dovecot.pop3_port,
+        "alice",
+        PASSWORD
+    ));
+    assert!(
+        until_relay("127.0.0.5", pf.port, Duration::from_secs(3)).is_some(),
+        "{}",
+        d.log_text()
+    );
+    let t0 = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || !may_relay("127.0.0.5", pf.port)),
+        "127.0.0.5 may still relay after its window\n{}",
+        d.log_text()
+    );
+    eprintln!(
+        "relay refused again {:?} after it was first seen open",
+        t0.elapsed()
+    );
+    assert_eq!(s.postmap_q("127.0.0.5"), None);
+    assert!(d.log_text().contains("expire 127.0.0.5: window over"));
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// Point 5: several mail hosts, one instance. Two rsyslog instances (standing for
+/// two mail hosts, sending from 127.0.0.2 and 127.0.0.3) forward with our
+/// shipped remote rule over UDP; a third, from 127.0.0.4, is outside
+/// --allow-from and is ignored.
+#[test]
+fn two_mail_hosts_feed_one_daemon_over_udp() {
+    require_root!();
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let map = s.map();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--allow-from",
+            "127.0.0.2/32",
+            "--allow-from",
+            "127.0.0.3/32",
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+            "--never",
+            "none",
+        ],
+    );
+    let host = |name: &str, from: &str| {
+        let rule = shipped(
+            "smtp-after-popd-remote.conf",
+            &[
+                ("target=\"192.0.2.25\"", "target=\"127.0.0.1\""),
+                (
+                    "port=\"5514\"",
+                    &format!("port=\"{port}\" address=\"{from}\""),
+                ),
+            ],
+        );
+        Rsyslog::start(&s.path(name), &rule)
+    };
+    let a = host("host-a", "127.0.0.2");
+    let b = host("host-b", "127.0.0.3");
+    let outsider = host("host-c", "127.0.0.4");
+    let dovecot_a = Dovecot::start(&s.path("dovecot-a"), &a.socket, &["alice"], "");
+    let dovecot_b = Dovecot::start(&s.path("dovecot-b"), &b.socket, &["bob"], "");
+    let dovecot_c = Dovecot::start(&s.path("dovecot-c"), &outsider.socket, &["carol"], "");
+    let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
+
+    assert!(pop3_login(
+        "127.0.0.20",
+        dovecot_a.pop3_port,
+        "alice",
+        PASSWORD
+    ));
+    assert!(imap_login(
+        "127.0.0.21",
+        dovecot_b.imap_port,
+        "bob",
+        PASSWORD
+    ));
+    assert!(pop3_login(
+        "127.0.0.22",
+        dovecot_c.pop3_port,
+        "carol",
+        PASSWORD
+    ));
+    for ip in ["127.0.0.20", "127.0.0.21"] {
+        assert!(
+            until_relay(ip, pf.port, Duration::from_secs(10)).is_some(),
+            "{ip}\n{}",
+            d.log_text()
+        );
+    }
+    // The outsider's line reached its rsyslog; the daemon dropped it.
+    assert!(wait_for(Duration::from_secs(5), || outsider
+        .received()
+        .contains("rip=127.0.0.22")));
+    assert!(
+        wait_for(Duration::from_secs(5), || d
+            .log_text()
+            .contains("127.0.0.4")),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(s.postmap_q("127.0.0.22"), None);
+    assert!(rcpt("127.0.0.22", pf.port).contains("Relay access denied"));
+    let log = d.log_text();
+    assert!(log.contains("reported by 127.0.0.2:"), "{log}");
+    assert!(log.contains("reported by 127.0.0.3:"), "{log}");
+    assert_eq!(d.stop(), Some(0));
+    let log = d.log_text();
+    assert!(log.contains("dropped_peer="), "{log}");
+    assert!(!log.contains("dropped_peer=0 "), "{log}");
+}
+
+/// The same chain through syslog-ng and our shipped syslog-ng rule.
+#[test]
+fn dovecot_syslog_ng_daemon_postfix() {
+    require_root!();
+    let s = Scratch::new();
+    let daemon_socket = s.path("daemon.sock");
+    let map = s.map();
+    let listen = format!("unix://{}", daemon_socket.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+            "--never",
+            "none",
+        ],
+    );
+    let rule = shipped(
+        "syslog-ng-smtp-after-popd.conf",
+        &[(
+            "/run/smtp-after-popd/syslog.sock",
+            &daemon_socket.display().to_string(),
+        )],
+    );
+    let ng = SyslogNg::start(&s.path("syslog-ng"), &rule);
+    let dovecot = Dovecot::start(&s.path("dovecot"), &ng.socket, &["alice"], "");
+    let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
+
+    assert!(imap_login(
+        "127.0.0.5",
+        dovecot.imap_port,
+        "alice",
+        PASSWORD
+    ));
+    assert!(
+        until_relay("127.0.0.5", pf.port, Duration::from_secs(10)).is_some(),
+        "{}",
+        d.log_text()
+    );
+    assert!(!pop3_login(
+        "127.0.0.6",
+        dovecot.pop3_port,
+        "alice",
+        "wrong"
+    ));
+    assert!(rcpt("127.0.0.6", pf.port).contains("Relay access denied"));
+    assert!(
+        d.log_text()
+            .contains("grant 127.0.0.5 for 1h: dovecot imap login of user \"alice\"")
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// How long from a completed POP3 login to the first RCPT that Postfix
+/// accepts, with an smtpd process that already had the map open (it
+/// notices the rebuilt map, because its modification second changed,
+/// before it accepts the next connection). Prints figures; asserts only
+/// that every login did open the relay.
+#[test]
+fn login_to_relay_delay_figures() {
+    require_root!();
+    let s = Scratch::new();
+    let daemon_socket = s.path("daemon.sock");
+    let map = s.map();
+    let listen = format!("unix://{}", daemon_socket.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "1h",
+            "--never",
+            "none",
+        ],
+    );
+    let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
+    let dovecot = Dovecot::start(&s.path("dovecot"), &rs.socket, &["alice"], "");
+    let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
+    let mut delays = Vec::new();
+    for i in 1..=20 {
+        let ip = format!("127.0.1.{i}");
+        assert!(rcpt(&ip, pf.port).contains("Relay access denied"));
+        assert!(pop3_login(&ip, dovecot.pop3_port, "alice", PASSWORD));
+        let t = until_relay(&ip, pf.port, Duration::from_secs(10));
+        assert!(t.is_some(), "{ip}\n{}", d.log_text());
+        delays.push(t.unwrap());
+    }
+    delays.sort();
+    eprintln!(
+        "login to first accepted RCPT over {} logins: min {:?}, p50 {:?}, p90 {:?}, max {:?}",
+        delays.len(),
+        delays[0],
+        delays[delays.len() / 2],
+        delays[delays.len() * 9 / 10],
+        delays[delays.len() - 1]
+    );
+    let restarts = pf.log().matches("has changed -- restarting").count();
+    eprintln!("smtpd restarts on a changed map: {restarts}");
+    assert_eq!(d.stop(), Some(0));
+}

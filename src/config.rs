@@ -43,6 +43,8 @@ pub const DEFAULT_MAP: &str = "/etc/postfix/authenticated_ips";
 pub const DEFAULT_MAP_TYPE: &str = "hash";
 /// Default postmap command (looked up in PATH).
 pub const DEFAULT_POSTMAP: &str = "postmap";
+/// Default cap on live grants.
+pub const DEFAULT_MAX_GRANTS: usize = 100_000;
 /// Default mode of unix socket files.
 pub const DEFAULT_SOCKET_MODE: &str = "0660";
 
@@ -149,6 +151,22 @@ pub struct DaemonArgs {
     /// [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Grant only logins whose record carries rsyslog's attestation of the
+    /// sending process (forward with rsyslog/smtp-after-popd-attested.conf)
+    /// naming an executable, and uid, that the pattern allows; anything
+    /// else is refused as a forgery. Records that do carry an attestation
+    /// are always checked. --require-attestation alone means yes.
+    /// [default: no]
+    #[arg(long, value_name = "yes|no", num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
+    pub require_attestation: Option<String>,
+
+    /// Most addresses granted at once; when the table is full, logins from
+    /// new addresses are refused (and logged) until grants expire, while
+    /// renewals still work. Bounds the daemon's memory and the map's size.
+    /// [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub max_grants: Option<String>,
 }
 
 /// Where a listener receives datagrams.
@@ -190,6 +208,10 @@ pub struct Config {
     pub log_level: Level,
     /// The login patterns, built-in and configured.
     pub matchers: Matchers,
+    /// Whether logins need an attested sender.
+    pub require_attestation: bool,
+    /// Most live grants.
+    pub max_grants: usize,
 }
 
 /// A configuration error, ready to print.
@@ -218,6 +240,8 @@ struct FileConfig {
     socket_mode: Option<Spanned<String>>,
     receive_buffer: Option<Spanned<toml::Value>>,
     log_level: Option<Spanned<String>>,
+    require_attestation: Option<Spanned<bool>>,
+    max_grants: Option<Spanned<toml::Value>>,
     #[serde(default)]
     pattern: Vec<PatternSpec>,
 }
@@ -480,6 +504,46 @@ impl Config {
             }
         };
 
+        let require_attestation = match (&args.require_attestation, &file.require_attestation) {
+            (Some(v), _) => match v.as_str() {
+                "yes" | "true" => true,
+                "no" | "false" => false,
+                _ => {
+                    return Err(Origin::Flag.error("require-attestation", v, "expected yes or no"));
+                }
+            },
+            (None, Some(v)) => *v.get_ref(),
+            (None, None) => false,
+        };
+
+        let max_grants = {
+            let (text, origin) = match (&args.max_grants, &file.max_grants) {
+                (Some(v), _) => (v.clone(), Origin::Flag),
+                (None, Some(v)) => (
+                    match v.get_ref() {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    },
+                    Origin::File {
+                        path,
+                        source,
+                        offset: v.span().start,
+                    },
+                ),
+                (None, None) => (DEFAULT_MAX_GRANTS.to_string(), Origin::Default),
+            };
+            text.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=10_000_000).contains(n))
+                .ok_or_else(|| {
+                    origin.error(
+                        "max-grants",
+                        &text,
+                        "expected a whole number of addresses from 1 to 10000000",
+                    )
+                })?
+        };
+
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
@@ -492,6 +556,8 @@ impl Config {
             receive_buffer,
             log_level,
             matchers,
+            require_attestation,
+            max_grants,
         })
     }
 }
@@ -630,6 +696,37 @@ mod tests {
         let mut v = vec!["smtp-after-popd"];
         v.extend_from_slice(list);
         Cli::try_parse_from(v).unwrap().daemon
+    }
+
+    #[test]
+    fn the_shipped_example_configuration_loads_and_requires_attestation() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/doc/smtp-after-popd.toml");
+        let dir = std::env::temp_dir();
+        let map = dir.join("authenticated_ips");
+        let map = map.to_str().unwrap();
+        let c = Config::from_args(&args(&["--config", path, "--map", map])).unwrap();
+        assert!(c.require_attestation);
+        assert_eq!(c.max_grants, 100_000);
+        assert_eq!(c.window, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn require_attestation_and_max_grants() {
+        let c = Config::from_args(&args(&["--map", "/tmp/m"])).unwrap();
+        assert!(!c.require_attestation);
+        assert_eq!(c.max_grants, DEFAULT_MAX_GRANTS);
+        let c = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation"])).unwrap();
+        assert!(c.require_attestation);
+        let c = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation=no"])).unwrap();
+        assert!(!c.require_attestation);
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--max-grants", "0"])).unwrap_err();
+        assert_eq!(
+            e.0,
+            "--max-grants \"0\": expected a whole number of addresses from 1 to 10000000"
+        );
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation=maybe"]))
+            .unwrap_err();
+        assert_eq!(e.0, "--require-attestation \"maybe\": expected yes or no");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::addr::AddressPolicy;
+use crate::attest::{self, Verdict};
 use crate::config::{Cli, Command, Config, EX_CONFIG, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable};
 use crate::logging::{RateLimit, escape};
@@ -70,6 +71,8 @@ pub struct Pipeline {
     pub window: Duration,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Whether a login needs an attested sender.
+    pub require_attestation: bool,
 }
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
@@ -111,6 +114,24 @@ impl Pipeline {
             Outcome::Login(l) => l,
         };
         Stats::bump(&self.stats.logins);
+        if let Verdict::Forgery(why) = attest::check(
+            &rec,
+            &login.pattern,
+            &login.speakers,
+            self.require_attestation,
+        ) {
+            Stats::bump(&self.stats.forgeries);
+            crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {}: forgery: {why} ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                login.ip,
+                login.server,
+                login.service,
+                escape(&login.user),
+                login.pattern
+            );
+            return;
+        }
         let ip = match self.policy.check(login.ip) {
             Ok(ip) => ip,
             Err(why) => {
@@ -142,6 +163,19 @@ impl Pipeline {
             GrantResult::Renewed => {
                 Stats::bump(&self.stats.renewed);
                 "renew"
+            }
+            GrantResult::Full => {
+                Stats::bump(&self.stats.refused_full);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {ip}: the table is full ({} grants, --max-grants) ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                    self.table.len(),
+                    login.server,
+                    login.service,
+                    escape(&login.user),
+                    login.pattern
+                );
+                return;
             }
         };
         crate::log_info!(
@@ -187,7 +221,7 @@ async fn run(mut config: Config) -> i32 {
     }
 
     let stats = Arc::new(Stats::default());
-    let table = Arc::new(GrantTable::new());
+    let table = Arc::new(GrantTable::with_limit(config.max_grants));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(table.clone().run_purge(stats.clone()));
 
@@ -208,6 +242,7 @@ async fn run(mut config: Config) -> i32 {
         table: table.clone(),
         window: config.window,
         stats: stats.clone(),
+        require_attestation: config.require_attestation,
     });
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}; map {}:{}",

@@ -51,6 +51,8 @@ pub enum GrantResult {
     New,
     /// The address was granted; its window now runs from this login.
     Renewed,
+    /// The address was not granted and the table is full: nothing changed.
+    Full,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +74,8 @@ pub struct GrantTable {
     generation_tx: watch::Sender<u64>,
     /// Wakes the purge task when an earlier expiry appears.
     purge_wake: Notify,
+    /// Most live grants; new addresses are refused beyond it.
+    max_grants: usize,
 }
 
 impl Default for GrantTable {
@@ -81,12 +85,18 @@ impl Default for GrantTable {
 }
 
 impl GrantTable {
-    /// An empty table.
+    /// An empty table without a practical limit.
     pub fn new() -> GrantTable {
+        Self::with_limit(usize::MAX)
+    }
+
+    /// An empty table that holds at most `max_grants` addresses.
+    pub fn with_limit(max_grants: usize) -> GrantTable {
         GrantTable {
             inner: Mutex::new(Inner::default()),
             generation_tx: watch::Sender::new(0),
             purge_wake: Notify::new(),
+            max_grants,
         }
     }
 
@@ -104,6 +114,9 @@ impl GrantTable {
     pub fn grant(&self, ip: IpAddr, grant: Grant) -> GrantResult {
         let expires = grant.expires;
         let mut inner = self.lock();
+        if inner.grants.len() >= self.max_grants && !inner.grants.contains_key(&ip) {
+            return GrantResult::Full;
+        }
         let earliest_before = inner.expiries.first().map(|(t, _)| *t);
         let result = match inner.grants.insert(ip, grant) {
             Some(old) => {
@@ -319,5 +332,25 @@ mod tests {
         assert!(table.revoke(ip("192.0.2.9")).is_some());
         assert!(table.revoke(ip("192.0.2.9")).is_none());
         assert_eq!(table.addresses(), (3, vec![ip("2001:db8::1")]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_refuses_new_addresses_but_renews() {
+        let t = GrantTable::with_limit(2);
+        let g = || Grant {
+            expires: expiry(Duration::from_secs(60)),
+            server: "dovecot".into(),
+            service: Service::Pop3,
+            user: "u".into(),
+            reporter: "test".into(),
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(t.grant(ip("192.0.2.1"), g()), GrantResult::New);
+        assert_eq!(t.grant(ip("192.0.2.2"), g()), GrantResult::New);
+        assert_eq!(t.grant(ip("192.0.2.3"), g()), GrantResult::Full);
+        assert_eq!(t.grant(ip("192.0.2.1"), g()), GrantResult::Renewed);
+        assert_eq!(t.len(), 2);
+        t.revoke(ip("192.0.2.2"));
+        assert_eq!(t.grant(ip("192.0.2.3"), g()), GrantResult::New);
     }
 }

@@ -6,14 +6,16 @@
 //! between them:
 //!
 //! ```text
-//! receiver ──Datagram──▶ record ──Record──▶ matcher ──Login──▶ addr ──▶ grants ──▶ sink
-//! (UDP, unix)            (syslog parse)     (patterns)         (never-   (table,    (Postfix map
-//!                                                               grant)    expiry)    via postmap)
+//! receiver ──Datagram──▶ record ──Record──▶ matcher ──Login──▶ attest ──▶ addr ──▶ grants ──▶ sink
+//! (UDP, unix)            (syslog parse)     (patterns)         (sender)    (never-   (table,    (Postfix map
+//!                                                                          grant)    expiry)    via postmap)
 //! ```
 //!
 //! - [`receiver`]: binds the listeners and filters peers (`--allow-from`).
 //! - [`record`]: parses one datagram into a syslog [`record::Record`].
 //! - [`matcher`]: recognises successful logins ([`matcher::Login`]).
+//! - [`attest`]: checks that the sender of a login record may speak for
+//!   its pattern (rsyslog's attested executable and uid).
 //! - [`addr`]: canonical addresses and the never-grant rules.
 //! - [`grants`]: the table of live grants, with expiry.
 //! - [`sink`]: keeps the Postfix access map in step with the table.
@@ -23,6 +25,7 @@
 //! - [`logging`]: the daemon's own log, with escaping and rate limits.
 
 pub mod addr;
+pub mod attest;
 pub mod config;
 pub mod daemon;
 pub mod grants;

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::Deserialize;
 
+use crate::attest::Speakers;
 use crate::record::Record;
 
 /// The built-in patterns, in the configuration file's `[[pattern]]` form.
@@ -80,6 +81,8 @@ pub struct Login {
     pub user: String,
     /// The id of the pattern that recognised the line.
     pub pattern: Arc<str>,
+    /// Who may send lines for that pattern (see [`crate::attest`]).
+    pub speakers: Arc<Speakers>,
 }
 
 /// Where a pattern's service comes from.
@@ -104,6 +107,8 @@ struct Pattern {
     regex: Regex,
     /// How to tell POP3 from IMAP.
     service: ServiceFrom,
+    /// Who may send lines for this pattern.
+    speakers: Arc<Speakers>,
 }
 
 /// One `[[pattern]]` table as written in a configuration file.
@@ -123,6 +128,13 @@ pub struct PatternSpec {
     /// A regex over the whole message (after `program[pid]: `) with a named
     /// group `ip`, and `user` if the line names one. Implicitly anchored.
     pub regex: toml::Spanned<String>,
+    /// Executables (absolute paths) allowed to send lines for this pattern,
+    /// checked against the sender attestation (see `require-attestation`).
+    #[serde(default)]
+    pub executables: Vec<String>,
+    /// Uids those executables must run as; empty means any.
+    #[serde(default)]
+    pub uids: Vec<u32>,
 }
 
 /// Patterns in a configuration file, for deserialising `[[pattern]]`.
@@ -283,12 +295,21 @@ impl Matchers {
                 "pattern \"{id}\": service = \"program\" but program \"{p}\" names neither pop3 nor imap: set service = \"pop3\" or \"imap\""
             )));
         }
+        if let Some(e) = spec.executables.iter().find(|e| !e.starts_with('/')) {
+            return Err(err(format!(
+                "pattern \"{id}\": executables = [\"{e}\"]: expected absolute paths, e.g. \"/usr/lib/dovecot/log\""
+            )));
+        }
         let index = self.patterns.len();
         self.patterns.push(Pattern {
             id,
             server: spec.server.as_str().into(),
             regex,
             service,
+            speakers: Arc::new(Speakers {
+                executables: spec.executables.clone(),
+                uids: spec.uids.clone(),
+            }),
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
@@ -336,6 +357,7 @@ impl Matchers {
                 service,
                 user: caps.name("user").map_or("", |m| m.as_str()).to_string(),
                 pattern: p.id.clone(),
+                speakers: p.speakers.clone(),
             });
         }
         Outcome::NoMatch

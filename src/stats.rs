@@ -41,6 +41,10 @@ counters! {
     logins,
     /// Logins refused by the never-grant rules.
     refused,
+    /// Logins refused as forgeries (attestation missing or wrong).
+    forgeries,
+    /// Logins from new addresses refused because the table was full.
+    refused_full,
     /// New grants.
     granted,
     /// Logins that renewed a live grant.

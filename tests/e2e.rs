@@ -60,6 +60,20 @@ fn rsyslog_with_local_rule(s: &Scratch, name: &str, daemon_socket: &Path) -> Rsy
     Rsyslog::start(&s.path(name), &rule)
 }
 
+/// rsyslog with our shipped attested rule, forwarding to the daemon's
+/// socket (the test rsyslog's imuxsock input has Annotate and ParseTrusted
+/// on, as the rule's installation note asks of /etc/rsyslog.conf).
+fn rsyslog_with_attested_rule(s: &Scratch, name: &str, daemon_socket: &Path) -> Rsyslog {
+    let rule = shipped(
+        "smtp-after-popd-attested.conf",
+        &[(
+            "/run/smtp-after-popd/syslog.sock",
+            &daemon_socket.display().to_string(),
+        )],
+    );
+    Rsyslog::start(&s.path(name), &rule)
+}
+
 /// Waits until `src` may relay; returns how long that took.
 fn until_relay(src: &str, port: u16, within: Duration) -> Option<Duration> {
     let t0 = Instant::now();
@@ -91,9 +105,10 @@ fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
             // The test clients are on loopback.
             "--never",
             "none",
+            "--require-attestation",
         ],
     );
-    let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
+    let rs = rsyslog_with_attested_rule(&s, "rsyslog", &daemon_socket);
     let dovecot = Dovecot::start(
         &s.path("dovecot"),
         &rs.socket,
@@ -178,9 +193,10 @@ fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
         "{log}"
     );
 
-    // 6. A line forged by a local user with logger: the daemon cannot tell
-    // it from Dovecot's own through this rule, so today it is granted.
-    // Issue 4 (attested senders) closes this; this assertion then flips.
+    // 6. A line forged by a local user with logger, through the same
+    // rsyslog: its attestation names /usr/bin/logger (or nothing, when
+    // logger exited before rsyslog looked), so it grants nothing, while
+    // Dovecot's own lines above did.
     let st = std::process::Command::new("logger")
         .arg("-u")
         .arg(&rs.socket)
@@ -190,11 +206,18 @@ fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
         .expect("logger");
     assert!(st.success());
     assert!(
-        wait_for(Duration::from_secs(5), || s
-            .postmap_q("127.0.0.12")
-            .is_some()),
-        "the forged line was not granted (has attestation landed? then flip this test)\n{}",
+        wait_for(Duration::from_secs(5), || d
+            .log_text()
+            .contains("refuse 127.0.0.12: forgery:")),
+        "the forged line was not refused\n{}",
         d.log_text()
+    );
+    assert_eq!(s.postmap_q("127.0.0.12"), None);
+    assert!(rcpt("127.0.0.12", pf.port).contains("Relay access denied"));
+    let log = d.log_text();
+    assert!(
+        log.contains("grant 127.0.0.5 for 1h: dovecot pop3 login of user \"alice\""),
+        "{log}"
     );
     drop(dovecot);
     assert_eq!(d.stop(), Some(0));
@@ -452,5 +475,104 @@ fn login_to_relay_delay_figures() {
     );
     let restarts = pf.log().matches("has changed -- restarting").count();
     eprintln!("smtpd restarts on a changed map: {restarts}");
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// A local user who runs Dovecot's own log binary with a preloaded library
+/// that writes a forged login line: rsyslog attests the right executable,
+/// but the wrong uid (Dovecot's log process runs as root), so the line is
+/// refused.
+#[test]
+fn dovecots_log_binary_run_by_a_user_is_refused() {
+    require_root!();
+    let s = Scratch::new();
+    let daemon_socket = s.path("daemon.sock");
+    let map = s.map();
+    let listen = format!("unix://{}", daemon_socket.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--never",
+            "none",
+            "--require-attestation",
+        ],
+    );
+    let rs = rsyslog_with_attested_rule(&s, "rsyslog", &daemon_socket);
+    // The library must be readable by the unprivileged user.
+    let libdir = tempfile::Builder::new()
+        .prefix("forge")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        libdir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let src = libdir.path().join("forge.c");
+    std::fs::write(
+        &src,
+        "#include <syslog.h>\n#include <unistd.h>\n\
+         __attribute__((constructor)) static void forge(void) {\n\
+           openlog(\"dovecot\", 0, LOG_MAIL);\n\
+           syslog(LOG_INFO, \"pop3-login: Login: user=<x>, method=PLAIN, rip=127.0.0.13, lip=127.0.0.1, mpid=1, session=<abcdefgh>\");\n\
+           sleep(2);\n\
+           _exit(0);\n\
+         }\n",
+    )
+    .unwrap();
+    let so = libdir.path().join("forge.so");
+    let st = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .status()
+        .expect("cc");
+    assert!(st.success());
+    // /dev/log may not exist on this machine; give the forger a /dev of
+    // its own, as the Dovecot harness does.
+    let ns = libdir.path().join("ns.sh");
+    std::fs::write(
+        &ns,
+        format!(
+            "set -e\n\
+             mount --make-rprivate /\n\
+             mkdir -p {save}\n\
+             mount --rbind /dev {save}\n\
+             mount -t tmpfs -o mode=755 tmpfs /dev\n\
+             for n in null zero full random urandom tty; do touch /dev/$n; mount --bind {save}/$n /dev/$n; done\n\
+             umount -l {save}\n\
+             touch /dev/log\n\
+             mount --bind {sock} /dev/log\n\
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups env LD_PRELOAD={so} /usr/lib/dovecot/log\n",
+            save = libdir.path().join("devsave").display(),
+            sock = rs.socket.display(),
+            so = so.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("unshare")
+        .arg("-m")
+        .arg("sh")
+        .arg(&ns)
+        .output()
+        .expect("unshare");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || d.log_text().contains(
+            "refuse 127.0.0.13: forgery: sent by /usr/lib/dovecot/log (uid 65534"
+        )),
+        "{}\nrsyslog saw:\n{}",
+        d.log_text(),
+        rs.received()
+    );
+    assert_eq!(s.postmap_q("127.0.0.13"), None);
     assert_eq!(d.stop(), Some(0));
 }

@@ -102,13 +102,17 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Where to receive syslog datagrams: udp://ADDR:PORT (IPv4 or
-    /// [IPv6]) or unix:///PATH (a unix datagram socket). Repeatable.
+    /// Where to receive syslog records: udp://ADDR:PORT (IPv4 or [IPv6]),
+    /// tcp://ADDR:PORT (RFC 6587 octet counting or LF framing, as rsyslog
+    /// sends), or unix:///PATH (a unix datagram socket). UDP and TCP
+    /// listeners may carry their own allow-list instead of --allow-from:
+    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11. Repeatable.
     /// [default: udp://127.0.0.1:5514]
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
 
-    /// Accept UDP datagrams only from peers in this network. Repeatable.
+    /// Accept UDP datagrams and TCP connections only from peers in this
+    /// network, on listeners without their own ?allow=. Repeatable.
     /// [default: 127.0.0.0/8 and ::1]
     #[arg(long, value_name = "CIDR")]
     pub allow_from: Vec<String>,
@@ -169,21 +173,30 @@ pub struct DaemonArgs {
     pub max_grants: Option<String>,
 }
 
-/// Where a listener receives datagrams.
+/// Where a listener receives syslog records.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenSpec {
-    /// A UDP socket.
-    Udp(SocketAddr),
-    /// A unix datagram socket at this path.
+    /// A UDP socket, with its own allow-list (`?allow=`) if given.
+    Udp(SocketAddr, Option<Vec<Cidr>>),
+    /// A TCP socket (RFC 6587 framing), with its own allow-list if given.
+    Tcp(SocketAddr, Option<Vec<Cidr>>),
+    /// A unix datagram socket.
     Unix(PathBuf),
 }
 
 impl fmt::Display for ListenSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenSpec::Udp(a) => write!(f, "udp://{a}"),
-            ListenSpec::Unix(p) => write!(f, "unix://{}", p.display()),
+        let (scheme, addr, allow) = match self {
+            ListenSpec::Udp(a, allow) => ("udp", a, allow),
+            ListenSpec::Tcp(a, allow) => ("tcp", a, allow),
+            ListenSpec::Unix(p) => return write!(f, "unix://{}", p.display()),
+        };
+        write!(f, "{scheme}://{addr}")?;
+        if let Some(list) = allow {
+            let list: Vec<String> = list.iter().map(Cidr::to_string).collect();
+            write!(f, "?allow={}", list.join(","))?;
         }
+        Ok(())
     }
 }
 
@@ -593,12 +606,35 @@ pub fn matchers_from_file(path: Option<&Path>) -> Result<Matchers, ConfigError> 
     }
 }
 
-/// Parses `udp://ADDR:PORT` or `unix:///PATH`.
+/// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
+/// `?allow=CIDR[,CIDR...]`) or `unix:///PATH`.
 pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
-    const EXPECTED: &str = "expected udp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or udp://[::]:5514) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock)";
-    if let Some(rest) = s.strip_prefix("udp://") {
-        let addr: SocketAddr = rest.parse().map_err(|_| EXPECTED.to_string())?;
-        return Ok(ListenSpec::Udp(addr));
+    const EXPECTED: &str = "expected udp://ADDR:PORT or tcp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or tcp://[::]:5514, optionally followed by ?allow=CIDR,CIDR) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock)";
+    for (scheme, tcp) in [("udp://", false), ("tcp://", true)] {
+        let Some(rest) = s.strip_prefix(scheme) else {
+            continue;
+        };
+        let (addr, allow) = match rest.split_once('?') {
+            None => (rest, None),
+            Some((addr, query)) => {
+                let Some(list) = query.strip_prefix("allow=") else {
+                    return Err(format!(
+                        "{EXPECTED}; the only setting after ? is allow=CIDR,CIDR"
+                    ));
+                };
+                let mut cidrs = Vec::new();
+                for c in list.split(',') {
+                    cidrs.push(c.parse::<Cidr>().map_err(|e| format!("allow={c}: {e}"))?);
+                }
+                (addr, Some(cidrs))
+            }
+        };
+        let addr: SocketAddr = addr.parse().map_err(|_| EXPECTED.to_string())?;
+        return Ok(if tcp {
+            ListenSpec::Tcp(addr, allow)
+        } else {
+            ListenSpec::Udp(addr, allow)
+        });
     }
     if let Some(rest) = s.strip_prefix("unix://") {
         if !rest.starts_with('/') || rest.len() < 2 || rest.ends_with('/') {
@@ -745,13 +781,31 @@ mod tests {
     fn listen_urls() {
         assert_eq!(
             parse_listen("udp://[::]:5514"),
-            Ok(ListenSpec::Udp("[::]:5514".parse().unwrap()))
+            Ok(ListenSpec::Udp("[::]:5514".parse().unwrap(), None))
         );
+        assert_eq!(
+            parse_listen("tcp://0.0.0.0:5514?allow=192.0.2.10,2001:db8::/32"),
+            Ok(ListenSpec::Tcp(
+                "0.0.0.0:5514".parse().unwrap(),
+                Some(vec![
+                    "192.0.2.10".parse().unwrap(),
+                    "2001:db8::/32".parse().unwrap()
+                ])
+            ))
+        );
+        assert_eq!(
+            parse_listen("udp://0.0.0.0:5514?allow=192.0.2.0/24")
+                .unwrap()
+                .to_string(),
+            "udp://0.0.0.0:5514?allow=192.0.2.0/24"
+        );
+        assert!(parse_listen("udp://0.0.0.0:5514?allow=192.0.2.1/24").is_err());
+        assert!(parse_listen("udp://0.0.0.0:5514?deny=192.0.2.1").is_err());
         assert_eq!(
             parse_listen("unix:///run/x.sock"),
             Ok(ListenSpec::Unix("/run/x.sock".into()))
         );
-        assert!(parse_listen("tcp://1.2.3.4:5").is_err());
+        assert!(parse_listen("tcp://1.2.3.4").is_err());
         assert!(parse_listen("unix://relative").is_err());
         assert!(parse_listen("udp://localhost:5514").is_err());
     }
@@ -764,7 +818,7 @@ mod tests {
         assert_eq!(c.window, Duration::from_secs(120));
         assert_eq!(
             c.listen,
-            vec![ListenSpec::Udp("127.0.0.1:5514".parse().unwrap())]
+            vec![ListenSpec::Udp("127.0.0.1:5514".parse().unwrap(), None)]
         );
         assert_eq!(c.never.len(), 2);
         assert_eq!(c.socket_mode, 0o660);

@@ -12,6 +12,7 @@
 //! ```
 //!
 //! - [`receiver`]: binds the listeners and filters peers (`--allow-from`).
+//! - [`tcp`]: the TCP listener's RFC 6587 framing and connection bounds.
 //! - [`record`]: parses one datagram into a syslog [`record::Record`].
 //! - [`matcher`]: recognises successful logins ([`matcher::Login`]).
 //! - [`attest`]: checks that the sender of a login record may speak for
@@ -35,3 +36,4 @@ pub mod receiver;
 pub mod record;
 pub mod sink;
 pub mod stats;
+pub mod tcp;

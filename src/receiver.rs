@@ -1,12 +1,17 @@
 //! Receivers: the sockets syslog datagrams arrive on.
 //!
 //! Consumes: datagrams from UDP sockets (`udp://ADDR:PORT`) and unix
-//! datagram sockets (`unix:///PATH`).
-//! Produces: for each datagram, its bytes and the [`Peer`] the kernel
+//! datagram sockets (`unix:///PATH`), and framed records from TCP
+//! connections (`tcp://ADDR:PORT`, RFC 6587: octet counting or LF framing).
+//! Produces: for each record, its bytes and the [`Peer`] the kernel
 //! reported, handed to a callback (the rest of the pipeline).
-//! Trusts: the kernel's word on who sent a datagram, and nothing in the
-//! datagram. A UDP datagram from a peer outside `--allow-from` is dropped and
-//! counted here, before it is parsed. A unix socket is trusted as far as its
+//! Trusts: the kernel's word on who sent a record, and nothing in the
+//! record. A UDP datagram or TCP connection from a peer outside the
+//! listener's allow-list (its `?allow=`, else `--allow-from`) is dropped and
+//! counted here, before anything is parsed. A TCP peer address cannot be
+//! forged without the TCP handshake, so TCP is the choice where UDP
+//! spoofing is possible; each connection is bounded (frame size, idle
+//! time) and so is their number. A unix socket is trusted as far as its
 //! file permissions reach: its mode (`--socket-mode`, default 0660) decides
 //! who may write to it.
 //!
@@ -34,6 +39,8 @@ use crate::stats::Stats;
 pub enum Peer {
     /// A UDP peer; IPv4 peers on dual-stack sockets are given as IPv4.
     Udp(SocketAddr),
+    /// A TCP peer.
+    Tcp(SocketAddr),
     /// A sender on the unix socket at this path.
     Unix(Arc<str>),
 }
@@ -42,6 +49,7 @@ impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Peer::Udp(a) => write!(f, "{a}"),
+            Peer::Tcp(a) => write!(f, "tcp:{a}"),
             Peer::Unix(p) => write!(f, "unix:{p}"),
         }
     }
@@ -55,6 +63,13 @@ pub enum Listener {
         /// The socket.
         socket: UdpSocket,
         /// Peers allowed to send.
+        allow: Arc<Vec<Cidr>>,
+    },
+    /// A TCP socket, the peers it accepts, and its connection slots.
+    Tcp {
+        /// The listening socket.
+        listener: tokio::net::TcpListener,
+        /// Peers allowed to connect.
         allow: Arc<Vec<Cidr>>,
     },
     /// A unix datagram socket; the guard removes its file on drop.
@@ -84,7 +99,38 @@ pub fn bind(
     recv_buffer: Option<usize>,
 ) -> Result<Listener, String> {
     match spec {
-        ListenSpec::Udp(addr) => {
+        ListenSpec::Tcp(addr, own) => {
+            let allow = own.clone().map(Arc::new).unwrap_or(allow);
+            let socket = Socket::new(
+                Domain::for_address(*addr),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+            .map_err(|e| format!("cannot create a TCP socket for {spec}: {e}"))?;
+            if addr.is_ipv6() {
+                socket
+                    .set_only_v6(false)
+                    .map_err(|e| format!("cannot make {spec} dual-stack: {e}"))?;
+            }
+            socket
+                .set_reuse_address(true)
+                .map_err(|e| format!("cannot set SO_REUSEADDR on {spec}: {e}"))?;
+            set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
+            socket
+                .bind(&(*addr).into())
+                .map_err(|e| format!("cannot bind {spec}: {e}"))?;
+            socket
+                .listen(128)
+                .map_err(|e| format!("cannot listen on {spec}: {e}"))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("cannot make {spec} non-blocking: {e}"))?;
+            let listener = tokio::net::TcpListener::from_std(socket.into())
+                .map_err(|e| format!("cannot register {spec}: {e}"))?;
+            Ok(Listener::Tcp { listener, allow })
+        }
+        ListenSpec::Udp(addr, own) => {
+            let allow = own.clone().map(Arc::new).unwrap_or(allow);
             let socket = Socket::new(Domain::for_address(*addr), Type::DGRAM, Some(Protocol::UDP))
                 .map_err(|e| format!("cannot create a UDP socket for {spec}: {e}"))?;
             if addr.is_ipv6() {
@@ -172,14 +218,15 @@ fn set_recv_buffer(sock: &SockRef<'_>, spec: &ListenSpec, size: Option<usize>) {
     }
 }
 
-static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
+/// Rate limit of the warnings about refused peers.
+pub static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 impl Listener {
     /// Receives datagrams until the socket fails, handing each accepted one
     /// to `handle`.
     pub async fn run<F>(self, stats: Arc<Stats>, handle: F)
     where
-        F: Fn(&[u8], &Peer),
+        F: Fn(&[u8], &Peer) + Send + Sync + 'static,
     {
         // One byte more than the limit, to tell an oversized datagram.
         let mut buf = vec![0u8; MAX_RECORD + 1];
@@ -210,6 +257,9 @@ impl Listener {
                     handle(&buf[..n], &Peer::Udp(peer));
                 }
             }
+            Listener::Tcp { listener, allow } => {
+                crate::tcp::serve(listener, allow, stats, Arc::new(handle)).await;
+            }
             Listener::Unix { socket, guard } => {
                 let peer = Peer::Unix(guard.0.to_string_lossy().into());
                 loop {
@@ -229,6 +279,7 @@ impl Listener {
     }
 }
 
-fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
+/// Whether `ip` is in the allow-list.
+pub fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
     allow.iter().any(|c| c.contains(ip))
 }

@@ -27,8 +27,12 @@ macro_rules! counters {
 counters! {
     /// Datagrams read from any listener.
     received,
-    /// Datagrams from a peer outside `--allow-from`.
+    /// Datagrams and TCP connections from a peer outside the allow-list.
     dropped_peer,
+    /// TCP connections accepted.
+    tcp_connections,
+    /// TCP connections refused because the listener had too many open.
+    dropped_connections,
     /// Datagrams longer than 8 KiB.
     dropped_too_long,
     /// Datagrams that were not valid UTF-8.

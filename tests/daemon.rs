@@ -493,3 +493,56 @@ fn without_a_postfix_configuration_postmap_runs_with_defaults() {
     );
     assert_eq!(d.stop(), Some(0));
 }
+
+/// A TCP listener serves at most 64 connections at once; the next is
+/// refused and counted, and a frame longer than 8 KiB closes its
+/// connection. Records in both RFC 6587 framings are granted.
+#[test]
+fn tcp_listener_bounds_connections_and_frames() {
+    use std::io::Write;
+    let s = Scratch::new();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("tcp://127.0.0.1:{port}");
+    let map = s.map();
+    let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap()]);
+    let mut conns = Vec::new();
+    for _ in 0..64 {
+        conns.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    }
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || d
+            .log_text()
+            .contains("refused: 64 connections already open")),
+        "{}",
+        d.log_text()
+    );
+    let _ = extra.write_all(b"<22>x: y\n");
+    let line = "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.41, lip=192.0.2.1";
+    conns[0]
+        .write_all(format!("{line}\n{} {}", line.len(), line.replace(".41", ".42")).as_bytes())
+        .unwrap();
+    for ip in ["192.0.2.41", "192.0.2.42"] {
+        assert!(
+            wait_for(Duration::from_secs(5), || s.postmap_q(ip).is_some()),
+            "{ip}\n{}",
+            d.log_text()
+        );
+    }
+    conns[1].write_all(&vec![b'x'; 9000]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || d
+            .log_text()
+            .contains("longer than 8192 bytes: connection closed")),
+        "{}",
+        d.log_text()
+    );
+    drop(conns);
+    assert_eq!(d.stop(), Some(0));
+    let log = d.log_text();
+    assert!(log.contains("dropped_connections=1"), "{log}");
+    assert!(log.contains("dropped_too_long=1"), "{log}");
+}

@@ -576,3 +576,78 @@ fn dovecots_log_binary_run_by_a_user_is_refused() {
     assert_eq!(s.postmap_q("127.0.0.13"), None);
     assert_eq!(d.stop(), Some(0));
 }
+
+/// rsyslog forwarding over TCP, in both RFC 6587 framings it offers (LF,
+/// its default, and octet counting): logins are granted. A second TCP
+/// listener with its own allow-list (which does not include loopback)
+/// refuses the connection of a third rsyslog. (rsyslog 8.2302's omfwd binds
+/// a source address for UDP only, so the listeners tell the senders apart.)
+#[test]
+fn rsyslog_over_tcp_in_both_framings_with_a_per_listener_allow_list() {
+    require_root!();
+    let s = Scratch::new();
+    let port = free_tcp_port();
+    let closed_port = free_tcp_port();
+    let map = s.map();
+    let listen = format!("tcp://127.0.0.1:{port}");
+    let closed = format!("tcp://127.0.0.1:{closed_port}?allow=192.0.2.0/24");
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--listen",
+            &closed,
+            "--map",
+            map.to_str().unwrap(),
+            "--never",
+            "none",
+        ],
+    );
+    let host = |name: &str, port: u16, framing: &str| {
+        let rule = shipped(
+            "smtp-after-popd-remote.conf",
+            &[
+                ("target=\"192.0.2.25\"", "target=\"127.0.0.1\""),
+                ("protocol=\"udp\"", &format!("protocol=\"tcp\"{framing}")),
+                ("port=\"5514\"", &format!("port=\"{port}\"")),
+            ],
+        );
+        Rsyslog::start(&s.path(name), &rule)
+    };
+    let lf = host("lf", port, "");
+    let counted = host("counted", port, " TCP_Framing=\"octet-counted\"");
+    let outsider = host("outsider", closed_port, "");
+    let login = |rs: &Rsyslog, ip: &str| {
+        let st = std::process::Command::new("logger")
+            .arg("-u")
+            .arg(&rs.socket)
+            .args(["-p", "mail.info", "-t", "dovecot"])
+            .arg(format!("imap-login: Login: user=<u>, method=PLAIN, rip={ip}, lip=127.0.0.1, mpid=1, session=<abcdefgh>"))
+            .status()
+            .expect("logger");
+        assert!(st.success());
+    };
+    login(&lf, "192.0.2.31");
+    login(&counted, "192.0.2.32");
+    login(&outsider, "192.0.2.33");
+    for ip in ["192.0.2.31", "192.0.2.32"] {
+        assert!(
+            wait_for(Duration::from_secs(10), || s.postmap_q(ip).is_some()),
+            "{ip}\n{}",
+            d.log_text()
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || d.log_text().contains(&format!(
+            "tcp://127.0.0.1:{closed_port}: connection from 127.0.0.1"
+        ))),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(s.postmap_q("192.0.2.33"), None);
+    let log = d.log_text();
+    assert!(log.contains("reported by tcp:127.0.0.1:"), "{log}");
+    assert!(!log.contains("192.0.2.33 for"), "{log}");
+    assert_eq!(d.stop(), Some(0));
+}

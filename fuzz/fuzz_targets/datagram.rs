@@ -1,0 +1,61 @@
+//! The whole per-datagram path: syslog parsing, login matching,
+//! attestation, address rules and the grant table, on arbitrary bytes from
+//! an arbitrary peer. Checks, beyond "no panic", that an address granted
+//! appears in the datagram's text.
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use smtp_after_popd::addr::AddressPolicy;
+use smtp_after_popd::daemon::Pipeline;
+use smtp_after_popd::grants::GrantTable;
+use smtp_after_popd::matcher::Matchers;
+use smtp_after_popd::receiver::Peer;
+use smtp_after_popd::stats::Stats;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    })
+}
+
+fn pipeline(require: bool) -> &'static Pipeline {
+    static P: [OnceLock<Pipeline>; 2] = [OnceLock::new(), OnceLock::new()];
+    P[usize::from(require)].get_or_init(|| Pipeline {
+        matchers: Matchers::builtin(),
+        policy: AddressPolicy::new(Vec::new()),
+        table: Arc::new(GrantTable::with_limit(1000)),
+        window: Duration::from_secs(60),
+        stats: Arc::new(Stats::default()),
+        require_attestation: require,
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (require, bytes) = match data.split_first() {
+        Some((b, rest)) => (b & 1 == 1, rest),
+        None => (false, data),
+    };
+    let _guard = runtime().enter();
+    let pipeline = pipeline(require);
+    let table = &pipeline.table;
+    pipeline.handle(bytes, &Peer::Unix("fuzz".into()));
+    let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
+    for (ip, _) in table.list() {
+        let v4 = ip.to_string();
+        let found = text.contains(&v4)
+            || match ip {
+                std::net::IpAddr::V6(_) => text.contains(':'),
+                std::net::IpAddr::V4(_) => false,
+            };
+        assert!(found, "granted {ip} which is not in the datagram");
+        table.revoke(ip);
+    }
+});

@@ -24,6 +24,7 @@ use toml::Spanned;
 use crate::addr::Cidr;
 use crate::logging::Level;
 use crate::matcher::{Matchers, PatternSpec};
+use crate::privilege::{self, Group, User};
 use crate::sink::{MapType, PostfixMap};
 
 /// Exit status for configuration errors (sysexits.h EX_CONFIG).
@@ -171,6 +172,22 @@ pub struct DaemonArgs {
     /// [default: 100000]
     #[arg(long, value_name = "N")]
     pub max_grants: Option<String>,
+
+    /// After binding the listeners, switch to this user (name or uid) for
+    /// good; the map's directory must be writable by it. Needs root at
+    /// start. [default: keep the user the daemon was started as]
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// With --user: the group to switch to (name or gid).
+    /// [default: the user's primary group]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Group of unix socket files (with --socket-mode 0660, the group whose
+    /// members, e.g. rsyslog's, may send). [default: the daemon's group]
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 /// Where a listener receives syslog records.
@@ -225,6 +242,10 @@ pub struct Config {
     pub require_attestation: bool,
     /// Most live grants.
     pub max_grants: usize,
+    /// The user and group to switch to after binding, if any.
+    pub run_as: Option<(User, Group)>,
+    /// The group of unix socket files, if set.
+    pub socket_group: Option<Group>,
 }
 
 /// A configuration error, ready to print.
@@ -255,6 +276,9 @@ struct FileConfig {
     log_level: Option<Spanned<String>>,
     require_attestation: Option<Spanned<bool>>,
     max_grants: Option<Spanned<toml::Value>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
     #[serde(default)]
     pattern: Vec<PatternSpec>,
 }
@@ -557,6 +581,54 @@ impl Config {
                 })?
         };
 
+        let pick_opt = |flag: &Option<String>,
+                        file: &Option<Spanned<String>>|
+         -> Option<(String, Origin<'_>)> {
+            match (flag, file) {
+                (Some(v), _) => Some((v.clone(), Origin::Flag)),
+                (None, Some(v)) => Some((
+                    v.get_ref().clone(),
+                    Origin::File {
+                        path,
+                        source,
+                        offset: v.span().start,
+                    },
+                )),
+                (None, None) => None,
+            }
+        };
+        let run_as = match pick_opt(&args.user, &file.user) {
+            None => {
+                if let Some((v, origin)) = pick_opt(&args.group, &file.group) {
+                    return Err(origin.error(
+                        "group",
+                        &v,
+                        "only meaningful with --user: name the user too",
+                    ));
+                }
+                None
+            }
+            Some((v, origin)) => {
+                let u = privilege::user(&v).map_err(|e| origin.error("user", &v, &e))?;
+                let g = match pick_opt(&args.group, &file.group) {
+                    Some((gv, gorigin)) => {
+                        privilege::group(&gv).map_err(|e| gorigin.error("group", &gv, &e))?
+                    }
+                    None => Group {
+                        name: u.gid.to_string(),
+                        gid: u.gid,
+                    },
+                };
+                Some((u, g))
+            }
+        };
+        let socket_group = match pick_opt(&args.socket_group, &file.socket_group) {
+            None => None,
+            Some((v, origin)) => {
+                Some(privilege::group(&v).map_err(|e| origin.error("socket-group", &v, &e))?)
+            }
+        };
+
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
@@ -571,6 +643,8 @@ impl Config {
             matchers,
             require_attestation,
             max_grants,
+            run_as,
+            socket_group,
         })
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{Cli, Command, Config, EX_CONFIG, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable};
 use crate::logging::{RateLimit, escape};
 use crate::matcher::{Matchers, Outcome};
+use crate::privilege;
 use crate::receiver::{self, Peer};
 use crate::record::{self, ParseError};
 use crate::stats::Stats;
@@ -192,17 +193,6 @@ impl Pipeline {
 
 async fn run(mut config: Config) -> i32 {
     crate::logging::set_level(config.log_level);
-    match config.map.use_defaults_without_main_cf() {
-        Ok(Some(dir)) => crate::log_info!(
-            "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
-            dir.display()
-        ),
-        Ok(None) => {}
-        Err(e) => crate::log_warning!(
-            "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
-            config.map.path.display()
-        ),
-    }
     let allow = Arc::new(config.allow_from.clone());
     let mut listeners = Vec::new();
     for spec in &config.listen {
@@ -220,6 +210,67 @@ async fn run(mut config: Config) -> i32 {
         }
     }
 
+    // Unix socket files get their group, then root is given up for good,
+    // before any record is read or the map written.
+    let socket_gid = config
+        .socket_group
+        .as_ref()
+        .map(|g| g.gid)
+        .or(config.run_as.as_ref().map(|(_, g)| g.gid));
+    if let Some(gid) = socket_gid {
+        for path in listeners.iter().filter_map(|l| l.socket_path()) {
+            if let Err(e) = privilege::chgrp(path, gid) {
+                crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
+                return EX_OSERR;
+            }
+        }
+    }
+    if let Some((user, group)) = &config.run_as {
+        if let Err(e) = privilege::drop_to(user.uid, group.gid) {
+            crate::logging::write(
+                crate::logging::Level::Fatal,
+                format_args!(
+                    "cannot switch to user {} (uid {}) and group {} (gid {}): {e}; start the daemon as root to use --user",
+                    user.name, user.uid, group.name, group.gid
+                ),
+            );
+            return EX_OSERR;
+        }
+        let dir = match config.map.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !privilege::can_write(&dir) {
+            crate::logging::write(
+                crate::logging::Level::Fatal,
+                format_args!(
+                    "--map {}: user {} may not create files in {}: give the directory to that user (chown) or choose a map in a directory it owns",
+                    config.map.path.display(),
+                    user.name,
+                    dir.display()
+                ),
+            );
+            return EX_CONFIG;
+        }
+        crate::log_info!(
+            "running as user {} (uid {}), group {} (gid {})",
+            user.name,
+            user.uid,
+            group.name,
+            group.gid
+        );
+    }
+    match config.map.use_defaults_without_main_cf() {
+        Ok(Some(dir)) => crate::log_info!(
+            "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
+            dir.display()
+        ),
+        Ok(None) => {}
+        Err(e) => crate::log_warning!(
+            "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+            config.map.path.display()
+        ),
+    }
     let stats = Arc::new(Stats::default());
     let table = Arc::new(GrantTable::with_limit(config.max_grants));
     let mut tasks = tokio::task::JoinSet::new();

@@ -21,6 +21,7 @@
 //! - [`grants`]: the table of live grants, with expiry.
 //! - [`sink`]: keeps the Postfix access map in step with the table.
 //! - [`config`]: command line and configuration file, validated.
+//! - [`privilege`]: switching to an unprivileged user after binding.
 //! - [`daemon`]: wires the stages together and runs them.
 //! - [`stats`]: counters for everything received, dropped and decided.
 //! - [`logging`]: the daemon's own log, with escaping and rate limits.
@@ -32,6 +33,7 @@ pub mod daemon;
 pub mod grants;
 pub mod logging;
 pub mod matcher;
+pub mod privilege;
 pub mod receiver;
 pub mod record;
 pub mod sink;

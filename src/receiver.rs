@@ -222,6 +222,14 @@ fn set_recv_buffer(sock: &SockRef<'_>, spec: &ListenSpec, size: Option<usize>) {
 pub static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 impl Listener {
+    /// The socket file of a unix listener.
+    pub fn socket_path(&self) -> Option<&Path> {
+        match self {
+            Listener::Unix { guard, .. } => Some(&guard.0),
+            _ => None,
+        }
+    }
+
     /// Receives datagrams until the socket fails, handing each accepted one
     /// to `handle`.
     pub async fn run<F>(self, stats: Arc<Stats>, handle: F)

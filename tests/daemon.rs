@@ -546,3 +546,114 @@ fn tcp_listener_bounds_connections_and_frames() {
     assert!(log.contains("dropped_connections=1"), "{log}");
     assert!(log.contains("dropped_too_long=1"), "{log}");
 }
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Started as root with --user, the daemon binds its socket, gives it the
+/// socket group, switches to the user for good (all four uids and gids),
+/// and still keeps the map, now as that user.
+#[test]
+fn drops_root_after_binding() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let s = Scratch::new();
+    let root = s.path("");
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mapdir = s.path("maps");
+    std::fs::create_dir(&mapdir).unwrap();
+    std::os::unix::fs::chown(&mapdir, Some(65534), Some(65534)).unwrap();
+    let map = mapdir.join("authenticated_ips");
+    let sock = s.path("syslog.sock");
+    let listen = format!("unix://{}", sock.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+            "--socket-group",
+            "mail",
+        ],
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    let ids = |key: &str| -> String {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(ids("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(ids("Gid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(ids("Groups:"), "65534", "{status}");
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.gid(), 8, "the socket's group is mail");
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert!(
+        d.log_text()
+            .contains("running as user nobody (uid 65534), group nogroup (gid 65534)")
+    );
+    send_unix(
+        &sock,
+        "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1",
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || s
+            .postmap_q_at(&map, "192.0.2.7")
+            .as_deref()
+            == Some("OK")),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        std::fs::metadata(mapdir.join("authenticated_ips.db"))
+            .unwrap()
+            .uid(),
+        65534
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// With --user, a map directory the user may not write stops the daemon
+/// at start-up with a message that says what to do.
+#[test]
+fn a_map_directory_the_user_cannot_write_is_a_start_up_error() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let s = Scratch::new();
+    let map = s.map();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-after-popd"))
+        .args([
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--map",
+            map.to_str().unwrap(),
+            "--user",
+            "nobody",
+        ])
+        .env("MAIL_CONFIG", s.mail_config())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("user nobody may not create files in") && err.contains("chown"),
+        "{err}"
+    );
+}

@@ -47,6 +47,11 @@ impl Scratch {
     pub fn postmap_q(&self, ip: &str) -> Option<String> {
         postmap_q(&self.mail_config(), &self.map(), ip)
     }
+
+    /// `postmap -q ip` on another map of this scratch directory.
+    pub fn postmap_q_at(&self, map: &Path, ip: &str) -> Option<String> {
+        postmap_q(&self.mail_config(), map, ip)
+    }
 }
 
 pub fn postmap_q(mail_config: &Path, map: &Path, ip: &str) -> Option<String> {

@@ -1,0 +1,164 @@
+//! Least privilege: the daemon needs root only to bind what it is told to
+//! bind (a port below 1024, a socket in a root-owned directory). With
+//! `--user` (and `--group`) it binds its listeners, gives its unix socket
+//! files their group (`--socket-group`), and then gives up root for good
+//! before it reads a single record or writes the map.
+//!
+//! Consumes: user and group names (or numbers) from the configuration.
+//! Produces: resolved ids, and the process switched to them.
+//! Trusts: the system's user and group databases (NSS).
+
+use std::ffi::CString;
+use std::path::Path;
+
+/// A resolved user: name, uid and primary gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// The name as configured.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary group.
+    pub gid: u32,
+}
+
+/// A resolved group: name and gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// The name as configured.
+    pub name: String,
+    /// Its gid.
+    pub gid: u32,
+}
+
+/// Looks up a user by name, or takes a number as a uid (primary gid the
+/// same number unless the user exists).
+pub fn user(name: &str) -> Result<User, String> {
+    let c = CString::new(name).map_err(|_| "a user name cannot hold a NUL byte".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is plain old data; getpwnam_r writes into it and buf.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc == 0 && !result.is_null() {
+        return Ok(User {
+            name: name.to_string(),
+            uid: pw.pw_uid,
+            gid: pw.pw_gid,
+        });
+    }
+    if let Ok(uid) = name.parse::<u32>() {
+        return Ok(User {
+            name: name.to_string(),
+            uid,
+            gid: uid,
+        });
+    }
+    Err(
+        "no such user: create it (e.g. adduser --system --group smtp-after-popd) or name another"
+            .into(),
+    )
+}
+
+/// Looks up a group by name, or takes a number as a gid.
+pub fn group(name: &str) -> Result<Group, String> {
+    let c = CString::new(name).map_err(|_| "a group name cannot hold a NUL byte".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: group is plain old data; getgrnam_r writes into it and buf.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut gr,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc == 0 && !result.is_null() {
+        return Ok(Group {
+            name: name.to_string(),
+            gid: gr.gr_gid,
+        });
+    }
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(Group {
+            name: name.to_string(),
+            gid,
+        });
+    }
+    Err("no such group: create it or name another".into())
+}
+
+/// Gives a socket file its group (the mode is set when it is bound).
+pub fn chgrp(path: &Path, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::chown(path, None, Some(gid))
+        .map_err(|e| format!("cannot give {} the group {gid}: {e}", path.display()))
+}
+
+/// Switches the whole process to `uid` and `gid` (no supplementary
+/// groups) for good, and checks that root cannot be regained.
+pub fn drop_to(uid: u32, gid: u32) -> Result<(), String> {
+    // SAFETY: plain system calls; glibc applies set*id to every thread.
+    unsafe {
+        if libc::setgroups(1, &gid) != 0 {
+            return Err(format!(
+                "setgroups([{gid}]): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setgid(gid) != 0 {
+            return Err(format!(
+                "setgid({gid}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::setuid(uid) != 0 {
+            return Err(format!(
+                "setuid({uid}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if uid != 0 && (libc::setuid(0) == 0 || libc::geteuid() == 0) {
+            return Err("root could be regained after setuid; refusing to run".into());
+        }
+        if libc::getuid() != uid || libc::getgid() != gid {
+            return Err("the process ids did not change".into());
+        }
+    }
+    Ok(())
+}
+
+/// Whether the current process may create files in `dir`.
+pub fn can_write(dir: &Path) -> bool {
+    let Ok(c) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) on a valid C string.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_and_numbers_resolve() {
+        assert_eq!(user("root").unwrap().uid, 0);
+        assert_eq!(group("root").unwrap().gid, 0);
+        assert_eq!(user("4242").unwrap().uid, 4242);
+        assert!(user("no-such-user-smtp-after-popd").is_err());
+        assert!(group("no-such-group-smtp-after-popd").is_err());
+    }
+}

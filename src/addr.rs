@@ -120,7 +120,8 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// Why an address was not granted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// 0.0.0.0 or ::, which would stand for "any address".
+    /// 0.0.0.0 or ::, which would stand for "any address", or another
+    /// address of 0.0.0.0/8 ("this network"), never a packet's source.
     Unspecified,
     /// A multicast group is never a mail client.
     Multicast,
@@ -133,7 +134,7 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::Unspecified => f.write_str("unspecified address"),
+            Refusal::Unspecified => f.write_str("unspecified address (0.0.0.0/8 or ::)"),
             Refusal::Multicast => f.write_str("multicast address"),
             Refusal::Broadcast => f.write_str("broadcast address"),
             Refusal::Never(c) => write!(f, "address in never-grant network {c}"),
@@ -157,7 +158,7 @@ impl AddressPolicy {
     /// The canonical address if it may be granted, else why not.
     pub fn check(&self, ip: IpAddr) -> Result<IpAddr, Refusal> {
         let ip = canonical(ip);
-        if ip.is_unspecified() {
+        if ip.is_unspecified() || matches!(ip, IpAddr::V4(v4) if v4.octets()[0] == 0) {
             return Err(Refusal::Unspecified);
         }
         if ip.is_multicast() {
@@ -243,5 +244,13 @@ mod tests {
         ));
         assert!(matches!(p.check(ip("::1")), Err(Refusal::Never(_))));
         assert_eq!(p.check(ip("::ffff:192.0.2.7")), Ok(ip("192.0.2.7")));
+    }
+
+    #[test]
+    fn this_network_is_never_granted() {
+        let p = AddressPolicy::new(Vec::new());
+        assert_eq!(p.check(ip("0.0.0.1")), Err(Refusal::Unspecified));
+        assert_eq!(p.check(ip("::ffff:0.1.2.3")), Err(Refusal::Unspecified));
+        assert_eq!(p.check(ip("1.0.0.1")), Ok(ip("1.0.0.1")));
     }
 }

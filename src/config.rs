@@ -120,7 +120,8 @@ pub struct DaemonArgs {
 
     /// Never grant an address in this network, whatever the log says.
     /// Repeatable; replaces the default; "none" for no network.
-    /// Unspecified, multicast and broadcast addresses are never granted.
+    /// Unspecified (0.0.0.0/8, ::), multicast and broadcast addresses are
+    /// never granted.
     /// [default: 127.0.0.0/8 and ::1]
     #[arg(long, value_name = "CIDR")]
     pub never: Vec<String>,

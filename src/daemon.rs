@@ -311,6 +311,9 @@ async fn run(mut config: Config) -> i32 {
 
     // The sockets are bound, so datagrams that arrived meanwhile wait in
     // their queues; say "started" before the first of them is handled.
+    // The kernel counts the datagrams it dropped for a full receive queue;
+    // the stop line reports them with our own counters.
+    let udp_inodes: Vec<u64> = listeners.iter().filter_map(|l| l.udp_inode()).collect();
     for l in listeners {
         let p = pipeline.clone();
         tasks.spawn(l.run(stats.clone(), move |bytes, peer| p.handle(bytes, peer)));
@@ -320,13 +323,14 @@ async fn run(mut config: Config) -> i32 {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     crate::log_info!(
-        "stopped: {}",
+        "stopped: {} kernel_dropped={}",
         stats
             .snapshot()
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" "),
+        receiver::kernel_drops(&udp_inodes)
     );
     status
 }

@@ -221,7 +221,39 @@ fn set_recv_buffer(sock: &SockRef<'_>, spec: &ListenSpec, size: Option<usize>) {
 /// Rate limit of the warnings about refused peers.
 pub static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
+/// Datagrams the kernel dropped because the receive queues of these UDP
+/// sockets (by inode) were full, from /proc/net/udp and /proc/net/udp6.
+pub fn kernel_drops(inodes: &[u64]) -> u64 {
+    let mut total = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() >= 13
+                && f[9].parse::<u64>().is_ok_and(|i| inodes.contains(&i))
+                && let Ok(d) = f[12].parse::<u64>()
+            {
+                total += d;
+            }
+        }
+    }
+    total
+}
+
 impl Listener {
+    /// The inode of a UDP listener's socket, to find its kernel counters.
+    pub fn udp_inode(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let Listener::Udp { socket, .. } = self else {
+            return None;
+        };
+        // SAFETY: fstat on a socket we own, into a zeroed stat buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(socket.as_raw_fd(), &mut st) } == 0).then_some(st.st_ino)
+    }
+
     /// The socket file of a unix listener.
     pub fn socket_path(&self) -> Option<&Path> {
         match self {

@@ -116,6 +116,25 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
     }))
 }
 
+/// The verdict on a record from a peer whose attestation is not believed
+/// (a network peer outside `trust-attestation-from`): an attestation
+/// element in it is a forgery, since any local user of that peer could
+/// have written it; without one, it is unattested.
+pub fn unbelieved(rec: &Record<'_>, required: bool) -> Verdict {
+    if rec.structured_data.iter().any(|(id, _)| *id == SD_ID) {
+        return Verdict::Forgery(
+            "an attestation from a network peer that is not trusted for it (trust-attestation-from)".into(),
+        );
+    }
+    if required {
+        Verdict::Forgery(
+            "no attestation believed from this peer (require-attestation is on; attestation is believed from unix sockets and trust-attestation-from peers)".into(),
+        )
+    } else {
+        Verdict::Unattested
+    }
+}
+
 /// Checks a record that `pattern` recognised against its speakers.
 pub fn check(rec: &Record<'_>, pattern: &str, speakers: &Speakers, required: bool) -> Verdict {
     let sender = match sender(rec) {

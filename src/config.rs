@@ -174,6 +174,15 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N")]
     pub max_grants: Option<String>,
 
+    /// Believe the attestation in records from these network peers (their
+    /// rsyslog forwarding with the attested rule). Attestation is always
+    /// believed from unix sockets, whose file permissions decide who may
+    /// write; from any other peer an attestation is refused as a forgery,
+    /// since any local user of that host could have sent it. Repeatable.
+    /// [default: none]
+    #[arg(long, value_name = "CIDR")]
+    pub trust_attestation_from: Vec<String>,
+
     /// After binding the listeners, switch to this user (name or uid) for
     /// good; the map's directory must be writable by it. Needs root at
     /// start. [default: keep the user the daemon was started as]
@@ -243,6 +252,8 @@ pub struct Config {
     pub require_attestation: bool,
     /// Most live grants.
     pub max_grants: usize,
+    /// Network peers whose attestation is believed.
+    pub trust_attestation_from: Vec<Cidr>,
     /// The user and group to switch to after binding, if any.
     pub run_as: Option<(User, Group)>,
     /// The group of unix socket files, if set.
@@ -277,6 +288,7 @@ struct FileConfig {
     log_level: Option<Spanned<String>>,
     require_attestation: Option<Spanned<bool>>,
     max_grants: Option<Spanned<toml::Value>>,
+    trust_attestation_from: Option<Spanned<Vec<String>>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
@@ -630,6 +642,18 @@ impl Config {
             }
         };
 
+        let trust_attestation_from = cidrs(
+            "trust-attestation-from",
+            pick_list(
+                &args.trust_attestation_from,
+                &file.trust_attestation_from,
+                &[],
+                path,
+                source,
+            ),
+            false,
+        )?;
+
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
@@ -644,6 +668,7 @@ impl Config {
             matchers,
             require_attestation,
             max_grants,
+            trust_attestation_from,
             run_as,
             socket_group,
         })

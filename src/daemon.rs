@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::addr::AddressPolicy;
+use crate::addr::{AddressPolicy, Cidr};
 use crate::attest::{self, Verdict};
 use crate::config::{Cli, Command, Config, EX_CONFIG, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable};
@@ -74,6 +74,8 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// Whether a login needs an attested sender.
     pub require_attestation: bool,
+    /// Network peers whose attestation is believed (unix sockets always).
+    pub trust_attestation_from: Vec<Cidr>,
 }
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
@@ -115,12 +117,24 @@ impl Pipeline {
             Outcome::Login(l) => l,
         };
         Stats::bump(&self.stats.logins);
-        if let Verdict::Forgery(why) = attest::check(
-            &rec,
-            &login.pattern,
-            &login.speakers,
-            self.require_attestation,
-        ) {
+        let believed = match peer {
+            Peer::Unix(_) => true,
+            Peer::Udp(a) | Peer::Tcp(a) => self
+                .trust_attestation_from
+                .iter()
+                .any(|c| c.contains(a.ip())),
+        };
+        let verdict = if believed {
+            attest::check(
+                &rec,
+                &login.pattern,
+                &login.speakers,
+                self.require_attestation,
+            )
+        } else {
+            attest::unbelieved(&rec, self.require_attestation)
+        };
+        if let Verdict::Forgery(why) = verdict {
             Stats::bump(&self.stats.forgeries);
             crate::log_warning_limited!(
                 REFUSAL_WARNINGS,
@@ -294,6 +308,7 @@ async fn run(mut config: Config) -> i32 {
         window: config.window,
         stats: stats.clone(),
         require_attestation: config.require_attestation,
+        trust_attestation_from: config.trust_attestation_from.clone(),
     });
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}; map {}:{}",

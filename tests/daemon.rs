@@ -657,3 +657,74 @@ fn a_map_directory_the_user_cannot_write_is_a_start_up_error() {
         "{err}"
     );
 }
+
+/// An attestation is believed from the unix socket (whose permissions
+/// decide who writes) and from network peers listed in
+/// --trust-attestation-from; from any other peer it is a forgery, since any
+/// local user of that host can send the same bytes.
+#[test]
+fn attestation_is_believed_only_from_trusted_peers() {
+    let line = |ip: &str| {
+        format!(
+            "<22>1 2026-11-24T10:00:01Z mail dovecot 4242 - [attest@32473 exe=\"/usr/lib/dovecot/log\" uid=\"0\" pid=\"4242\"] pop3-login: Login: user=<alice>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<abcdefgh>"
+        )
+    };
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let sock = s.path("syslog.sock");
+    let unix = format!("unix://{}", sock.display());
+    let map = s.map();
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--listen",
+            &unix,
+            "--map",
+            map.to_str().unwrap(),
+            "--require-attestation",
+        ],
+    );
+    send_udp(port, &line("192.0.2.51"));
+    send_unix(&sock, &line("192.0.2.52"));
+    assert!(wait_for(Duration::from_secs(2), || s
+        .postmap_q("192.0.2.52")
+        .is_some()));
+    assert!(
+        wait_for(Duration::from_secs(2), || {
+            d.log_text().contains(
+            "refuse 192.0.2.51: forgery: an attestation from a network peer that is not trusted for it"
+        )
+        }),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(s.postmap_q("192.0.2.51"), None);
+    assert_eq!(d.stop(), Some(0));
+
+    let s = Scratch::new();
+    let map = s.map();
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--require-attestation",
+            "--trust-attestation-from",
+            "127.0.0.1",
+        ],
+    );
+    send_udp(port, &line("192.0.2.53"));
+    assert!(
+        wait_for(Duration::from_secs(2), || s
+            .postmap_q("192.0.2.53")
+            .is_some()),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(d.stop(), Some(0));
+}

@@ -32,6 +32,7 @@ fn pipeline(never: &[&str]) -> Pipeline {
         window: Duration::from_secs(60),
         stats: Arc::new(Stats::default()),
         require_attestation: false,
+        trust_attestation_from: Vec::new(),
     }
 }
 

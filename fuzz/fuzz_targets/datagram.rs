@@ -35,6 +35,7 @@ fn pipeline(require: bool) -> &'static Pipeline {
         window: Duration::from_secs(60),
         stats: Arc::new(Stats::default()),
         require_attestation: require,
+        trust_attestation_from: Vec::new(),
     })
 }
 

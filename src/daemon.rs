@@ -335,17 +335,18 @@ async fn run(mut config: Config) -> i32 {
     }
 
     let status = wait_for_signal().await;
+    // Read the kernel's count while the sockets are still open.
+    let kernel_dropped = receiver::kernel_drops(&udp_inodes);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     crate::log_info!(
-        "stopped: {} kernel_dropped={}",
+        "stopped: {} kernel_dropped={kernel_dropped}",
         stats
             .snapshot()
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
-            .join(" "),
-        receiver::kernel_drops(&udp_inodes)
+            .join(" ")
     );
     status
 }

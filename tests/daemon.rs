@@ -796,3 +796,55 @@ fn a_flood_loses_nothing_silently() {
     assert!(logins - granted <= dropped, "{log}");
     assert_eq!(map_lines(&map).len() as u64, granted);
 }
+
+/// Started unprivileged from the start (as nobody, through setpriv), with
+/// only its map and socket directory writable, the daemon works.
+#[test]
+fn runs_unprivileged_from_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to become nobody");
+        return;
+    }
+    let s = Scratch::new();
+    std::fs::set_permissions(s.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = s.path("run");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let map = dir.join("authenticated_ips");
+    let sock = dir.join("syslog.sock");
+    let log = s.path("daemon.log");
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_smtp-after-popd"))
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--map")
+        .arg(&map)
+        .env("MAIL_CONFIG", s.mail_config())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_for(Duration::from_secs(10), || text()
+            .contains("info: started:")),
+        "{}",
+        text()
+    );
+    send_unix(
+        &sock,
+        "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.61, lip=192.0.2.1",
+    );
+    assert!(
+        wait_for(Duration::from_secs(2), || s
+            .postmap_q_at(&map, "192.0.2.61")
+            .is_some()),
+        "{}",
+        text()
+    );
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}

@@ -132,7 +132,8 @@ pub struct DaemonArgs {
     pub window: Option<String>,
 
     /// The Postfix access map source file; the database is built beside it
-    /// with postmap. [default: /etc/postfix/authenticated_ips]
+    /// with postmap. "none" for no map file (with --policy or --socketmap).
+    /// [default: /etc/postfix/authenticated_ips]
     #[arg(long, value_name = "PATH")]
     pub map: Option<String>,
 
@@ -173,6 +174,21 @@ pub struct DaemonArgs {
     /// [default: 100000]
     #[arg(long, value_name = "N")]
     pub max_grants: Option<String>,
+
+    /// Serve the grant table to Postfix as a policy service
+    /// (check_policy_service) on unix:///PATH or tcp://ADDR:PORT (TCP
+    /// peers allow-listed like --allow-from, or by ?allow=): action=OK for
+    /// a live grant, DUNNO otherwise. Repeatable. [default: none]
+    #[arg(long, value_name = "URL")]
+    pub policy: Vec<String>,
+
+    /// Serve the grant table to Postfix as the socketmap
+    /// "authenticated_ips" (check_client_access
+    /// socketmap:unix:PATH:authenticated_ips) on unix:///PATH; unix only,
+    /// since the protocol has no authentication. Repeatable.
+    /// [default: none]
+    #[arg(long, value_name = "URL")]
+    pub socketmap: Vec<String>,
 
     /// Believe the attestation in records from these network peers (their
     /// rsyslog forwarding with the attested rule). Attestation is always
@@ -238,8 +254,12 @@ pub struct Config {
     pub never: Vec<Cidr>,
     /// The window after each login.
     pub window: Duration,
-    /// The Postfix map.
-    pub map: PostfixMap,
+    /// The Postfix map, unless `--map none`.
+    pub map: Option<PostfixMap>,
+    /// Policy service listeners.
+    pub policy: Vec<ListenSpec>,
+    /// Socketmap listeners (unix only).
+    pub socketmap: Vec<ListenSpec>,
     /// Mode of unix socket files.
     pub socket_mode: u32,
     /// Receive buffer size to ask for.
@@ -289,6 +309,8 @@ struct FileConfig {
     require_attestation: Option<Spanned<bool>>,
     max_grants: Option<Spanned<toml::Value>>,
     trust_attestation_from: Option<Spanned<Vec<String>>>,
+    policy: Option<Spanned<Vec<String>>>,
+    socketmap: Option<Spanned<Vec<String>>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
@@ -479,8 +501,11 @@ impl Config {
             )
         })?;
         let (v, origin) = pick(&args.map, &file.map, DEFAULT_MAP, path, source);
+        let map_none = v == "none";
         let map_path = PathBuf::from(v);
-        if v.is_empty() || v.ends_with('/') {
+        if map_none {
+            // No map file: Postfix asks the policy service or socketmap.
+        } else if v.is_empty() || v.ends_with('/') {
             return Err(origin.error(
                 "map",
                 v,
@@ -491,7 +516,7 @@ impl Config {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        if !dir.is_dir() {
+        if !map_none && !dir.is_dir() {
             return Err(origin.error(
                 "map",
                 v,
@@ -502,12 +527,12 @@ impl Config {
             ));
         }
         let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
-        let map = PostfixMap {
+        let map = (!map_none).then(|| PostfixMap {
             path: map_path,
             map_type,
             postmap: PathBuf::from(v),
             mail_config: None,
-        };
+        });
 
         let (v, origin) = pick(
             &args.socket_mode,
@@ -654,6 +679,47 @@ impl Config {
             false,
         )?;
 
+        let mut policy = Vec::new();
+        for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
+            let spec = parse_listen(v).map_err(|e| origin.error("policy", v, &e))?;
+            if matches!(spec, ListenSpec::Udp(..)) {
+                return Err(origin.error(
+                    "policy",
+                    v,
+                    "expected unix:///PATH or tcp://ADDR:PORT: Postfix speaks to a policy service over a stream",
+                ));
+            }
+            policy.push(spec);
+        }
+        let mut socketmap = Vec::new();
+        for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
+            let spec = parse_listen(v).map_err(|e| origin.error("socketmap", v, &e))?;
+            if !matches!(spec, ListenSpec::Unix(_)) {
+                return Err(origin.error(
+                    "socketmap",
+                    v,
+                    "expected unix:///PATH: the socketmap protocol has no authentication, so it is served on a unix socket only",
+                ));
+            }
+            socketmap.push(spec);
+        }
+        if map.is_none() && policy.is_empty() && socketmap.is_empty() {
+            let origin = if args.map.is_some() {
+                Origin::Flag
+            } else {
+                Origin::File {
+                    path,
+                    source,
+                    offset: file.map.as_ref().map_or(0, |m| m.span().start),
+                }
+            };
+            return Err(origin.error(
+                "map",
+                "none",
+                "with no map file, Postfix needs --policy or --socketmap to ask: give one of them, or a map path",
+            ));
+        }
+
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
@@ -662,6 +728,8 @@ impl Config {
             never,
             window,
             map,
+            policy,
+            socketmap,
             socket_mode,
             receive_buffer,
             log_level,
@@ -922,7 +990,7 @@ mod tests {
         );
         assert_eq!(c.never.len(), 2);
         assert_eq!(c.socket_mode, 0o660);
-        assert_eq!(c.map.map_type, MapType::Hash);
+        assert_eq!(c.map.unwrap().map_type, MapType::Hash);
     }
 
     #[test]

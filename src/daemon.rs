@@ -224,6 +224,20 @@ async fn run(mut config: Config) -> i32 {
         }
     }
 
+    // Postfix's side: the policy service and the socketmap.
+    let mut services = Vec::new();
+    for (what, specs) in [("policy", &config.policy), ("socketmap", &config.socketmap)] {
+        for spec in specs {
+            match crate::serve::bind(what, spec, allow.clone(), config.socket_mode) {
+                Ok(l) => services.push((what, l)),
+                Err(e) => {
+                    crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
+                    return EX_OSERR;
+                }
+            }
+        }
+    }
+
     // Unix socket files get their group, then root is given up for good,
     // before any record is read or the map written.
     let socket_gid = config
@@ -232,7 +246,11 @@ async fn run(mut config: Config) -> i32 {
         .map(|g| g.gid)
         .or(config.run_as.as_ref().map(|(_, g)| g.gid));
     if let Some(gid) = socket_gid {
-        for path in listeners.iter().filter_map(|l| l.socket_path()) {
+        let paths = listeners
+            .iter()
+            .filter_map(|l| l.socket_path())
+            .chain(services.iter().filter_map(|(_, l)| l.socket_path()));
+        for path in paths {
             if let Err(e) = privilege::chgrp(path, gid) {
                 crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
                 return EX_OSERR;
@@ -250,21 +268,23 @@ async fn run(mut config: Config) -> i32 {
             );
             return EX_OSERR;
         }
-        let dir = match config.map.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !privilege::can_write(&dir) {
-            crate::logging::write(
-                crate::logging::Level::Fatal,
-                format_args!(
-                    "--map {}: user {} may not create files in {}: give the directory to that user (chown) or choose a map in a directory it owns",
-                    config.map.path.display(),
-                    user.name,
-                    dir.display()
-                ),
-            );
-            return EX_CONFIG;
+        if let Some(map) = &config.map {
+            let dir = match map.path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !privilege::can_write(&dir) {
+                crate::logging::write(
+                    crate::logging::Level::Fatal,
+                    format_args!(
+                        "--map {}: user {} may not create files in {}: give the directory to that user (chown) or choose a map in a directory it owns",
+                        map.path.display(),
+                        user.name,
+                        dir.display()
+                    ),
+                );
+                return EX_CONFIG;
+            }
         }
         crate::log_info!(
             "running as user {} (uid {}), group {} (gid {})",
@@ -274,32 +294,43 @@ async fn run(mut config: Config) -> i32 {
             group.gid
         );
     }
-    match config.map.use_defaults_without_main_cf() {
-        Ok(Some(dir)) => crate::log_info!(
-            "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
-            dir.display()
-        ),
-        Ok(None) => {}
-        Err(e) => crate::log_warning!(
-            "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
-            config.map.path.display()
-        ),
+    if let Some(map) = config.map.as_mut() {
+        match map.use_defaults_without_main_cf() {
+            Ok(Some(dir)) => crate::log_info!(
+                "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
+                dir.display()
+            ),
+            Ok(None) => {}
+            Err(e) => crate::log_warning!(
+                "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+                map.path.display()
+            ),
+        }
     }
     let stats = Arc::new(Stats::default());
     let table = Arc::new(GrantTable::with_limit(config.max_grants));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(table.clone().run_purge(stats.clone()));
 
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    tasks.spawn(
-        config
-            .map
-            .clone()
-            .run(table.clone(), stats.clone(), Some(first_tx)),
-    );
-    // Postfix fails every lookup of a missing map, so write it before
-    // accepting logins; if postmap fails, the sink keeps retrying.
-    let _ = first_rx.await;
+    if let Some(map) = config.map.clone() {
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tasks.spawn(map.run(table.clone(), stats.clone(), Some(first_tx)));
+        // Postfix fails every lookup of a missing map, so write it before
+        // accepting logins; if postmap fails, the sink keeps retrying.
+        let _ = first_rx.await;
+    }
+    for (what, l) in services {
+        let (table, stats) = (table.clone(), stats.clone());
+        if what == "policy" {
+            tasks.spawn(l.serve("policy", move |io, peer| {
+                crate::policy::session(io, peer, table.clone(), stats.clone())
+            }));
+        } else {
+            tasks.spawn(l.serve("socketmap", move |io, peer| {
+                crate::socketmap::session(io, peer, table.clone(), stats.clone())
+            }));
+        }
+    }
 
     let pipeline = Arc::new(Pipeline {
         matchers: config.matchers,
@@ -310,8 +341,22 @@ async fn run(mut config: Config) -> i32 {
         require_attestation: config.require_attestation,
         trust_attestation_from: config.trust_attestation_from.clone(),
     });
+    let mut serving = match &config.map {
+        Some(m) => format!("map {}:{}", m.map_type.name(), m.path.display()),
+        None => "no map file".to_string(),
+    };
+    if !config.policy.is_empty() {
+        serving.push_str(&format!("; policy {}", join(&config.policy)));
+    }
+    if !config.socketmap.is_empty() {
+        serving.push_str(&format!(
+            "; socketmap {} (map name {})",
+            join(&config.socketmap),
+            crate::socketmap::MAP_NAME
+        ));
+    }
     crate::log_info!(
-        "started: listening on {}; allow-from {}; never {}; window {}; map {}:{}",
+        "started: listening on {}; allow-from {}; never {}; window {}; {serving}",
         join(&config.listen),
         join(&config.allow_from),
         if config.never.is_empty() {
@@ -319,9 +364,7 @@ async fn run(mut config: Config) -> i32 {
         } else {
             join(&config.never)
         },
-        format_duration(config.window),
-        config.map.map_type.name(),
-        config.map.path.display()
+        format_duration(config.window)
     );
 
     // The sockets are bound, so datagrams that arrived meanwhile wait in

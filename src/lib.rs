@@ -20,6 +20,8 @@
 //! - [`addr`]: canonical addresses and the never-grant rules.
 //! - [`grants`]: the table of live grants, with expiry.
 //! - [`sink`]: keeps the Postfix access map in step with the table.
+//! - [`serve`], [`policy`], [`socketmap`]: the table served to Postfix
+//!   directly (policy delegation, socketmap), with no map file.
 //! - [`config`]: command line and configuration file, validated.
 //! - [`privilege`]: switching to an unprivileged user after binding.
 //! - [`daemon`]: wires the stages together and runs them.
@@ -33,9 +35,12 @@ pub mod daemon;
 pub mod grants;
 pub mod logging;
 pub mod matcher;
+pub mod policy;
 pub mod privilege;
 pub mod receiver;
 pub mod record;
+pub mod serve;
 pub mod sink;
+pub mod socketmap;
 pub mod stats;
 pub mod tcp;

@@ -55,6 +55,14 @@ counters! {
     renewed,
     /// Grants that expired.
     expired,
+    /// Policy requests answered.
+    policy_requests,
+    /// Policy requests answered OK.
+    policy_ok,
+    /// Socketmap lookups answered.
+    socketmap_requests,
+    /// Socketmap lookups answered OK.
+    socketmap_ok,
     /// Map rebuilds that succeeded.
     map_updates,
     /// Map rebuilds that failed (and were retried).

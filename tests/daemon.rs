@@ -848,3 +848,82 @@ fn runs_unprivileged_from_the_start() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert!(!sock.exists(), "the socket file is removed on exit");
 }
+
+/// The policy service over TCP answers allowed peers (OK for a live grant,
+/// DUNNO otherwise, on one persistent connection) and closes the
+/// connection of a peer outside its allow-list without answering.
+/// `--map none` needs a policy service or socketmap; a socketmap must be a
+/// unix socket.
+#[test]
+fn policy_service_over_tcp_answers_allowed_peers_only() {
+    use std::io::{BufRead, Write};
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let open_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let open = format!("tcp://127.0.0.1:{open_port}");
+    let closed = format!("tcp://127.0.0.1:{closed_port}?allow=192.0.2.0/24");
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen", &listen, "--map", "none", "--policy", &open, "--policy", &closed,
+        ],
+    );
+    send_udp(
+        port,
+        "<22>Nov 24 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1",
+    );
+    assert!(wait_for(Duration::from_secs(2), || d
+        .log_text()
+        .contains("grant 192.0.2.7")));
+    let c = std::net::TcpStream::connect(("127.0.0.1", open_port)).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(c);
+    let mut ask = |ip: &str| {
+        write!(
+            w,
+            "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={ip}\n\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        let mut blank = String::new();
+        r.read_line(&mut blank).unwrap();
+        assert_eq!(blank, "\n");
+        answer
+    };
+    assert_eq!(ask("192.0.2.7"), "action=OK\n");
+    assert_eq!(ask("192.0.2.8"), "action=DUNNO\n");
+    assert_eq!(ask("::ffff:192.0.2.7"), "action=OK\n");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", closed_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = c.write_all(b"request=smtpd_access_policy\nclient_address=192.0.2.7\n\n");
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut c, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a refused peer gets no answer");
+    assert_eq!(d.stop(), Some(0));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-after-popd"))
+        .args(["--map", "none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "--map \"none\": with no map file, Postfix needs --policy or --socketmap to ask"
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-after-popd"))
+        .args(["--map", "none", "--socketmap", "tcp://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("served on a unix socket only"));
+}

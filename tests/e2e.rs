@@ -651,3 +651,106 @@ fn rsyslog_over_tcp_in_both_framings_with_a_per_listener_allow_list() {
     assert!(!log.contains("192.0.2.33 for"), "{log}");
     assert_eq!(d.stop(), Some(0));
 }
+
+/// Issue 7: Postfix asks the daemon directly, over the policy protocol
+/// (unix socket and TCP, two Postfix instances) and the socketmap protocol
+/// (a third), with no map file (`--map none`). A client may relay on its
+/// very first SMTP connection right after the grant (no modification-time
+/// delay), another address may not, and after the window nobody may.
+#[test]
+fn policy_service_and_socketmap_answer_postfix_at_once() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root!();
+    let s = Scratch::new();
+    // Postfix's smtpd runs as postfix and must reach the sockets.
+    std::fs::set_permissions(s.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_udp_port();
+    let tcp_port = free_tcp_port();
+    let policy_sock = s.path("policy.sock");
+    let socketmap_sock = s.path("socketmap.sock");
+    let listen = format!("udp://127.0.0.1:{port}");
+    let policy_unix = format!("unix://{}", policy_sock.display());
+    let policy_tcp = format!("tcp://127.0.0.1:{tcp_port}");
+    let socketmap = format!("unix://{}", socketmap_sock.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            "none",
+            "--policy",
+            &policy_unix,
+            "--policy",
+            &policy_tcp,
+            "--socketmap",
+            &socketmap,
+            "--socket-group",
+            "postfix",
+            "--window",
+            "3s",
+            "--never",
+            "none",
+        ],
+    );
+    assert!(!s.map().exists());
+    let via_unix = Postfix::start(
+        &s.path("postfix-policy-unix"),
+        &format!(
+            "permit_mynetworks, check_policy_service unix:{}, reject_unauth_destination",
+            policy_sock.display()
+        ),
+        "",
+    );
+    let via_tcp = Postfix::start(
+        &s.path("postfix-policy-tcp"),
+        &format!(
+            "permit_mynetworks, check_policy_service inet:127.0.0.1:{tcp_port}, reject_unauth_destination"
+        ),
+        "",
+    );
+    let via_socketmap = Postfix::start(
+        &s.path("postfix-socketmap"),
+        &format!(
+            "permit_mynetworks, check_client_access socketmap:unix:{}:authenticated_ips, reject_unauth_destination",
+            socketmap_sock.display()
+        ),
+        "",
+    );
+    let all = [&via_unix, &via_tcp, &via_socketmap];
+    // Before the login: refused everywhere (and each smtpd has asked once).
+    for pf in all {
+        let r = rcpt("127.0.0.5", pf.port);
+        assert!(r.contains("Relay access denied"), "{r}\n{}", pf.log());
+    }
+    send_udp(
+        port,
+        "<22>Nov 24 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=127.0.0.5, lip=127.0.0.1, mpid=1, session=<abcdefgh>",
+    );
+    assert!(wait_for(Duration::from_secs(2), || d
+        .log_text()
+        .contains("grant 127.0.0.5")));
+    // The very first connection after the grant relays: no polling.
+    for pf in all {
+        let r = rcpt("127.0.0.5", pf.port);
+        assert!(r.starts_with("250"), "{r}\n{}\n{}", pf.log(), d.log_text());
+        let r = rcpt("127.0.0.6", pf.port);
+        assert!(r.contains("Relay access denied"), "{r}");
+    }
+    // After the window: refused again.
+    assert!(
+        wait_for(Duration::from_secs(10), || d
+            .log_text()
+            .contains("expire 127.0.0.5")),
+        "{}",
+        d.log_text()
+    );
+    for pf in all {
+        let r = rcpt("127.0.0.5", pf.port);
+        assert!(r.contains("Relay access denied"), "{r}");
+    }
+    assert_eq!(d.stop(), Some(0));
+    let log = d.log_text();
+    assert!(!log.contains("policy_requests=0 "), "{log}");
+    assert!(!log.contains("socketmap_requests=0 "), "{log}");
+}

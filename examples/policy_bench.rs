@@ -56,8 +56,20 @@ fn main() {
     let log = dir.path().join("daemon.log");
     let mut child = Command::new(&daemon)
         .args(["--listen", &format!("udp://127.0.0.1:{udp_port}")])
-        .args(["--map", "none", "--policy", &format!("tcp://127.0.0.1:{tcp_port}")])
-        .args(["--window", "1h", "--max-grants", "200000", "--log-level", "warning"])
+        .args([
+            "--map",
+            "none",
+            "--policy",
+            &format!("tcp://127.0.0.1:{tcp_port}"),
+        ])
+        .args([
+            "--window",
+            "1h",
+            "--max-grants",
+            "200000",
+            "--log-level",
+            "warning",
+        ])
         .args(["--receive-buffer", "4M", "--never", "none"])
         .stderr(std::fs::File::create(&log).expect("log"))
         .stdout(Stdio::null())
@@ -68,7 +80,10 @@ fn main() {
         if let Ok(c) = TcpStream::connect(("127.0.0.1", tcp_port)) {
             break c;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "daemon did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     conn.set_nodelay(true).expect("nodelay");
@@ -104,7 +119,11 @@ fn main() {
     let mut lat = Vec::with_capacity(n as usize);
     let t0 = Instant::now();
     for i in 0..n {
-        let a = if i % 2 == 0 { ip(i % GRANTS) } else { format!("192.0.2.{}", i % 250) };
+        let a = if i % 2 == 0 {
+            ip(i % GRANTS)
+        } else {
+            format!("192.0.2.{}", i % 250)
+        };
         let t = Instant::now();
         let _ = ask(&mut w, &mut r, &a);
         lat.push(t.elapsed());

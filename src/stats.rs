@@ -39,6 +39,8 @@ counters! {
     dropped_invalid_utf8,
     /// Datagrams in which no syslog tag could be found.
     dropped_unparsed,
+    /// Records that name no program any pattern applies to: not parsed.
+    skipped,
     /// Lines a pattern recognised whose address did not parse.
     bad_address,
     /// Logins recognised.

@@ -137,7 +137,8 @@ fn udp_logins_reach_the_postfix_map() {
     let log = d.log_text();
     assert!(log.contains("dropped_too_long=1"), "{log}");
     assert!(log.contains("dropped_invalid_utf8=1"), "{log}");
-    assert!(log.contains("dropped_unparsed=1"), "{log}");
+    // The garbage datagram names no known program: skipped unparsed.
+    assert!(log.contains("skipped=1"), "{log}");
 }
 
 #[test]

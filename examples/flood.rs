@@ -57,6 +57,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("postfix")).expect("mkdir");
     std::fs::write(dir.path().join("postfix/main.cf"), "").expect("main.cf");
+    std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("postfix/main.cf"))
+        .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60)))
+        .expect("main.cf mtime");
     let port = UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .expect("port")

@@ -532,6 +532,7 @@ impl Config {
             map_type,
             postmap: PathBuf::from(v),
             mail_config: None,
+            incremental: true,
         });
 
         let (v, origin) = pick(

@@ -76,12 +76,36 @@ pub struct Pipeline {
     pub require_attestation: bool,
     /// Network peers whose attestation is believed (unix sockets always).
     pub trust_attestation_from: Vec<Cidr>,
+    /// Reporter names shared by the grants they made, so that a million
+    /// grants from one sender hold one copy of its name.
+    pub reporters: std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>,
 }
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
 
+/// Most distinct reporter names kept for sharing (TCP peers change port
+/// with each connection; beyond this, names are simply not shared).
+const MAX_REPORTERS: usize = 4096;
+
 impl Pipeline {
+    /// The shared name of a reporting peer.
+    fn reporter(&self, peer: &Peer) -> Arc<str> {
+        let name = peer.to_string();
+        let mut map = match self.reporters.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(a) = map.get(&name) {
+            return a.clone();
+        }
+        let a: Arc<str> = name.as_str().into();
+        if map.len() < MAX_REPORTERS {
+            map.insert(name, a.clone());
+        }
+        a
+    }
+
     /// Handles one datagram from `peer`.
     pub fn handle(&self, bytes: &[u8], peer: &Peer) {
         // Most of a mail log is not a login: a record that names none of
@@ -177,8 +201,8 @@ impl Pipeline {
             expires: tokio::time::Instant::now() + self.window,
             server: login.server.clone(),
             service: login.service,
-            user: login.user.clone(),
-            reporter: peer.to_string().into(),
+            user: login.user.as_str().into(),
+            reporter: self.reporter(peer),
         };
         let verb = match self.table.grant(ip, grant) {
             GrantResult::New => {
@@ -350,6 +374,7 @@ async fn run(mut config: Config) -> i32 {
         stats: stats.clone(),
         require_attestation: config.require_attestation,
         trust_attestation_from: config.trust_attestation_from.clone(),
+        reporters: Default::default(),
     });
     let mut serving = match &config.map {
         Some(m) => format!("map {}:{}", m.map_type.name(), m.path.display()),

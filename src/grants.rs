@@ -39,7 +39,7 @@ pub struct Grant {
     /// The service of the latest login.
     pub service: Service,
     /// The user of the latest login (untrusted text).
-    pub user: String,
+    pub user: Box<str>,
     /// Who reported the latest login: the peer address or socket path.
     pub reporter: Arc<str>,
 }

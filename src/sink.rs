@@ -93,6 +93,10 @@ pub struct PostfixMap {
     /// (`MAIL_CONFIG`), when the host has none of its own; see
     /// [`PostfixMap::use_defaults_without_main_cf`].
     pub mail_config: Option<PathBuf>,
+    /// Whether small changes may be applied to a copy of the database
+    /// (`postmap -i`/`-d`) instead of a full rebuild; on by default, off
+    /// only to measure the difference.
+    pub incremental: bool,
 }
 
 /// A failed map update.
@@ -138,6 +142,12 @@ impl PostfixMap {
                 "# Written by smtp-after-popd: this host has no /etc/postfix/main.cf,\n\
                  # so postmap runs with Postfix's built-in defaults.\n",
             )?;
+            // Postfix waits (up to about two seconds) for a main.cf changed
+            // within the last second to settle; this one is complete.
+            std::fs::File::options()
+                .write(true)
+                .open(&main_cf)?
+                .set_modified(SystemTime::now() - Duration::from_secs(60))?;
         }
         self.mail_config = Some(dir.clone());
         Ok(Some(dir))
@@ -153,6 +163,15 @@ impl PostfixMap {
             .with_file_name(format!(".{name}.smtp-after-popd.tmp"))
     }
 
+    /// `ADDRESS OK` lines for these addresses, without the header.
+    fn render_entries(addrs: &[IpAddr]) -> String {
+        let mut s = String::with_capacity(addrs.len() * 20);
+        for ip in addrs {
+            let _ = writeln!(s, "{ip} OK");
+        }
+        s
+    }
+
     /// The map's source text for these addresses.
     pub fn render(addrs: &[IpAddr]) -> String {
         let mut s = String::with_capacity(64 + addrs.len() * 20);
@@ -165,10 +184,22 @@ impl PostfixMap {
 
     /// Rewrites the map atomically with exactly these addresses.
     pub async fn write(&self, addrs: &[IpAddr]) -> Result<(), SinkError> {
+        self.write_with(addrs, None).await
+    }
+
+    /// Rewrites the map atomically with exactly `addrs`, by applying
+    /// `delta` (added, removed) to a copy of the current database when
+    /// given, else by building the database afresh. Either way the new
+    /// database and source are built aside and renamed into place.
+    pub async fn write_with(
+        &self,
+        addrs: &[IpAddr],
+        delta: Option<(&[IpAddr], &[IpAddr])>,
+    ) -> Result<(), SinkError> {
         let tmp = self.temp_path();
         let tmp_db = with_suffix(&tmp, self.map_type.suffix());
         let text = Self::render(addrs);
-        let result = self.build(&tmp, &tmp_db, text).await;
+        let result = self.build(&tmp, &tmp_db, text, delta).await;
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&tmp_db);
@@ -176,7 +207,74 @@ impl PostfixMap {
         result
     }
 
-    async fn build(&self, tmp: &Path, tmp_db: &Path, text: String) -> Result<(), SinkError> {
+    /// Whether this map type can be updated in place by `postmap -i` and
+    /// `postmap -d` (cdb cannot; lmdb keeps a lock file beside the data,
+    /// so it is always rebuilt).
+    pub fn supports_incremental(&self) -> bool {
+        matches!(self.map_type, MapType::Hash | MapType::Btree)
+    }
+
+    /// Runs postmap with `args`, feeding `input` on its standard input.
+    async fn postmap(&self, args: &[&str], input: Option<String>) -> Result<(), SinkError> {
+        use tokio::io::AsyncWriteExt;
+        let shown = args.join(" ");
+        let mut command = tokio::process::Command::new(&self.postmap);
+        if let Some(dir) = &self.mail_config {
+            command.env("MAIL_CONFIG", dir);
+        }
+        let mut child = command
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                SinkError(format!(
+                    "cannot run {} {shown}: {e}",
+                    self.postmap.display()
+                ))
+            })?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(text.as_bytes()).await.map_err(|e| {
+                SinkError(format!(
+                    "{} {shown}: writing its input: {e}",
+                    self.postmap.display()
+                ))
+            })?;
+        }
+        let out = tokio::time::timeout(POSTMAP_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                SinkError(format!(
+                    "{} {shown} took longer than 60 s and was killed",
+                    self.postmap.display()
+                ))
+            })?
+            .map_err(|e| SinkError(format!("{} {shown}: {e}", self.postmap.display())))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(SinkError(format!(
+                "{} {shown} failed ({}): {}",
+                self.postmap.display(),
+                out.status,
+                stderr.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn build(
+        &self,
+        tmp: &Path,
+        tmp_db: &Path,
+        text: String,
+        delta: Option<(&[IpAddr], &[IpAddr])>,
+    ) -> Result<(), SinkError> {
         let tmp_owned = tmp.to_path_buf();
         tokio::task::spawn_blocking(move || write_synced(&tmp_owned, text.as_bytes()))
             .await
@@ -184,35 +282,36 @@ impl PostfixMap {
             .map_err(|e| SinkError(format!("cannot write {}: {e}", tmp.display())))?;
 
         let arg = format!("{}:{}", self.map_type.name(), tmp.display());
-        let mut command = tokio::process::Command::new(&self.postmap);
-        if let Some(dir) = &self.mail_config {
-            command.env("MAIL_CONFIG", dir);
-        }
-        let child = command
-            .arg(&arg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| SinkError(format!("cannot run {} {arg}: {e}", self.postmap.display())))?;
-        let out = tokio::time::timeout(POSTMAP_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| {
-                SinkError(format!(
-                    "{} {arg} took longer than 60 s and was killed",
-                    self.postmap.display()
-                ))
-            })?
-            .map_err(|e| SinkError(format!("{} {arg}: {e}", self.postmap.display())))?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(SinkError(format!(
-                "{} {arg} failed ({}): {}",
-                self.postmap.display(),
-                out.status,
-                stderr.trim()
-            )));
+        match delta {
+            None => self.postmap(&[&arg], None).await?,
+            Some((added, removed)) => {
+                // A copy of the database Postfix is reading, changed aside:
+                // postmap -i and -d work in place, and in place is not
+                // where Postfix should see a change happen.
+                let db = self.database_path();
+                let (from, to) = (db.clone(), tmp_db.to_path_buf());
+                tokio::task::spawn_blocking(move || {
+                    let _ = std::fs::remove_file(&to);
+                    std::fs::copy(&from, &to)
+                })
+                .await
+                .map_err(|e| SinkError(format!("copying {}: {e}", db.display())))?
+                .map_err(|e| {
+                    SinkError(format!(
+                        "cannot copy {} to {}: {e}",
+                        db.display(),
+                        tmp_db.display()
+                    ))
+                })?;
+                if !added.is_empty() {
+                    self.postmap(&["-i", &arg], Some(Self::render_entries(added)))
+                        .await?;
+                }
+                if !removed.is_empty() {
+                    let keys: String = removed.iter().map(|ip| format!("{ip}\n")).collect();
+                    self.postmap(&["-d", "-", &arg], Some(keys)).await?;
+                }
+            }
         }
 
         let db = self.database_path();
@@ -256,33 +355,85 @@ impl PostfixMap {
         stats: Arc<Stats>,
         first_write: Option<tokio::sync::oneshot::Sender<bool>>,
     ) {
+        self.run_reporting(table, stats, first_write, None).await;
+    }
+
+    /// [`PostfixMap::run`], also publishing the table generation each
+    /// successful write made visible (for benchmarks and tests).
+    pub async fn run_reporting(
+        self,
+        table: Arc<GrantTable>,
+        stats: Arc<Stats>,
+        first_write: Option<tokio::sync::oneshot::Sender<bool>>,
+        visible: Option<tokio::sync::watch::Sender<u64>>,
+    ) {
         let mut changes = table.subscribe();
         let mut written: Option<u64> = None;
+        // What the database holds, when we wrote it and know it.
+        let mut in_db: Option<Vec<IpAddr>> = None;
         let mut backoff = Duration::from_secs(1);
         let mut first_write = first_write;
         loop {
             let (generation, addrs) = table.addresses();
             if written != Some(generation) {
                 let started = tokio::time::Instant::now();
-                match self.write(&addrs).await {
+                // A small change is applied to a copy of the database
+                // (postmap -i / -d), which costs little however large the
+                // table; a large one, or a database we did not write, is
+                // rebuilt from scratch.
+                let delta = match &in_db {
+                    Some(old)
+                        if self.incremental
+                            && self.supports_incremental()
+                            && self.database_path().exists() =>
+                    {
+                        let (added, removed) = diff(old, &addrs);
+                        (added.len() + removed.len() <= INCREMENTAL_MAX + addrs.len() / 4)
+                            .then_some((added, removed))
+                    }
+                    _ => None,
+                };
+                let result = match &delta {
+                    Some((a, r)) => self.write_with(&addrs, Some((a, r))).await,
+                    None => self.write(&addrs).await,
+                };
+                match result {
                     Ok(()) => {
                         Stats::bump(&stats.map_updates);
                         written = Some(generation);
                         backoff = Duration::from_secs(1);
-                        crate::log_info!(
-                            "map {}:{} rewritten with {} address{} in {} ms",
-                            self.map_type.name(),
-                            self.path.display(),
-                            addrs.len(),
-                            if addrs.len() == 1 { "" } else { "es" },
-                            started.elapsed().as_millis()
-                        );
+                        match &delta {
+                            Some((a, r)) => crate::log_info!(
+                                "map {}:{} updated (+{} -{}) to {} address{} in {} ms",
+                                self.map_type.name(),
+                                self.path.display(),
+                                a.len(),
+                                r.len(),
+                                addrs.len(),
+                                if addrs.len() == 1 { "" } else { "es" },
+                                started.elapsed().as_millis()
+                            ),
+                            None => crate::log_info!(
+                                "map {}:{} rewritten with {} address{} in {} ms",
+                                self.map_type.name(),
+                                self.path.display(),
+                                addrs.len(),
+                                if addrs.len() == 1 { "" } else { "es" },
+                                started.elapsed().as_millis()
+                            ),
+                        }
+                        in_db = Some(addrs);
+                        if let Some(v) = &visible {
+                            v.send_replace(generation);
+                        }
                         if let Some(tx) = first_write.take() {
                             let _ = tx.send(true);
                         }
                     }
                     Err(e) => {
                         Stats::bump(&stats.map_failures);
+                        // After a failure, trust only a full rebuild.
+                        in_db = None;
                         crate::log_error!(
                             "map {}:{} not updated: {e}; the grants are kept, retrying in {} s",
                             self.map_type.name(),
@@ -303,6 +454,42 @@ impl PostfixMap {
             }
         }
     }
+}
+
+/// Changes up to this many (plus a quarter of the table) are applied
+/// incrementally; more are rebuilt.
+const INCREMENTAL_MAX: usize = 10_000;
+
+/// What to add to and remove from sorted `old` to get sorted `new`.
+fn diff(old: &[IpAddr], new: &[IpAddr]) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                removed.push(*a);
+                i += 1;
+            }
+            (Some(_), Some(b)) => {
+                added.push(*b);
+                j += 1;
+            }
+            (Some(a), None) => {
+                removed.push(*a);
+                i += 1;
+            }
+            (None, Some(b)) => {
+                added.push(*b);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (added, removed)
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -364,6 +551,7 @@ mod tests {
             map_type: MapType::Lmdb,
             postmap: "postmap".into(),
             mail_config: None,
+            incremental: true,
         };
         assert_eq!(
             m.database_path(),
@@ -382,5 +570,21 @@ mod tests {
         let o = secs(std::fs::metadata(&old).unwrap().modified().unwrap());
         let n = secs(std::fs::metadata(&new).unwrap().modified().unwrap());
         assert!(n > o);
+    }
+
+    #[test]
+    fn diff_of_sorted_address_lists() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let old = [ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.4")];
+        let new = [
+            ip("192.0.2.2"),
+            ip("192.0.2.3"),
+            ip("192.0.2.4"),
+            ip("192.0.2.5"),
+        ];
+        let (a, r) = diff(&old, &new);
+        assert_eq!(a, [ip("192.0.2.3"), ip("192.0.2.5")]);
+        assert_eq!(r, [ip("192.0.2.1")]);
+        assert_eq!(diff(&[], &[]), (vec![], vec![]));
     }
 }

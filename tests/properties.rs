@@ -33,6 +33,7 @@ fn pipeline(never: &[&str]) -> Pipeline {
         stats: Arc::new(Stats::default()),
         require_attestation: false,
         trust_attestation_from: Vec::new(),
+        reporters: Default::default(),
     }
 }
 

@@ -36,6 +36,7 @@ fn pipeline(require: bool) -> &'static Pipeline {
         stats: Arc::new(Stats::default()),
         require_attestation: require,
         trust_attestation_from: Vec::new(),
+        reporters: Default::default(),
     })
 }
 

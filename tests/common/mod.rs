@@ -28,6 +28,13 @@ impl Scratch {
             .expect("temp dir");
         std::fs::create_dir(dir.path().join("postfix")).expect("mkdir");
         std::fs::write(dir.path().join("postfix/main.cf"), "").expect("main.cf");
+        // Postfix programs wait up to ~2 s for a main.cf modified within the
+        // last second to settle; this one is complete, so date it back.
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("postfix/main.cf"))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60)))
+            .expect("main.cf mtime");
         Scratch { dir }
     }
 

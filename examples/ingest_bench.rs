@@ -186,7 +186,6 @@ fn daemon_run(daemon: &PathBuf, rate: u64, secs: u64, base: u64) -> (u64, u64, u
             "--receive-buffer",
             "4M",
         ])
-        .args(["--log-level", "warning"])
         .env("MAIL_CONFIG", dir.path().join("postfix"))
         .stderr(std::fs::File::create(&log).expect("log"))
         .stdout(Stdio::null())

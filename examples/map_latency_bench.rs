@@ -34,7 +34,7 @@ fn grant(table: &GrantTable, ip: IpAddr) -> u64 {
             reporter: "bench".into(),
         },
     );
-    table.addresses().0
+    *table.subscribe().borrow()
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -134,7 +134,11 @@ fn main() {
         .expect("runtime");
     println!("| live grants | method | logins | p50 | p99 | max |");
     println!("|---|---|---|---|---|---|");
-    for live in [0u32, 10_000, 100_000, 1_000_000] {
+    let sizes: Vec<u32> = std::env::args()
+        .nth(1)
+        .map(|a| a.split(',').map(|n| n.parse().expect("sizes")).collect())
+        .unwrap_or_else(|| vec![0, 10_000, 100_000, 1_000_000]);
+    for live in sizes {
         for incremental in [false, true] {
             let (p50, p99, max, n) = rt.block_on(run(live, incremental, 5));
             println!(

@@ -54,11 +54,14 @@ pub const DEFAULT_SOCKET_MODE: &str = "0660";
 /// login records from syslog.
 ///
 /// rsyslog or syslog-ng forwards mail log records to smtp-after-popd over a
-/// UDP or unix datagram socket. Each successful POP3/IMAP login (Dovecot,
-/// Courier, Cyrus, UW imapd/ipop3d and others, or patterns of your own)
-/// grants the client address for --window; the address is written to a
-/// Postfix access map (built with postmap) that Postfix consults with
-/// check_client_access in smtpd_relay_restrictions.
+/// unix datagram socket, UDP or TCP. Each successful POP3/IMAP login
+/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, Qpopper, or patterns
+/// of your own) grants the client address for --window, optionally only
+/// when rsyslog attests that the mail server itself sent the line
+/// (--require-attestation). Postfix learns the grants from an access map
+/// built with postmap (check_client_access in smtpd_relay_restrictions), or
+/// asks the daemon directly (--policy, --socketmap). See SECURITY.md and
+/// the README.
 #[derive(Debug, Parser)]
 #[command(
     name = "smtp-after-popd",

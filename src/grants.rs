@@ -185,7 +185,12 @@ impl GrantTable {
         let mut v: Vec<IpAddr> = inner.grants.keys().copied().collect();
         let generation = inner.generation;
         drop(inner);
-        v.sort_unstable();
+        // The same order as sorting IpAddr (IPv4 before IPv6, then by
+        // value), by a plain integer key, which sorts several times faster.
+        v.sort_unstable_by_key(|ip| match ip {
+            IpAddr::V4(a) => (0u8, u128::from(a.to_bits())),
+            IpAddr::V6(a) => (1u8, a.to_bits()),
+        });
         (generation, v)
     }
 
@@ -352,5 +357,36 @@ mod tests {
         assert_eq!(t.len(), 2);
         t.revoke(ip("192.0.2.2"));
         assert_eq!(t.grant(ip("192.0.2.3"), g()), GrantResult::New);
+    }
+
+    #[test]
+    fn addresses_are_in_ipaddr_order() {
+        let t = GrantTable::new();
+        let mut want: Vec<IpAddr> = [
+            "2001:db8::1",
+            "192.0.2.7",
+            "::1",
+            "10.0.0.1",
+            "2001:db8::",
+            "255.255.255.255",
+            "ffff::",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for ip in &want {
+            t.grant(
+                *ip,
+                Grant {
+                    expires: expiry(Duration::from_secs(60)),
+                    server: "dovecot".into(),
+                    service: Service::Pop3,
+                    user: "u".into(),
+                    reporter: "test".into(),
+                },
+            );
+        }
+        want.sort();
+        assert_eq!(t.addresses().1, want);
     }
 }

@@ -167,7 +167,7 @@ impl PostfixMap {
     fn render_entries(addrs: &[IpAddr]) -> String {
         let mut s = String::with_capacity(addrs.len() * 20);
         for ip in addrs {
-            let _ = writeln!(s, "{ip} OK");
+            push_entry(&mut s, ip);
         }
         s
     }
@@ -177,7 +177,7 @@ impl PostfixMap {
         let mut s = String::with_capacity(64 + addrs.len() * 20);
         s.push_str("# Written by smtp-after-popd; do not edit: changes are overwritten.\n");
         for ip in addrs {
-            let _ = writeln!(s, "{ip} OK");
+            push_entry(&mut s, ip);
         }
         s
     }
@@ -456,6 +456,33 @@ impl PostfixMap {
     }
 }
 
+/// Appends `ADDRESS OK` and a newline. IPv4 addresses, nearly all of a
+/// large map, are formatted by hand: the map is rewritten often, and the
+/// general formatter was a third of an incremental update's time.
+fn push_entry(s: &mut String, ip: &IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                let o = *octet;
+                if o >= 100 {
+                    s.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    s.push(char::from(b'0' + (o / 10) % 10));
+                }
+                s.push(char::from(b'0' + o % 10));
+            }
+            s.push_str(" OK\n");
+        }
+        IpAddr::V6(_) => {
+            let _ = writeln!(s, "{ip} OK");
+        }
+    }
+}
+
 /// Changes up to this many (plus a quarter of the table) are applied
 /// incrementally; more are rebuilt.
 const INCREMENTAL_MAX: usize = 10_000;
@@ -586,5 +613,24 @@ mod tests {
         assert_eq!(a, [ip("192.0.2.3"), ip("192.0.2.5")]);
         assert_eq!(r, [ip("192.0.2.1")]);
         assert_eq!(diff(&[], &[]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn hand_formatted_ipv4_matches_the_standard_form() {
+        for text in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.100.255.9",
+            "255.255.255.255",
+            "192.0.2.7",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let mut s = String::new();
+            push_entry(&mut s, &ip);
+            assert_eq!(s, format!("{text} OK\n"));
+        }
+        let mut s = String::new();
+        push_entry(&mut s, &"2001:db8::2a".parse().unwrap());
+        assert_eq!(s, "2001:db8::2a OK\n");
     }
 }

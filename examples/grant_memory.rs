@@ -40,6 +40,7 @@ fn main() {
                 service: Service::Imap,
                 user: format!("user{i}@example.com").into_boxed_str(),
                 reporter: reporter.clone(),
+                host: reporter.clone(),
             },
         );
     }

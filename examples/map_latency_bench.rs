@@ -32,6 +32,7 @@ fn grant(table: &GrantTable, ip: IpAddr) -> u64 {
             service: Service::Pop3,
             user: "u".into(),
             reporter: "bench".into(),
+            host: "mail".into(),
         },
     );
     *table.subscribe().borrow()

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::addr::Cidr;
-use crate::logging::Level;
+use crate::logging::{Format as LogFormat, Level};
 use crate::matcher::{Matchers, PatternSpec};
 use crate::privilege::{self, Group, User};
 use crate::sink::{MapType, PostfixMap};
@@ -46,6 +46,8 @@ pub const DEFAULT_MAP_TYPE: &str = "hash";
 pub const DEFAULT_POSTMAP: &str = "postmap";
 /// Default cap on live grants.
 pub const DEFAULT_MAX_GRANTS: usize = 100_000;
+/// Default control socket.
+pub const DEFAULT_CONTROL: &str = "/run/smtp-after-popd/control";
 /// Default mode of unix socket files.
 pub const DEFAULT_SOCKET_MODE: &str = "0660";
 
@@ -95,6 +97,32 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// List the live grants of the running daemon: address, time left,
+    /// server, service, user, reporting host and peer.
+    List(ControlArgs),
+    /// Remove a live grant of the running daemon at once (and from the map).
+    Revoke {
+        /// How to reach the daemon.
+        #[command(flatten)]
+        control: ControlArgs,
+        /// The client address to revoke.
+        #[arg(value_name = "ADDRESS")]
+        address: String,
+    },
+    /// Print the running daemon's counters.
+    Stats(ControlArgs),
+}
+
+/// How the client subcommands reach the daemon.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The daemon's control socket. [default: the configuration file's
+    /// control, else /run/smtp-after-popd/control]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Configuration file of the daemon, to find its control socket.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// The daemon's options. Each is also a key of the configuration file,
@@ -217,6 +245,33 @@ pub struct DaemonArgs {
     /// members, e.g. rsyslog's, may send). [default: the daemon's group]
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+
+    /// Keep live grants in this file, so that a restart or a crash keeps
+    /// the windows still open (each change is appended; the file is
+    /// rewritten atomically when it has grown). "none" for no state file.
+    /// [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<String>,
+
+    /// The control socket that `smtp-after-popd list`, `revoke` and `stats`
+    /// talk to (a unix stream socket, mode 0660: root and the daemon's
+    /// group). "none" for no control socket. With the default path, the
+    /// daemon runs without a control socket if /run/smtp-after-popd does
+    /// not exist. [default: /run/smtp-after-popd/control]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<String>,
+
+    /// Serve the counters for Prometheus at http://ADDR:PORT/metrics;
+    /// ADDR:PORT or tcp://ADDR:PORT?allow=CIDR,... (peers allow-listed
+    /// like --allow-from, or by ?allow=). [default: none]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Log line format on standard error: text (journald picks it up with
+    /// each line's priority) or json (one object per line, for log
+    /// shippers). [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
 }
 
 /// Where a listener receives syslog records.
@@ -281,6 +336,18 @@ pub struct Config {
     pub run_as: Option<(User, Group)>,
     /// The group of unix socket files, if set.
     pub socket_group: Option<Group>,
+    /// Whether `listen` is the built-in default (no flag, no file key):
+    /// sockets handed over by systemd then replace it.
+    pub listen_is_default: bool,
+    /// The state file, if any.
+    pub state: Option<PathBuf>,
+    /// The control socket, if any, and whether it is the default path
+    /// (whose absent directory is not an error).
+    pub control: Option<(PathBuf, bool)>,
+    /// The Prometheus endpoint, if any.
+    pub metrics: Option<ListenSpec>,
+    /// The log line format.
+    pub log_format: LogFormat,
 }
 
 /// A configuration error, ready to print.
@@ -317,6 +384,10 @@ struct FileConfig {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
+    state: Option<Spanned<String>>,
+    control: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
     #[serde(default)]
     pattern: Vec<PatternSpec>,
 }
@@ -724,9 +795,83 @@ impl Config {
             ));
         }
 
+        let (v, origin) = pick(&args.log_format, &file.log_format, "text", path, source);
+        let log_format = match v {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(origin.error("log-format", v, "expected text or json")),
+        };
+        let (v, origin) = pick(&args.state, &file.state, "none", path, source);
+        let state = if v == "none" {
+            None
+        } else {
+            let p = PathBuf::from(v);
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if v.is_empty() || v.ends_with('/') {
+                return Err(origin.error(
+                    "state",
+                    v,
+                    "expected the path of a file, e.g. /var/lib/smtp-after-popd/state",
+                ));
+            }
+            if !dir.is_dir() {
+                return Err(origin.error(
+                    "state",
+                    v,
+                    &format!(
+                        "the directory {} does not exist: create it (under systemd, StateDirectory=smtp-after-popd creates /var/lib/smtp-after-popd) or choose another path",
+                        dir.display()
+                    ),
+                ));
+            }
+            Some(p)
+        };
+        let (v, origin) = pick(&args.control, &file.control, DEFAULT_CONTROL, path, source);
+        let control = if v == "none" {
+            None
+        } else {
+            if !v.starts_with('/') || v.ends_with('/') || v.len() > 107 {
+                return Err(origin.error(
+                    "control",
+                    v,
+                    "expected an absolute socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
+                ));
+            }
+            Some((PathBuf::from(v), matches!(origin, Origin::Default)))
+        };
+        let metrics = match pick_opt(&args.metrics, &file.metrics) {
+            None => None,
+            Some((v, origin)) => {
+                let spec = if v.contains("://") {
+                    parse_listen(&v)
+                } else {
+                    parse_listen(&format!("tcp://{v}"))
+                };
+                match spec {
+                    Ok(s @ ListenSpec::Tcp(..)) => Some(s),
+                    _ => {
+                        return Err(origin.error(
+                            "metrics",
+                            &v,
+                            "expected ADDR:PORT or tcp://ADDR:PORT?allow=CIDR,CIDR, e.g. 127.0.0.1:9100 or [::]:9100",
+                        ));
+                    }
+                }
+            }
+        };
+        let listen_is_default = args.listen.is_empty() && file.listen.is_none();
+
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
+            listen_is_default,
+            state,
+            control,
+            metrics,
+            log_format,
             listen,
             allow_from,
             never,
@@ -776,6 +921,27 @@ pub fn matchers_from_file(path: Option<&Path>) -> Result<Matchers, ConfigError> 
             build_matchers(p, &source, file.pattern)
         }
     }
+}
+
+/// The control socket for the client subcommands: `--control`, else the
+/// configuration file's `control`, else the default.
+pub fn control_path(args: &ControlArgs) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = &args.control {
+        return Ok(p.clone());
+    }
+    if let Some(p) = &args.config {
+        let (_, file) = read_file(p)?;
+        if let Some(v) = file.control {
+            if v.get_ref() == "none" {
+                return Err(ConfigError(format!(
+                    "{}: control = \"none\": the daemon has no control socket; set control to a path and restart it",
+                    p.display()
+                )));
+            }
+            return Ok(PathBuf::from(v.get_ref()));
+        }
+    }
+    Ok(PathBuf::from(DEFAULT_CONTROL))
 }
 
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with

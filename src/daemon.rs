@@ -15,14 +15,20 @@ use std::time::Duration;
 
 use crate::addr::{AddressPolicy, Cidr};
 use crate::attest::{self, Verdict};
-use crate::config::{Cli, Command, Config, EX_CONFIG, format_duration};
+use crate::config::{
+    Cli, Command, Config, ControlArgs, DaemonArgs, EX_CONFIG, ListenSpec, format_duration,
+};
+use crate::control::Status;
 use crate::grants::{Grant, GrantResult, GrantTable};
 use crate::logging::{RateLimit, escape};
 use crate::matcher::{Matchers, Outcome};
 use crate::privilege;
-use crate::receiver::{self, Peer};
+use crate::receiver::{self, AllowList, Peer};
 use crate::record::{self, ParseError};
-use crate::stats::Stats;
+use crate::state::StateWriter;
+use crate::stats::{ListenerCounts, Stats};
+use crate::swap::Swap;
+use crate::systemd::{Activated, Kind};
 
 /// Exit status when the daemon cannot start for a reason other than its
 /// configuration (a port in use, no permission).
@@ -34,13 +40,20 @@ pub const EX_NOINPUT: i32 = 66;
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
         Some(Command::Match { config, files }) => run_match(config, files),
+        Some(Command::List(c)) => client(&c, "list", crate::control::format_list),
+        Some(Command::Stats(c)) => client(&c, "stats", |s| s.to_string()),
+        Some(Command::Revoke { control, address }) => {
+            client(&control, &format!("revoke {address}"), |s| s.to_string())
+        }
         None => {
+            // Before any thread: taking the sockets unsets variables.
+            let activated = match crate::systemd::take_listen_fds() {
+                Ok(a) => a,
+                Err(e) => return fatal(EX_OSERR, e),
+            };
             let config = match Config::from_args(&cli.daemon) {
                 Ok(c) => c,
-                Err(e) => {
-                    crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
-                    return EX_CONFIG;
-                }
+                Err(e) => return fatal(EX_CONFIG, e),
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -55,64 +68,113 @@ pub fn main(cli: Cli) -> i32 {
                     return EX_OSERR;
                 }
             };
-            runtime.block_on(run(config))
+            runtime.block_on(run(config, cli.daemon, activated))
+        }
+    }
+}
+
+/// The settings a reload (SIGHUP) may change, read by each datagram.
+pub struct Settings {
+    /// The login patterns.
+    pub matchers: Matchers,
+    /// The never-grant rules.
+    pub policy: AddressPolicy,
+    /// The window after each login.
+    pub window: Duration,
+    /// Whether a login needs an attested sender.
+    pub require_attestation: bool,
+    /// Network peers whose attestation is believed (unix sockets always).
+    pub trust_attestation_from: Vec<Cidr>,
+}
+
+impl Settings {
+    /// The reloadable part of a configuration (its matchers are moved out).
+    pub fn take(config: &mut Config) -> Settings {
+        Settings {
+            matchers: std::mem::replace(&mut config.matchers, Matchers::empty()),
+            policy: AddressPolicy::new(config.never.clone()),
+            window: config.window,
+            require_attestation: config.require_attestation,
+            trust_attestation_from: config.trust_attestation_from.clone(),
+        }
+    }
+}
+
+/// `list`, `stats`, `revoke`: one request to the control socket.
+fn client(args: &ControlArgs, request: &str, format: impl Fn(&str) -> String) -> i32 {
+    let path = match crate::config::control_path(args) {
+        Ok(p) => p,
+        Err(e) => return fatal(EX_CONFIG, e),
+    };
+    match crate::control::request(&path, request) {
+        Ok(body) => {
+            print!("{}", format(&body));
+            0
+        }
+        Err(e) => {
+            eprintln!("smtp-after-popd: {e}");
+            1
         }
     }
 }
 
 /// What happens to one datagram: parse, match, check, grant.
 pub struct Pipeline {
-    /// The login patterns.
-    pub matchers: Matchers,
-    /// The never-grant rules.
-    pub policy: AddressPolicy,
+    /// Patterns, rules and window, replaced as a whole by a reload.
+    pub settings: Swap<Settings>,
     /// Where grants go.
     pub table: Arc<GrantTable>,
-    /// The window after each login.
-    pub window: Duration,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// Whether a login needs an attested sender.
-    pub require_attestation: bool,
-    /// Network peers whose attestation is believed (unix sockets always).
-    pub trust_attestation_from: Vec<Cidr>,
-    /// Reporter names shared by the grants they made, so that a million
-    /// grants from one sender hold one copy of its name.
-    pub reporters: std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>,
+    /// Reporter and host names shared by the grants they made, so that a
+    /// million grants from one sender hold one copy of its name.
+    pub names: std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>,
 }
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
 
-/// Most distinct reporter names kept for sharing (TCP peers change port
-/// with each connection; beyond this, names are simply not shared).
-const MAX_REPORTERS: usize = 4096;
+/// Most distinct reporter and host names kept for sharing (TCP peers change
+/// port with each connection, and host names are the sender's text; beyond
+/// this, names are simply not shared).
+const MAX_NAMES: usize = 4096;
 
 impl Pipeline {
-    /// The shared name of a reporting peer.
-    fn reporter(&self, peer: &Peer) -> Arc<str> {
-        let name = peer.to_string();
-        let mut map = match self.reporters.lock() {
+    /// A pipeline with these settings, granting into `table`.
+    pub fn new(settings: Settings, table: Arc<GrantTable>, stats: Arc<Stats>) -> Pipeline {
+        Pipeline {
+            settings: Swap::new(settings),
+            table,
+            stats,
+            names: Default::default(),
+        }
+    }
+
+    /// The shared copy of a name.
+    fn shared(&self, name: &str) -> Arc<str> {
+        let mut map = match self.names.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        if let Some(a) = map.get(&name) {
+        if let Some(a) = map.get(name) {
             return a.clone();
         }
-        let a: Arc<str> = name.as_str().into();
-        if map.len() < MAX_REPORTERS {
-            map.insert(name, a.clone());
+        let a: Arc<str> = name.into();
+        if map.len() < MAX_NAMES {
+            map.insert(name.to_string(), a.clone());
         }
         a
     }
 
     /// Handles one datagram from `peer`.
     pub fn handle(&self, bytes: &[u8], peer: &Peer) {
+        let settings = self.settings.load();
+        let s = &*settings;
         // Most of a mail log is not a login: a record that names none of
         // the patterns' programs is counted and not even parsed. (Records
         // too long or not UTF-8 go on, to be counted as such.)
         if bytes.len() <= record::MAX_RECORD
-            && !self.matchers.may_match(bytes)
+            && !s.matchers.may_match(bytes)
             && std::str::from_utf8(bytes).is_ok()
         {
             Stats::bump(&self.stats.skipped);
@@ -130,7 +192,7 @@ impl Pipeline {
                 return;
             }
         };
-        let login = match self.matchers.match_record(&rec) {
+        let login = match s.matchers.match_record(&rec) {
             Outcome::NoMatch => {
                 crate::log_debug!(
                     "no login in record from {peer}: program \"{}\", message \"{}\"",
@@ -153,20 +215,14 @@ impl Pipeline {
         Stats::bump(&self.stats.logins);
         let believed = match peer {
             Peer::Unix(_) => true,
-            Peer::Udp(a) | Peer::Tcp(a) => self
-                .trust_attestation_from
-                .iter()
-                .any(|c| c.contains(a.ip())),
+            Peer::Udp(a) | Peer::Tcp(a) => {
+                s.trust_attestation_from.iter().any(|c| c.contains(a.ip()))
+            }
         };
         let verdict = if believed {
-            attest::check(
-                &rec,
-                &login.pattern,
-                &login.speakers,
-                self.require_attestation,
-            )
+            attest::check(&rec, &login.pattern, &login.speakers, s.require_attestation)
         } else {
-            attest::unbelieved(&rec, self.require_attestation)
+            attest::unbelieved(&rec, s.require_attestation)
         };
         if let Verdict::Forgery(why) = verdict {
             Stats::bump(&self.stats.forgeries);
@@ -181,7 +237,7 @@ impl Pipeline {
             );
             return;
         }
-        let ip = match self.policy.check(login.ip) {
+        let ip = match s.policy.check(login.ip) {
             Ok(ip) => ip,
             Err(why) => {
                 Stats::bump(&self.stats.refused);
@@ -198,11 +254,12 @@ impl Pipeline {
             }
         };
         let grant = Grant {
-            expires: tokio::time::Instant::now() + self.window,
+            expires: tokio::time::Instant::now() + s.window,
             server: login.server.clone(),
             service: login.service,
             user: login.user.as_str().into(),
-            reporter: self.reporter(peer),
+            reporter: self.shared(&peer.to_string()),
+            host: self.shared(rec.hostname.unwrap_or("-")),
         };
         let verb = match self.table.grant(ip, grant) {
             GrantResult::New => {
@@ -229,7 +286,7 @@ impl Pipeline {
         };
         crate::log_info!(
             "{verb} {ip} for {}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
-            format_duration(self.window),
+            format_duration(s.window),
             login.server,
             login.service,
             escape(&login.user),
@@ -239,21 +296,105 @@ impl Pipeline {
     }
 }
 
-async fn run(mut config: Config) -> i32 {
+/// A listening socket whose allow-list a reload may replace: the spec it
+/// was bound from (none if systemd passed it) and its list.
+struct AllowSlot {
+    spec: Option<ListenSpec>,
+    allow: AllowList,
+}
+
+impl AllowSlot {
+    /// The slot's new allow-list: its spec's own `?allow=` in the new
+    /// configuration if the same socket is still configured with one, else
+    /// the new `--allow-from`.
+    fn update(&self, specs: &[&ListenSpec], allow_from: &[Cidr]) {
+        let same = |a: &ListenSpec| match (&self.spec, a) {
+            (Some(ListenSpec::Udp(x, _)), ListenSpec::Udp(y, _))
+            | (Some(ListenSpec::Tcp(x, _)), ListenSpec::Tcp(y, _)) => x == y,
+            _ => false,
+        };
+        let own = specs.iter().find(|s| same(s)).and_then(|s| match s {
+            ListenSpec::Udp(_, own) | ListenSpec::Tcp(_, own) => own.clone(),
+            ListenSpec::Unix(_) => None,
+        });
+        self.allow.store(own.unwrap_or_else(|| allow_from.to_vec()));
+    }
+}
+
+/// Everything the running daemon keeps to apply a reload.
+struct Running {
+    /// The arguments, to read the configuration again.
+    args: DaemonArgs,
+    /// The configuration in force (its matchers moved to the pipeline).
+    config: Config,
+    pipeline: Arc<Pipeline>,
+    table: Arc<GrantTable>,
+    stats: Arc<Stats>,
+    slots: Vec<AllowSlot>,
+}
+
+/// Fatal start-up error: logs it and gives the exit status.
+fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
+    crate::logging::write(crate::logging::Level::Fatal, format_args!("{message}"));
+    status
+}
+
+async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
     crate::logging::set_level(config.log_level);
-    let allow = Arc::new(config.allow_from.clone());
+    crate::logging::set_format(config.log_format);
+    let allow: AllowList = Arc::new(Swap::new(config.allow_from.clone()));
+    let listener_counts = Arc::new(ListenerCounts::default());
+    let mut slots = Vec::new();
     let mut listeners = Vec::new();
-    for spec in &config.listen {
-        match receiver::bind(
-            spec,
-            allow.clone(),
-            config.socket_mode,
-            config.receive_buffer,
-        ) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
-                return EX_OSERR;
+    // Sockets systemd passed: syslog listeners first, the rest below.
+    let mut others = Vec::new();
+    for a in activated {
+        let syslog = matches!(a.kind, Kind::Udp | Kind::UnixDatagram)
+            || (a.kind == Kind::Tcp && !matches!(a.name.as_str(), "policy" | "metrics"));
+        if !syslog {
+            others.push(a);
+            continue;
+        }
+        match receiver::from_activated(a, allow.clone()) {
+            Ok((l, name)) => {
+                if let Some(al) = l.allow() {
+                    slots.push(AllowSlot {
+                        spec: None,
+                        allow: al.clone(),
+                    });
+                }
+                crate::log_info!("listening on {name}, passed by systemd");
+                listeners.push((l, name));
+            }
+            Err(e) => return fatal(EX_OSERR, e),
+        }
+    }
+    let activated = others;
+    // Passed sockets replace the default listener, and a configured one
+    // at the same address (the same configuration works with and without
+    // the .socket unit).
+    let passed: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
+    if !config.listen_is_default || listeners.is_empty() {
+        for spec in &config.listen {
+            if passed.contains(&bare(spec)) {
+                continue;
+            }
+            match receiver::bind(
+                spec,
+                allow.clone(),
+                config.socket_mode,
+                config.receive_buffer,
+            ) {
+                Ok(l) => {
+                    if let Some(a) = l.allow() {
+                        slots.push(AllowSlot {
+                            spec: Some(spec.clone()),
+                            allow: a.clone(),
+                        });
+                    }
+                    listeners.push((l, bare(spec)));
+                }
+                Err(e) => return fatal(EX_OSERR, e),
             }
         }
     }
@@ -263,12 +404,92 @@ async fn run(mut config: Config) -> i32 {
     for (what, specs) in [("policy", &config.policy), ("socketmap", &config.socketmap)] {
         for spec in specs {
             match crate::serve::bind(what, spec, allow.clone(), config.socket_mode) {
-                Ok(l) => services.push((what, l)),
-                Err(e) => {
-                    crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
-                    return EX_OSERR;
+                Ok(l) => {
+                    if let Some(a) = l.allow() {
+                        slots.push(AllowSlot {
+                            spec: Some(spec.clone()),
+                            allow: a.clone(),
+                        });
+                    }
+                    services.push((what, l));
+                }
+                Err(e) => return fatal(EX_OSERR, e),
+            }
+        }
+    }
+    let mut control = None;
+    let mut metrics = None;
+    for a in activated {
+        let name = a.name.clone();
+        match (a.kind, name.as_str()) {
+            (Kind::UnixStream, "control") => match crate::serve::from_activated(a, allow.clone()) {
+                Ok(crate::serve::StreamListener::Unix(l, p)) => control = Some((l, p)),
+                Ok(_) => {}
+                Err(e) => return fatal(EX_OSERR, e),
+            },
+            (Kind::UnixStream | Kind::Tcp, "policy" | "socketmap" | "metrics") => {
+                let what = match name.as_str() {
+                    "policy" => "policy",
+                    "socketmap" => "socketmap",
+                    _ => "metrics",
+                };
+                match crate::serve::from_activated(a, allow.clone()) {
+                    Ok(l) => {
+                        if let Some(al) = l.allow() {
+                            slots.push(AllowSlot {
+                                spec: None,
+                                allow: al.clone(),
+                            });
+                        }
+                        if what == "metrics" {
+                            metrics = Some(l);
+                        } else {
+                            services.push((what, l));
+                        }
+                    }
+                    Err(e) => return fatal(EX_OSERR, e),
                 }
             }
+            _ => {}
+        }
+    }
+    if listeners.is_empty() {
+        return fatal(
+            EX_CONFIG,
+            "no listener: give at least one --listen, or pass a socket through systemd",
+        );
+    }
+    if control.is_none()
+        && let Some((path, is_default)) = &config.control
+    {
+        let dir_missing = path.parent().is_some_and(|d| !d.is_dir());
+        if *is_default && dir_missing {
+            crate::log_info!(
+                "no control socket ({} does not exist): list, revoke and stats will not reach this daemon; create the directory or set --control",
+                path.parent()
+                    .map_or_else(String::new, |d| d.display().to_string())
+            );
+        } else {
+            match crate::control::bind(path) {
+                Ok(c) => control = Some(c),
+                Err(e) => return fatal(EX_OSERR, e),
+            }
+        }
+    }
+    if metrics.is_none()
+        && let Some(spec) = &config.metrics
+    {
+        match crate::serve::bind("metrics", spec, allow.clone(), config.socket_mode) {
+            Ok(l) => {
+                if let Some(a) = l.allow() {
+                    slots.push(AllowSlot {
+                        spec: Some(spec.clone()),
+                        allow: a.clone(),
+                    });
+                }
+                metrics = Some(l);
+            }
+            Err(e) => return fatal(EX_OSERR, e),
         }
     }
 
@@ -282,42 +503,52 @@ async fn run(mut config: Config) -> i32 {
     if let Some(gid) = socket_gid {
         let paths = listeners
             .iter()
-            .filter_map(|l| l.socket_path())
+            .filter_map(|(l, _)| l.socket_path())
             .chain(services.iter().filter_map(|(_, l)| l.socket_path()));
         for path in paths {
             if let Err(e) = privilege::chgrp(path, gid) {
-                crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
-                return EX_OSERR;
+                return fatal(EX_OSERR, e);
             }
         }
     }
+    if let (Some((_, path)), Some((_, group))) = (&control, &config.run_as)
+        && path.1
+        && let Err(e) = privilege::chgrp(&path.0, group.gid)
+    {
+        return fatal(EX_OSERR, e);
+    }
     if let Some((user, group)) = &config.run_as {
         if let Err(e) = privilege::drop_to(user.uid, group.gid) {
-            crate::logging::write(
-                crate::logging::Level::Fatal,
+            return fatal(
+                EX_OSERR,
                 format_args!(
                     "cannot switch to user {} (uid {}) and group {} (gid {}): {e}; start the daemon as root to use --user",
                     user.name, user.uid, group.name, group.gid
                 ),
             );
-            return EX_OSERR;
         }
+        let mut dirs = Vec::new();
         if let Some(map) = &config.map {
-            let dir = match map.path.parent() {
+            dirs.push(("--map", map.path.clone()));
+        }
+        if let Some(state) = &config.state {
+            dirs.push(("--state", state.clone()));
+        }
+        for (key, file) in dirs {
+            let dir = match file.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
             };
             if !privilege::can_write(&dir) {
-                crate::logging::write(
-                    crate::logging::Level::Fatal,
+                return fatal(
+                    EX_CONFIG,
                     format_args!(
-                        "--map {}: user {} may not create files in {}: give the directory to that user (chown) or choose a map in a directory it owns",
-                        map.path.display(),
+                        "{key} {}: user {} may not create files in {}: give the directory to that user (chown) or choose a file in a directory it owns",
+                        file.display(),
                         user.name,
                         dir.display()
                     ),
                 );
-                return EX_CONFIG;
             }
         }
         crate::log_info!(
@@ -343,6 +574,31 @@ async fn run(mut config: Config) -> i32 {
     }
     let stats = Arc::new(Stats::default());
     let table = Arc::new(GrantTable::with_limit(config.max_grants));
+    let settings = Settings::take(&mut config);
+
+    // Grants still open from the last run come back before the map is
+    // first written, with their original expiry.
+    let mut state_writer = None;
+    if let Some(path) = &config.state {
+        let loaded = match crate::state::load(path) {
+            Ok(l) => l,
+            Err(e) => return fatal(EX_CONFIG, e),
+        };
+        for bad in &loaded.bad_lines {
+            crate::log_warning!("state {bad}");
+        }
+        let (restored, expired, refused) =
+            crate::state::restore(&loaded, &table, &settings.policy, settings.window);
+        crate::log_info!(
+            "state {}: restored {restored} grants ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
+            path.display()
+        );
+        match StateWriter::start(path.clone(), table.clone()) {
+            Ok(w) => state_writer = Some(w),
+            Err(e) => return fatal(EX_OSERR, e),
+        }
+    }
+
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(table.clone().run_purge(stats.clone()));
 
@@ -365,17 +621,25 @@ async fn run(mut config: Config) -> i32 {
             }));
         }
     }
-
-    let pipeline = Arc::new(Pipeline {
-        matchers: config.matchers,
-        policy: AddressPolicy::new(config.never.clone()),
+    let status = Arc::new(Status {
         table: table.clone(),
-        window: config.window,
         stats: stats.clone(),
-        require_attestation: config.require_attestation,
-        trust_attestation_from: config.trust_attestation_from.clone(),
-        reporters: Default::default(),
+        listeners: listener_counts.clone(),
     });
+    let control_desc = control
+        .as_ref()
+        .map(|(_, p)| format!("; control {}", p.0.display()));
+    if let Some((l, p)) = control {
+        tasks.spawn(crate::control::serve(l, p, status.clone()));
+    }
+    if let Some(l) = metrics {
+        let status = status.clone();
+        tasks.spawn(l.serve("metrics", move |io, _peer| {
+            crate::metrics::session(io, status.clone())
+        }));
+    }
+
+    let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
     let mut serving = match &config.map {
         Some(m) => format!("map {}:{}", m.map_type.name(), m.path.display()),
         None => "no map file".to_string(),
@@ -390,9 +654,19 @@ async fn run(mut config: Config) -> i32 {
             crate::socketmap::MAP_NAME
         ));
     }
+    if let Some(c) = control_desc {
+        serving.push_str(&c);
+    }
+    if let Some(m) = &config.metrics {
+        serving.push_str(&format!("; metrics {m}"));
+    }
+    if let Some(s) = &config.state {
+        serving.push_str(&format!("; state {}", s.display()));
+    }
+    let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}; {serving}",
-        join(&config.listen),
+        names.join(", "),
         join(&config.allow_from),
         if config.never.is_empty() {
             "none".to_string()
@@ -406,17 +680,42 @@ async fn run(mut config: Config) -> i32 {
     // their queues; say "started" before the first of them is handled.
     // The kernel counts the datagrams it dropped for a full receive queue;
     // the stop line reports them with our own counters.
-    let udp_inodes: Vec<u64> = listeners.iter().filter_map(|l| l.udp_inode()).collect();
-    for l in listeners {
+    let udp_inodes: Vec<u64> = listeners
+        .iter()
+        .filter_map(|(l, _)| l.udp_inode())
+        .collect();
+    for (l, name) in listeners {
         let p = pipeline.clone();
-        tasks.spawn(l.run(stats.clone(), move |bytes, peer| p.handle(bytes, peer)));
+        let counter = listener_counts.counter(&name);
+        tasks.spawn(l.run(stats.clone(), counter, move |bytes, peer| {
+            p.handle(bytes, peer)
+        }));
     }
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=listening on {}; {} grants",
+        names.join(", "),
+        table.len()
+    ));
 
-    let status = wait_for_signal().await;
+    let mut running = Running {
+        args,
+        config,
+        pipeline,
+        table: table.clone(),
+        stats: stats.clone(),
+        slots,
+    };
+    let status = wait_for_signal(&mut running).await;
+    crate::systemd::notify("STOPPING=1");
     // Read the kernel's count while the sockets are still open.
     let kernel_dropped = receiver::kernel_drops(&udp_inodes);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    if let Some(w) = state_writer
+        && !w.stop(Duration::from_millis(800))
+    {
+        crate::log_error!("state: the last changes could not be written within 0.8 s");
+    }
     crate::log_info!(
         "stopped: {} kernel_dropped={kernel_dropped}",
         stats
@@ -429,6 +728,115 @@ async fn run(mut config: Config) -> i32 {
     status
 }
 
+/// Re-reads the configuration (SIGHUP). A configuration that does not
+/// validate is refused and the old one stays in force; otherwise patterns,
+/// window, never-grant rules, attestation, allow-lists, the grant limit and
+/// logging change at once, live grants stay, and settings that need sockets
+/// or files opened again are reported as needing a restart.
+fn reload(r: &mut Running) {
+    crate::systemd::notify(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={}",
+        crate::systemd::monotonic_usec()
+    ));
+    let mut new = match Config::from_args(&r.args) {
+        Ok(c) => c,
+        Err(e) => {
+            Stats::bump(&r.stats.reload_failures);
+            crate::log_error!("reload refused, the running configuration stays in force: {e}");
+            crate::systemd::notify("READY=1\nSTATUS=reload refused: see the log");
+            return;
+        }
+    };
+    let old = &r.config;
+    let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(bare).collect() };
+    let mut restart = Vec::new();
+    if strip(&old.listen) != strip(&new.listen) && !old.listen_is_default {
+        restart.push("listen");
+    }
+    if format!("{:?}", old.map) != format!("{:?}", new.map) {
+        restart.push("map, map-type or postmap");
+    }
+    if strip(&old.policy) != strip(&new.policy) {
+        restart.push("policy");
+    }
+    if strip(&old.socketmap) != strip(&new.socketmap) {
+        restart.push("socketmap");
+    }
+    if old.state != new.state {
+        restart.push("state");
+    }
+    if old.control != new.control {
+        restart.push("control");
+    }
+    if format!(
+        "{:?}",
+        old.metrics.as_ref().map(|m| strip(std::slice::from_ref(m)))
+    ) != format!(
+        "{:?}",
+        new.metrics.as_ref().map(|m| strip(std::slice::from_ref(m)))
+    ) {
+        restart.push("metrics");
+    }
+    if format!("{:?}", old.run_as) != format!("{:?}", new.run_as)
+        || format!("{:?}", old.socket_group) != format!("{:?}", new.socket_group)
+        || old.socket_mode != new.socket_mode
+        || old.receive_buffer != new.receive_buffer
+    {
+        restart.push("user, group, socket-group, socket-mode or receive-buffer");
+    }
+
+    crate::logging::set_level(new.log_level);
+    crate::logging::set_format(new.log_format);
+    let specs: Vec<&ListenSpec> = new
+        .listen
+        .iter()
+        .chain(&new.policy)
+        .chain(new.metrics.iter())
+        .collect();
+    for slot in &r.slots {
+        slot.update(&specs, &new.allow_from);
+    }
+    r.table.set_limit(new.max_grants);
+    let settings = Settings::take(&mut new);
+    r.pipeline.settings.store(settings);
+    Stats::bump(&r.stats.reloads);
+    crate::log_info!(
+        "reloaded: window {}; allow-from {}; never {}; require-attestation {}; max-grants {}; {} live grants kept",
+        format_duration(new.window),
+        join(&new.allow_from),
+        if new.never.is_empty() {
+            "none".to_string()
+        } else {
+            join(&new.never)
+        },
+        if new.require_attestation { "yes" } else { "no" },
+        new.max_grants,
+        r.table.len()
+    );
+    if !restart.is_empty() {
+        crate::log_warning!(
+            "reload: changed {} keep their old value until the daemon is restarted",
+            restart.join("; ")
+        );
+    }
+    // What is in force now, for the next comparison.
+    r.config = new;
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=reloaded; {} grants",
+        r.table.len()
+    ));
+}
+
+/// A listen spec without its allow-list: `udp://ADDR:PORT`,
+/// `tcp://ADDR:PORT`, `unix:///PATH`.
+fn bare(spec: &ListenSpec) -> String {
+    match spec {
+        ListenSpec::Udp(a, _) => format!("udp://{a}"),
+        ListenSpec::Tcp(a, _) => format!("tcp://{a}"),
+        ListenSpec::Unix(p) => format!("unix://{}", p.display()),
+    }
+}
+
 fn join<T: std::fmt::Display>(items: &[T]) -> String {
     items
         .iter()
@@ -437,24 +845,36 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-/// Waits for SIGTERM or SIGINT; returns the exit status.
-async fn wait_for_signal() -> i32 {
+/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
+/// status.
+async fn wait_for_signal(r: &mut Running) -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         crate::log_error!("cannot install signal handlers; stop the daemon with SIGKILL");
         std::future::pending::<()>().await;
         return 0;
     };
-    tokio::select! {
-        _ = term.recv() => crate::log_info!("SIGTERM received, stopping"),
-        _ = int.recv() => crate::log_info!("SIGINT received, stopping"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                crate::log_info!("SIGTERM received, stopping");
+                return 0;
+            }
+            _ = int.recv() => {
+                crate::log_info!("SIGINT received, stopping");
+                return 0;
+            }
+            _ = hup.recv() => {
+                crate::log_info!("SIGHUP received, reloading the configuration");
+                reload(r);
+            }
+        }
     }
-    0
 }
-
 /// `smtp-after-popd match`: prints each recognised login in the files.
 fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let matchers = match crate::config::matchers_from_file(config.as_deref()) {

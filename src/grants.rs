@@ -19,7 +19,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -42,7 +43,24 @@ pub struct Grant {
     pub user: Box<str>,
     /// Who reported the latest login: the peer address or socket path.
     pub reporter: Arc<str>,
+    /// The host name in the latest login's record (untrusted text).
+    pub host: Arc<str>,
 }
+
+/// A change of the table, as the state file records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// An address was granted, or its grant renewed.
+    Grant(IpAddr, Grant),
+    /// A grant was revoked.
+    Revoke(IpAddr),
+}
+
+/// Receives every grant, renewal and revocation, in the order the table
+/// applied them (it is called under the table's lock, so it must be quick:
+/// hand the change over, do not write it). Expiries are not reported:
+/// whoever reads the record drops expired grants itself.
+pub type ChangeHook = Box<dyn Fn(Change) + Send + Sync>;
 
 /// Whether a login opened a new grant or renewed one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +84,6 @@ struct Inner {
 }
 
 /// The table of live grants. Cheap to share: wrap it in an `Arc`.
-#[derive(Debug)]
 pub struct GrantTable {
     /// The grants; see the module doc for why a std mutex.
     inner: Mutex<Inner>,
@@ -75,7 +92,18 @@ pub struct GrantTable {
     /// Wakes the purge task when an earlier expiry appears.
     purge_wake: Notify,
     /// Most live grants; new addresses are refused beyond it.
-    max_grants: usize,
+    max_grants: AtomicUsize,
+    /// Told of every change, once set.
+    hook: OnceLock<ChangeHook>,
+}
+
+impl std::fmt::Debug for GrantTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantTable")
+            .field("len", &self.len())
+            .field("max_grants", &self.max_grants)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for GrantTable {
@@ -96,8 +124,21 @@ impl GrantTable {
             inner: Mutex::new(Inner::default()),
             generation_tx: watch::Sender::new(0),
             purge_wake: Notify::new(),
-            max_grants,
+            max_grants: AtomicUsize::new(max_grants),
+            hook: OnceLock::new(),
         }
+    }
+
+    /// Changes the most live grants (a reload); grants beyond a lower
+    /// limit stay until they expire.
+    pub fn set_limit(&self, max_grants: usize) {
+        self.max_grants.store(max_grants, Ordering::Relaxed);
+    }
+
+    /// Sets the hook told of every change from now on; only the first call
+    /// has an effect.
+    pub fn set_hook(&self, hook: ChangeHook) {
+        let _ = self.hook.set(hook);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -114,8 +155,13 @@ impl GrantTable {
     pub fn grant(&self, ip: IpAddr, grant: Grant) -> GrantResult {
         let expires = grant.expires;
         let mut inner = self.lock();
-        if inner.grants.len() >= self.max_grants && !inner.grants.contains_key(&ip) {
+        if inner.grants.len() >= self.max_grants.load(Ordering::Relaxed)
+            && !inner.grants.contains_key(&ip)
+        {
             return GrantResult::Full;
+        }
+        if let Some(hook) = self.hook.get() {
+            hook(Change::Grant(ip, grant.clone()));
         }
         let earliest_before = inner.expiries.first().map(|(t, _)| *t);
         let result = match inner.grants.insert(ip, grant) {
@@ -145,6 +191,9 @@ impl GrantTable {
         let mut inner = self.lock();
         let old = inner.grants.remove(&ip)?;
         inner.expiries.remove(&(old.expires, ip));
+        if let Some(hook) = self.hook.get() {
+            hook(Change::Revoke(ip));
+        }
         inner.generation += 1;
         let generation = inner.generation;
         drop(inner);
@@ -271,6 +320,7 @@ mod tests {
             service: Service::Imap,
             user: "alice".into(),
             reporter: "127.0.0.1".into(),
+            host: "mail".into(),
         }
     }
 
@@ -348,6 +398,7 @@ mod tests {
             service: Service::Pop3,
             user: "u".into(),
             reporter: "test".into(),
+            host: "mail".into(),
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(t.grant(ip("192.0.2.1"), g()), GrantResult::New);
@@ -383,6 +434,7 @@ mod tests {
                     service: Service::Pop3,
                     user: "u".into(),
                     reporter: "test".into(),
+                    host: "mail".into(),
                 },
             );
         }

@@ -22,6 +22,11 @@
 //! - [`sink`]: keeps the Postfix access map in step with the table.
 //! - [`serve`], [`policy`], [`socketmap`]: the table served to Postfix
 //!   directly (policy delegation, socketmap), with no map file.
+//! - [`state`]: the state file that keeps grants across restarts.
+//! - [`control`], [`metrics`]: the control socket (`list`, `revoke`,
+//!   `stats`) and the Prometheus endpoint.
+//! - [`systemd`]: readiness notification and socket activation.
+//! - [`swap`]: the settings a reload (SIGHUP) replaces.
 //! - [`config`]: command line and configuration file, validated.
 //! - [`privilege`]: switching to an unprivileged user after binding.
 //! - [`daemon`]: wires the stages together and runs them.
@@ -31,10 +36,12 @@
 pub mod addr;
 pub mod attest;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod grants;
 pub mod logging;
 pub mod matcher;
+pub mod metrics;
 pub mod policy;
 pub mod privilege;
 pub mod receiver;
@@ -42,5 +49,8 @@ pub mod record;
 pub mod serve;
 pub mod sink;
 pub mod socketmap;
+pub mod state;
 pub mod stats;
+pub mod swap;
+pub mod systemd;
 pub mod tcp;

@@ -213,6 +213,15 @@ impl Matchers {
         }
     }
 
+    /// No patterns at all: recognises nothing.
+    pub fn empty() -> Matchers {
+        Matchers {
+            patterns: Vec::new(),
+            by_program: HashMap::new(),
+            prefilter: None,
+        }
+    }
+
     /// The built-in patterns plus the administrator's, whose source text is
     /// given for error line numbers.
     pub fn new(custom: &[(PatternSpec, &str)]) -> Result<Matchers, (bool, PatternError)> {

@@ -168,6 +168,7 @@ mod tests {
                 service: Service::Pop3,
                 user: "u".into(),
                 reporter: "t".into(),
+                host: "h".into(),
             },
         );
         t

@@ -23,6 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -33,6 +34,7 @@ use crate::config::ListenSpec;
 use crate::logging::RateLimit;
 use crate::record::MAX_RECORD;
 use crate::stats::Stats;
+use crate::swap::Swap;
 
 /// Who sent a datagram, as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +57,9 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// A listener's allow-list, replaced by a reload.
+pub type AllowList = Arc<Swap<Vec<Cidr>>>;
+
 /// A bound listener.
 #[derive(Debug)]
 pub enum Listener {
@@ -63,44 +68,54 @@ pub enum Listener {
         /// The socket.
         socket: UdpSocket,
         /// Peers allowed to send.
-        allow: Arc<Vec<Cidr>>,
+        allow: AllowList,
     },
     /// A TCP socket, the peers it accepts, and its connection slots.
     Tcp {
         /// The listening socket.
         listener: tokio::net::TcpListener,
         /// Peers allowed to connect.
-        allow: Arc<Vec<Cidr>>,
+        allow: AllowList,
     },
     /// A unix datagram socket; the guard removes its file on drop.
     Unix {
         /// The socket.
         socket: UnixDatagram,
-        /// The socket file, removed when the listener is dropped.
+        /// The socket file, removed when the listener is dropped (unless
+        /// systemd made it).
         guard: SocketFile,
     },
 }
 
-/// Removes a unix socket file when dropped.
+/// A unix socket file, removed when dropped if the daemon made it.
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+pub struct SocketFile(PathBuf, bool);
+
+impl SocketFile {
+    /// A socket file someone else (systemd) made and will remove.
+    pub fn borrowed(path: PathBuf) -> SocketFile {
+        SocketFile(path, false)
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.1 {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
 /// Binds a listener. `recv_buffer` is the receive buffer size to ask for.
 pub fn bind(
     spec: &ListenSpec,
-    allow: Arc<Vec<Cidr>>,
+    allow: AllowList,
     socket_mode: u32,
     recv_buffer: Option<usize>,
 ) -> Result<Listener, String> {
     match spec {
         ListenSpec::Tcp(addr, own) => {
-            let allow = own.clone().map(Arc::new).unwrap_or(allow);
+            let allow = own.clone().map(|a| Arc::new(Swap::new(a))).unwrap_or(allow);
             let socket = Socket::new(
                 Domain::for_address(*addr),
                 Type::STREAM,
@@ -130,7 +145,7 @@ pub fn bind(
             Ok(Listener::Tcp { listener, allow })
         }
         ListenSpec::Udp(addr, own) => {
-            let allow = own.clone().map(Arc::new).unwrap_or(allow);
+            let allow = own.clone().map(|a| Arc::new(Swap::new(a))).unwrap_or(allow);
             let socket = Socket::new(Domain::for_address(*addr), Type::DGRAM, Some(Protocol::UDP))
                 .map_err(|e| format!("cannot create a UDP socket for {spec}: {e}"))?;
             if addr.is_ipv6() {
@@ -161,7 +176,7 @@ pub fn bind(
             remove_stale_socket(path)?;
             let socket =
                 UnixDatagram::bind(path).map_err(|e| format!("cannot bind {spec}: {e}"))?;
-            let guard = SocketFile(path.clone());
+            let guard = SocketFile(path.clone(), true);
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
                 |e| {
                     format!(
@@ -173,6 +188,61 @@ pub fn bind(
             set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
             Ok(Listener::Unix { socket, guard })
         }
+    }
+}
+
+/// Makes a listener of a datagram or TCP socket systemd passed; returns it
+/// with a name for it in logs and counters.
+pub fn from_activated(
+    a: crate::systemd::Activated,
+    allow: AllowList,
+) -> Result<(Listener, String), String> {
+    use crate::systemd::Kind;
+    let what = format!("socket \"{}\" passed by systemd", a.name);
+    match a.kind {
+        Kind::Udp => {
+            let std = std::net::UdpSocket::from(a.fd);
+            std.set_nonblocking(true)
+                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
+            let name = std
+                .local_addr()
+                .map_or_else(|_| "udp://?".into(), |a| format!("udp://{a}"));
+            let socket =
+                UdpSocket::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
+            Ok((Listener::Udp { socket, allow }, name))
+        }
+        Kind::Tcp => {
+            let std = std::net::TcpListener::from(a.fd);
+            std.set_nonblocking(true)
+                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
+            let name = std
+                .local_addr()
+                .map_or_else(|_| "tcp://?".into(), |a| format!("tcp://{a}"));
+            let listener = tokio::net::TcpListener::from_std(std)
+                .map_err(|e| format!("cannot register {what}: {e}"))?;
+            Ok((Listener::Tcp { listener, allow }, name))
+        }
+        Kind::UnixDatagram => {
+            let std = std::os::unix::net::UnixDatagram::from(a.fd);
+            std.set_nonblocking(true)
+                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
+            let path = std
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from(format!("@{}", a.name)));
+            let socket =
+                UnixDatagram::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
+            let name = format!("unix://{}", path.display());
+            Ok((
+                Listener::Unix {
+                    socket,
+                    guard: SocketFile::borrowed(path),
+                },
+                name,
+            ))
+        }
+        Kind::UnixStream => Err(format!("{what} is a stream socket, not a syslog listener")),
     }
 }
 
@@ -222,10 +292,12 @@ fn set_recv_buffer(sock: &SockRef<'_>, spec: &ListenSpec, size: Option<usize>) {
 pub static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 /// Datagrams the kernel dropped because the receive queues of these UDP
-/// sockets (by inode) were full, from /proc/net/udp and /proc/net/udp6.
+/// sockets (by inode) were full, from /proc/self/net/udp and udp6.
 pub fn kernel_drops(inodes: &[u64]) -> u64 {
     let mut total = 0;
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+    // /proc/self/net, not /proc/net: the latter is hidden by systemd's
+    // ProcSubset=pid.
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };
@@ -262,9 +334,17 @@ impl Listener {
         }
     }
 
+    /// The allow-list of a UDP or TCP listener.
+    pub fn allow(&self) -> Option<&AllowList> {
+        match self {
+            Listener::Udp { allow, .. } | Listener::Tcp { allow, .. } => Some(allow),
+            Listener::Unix { .. } => None,
+        }
+    }
+
     /// Receives datagrams until the socket fails, handing each accepted one
-    /// to `handle`.
-    pub async fn run<F>(self, stats: Arc<Stats>, handle: F)
+    /// to `handle`; `received` counts this listener's datagrams.
+    pub async fn run<F>(self, stats: Arc<Stats>, received: Arc<AtomicU64>, handle: F)
     where
         F: Fn(&[u8], &Peer) + Send + Sync + 'static,
     {
@@ -285,8 +365,9 @@ impl Listener {
                         }
                     };
                     Stats::bump(&stats.received);
+                    Stats::bump(&received);
                     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-                    if !allowed(&allow, peer.ip()) {
+                    if !allowed(&allow.load(), peer.ip()) {
                         Stats::bump(&stats.dropped_peer);
                         crate::log_warning_limited!(
                             PEER_WARNINGS,
@@ -298,7 +379,7 @@ impl Listener {
                 }
             }
             Listener::Tcp { listener, allow } => {
-                crate::tcp::serve(listener, allow, stats, Arc::new(handle)).await;
+                crate::tcp::serve(listener, allow, stats, received, Arc::new(handle)).await;
             }
             Listener::Unix { socket, guard } => {
                 let peer = Peer::Unix(guard.0.to_string_lossy().into());
@@ -312,6 +393,7 @@ impl Listener {
                         }
                     };
                     Stats::bump(&stats.received);
+                    Stats::bump(&received);
                     handle(&buf[..n], &peer);
                 }
             }

@@ -19,9 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
-use crate::addr::{Cidr, canonical};
+use crate::addr::canonical;
 use crate::config::ListenSpec;
-use crate::receiver::{PEER_WARNINGS, allowed};
+use crate::receiver::{AllowList, PEER_WARNINGS, allowed};
+use crate::swap::Swap;
 
 /// Connections served at once per listener (Postfix keeps one per smtpd
 /// process, and reuses it).
@@ -34,17 +35,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A bound stream listener.
 pub enum StreamListener {
     /// TCP, with the peers it accepts.
-    Tcp(TcpListener, Arc<Vec<Cidr>>),
+    Tcp(TcpListener, AllowList),
     /// A unix stream socket; its file is removed when this is dropped.
     Unix(UnixListener, SocketPath),
 }
 
-/// Removes a socket file when dropped.
-pub struct SocketPath(pub PathBuf);
+/// A socket file, removed when dropped if the daemon made it (not when
+/// systemd did).
+pub struct SocketPath(pub PathBuf, pub bool);
 
 impl Drop for SocketPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.1 {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
@@ -52,12 +56,12 @@ impl Drop for SocketPath {
 pub fn bind(
     what: &str,
     spec: &ListenSpec,
-    allow: Arc<Vec<Cidr>>,
+    allow: AllowList,
     mode: u32,
 ) -> Result<StreamListener, String> {
     match spec {
         ListenSpec::Tcp(addr, own) => {
-            let allow = own.clone().map(Arc::new).unwrap_or(allow);
+            let allow = own.clone().map(|a| Arc::new(Swap::new(a))).unwrap_or(allow);
             let std = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot bind {what} {spec}: {e}"))?;
             std.set_nonblocking(true)
@@ -76,7 +80,7 @@ pub fn bind(
             remove_stale(path)?;
             let l =
                 UnixListener::bind(path).map_err(|e| format!("cannot bind {what} {spec}: {e}"))?;
-            let guard = SocketPath(path.clone());
+            let guard = SocketPath(path.clone(), true);
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("cannot set mode {mode:04o} on {}: {e}", path.display()))?;
             Ok(StreamListener::Unix(l, guard))
@@ -84,6 +88,39 @@ pub fn bind(
         ListenSpec::Udp(..) => Err(format!(
             "{what} {spec}: expected unix:///PATH or tcp://ADDR:PORT (a stream socket)"
         )),
+    }
+}
+
+/// Makes a stream listener of a socket systemd passed.
+pub fn from_activated(
+    a: crate::systemd::Activated,
+    allow: AllowList,
+) -> Result<StreamListener, String> {
+    use crate::systemd::Kind;
+    let what = format!("socket \"{}\" passed by systemd", a.name);
+    match a.kind {
+        Kind::Tcp => {
+            let std = std::net::TcpListener::from(a.fd);
+            std.set_nonblocking(true)
+                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
+            let l =
+                TcpListener::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
+            Ok(StreamListener::Tcp(l, allow))
+        }
+        Kind::UnixStream => {
+            let std = std::os::unix::net::UnixListener::from(a.fd);
+            std.set_nonblocking(true)
+                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
+            let path = std
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from(format!("@{}", a.name)));
+            let l =
+                UnixListener::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
+            Ok(StreamListener::Unix(l, SocketPath(path, false)))
+        }
+        _ => Err(format!("{what} is not a stream socket")),
     }
 }
 
@@ -111,6 +148,14 @@ fn remove_stale(path: &Path) -> Result<(), String> {
 }
 
 impl StreamListener {
+    /// The allow-list of a TCP listener.
+    pub fn allow(&self) -> Option<&AllowList> {
+        match self {
+            StreamListener::Tcp(_, a) => Some(a),
+            StreamListener::Unix(..) => None,
+        }
+    }
+
     /// The socket file of a unix listener.
     pub fn socket_path(&self) -> Option<&Path> {
         match self {
@@ -131,7 +176,7 @@ impl StreamListener {
                 StreamListener::Tcp(l, allow) => match l.accept().await {
                     Ok((s, a)) => {
                         let ip = canonical(a.ip());
-                        if !allowed(allow, ip) {
+                        if !allowed(&allow.load(), ip) {
                             crate::log_warning_limited!(
                                 PEER_WARNINGS,
                                 "{what}: connection from {a} refused: peer not in allow-from"

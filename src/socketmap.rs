@@ -148,6 +148,7 @@ mod tests {
                 service: Service::Imap,
                 user: "u".into(),
                 reporter: "t".into(),
+                host: "h".into(),
             },
         );
         t

@@ -1,24 +1,30 @@
 //! Counters for everything received, dropped and decided.
 //!
 //! Consumes: increments from every stage.
-//! Produces: a snapshot ([`Stats::snapshot`]) of named counters, for the log
-//! and for tests.
+//! Produces: a snapshot ([`Stats::snapshot`]) of named counters, for the log,
+//! `smtp-after-popd stats`, the Prometheus endpoint and tests; and the
+//! datagrams received by each listener ([`Stats::listener`]).
 //! Trusts: nothing; counters only count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
         /// The daemon's counters. All are monotonic since start-up.
         #[derive(Debug, Default)]
         pub struct Stats {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
         }
 
         impl Stats {
             /// Every counter with its name, in declaration order.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![ $( (stringify!($name), self.$name.load(Ordering::Relaxed)), )* ]
+            }
+
+            /// Every counter with its name and description.
+            pub fn described(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![ $( (stringify!($name), concat!($($doc),*).trim_ascii(), self.$name.load(Ordering::Relaxed)), )* ]
             }
         }
     };
@@ -69,6 +75,43 @@ counters! {
     map_updates,
     /// Map rebuilds that failed (and were retried).
     map_failures,
+    /// Grants removed by `smtp-after-popd revoke`.
+    revoked,
+    /// Configuration reloads that took effect.
+    reloads,
+    /// Configuration reloads refused (the old configuration stayed).
+    reload_failures,
+}
+
+/// Datagrams received by each listener, by name.
+#[derive(Debug, Default)]
+pub struct ListenerCounts(std::sync::Mutex<Vec<(String, std::sync::Arc<AtomicU64>)>>);
+
+impl ListenerCounts {
+    /// The counter of the listener `name`, made on first use.
+    pub fn counter(&self, name: &str) -> std::sync::Arc<AtomicU64> {
+        let mut v = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((_, c)) = v.iter().find(|(n, _)| n == name) {
+            return c.clone();
+        }
+        let c = std::sync::Arc::new(AtomicU64::new(0));
+        v.push((name.to_string(), c.clone()));
+        c
+    }
+
+    /// Every listener's name and count.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let v = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        v.iter()
+            .map(|(n, c)| (n.clone(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 impl Stats {

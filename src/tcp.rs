@@ -19,15 +19,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::addr::{Cidr, canonical};
+use crate::addr::canonical;
 use crate::logging::RateLimit;
-use crate::receiver::{PEER_WARNINGS, Peer, allowed};
+use crate::receiver::{AllowList, PEER_WARNINGS, Peer, allowed};
 use crate::record::MAX_RECORD;
 use crate::stats::Stats;
 
@@ -59,8 +60,9 @@ impl From<std::io::Error> for FrameError {
 /// Accepts connections until the listener fails for good.
 pub async fn serve<F>(
     listener: TcpListener,
-    allow: Arc<Vec<Cidr>>,
+    allow: AllowList,
     stats: Arc<Stats>,
+    received: Arc<AtomicU64>,
     handle: Arc<F>,
 ) where
     F: Fn(&[u8], &Peer) + Send + Sync + 'static,
@@ -79,7 +81,7 @@ pub async fn serve<F>(
             }
         };
         let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-        if !allowed(&allow, peer.ip()) {
+        if !allowed(&allow.load(), peer.ip()) {
             Stats::bump(&stats.dropped_peer);
             crate::log_warning_limited!(
                 PEER_WARNINGS,
@@ -97,18 +99,25 @@ pub async fn serve<F>(
         };
         Stats::bump(&stats.tcp_connections);
         let stats = stats.clone();
+        let received = received.clone();
         let handle = handle.clone();
         let local = local.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            connection(stream, &local, peer, &stats, &*handle).await;
+            connection(stream, &local, peer, &stats, &received, &*handle).await;
         });
     }
 }
 
 /// Reads frames from one connection until it ends, fails or idles out.
-async fn connection<F>(stream: TcpStream, local: &str, peer: SocketAddr, stats: &Stats, handle: &F)
-where
+async fn connection<F>(
+    stream: TcpStream,
+    local: &str,
+    peer: SocketAddr,
+    stats: &Stats,
+    received: &AtomicU64,
+    handle: &F,
+) where
     F: Fn(&[u8], &Peer),
 {
     let mut reader = BufReader::with_capacity(16 * 1024, stream);
@@ -122,6 +131,7 @@ where
             }
             Ok(Ok(true)) => {
                 Stats::bump(&stats.received);
+                Stats::bump(received);
                 handle(&frame, &who);
             }
             Ok(Ok(false)) => return,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use smtp_after_popd::addr::{AddressPolicy, Cidr};
-use smtp_after_popd::daemon::Pipeline;
+use smtp_after_popd::daemon::{Pipeline, Settings};
 use smtp_after_popd::grants::GrantTable;
 use smtp_after_popd::matcher::Matchers;
 use smtp_after_popd::receiver::Peer;
@@ -25,16 +25,17 @@ use smtp_after_popd::stats::Stats;
 
 fn pipeline(never: &[&str]) -> Pipeline {
     smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
-    Pipeline {
-        matchers: Matchers::builtin(),
-        policy: AddressPolicy::new(never.iter().map(|c| c.parse::<Cidr>().unwrap()).collect()),
-        table: Arc::new(GrantTable::new()),
-        window: Duration::from_secs(60),
-        stats: Arc::new(Stats::default()),
-        require_attestation: false,
-        trust_attestation_from: Vec::new(),
-        reporters: Default::default(),
-    }
+    Pipeline::new(
+        Settings {
+            matchers: Matchers::builtin(),
+            policy: AddressPolicy::new(never.iter().map(|c| c.parse::<Cidr>().unwrap()).collect()),
+            window: Duration::from_secs(60),
+            require_attestation: false,
+            trust_attestation_from: Vec::new(),
+        },
+        Arc::new(GrantTable::new()),
+        Arc::new(Stats::default()),
+    )
 }
 
 fn granted(p: &Pipeline) -> Vec<IpAddr> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use smtp_after_popd::addr::AddressPolicy;
-use smtp_after_popd::daemon::Pipeline;
+use smtp_after_popd::daemon::{Pipeline, Settings};
 use smtp_after_popd::grants::GrantTable;
 use smtp_after_popd::matcher::Matchers;
 use smtp_after_popd::receiver::Peer;
@@ -28,15 +28,18 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 fn pipeline(require: bool) -> &'static Pipeline {
     static P: [OnceLock<Pipeline>; 2] = [OnceLock::new(), OnceLock::new()];
-    P[usize::from(require)].get_or_init(|| Pipeline {
-        matchers: Matchers::builtin(),
-        policy: AddressPolicy::new(Vec::new()),
-        table: Arc::new(GrantTable::with_limit(1000)),
-        window: Duration::from_secs(60),
-        stats: Arc::new(Stats::default()),
-        require_attestation: require,
-        trust_attestation_from: Vec::new(),
-        reporters: Default::default(),
+    P[usize::from(require)].get_or_init(|| {
+        Pipeline::new(
+            Settings {
+                matchers: Matchers::builtin(),
+                policy: AddressPolicy::new(Vec::new()),
+                window: Duration::from_secs(60),
+                require_attestation: require,
+                trust_attestation_from: Vec::new(),
+            },
+            Arc::new(GrantTable::with_limit(1000)),
+            Arc::new(Stats::default()),
+        )
     })
 }
 

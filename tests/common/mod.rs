@@ -118,6 +118,11 @@ impl Daemon {
             Some(dir) => command.env("MAIL_CONFIG", dir),
             None => command.env_remove("MAIL_CONFIG"),
         };
+        // No control socket unless the test asks for one: the default path
+        // may belong to an installed daemon.
+        if !args.contains(&"--control") {
+            command.args(["--control", "none"]);
+        }
         let child = command
             .args(args)
             .stdin(Stdio::null())
@@ -143,6 +148,11 @@ impl Daemon {
 
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends a signal (TERM, HUP, KILL...).
+    pub fn signal(&self, sig: &str) {
+        unsafe_kill(self.child.id(), sig);
     }
 
     /// Sends SIGTERM and waits for the exit status.

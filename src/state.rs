@@ -1,0 +1,562 @@
+//! The state file: live grants kept across restarts and crashes
+//! (`--state FILE`).
+//!
+//! Consumes: at start-up, the file an earlier run wrote; then every change
+//! of the grant table ([`crate::grants::Change`], through the table's hook).
+//! Produces: the grants of the file still inside their window, back in the
+//! table with their original expiry; and the file, kept in step.
+//! Trusts: the file is the daemon's own (its directory should be writable
+//! by the daemon only), but it is read strictly all the same: a line that
+//! does not parse is skipped and logged with the file and line number,
+//! never fatal. A restored grant passes the never-grant rules again, and
+//! none is given more time than the current `--window`.
+//!
+//! # Format
+//!
+//! ```text
+//! smtp-after-popd state 1
+//! grant 192.0.2.7 1795672862345 dovecot imap unix:/run/smtp-after-popd/syslog.sock mail alice
+//! revoke 192.0.2.7
+//! ```
+//!
+//! `grant IP EXPIRES SERVER SERVICE REPORTER HOST USER`, EXPIRES in
+//! milliseconds since the Unix epoch; text fields are percent-encoded
+//! (anything but printable ASCII, and `%`). Later lines win.
+//!
+//! # Cost and safety
+//!
+//! Each change appends one line (written at once, so a SIGKILL loses
+//! nothing the kernel has; synced to disk after each batch). When the
+//! appended lines outnumber twice the live grants (and at least
+//! [`MIN_COMPACT`]), the file is rewritten from the table: written to
+//! `FILE.tmp`, synced, renamed over `FILE`, so a crash leaves either the
+//! old file or the new one, never half of one. A line cut short by a crash
+//! lacks its newline and is ignored. The cost per change is bounded:
+//! one line, plus its share of the rewrite, which happens once per
+//! 2×(live grants) changes.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use crate::addr::AddressPolicy;
+use crate::grants::{Change, Grant, GrantTable};
+use crate::matcher::Service;
+
+/// The first line of a state file.
+pub const HEADER: &str = "smtp-after-popd state 1";
+/// Fewest appended lines before a rewrite is considered.
+pub const MIN_COMPACT: usize = 4096;
+/// Changes waiting for the writer; beyond this the writer rewrites the
+/// whole file from the table instead of appending the changes one by one.
+const QUEUE: usize = 65_536;
+
+/// One grant as the file holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Expiry, in milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+    /// Server software.
+    pub server: String,
+    /// Service.
+    pub service: Service,
+    /// Reporting peer.
+    pub reporter: String,
+    /// Host name of the record.
+    pub host: String,
+    /// User name.
+    pub user: String,
+}
+
+/// What [`load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The grants, by address (later lines won).
+    pub grants: HashMap<IpAddr, Entry>,
+    /// Lines skipped, with their messages (`FILE, line N: ...`).
+    pub bad_lines: Vec<String>,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wall-clock expiry of a grant, in ms since the epoch.
+fn wall_ms(expires: Instant, now: Instant, now_ms: u64) -> u64 {
+    now_ms + expires.saturating_duration_since(now).as_millis() as u64
+}
+
+/// Percent-encodes a text field.
+fn encode(out: &mut String, s: &str) {
+    if s.is_empty() {
+        out.push('-');
+        return;
+    }
+    for b in s.bytes() {
+        if (0x21..0x7f).contains(&b) && b != b'%' && !(s.len() == 1 && b == b'-') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// Decodes a percent-encoded text field.
+fn decode(s: &str) -> Option<String> {
+    if s == "-" {
+        return Some(String::new());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Formats one grant line (with its newline).
+fn grant_line(out: &mut String, ip: IpAddr, expires_ms: u64, g: &Grant) {
+    let _ = write!(out, "grant {ip} {expires_ms} ");
+    encode(out, &g.server);
+    let _ = write!(out, " {} ", g.service);
+    encode(out, &g.reporter);
+    out.push(' ');
+    encode(out, &g.host);
+    out.push(' ');
+    encode(out, &g.user);
+    out.push('\n');
+}
+
+fn parse_line(line: &str) -> Result<(IpAddr, Option<Entry>), String> {
+    let f: Vec<&str> = line.split(' ').collect();
+    let ip = |s: &str| {
+        s.parse::<IpAddr>()
+            .map_err(|_| format!("\"{}\" is not an IP address", crate::logging::escape(s)))
+    };
+    match f.as_slice() {
+        ["revoke", a] => Ok((ip(a)?, None)),
+        ["grant", a, exp, server, service, reporter, host, user] => {
+            let expires_ms = exp.parse::<u64>().map_err(|_| {
+                format!("expiry \"{}\" is not a number", crate::logging::escape(exp))
+            })?;
+            let service = Service::from_text(service).ok_or_else(|| {
+                format!("unknown service \"{}\"", crate::logging::escape(service))
+            })?;
+            let text = |s: &str| decode(s).ok_or_else(|| "bad percent-encoding".to_string());
+            Ok((
+                ip(a)?,
+                Some(Entry {
+                    expires_ms,
+                    server: text(server)?,
+                    service,
+                    reporter: text(reporter)?,
+                    host: text(host)?,
+                    user: text(user)?,
+                }),
+            ))
+        }
+        _ => Err(
+            "expected \"grant IP EXPIRES SERVER SERVICE REPORTER HOST USER\" or \"revoke IP\""
+                .into(),
+        ),
+    }
+}
+
+/// Reads a state file. A missing file is an empty state; an unreadable one
+/// is an error (the daemon must not start and then overwrite it).
+pub fn load(path: &Path) -> Result<Loaded, String> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::default()),
+        Err(e) => {
+            return Err(format!(
+                "--state {}: cannot read it: {e}; give the daemon's user read and write access, or remove the file to start without the saved grants",
+                path.display()
+            ));
+        }
+    };
+    let mut loaded = Loaded::default();
+    let mut reader = BufReader::new(file);
+    let mut raw = Vec::new();
+    let mut n = 0;
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                return Err(format!("--state {}: read failed: {e}", path.display()));
+            }
+        }
+        n += 1;
+        if raw.last() != Some(&b'\n') {
+            // Cut short by a crash while it was being appended.
+            loaded.bad_lines.push(format!(
+                "{}, line {n}: incomplete last line (cut short by a crash?): ignored",
+                path.display()
+            ));
+            break;
+        }
+        raw.pop();
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            loaded
+                .bad_lines
+                .push(format!("{}, line {n}: not UTF-8: skipped", path.display()));
+            continue;
+        };
+        if n == 1 {
+            if line != HEADER {
+                return Err(format!(
+                    "--state {}, line 1: \"{}\" is not a state file header (\"{HEADER}\"); is this the right file? Move it away to start without saved grants",
+                    path.display(),
+                    crate::logging::escape(line)
+                ));
+            }
+            continue;
+        }
+        match parse_line(line) {
+            Ok((ip, Some(e))) => {
+                loaded.grants.insert(ip, e);
+            }
+            Ok((ip, None)) => {
+                loaded.grants.remove(&ip);
+            }
+            Err(why) => loaded
+                .bad_lines
+                .push(format!("{}, line {n}: {why}: skipped", path.display())),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Puts the loaded grants still inside their window into `table`. Returns
+/// (restored, expired, refused by the never-grant rules).
+pub fn restore(
+    loaded: &Loaded,
+    table: &GrantTable,
+    policy: &AddressPolicy,
+    window: Duration,
+) -> (usize, usize, usize) {
+    let (now, now_ms) = (Instant::now(), now_ms());
+    let (mut restored, mut expired, mut refused) = (0, 0, 0);
+    let mut interned: HashMap<String, Arc<str>> = HashMap::new();
+    let mut intern = |s: &str| -> Arc<str> {
+        if let Some(a) = interned.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        if interned.len() < 4096 {
+            interned.insert(s.to_string(), a.clone());
+        }
+        a
+    };
+    for (ip, e) in &loaded.grants {
+        if e.expires_ms <= now_ms {
+            expired += 1;
+            continue;
+        }
+        let ip = match policy.check(*ip) {
+            Ok(ip) => ip,
+            Err(why) => {
+                crate::log_info!("state: not restoring {ip}: {why}");
+                refused += 1;
+                continue;
+            }
+        };
+        let left = Duration::from_millis(e.expires_ms - now_ms).min(window);
+        table.grant(
+            ip,
+            Grant {
+                expires: now + left,
+                server: intern(&e.server),
+                service: e.service,
+                user: e.user.as_str().into(),
+                reporter: intern(&e.reporter),
+                host: intern(&e.host),
+            },
+        );
+        restored += 1;
+    }
+    (restored, expired, refused)
+}
+
+enum Msg {
+    Change(Change),
+    Stop(SyncSender<()>),
+}
+
+/// The writer of the state file: a thread that appends the table's changes
+/// and rewrites the file when it has grown.
+pub struct StateWriter {
+    tx: SyncSender<Msg>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Writer {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    table: Arc<GrantTable>,
+    appended: usize,
+    lost: Arc<AtomicBool>,
+    failing: bool,
+}
+
+impl Writer {
+    /// Rewrites the whole file from the table, atomically.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let grants = self.table.list();
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let mut text = String::with_capacity(64 + grants.len() * 96);
+        text.push_str(HEADER);
+        text.push('\n');
+        for (ip, g) in &grants {
+            grant_line(&mut text, *ip, wall_ms(g.expires, now, now_ms), g);
+        }
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            // User names are nobody else's business: owner only.
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&self.tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()?;
+        }
+        std::fs::rename(&self.tmp, &self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.appended = 0;
+        Ok(())
+    }
+
+    fn append(&mut self, changes: &[Change]) -> std::io::Result<()> {
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let mut text = String::with_capacity(changes.len() * 96);
+        for c in changes {
+            match c {
+                Change::Grant(ip, g) => {
+                    grant_line(&mut text, *ip, wall_ms(g.expires, now, now_ms), g)
+                }
+                Change::Revoke(ip) => {
+                    let _ = writeln!(text, "revoke {ip}");
+                }
+            }
+        }
+        self.file.write_all(text.as_bytes())?;
+        self.file.sync_data()?;
+        self.appended += changes.len();
+        Ok(())
+    }
+
+    /// Writes a batch; rewrites the file when due, or after a failure or
+    /// a full queue (the table is then the only complete record).
+    fn write(&mut self, changes: &[Change]) {
+        let due = self.appended + changes.len() > MIN_COMPACT.max(2 * self.table.len());
+        let result = if self.failing || self.lost.swap(false, Ordering::Relaxed) || due {
+            self.compact()
+        } else {
+            self.append(changes)
+        };
+        match result {
+            Ok(()) => {
+                if self.failing {
+                    crate::log_info!("state {}: written again", self.path.display());
+                }
+                self.failing = false;
+            }
+            Err(e) => {
+                if !self.failing {
+                    crate::log_error!(
+                        "state {}: cannot write: {e}; grants are kept in memory and the file will be rewritten when writing works again",
+                        self.path.display()
+                    );
+                }
+                self.failing = true;
+            }
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut batch = Vec::new();
+        loop {
+            // While failing, retry every second even if nothing changes.
+            let first = if self.failing {
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                }
+            };
+            let mut stop = None;
+            let mut next = first;
+            while let Some(m) = next {
+                match m {
+                    Msg::Change(c) => batch.push(c),
+                    Msg::Stop(reply) => {
+                        stop = Some(reply);
+                        break;
+                    }
+                }
+                if batch.len() >= 4096 {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            if !batch.is_empty() || self.failing {
+                self.write(&batch);
+                batch.clear();
+            }
+            if let Some(reply) = stop {
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+}
+
+impl StateWriter {
+    /// Writes the table to `path` now (so the file matches what was
+    /// restored), then hooks the table so every later change is recorded.
+    /// Must be called inside the tokio runtime.
+    pub fn start(path: PathBuf, table: Arc<GrantTable>) -> Result<StateWriter, String> {
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| {
+                format!(
+                    "--state {}: cannot open it for writing: {e}; give the daemon's user write access to its directory",
+                    path.display()
+                )
+            })?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let mut w = Writer {
+            path: path.clone(),
+            tmp: tmp.into(),
+            file,
+            table: table.clone(),
+            appended: 0,
+            lost: lost.clone(),
+            failing: false,
+        };
+        w.compact()
+            .map_err(|e| format!("--state {}: cannot write it: {e}", path.display()))?;
+        let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
+        let hook_tx = tx.clone();
+        table.set_hook(Box::new(move |change| {
+            if let Err(TrySendError::Full(_)) = hook_tx.try_send(Msg::Change(change)) {
+                lost.store(true, Ordering::Relaxed);
+            }
+        }));
+        let runtime = tokio::runtime::Handle::current();
+        let thread = std::thread::Builder::new()
+            .name("state".into())
+            .spawn(move || {
+                // The runtime's clock, so that expiries read the same time
+                // as the table (and a paused test clock).
+                let _guard = runtime.enter();
+                w.run(rx)
+            })
+            .map_err(|e| format!("cannot start the state writer: {e}"))?;
+        Ok(StateWriter {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Writes what is pending and stops the writer, waiting at most
+    /// `timeout`.
+    pub fn stop(mut self, timeout: Duration) -> bool {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        let sent = match self.tx.try_send(Msg::Stop(reply_tx.clone())) {
+            Ok(()) => true,
+            Err(TrySendError::Full(m)) => self.tx.send(m).is_ok(),
+            Err(_) => false,
+        };
+        let done = sent && reply_rx.recv_timeout(timeout).is_ok();
+        if done && let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_round_trip() {
+        for s in [
+            "alice",
+            "",
+            "-",
+            "a b",
+            "100%",
+            "x\ny",
+            "\u{e9}t\u{e9}",
+            "<>,=\"'",
+        ] {
+            let mut out = String::new();
+            encode(&mut out, s);
+            assert!(!out.contains([' ', '\n']), "{out}");
+            assert_eq!(decode(&out).as_deref(), Some(s), "{out}");
+        }
+    }
+
+    #[test]
+    fn lines_parse_strictly() {
+        let g = Grant {
+            expires: Instant::now(),
+            server: "dovecot".into(),
+            service: Service::Imap,
+            user: "a b\n".into(),
+            reporter: "unix:/run/x".into(),
+            host: "mail".into(),
+        };
+        let mut line = String::new();
+        grant_line(&mut line, "192.0.2.7".parse().unwrap(), 1234, &g);
+        let (ip, e) = parse_line(line.trim_end_matches('\n')).unwrap();
+        assert_eq!(ip.to_string(), "192.0.2.7");
+        let e = e.unwrap();
+        assert_eq!((e.expires_ms, e.user.as_str()), (1234, "a b\n"));
+        assert!(parse_line("grant 192.0.2.7 x dovecot imap r h u").is_err());
+        assert!(parse_line("grant 192.0.2.7 1 dovecot imap r h").is_err());
+        assert!(parse_line("revoke nonsense").is_err());
+        assert!(parse_line("grant 192.0.2.7 1 dovecot smtp r h u").is_err());
+    }
+}

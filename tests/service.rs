@@ -557,7 +557,7 @@ fn systemd_readiness_and_socket_activation() {
     // systemd-socket-activate binds the sockets and passes them, as a
     // .socket unit does.
     let log = s.path("activated.log");
-    let mut child = Command::new("systemd-socket-activate")
+    let child = Command::new("systemd-socket-activate")
         .args(["--datagram", "-l", &udp, "-l", unix.to_str().unwrap()])
         .args(["-E", &format!("MAIL_CONFIG={}", s.mail_config().display())])
         .args(["-E", &format!("NOTIFY_SOCKET={}", notify_path.display())])

@@ -104,6 +104,15 @@ fn load(dir: &Path) -> Vec<Sample> {
     out
 }
 
+/// A sample file is named after the server its grants come from:
+/// `SERVER.log`, or `SERVER` followed by a digit or `-` and more for a
+/// further file of the same server (`dovecot24.log`).
+fn file_is_for_server(file: &str, server: &str) -> bool {
+    file.strip_prefix(server).is_some_and(|rest| {
+        rest.is_empty() || rest.starts_with(|c: char| c.is_ascii_digit() || c == '-')
+    })
+}
+
 #[test]
 fn samples_match_their_annotations() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
@@ -137,7 +146,7 @@ fn samples_match_their_annotations() {
                 if &got_ip != ip
                     || l.service.as_str() != service
                     || &l.user != user
-                    || *l.server != *s.file
+                    || !file_is_for_server(&s.file, &l.server)
                 {
                     failures.push(format!(
                         "{place}: expected grant {ip} {service} {user:?} by {}, got {got_ip} {} {:?} by {} (pattern {})",

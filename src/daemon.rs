@@ -472,6 +472,11 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         } else {
             match crate::control::bind(path) {
                 Ok(c) => control = Some(c),
+                // The default path may belong to an installed daemon: a
+                // second one started by hand runs without a control socket.
+                Err(e) if *is_default => crate::log_warning!(
+                    "no control socket: {e}; list, revoke and stats will not reach this daemon (set --control)"
+                ),
                 Err(e) => return fatal(EX_OSERR, e),
             }
         }

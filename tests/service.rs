@@ -666,3 +666,21 @@ fn json_log_lines() {
     }
     assert!(saw_grant, "{text}");
 }
+
+#[test]
+fn an_explicit_control_socket_that_cannot_be_made_stops_the_start() {
+    let s = Scratch::new();
+    let out = Command::new(BIN)
+        .env("MAIL_CONFIG", s.mail_config())
+        .args(["--listen", &format!("udp://127.0.0.1:{}", free_udp_port())])
+        .args(["--map", s.map().to_str().unwrap()])
+        .args(["--control", "/nonexistent-dir/control"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(71), "{err}");
+    assert!(
+        err.contains("--control /nonexistent-dir/control: the directory /nonexistent-dir does not exist: create it"),
+        "{err}"
+    );
+}

@@ -57,13 +57,16 @@ pub const DEFAULT_SOCKET_MODE: &str = "0660";
 ///
 /// rsyslog or syslog-ng forwards mail log records to smtp-after-popd over a
 /// unix datagram socket, UDP or TCP. Each successful POP3/IMAP login
-/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, Qpopper, or patterns
-/// of your own) grants the client address for --window, optionally only
+/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, Qpopper, vpopmail,
+/// Perdition, Solid POP3, teapop, tpop3d, Zimbra, or patterns of your own)
+/// grants the client address for --window, optionally only
 /// when rsyslog attests that the mail server itself sent the line
 /// (--require-attestation). Postfix learns the grants from an access map
 /// built with postmap (check_client_access in smtpd_relay_restrictions), or
-/// asks the daemon directly (--policy, --socketmap). See SECURITY.md and
-/// the README.
+/// asks the daemon directly (--policy, --socketmap). SIGHUP re-reads the
+/// configuration; --state keeps grants across restarts; `list`, `revoke`
+/// and `stats` talk to the running daemon. See smtp-after-popd(8),
+/// SECURITY.md and the README.
 #[derive(Debug, Parser)]
 #[command(
     name = "smtp-after-popd",

@@ -684,3 +684,40 @@ fn an_explicit_control_socket_that_cannot_be_made_stops_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn under_systemd_each_line_carries_its_journal_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let log = s.path("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    // What systemd sets when stderr is the journal: its device and inode.
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .env("MAIL_CONFIG", s.mail_config())
+            .env("JOURNAL_STREAM", stream)
+            .args(["--listen", &format!("udp://127.0.0.1:{port}")])
+            .args(["--map", s.map().to_str().unwrap(), "--control", "none"])
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || text().contains("started: ")));
+    send_udp(port, "<22>Nov 26 10:00:01 mail1 dovecot: garbage");
+    send_udp(port, &login("127.0.0.7", "lo"));
+    assert!(wait_for(Duration::from_secs(5), || text()
+        .contains("refuse 127.0.0.7")));
+    let _ = child.0.kill();
+    let t = text();
+    assert!(t.contains("<6>smtp-after-popd: info: started: "), "{t}");
+    assert!(
+        t.contains("<4>smtp-after-popd: warning: refuse 127.0.0.7"),
+        "{t}"
+    );
+    assert!(t.lines().all(|l| l.starts_with('<')), "{t}");
+}

@@ -755,7 +755,7 @@ fn reload(r: &mut Running) {
     let old = &r.config;
     let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(bare).collect() };
     let mut restart = Vec::new();
-    if strip(&old.listen) != strip(&new.listen) && !old.listen_is_default {
+    if strip(&old.listen) != strip(&new.listen) {
         restart.push("listen");
     }
     if format!("{:?}", old.map) != format!("{:?}", new.map) {

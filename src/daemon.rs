@@ -1207,3 +1207,211 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     }
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn pipeline(hold: bool) -> Pipeline {
+        pipeline_with(hold, false)
+    }
+
+    fn pipeline_with(hold: bool, require_attestation: bool) -> Pipeline {
+        Pipeline::new(
+            Settings {
+                matchers: Matchers::builtin(),
+                policy: AddressPolicy::new(Vec::new()),
+                window: Duration::from_secs(120),
+                require_attestation,
+                trust_attestation_from: Vec::new(),
+                hold_while_connected: hold,
+                hold_max: Duration::from_secs(3600),
+            },
+            Arc::new(GrantTable::new()),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    fn peer() -> Peer {
+        Peer::Unix("/run/test.sock".into())
+    }
+
+    const LOGIN: &str = "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24472, session=<jm1xeQdhf8N/AAAG>";
+    const LOGIN2: &str = "<22>Nov 24 15:36:31 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24473, session=<km1xeQdhf8N/AAAH>";
+    const LOGOUT: &str = "<22>Nov 24 15:40:30 vm dovecot: imap(bob)<24472><jm1xeQdhf8N/AAAG>: Disconnected: Logged out in=8 out=468 deleted=0 expunged=0 trashed=0 hdr_count=0 hdr_bytes=0 body_count=0 body_bytes=0";
+    const LOGOUT2: &str = "<22>Nov 24 15:40:31 vm dovecot: imap(bob)<24473><km1xeQdhf8N/AAAH>: Disconnected: Connection closed (IDLE running for 0.001 secs) in=8 out=468";
+
+    fn ip() -> IpAddr {
+        "192.0.2.6".parse().unwrap()
+    }
+
+    async fn step(secs: u64) {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_session_holds_its_grant_and_the_window_runs_from_the_last_logout() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        p.handle(LOGIN2.as_bytes(), &peer());
+        assert_eq!(p.holds.len(), 2);
+        // Long past the window, both sessions open: still granted.
+        step(1800).await;
+        assert!(p.table.get(ip()).is_some());
+        // One closes: still held by the other.
+        p.handle(LOGOUT.as_bytes(), &peer());
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        // The last closes: the window runs from now.
+        p.handle(LOGOUT2.as_bytes(), &peer());
+        assert!(p.holds.is_empty());
+        step(119).await;
+        assert!(p.table.get(ip()).is_some());
+        step(2).await;
+        assert!(p.table.get(ip()).is_none());
+        assert_eq!(
+            p.stats
+                .holds_opened
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            p.stats
+                .holds_closed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_logout_holds_at_most_hold_max() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        step(3599).await;
+        assert!(p.table.get(ip()).is_some());
+        step(2).await;
+        assert!(p.table.get(ip()).is_none());
+        // The logout line coming late changes nothing.
+        p.handle(LOGOUT.as_bytes(), &peer());
+        assert!(p.table.get(ip()).is_none());
+        assert!(p.holds.is_empty());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_option_logins_get_the_window_and_logouts_are_ignored() {
+        let p = pipeline(false);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        assert!(p.holds.is_empty());
+        step(121).await;
+        assert!(p.table.get(ip()).is_none());
+        p.handle(LOGOUT.as_bytes(), &peer());
+        assert_eq!(
+            p.stats
+                .logouts_unpaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_without_a_session_does_not_cut_a_hold_short() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        step(60).await;
+        // A Courier-less, session-less login (Cyrus) from the same address.
+        p.handle(
+            b"<22>Nov 24 15:37:30 vm imap[99]: login: client.example.net [192.0.2.6] bob PLAIN User logged in",
+            &peer(),
+        );
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_logout_from_another_reporter_closes_nothing() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        p.handle(LOGOUT.as_bytes(), &Peer::Unix("/run/other.sock".into()));
+        assert_eq!(p.holds.len(), 1);
+        assert_eq!(
+            p.stats
+                .logouts_unpaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_line_servers_grant_the_address_of_their_own_process() {
+        let p = pipeline(false);
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100",
+            &peer(),
+        );
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3102]: Session from 192.0.2.101",
+            &peer(),
+        );
+        assert_eq!(p.memory.len(), 2);
+        p.handle(
+            b"<22>Mar 11 08:00:02 mail popa3d[3102]: Authentication passed for bob",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.101".parse().unwrap()).is_some());
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
+        // Without an address line of its own: nothing, counted.
+        p.handle(
+            b"<22>Mar 11 08:00:03 mail popa3d[3103]: Authentication passed for 192.0.2.9",
+            &peer(),
+        );
+        assert_eq!(p.table.len(), 1);
+        assert_eq!(
+            p.stats
+                .logins_without_address
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The remembered address expires after a minute.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        p.handle(
+            b"<22>Mar 11 08:01:03 mail popa3d[3101]: Authentication passed for alice",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
+        assert_eq!(
+            p.stats
+                .logins_without_address
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_line_forged_over_udp_with_attestation_required_is_not_remembered() {
+        let p = pipeline_with(false, true);
+        let udp = Peer::Udp("127.0.0.1:9".parse().unwrap());
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100",
+            &udp,
+        );
+        assert!(p.memory.is_empty());
+        assert_eq!(
+            p.stats.forgeries.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+}

@@ -59,8 +59,9 @@ pub const DEFAULT_SOCKET_MODE: &str = "0660";
 ///
 /// rsyslog or syslog-ng forwards mail log records to smtp-after-popd over a
 /// unix datagram socket, UDP or TCP. Each successful POP3/IMAP login
-/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, Qpopper, or patterns
-/// of your own) grants the client address for --window, optionally only
+/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, popa3d, Qpopper, or
+/// patterns of your own) grants the client address for --window (or while
+/// the session is open, --hold-while-connected), optionally only
 /// when rsyslog attests that the mail server itself sent the line
 /// (--require-attestation). Postfix learns the grants from an access map
 /// built with postmap (check_client_access in smtpd_relay_restrictions), or

@@ -354,6 +354,7 @@ impl Pipeline {
             }
         };
         let reporter = self.shared(&peer.to_string());
+        let sender = self.shared(&sender_of(peer));
         let host = rec.hostname.unwrap_or("-");
         let mut expires = now + s.window;
         let mut held = None;
@@ -361,7 +362,7 @@ impl Pipeline {
             let until = match &login.session {
                 Some(id) => {
                     let key = SessionKey {
-                        reporter: reporter.clone(),
+                        reporter: sender,
                         host: host.to_string(),
                         server: login.server.clone(),
                         id: id.clone(),
@@ -462,7 +463,7 @@ impl Pipeline {
             None
         };
         Some(ProcessKey {
-            reporter: peer.to_string(),
+            reporter: sender_of(peer),
             host: rec.hostname.unwrap_or("-").to_string(),
             program: rec.program.to_string(),
             pid: attested.or(rec.pid)?,
@@ -489,7 +490,7 @@ impl Pipeline {
             None => Closed::Unknown,
             Some(id) => {
                 let key = SessionKey {
-                    reporter: self.shared(&peer.to_string()),
+                    reporter: self.shared(&sender_of(peer)),
                     host: rec.hostname.unwrap_or("-").to_string(),
                     server,
                     id,
@@ -523,6 +524,16 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+/// Who sent a record, for pairing its lines: the socket path, or the
+/// network peer's address without its port (a UDP sender may use a new
+/// port for each datagram, a TCP one for each connection).
+fn sender_of(peer: &Peer) -> String {
+    match peer {
+        Peer::Unix(p) => format!("unix:{p}"),
+        Peer::Udp(a) | Peer::Tcp(a) => a.ip().to_string(),
     }
 }
 

@@ -46,6 +46,8 @@ pub const DEFAULT_MAP_TYPE: &str = "hash";
 pub const DEFAULT_POSTMAP: &str = "postmap";
 /// Default cap on live grants.
 pub const DEFAULT_MAX_GRANTS: usize = 100_000;
+/// Default upper limit on holding a grant for an open session.
+pub const DEFAULT_HOLD_MAX: &str = "12h";
 /// Default control socket.
 pub const DEFAULT_CONTROL: &str = "/run/smtp-after-popd/control";
 /// Default mode of unix socket files.
@@ -57,9 +59,10 @@ pub const DEFAULT_SOCKET_MODE: &str = "0660";
 ///
 /// rsyslog or syslog-ng forwards mail log records to smtp-after-popd over a
 /// unix datagram socket, UDP or TCP. Each successful POP3/IMAP login
-/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, Qpopper, vpopmail,
-/// Perdition, Solid POP3, teapop, tpop3d, Zimbra, or patterns of your own)
-/// grants the client address for --window, optionally only
+/// (Dovecot, Courier, Cyrus, UW imapd/ipop3d, vm-pop3d, popa3d, Qpopper,
+/// vpopmail, Perdition, Solid POP3, teapop, tpop3d, Zimbra, or patterns of
+/// your own) grants the client address for --window (or while the session
+/// is open, --hold-while-connected), optionally only
 /// when rsyslog attests that the mail server itself sent the line
 /// (--require-attestation). Postfix learns the grants from an access map
 /// built with postmap (check_client_access in smtpd_relay_restrictions), or
@@ -202,6 +205,23 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "yes|no", num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
     pub require_attestation: Option<String>,
 
+    /// Keep an address granted while a session that logged in from it is
+    /// still open, pairing login lines with the server's logout lines
+    /// (Dovecot "Disconnected" lines with the login's session id, UW
+    /// Logout/Autologout, Courier LOGOUT); the window then runs from the
+    /// last logout. At most 64 open sessions per address are held, and a
+    /// session at most --hold-max after its login, so that a lost logout
+    /// line cannot keep a grant. Logout lines are attested like logins.
+    /// --hold-while-connected alone means yes. [default: no]
+    #[arg(long, value_name = "yes|no", num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
+    pub hold_while_connected: Option<String>,
+
+    /// With --hold-while-connected: the longest a session holds its grant
+    /// after its login, whether or not its logout line came, e.g. 12h; at
+    /// least --window and at most 7d. [default: 12h]
+    #[arg(long, value_name = "DURATION")]
+    pub hold_max: Option<String>,
+
     /// Most addresses granted at once; when the table is full, logins from
     /// new addresses are refused (and logged) until grants expire, while
     /// renewals still work. Bounds the daemon's memory and the map's size.
@@ -333,6 +353,10 @@ pub struct Config {
     pub require_attestation: bool,
     /// Most live grants.
     pub max_grants: usize,
+    /// Whether open sessions hold their address's grant.
+    pub hold_while_connected: bool,
+    /// The longest a session holds its grant after its login.
+    pub hold_max: Duration,
     /// Network peers whose attestation is believed.
     pub trust_attestation_from: Vec<Cidr>,
     /// The user and group to switch to after binding, if any.
@@ -381,6 +405,8 @@ struct FileConfig {
     log_level: Option<Spanned<String>>,
     require_attestation: Option<Spanned<bool>>,
     max_grants: Option<Spanned<toml::Value>>,
+    hold_while_connected: Option<Spanned<bool>>,
+    hold_max: Option<Spanned<String>>,
     trust_attestation_from: Option<Spanned<Vec<String>>>,
     policy: Option<Spanned<Vec<String>>>,
     socketmap: Option<Spanned<Vec<String>>>,
@@ -669,6 +695,47 @@ impl Config {
             (None, None) => false,
         };
 
+        let hold_while_connected = match (&args.hold_while_connected, &file.hold_while_connected) {
+            (Some(v), _) => match v.as_str() {
+                "yes" | "true" => true,
+                "no" | "false" => false,
+                _ => {
+                    return Err(Origin::Flag.error(
+                        "hold-while-connected",
+                        v,
+                        "expected yes or no",
+                    ));
+                }
+            },
+            (None, Some(v)) => *v.get_ref(),
+            (None, None) => false,
+        };
+        let (v, origin) = pick(
+            &args.hold_max,
+            &file.hold_max,
+            DEFAULT_HOLD_MAX,
+            path,
+            source,
+        );
+        let hold_max = parse_duration(v).map_err(|e| origin.error("hold-max", v, &e))?;
+        if hold_max.is_zero() || hold_max > Duration::from_secs(7 * 86400) {
+            return Err(origin.error(
+                "hold-max",
+                v,
+                "expected a duration longer than 0 and at most 7d",
+            ));
+        }
+        if hold_while_connected && hold_max < window {
+            return Err(origin.error(
+                "hold-max",
+                v,
+                &format!(
+                    "expected at least the window ({}) with hold-while-connected",
+                    format_duration(window)
+                ),
+            ));
+        }
+
         let max_grants = {
             let (text, origin) = match (&args.max_grants, &file.max_grants) {
                 (Some(v), _) => (v.clone(), Origin::Flag),
@@ -888,6 +955,8 @@ impl Config {
             matchers,
             require_attestation,
             max_grants,
+            hold_while_connected,
+            hold_max,
             trust_attestation_from,
             run_as,
             socket_group,
@@ -1104,6 +1173,60 @@ mod tests {
         let e = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation=maybe"]))
             .unwrap_err();
         assert_eq!(e.0, "--require-attestation \"maybe\": expected yes or no");
+    }
+
+    #[test]
+    fn hold_while_connected_and_hold_max() {
+        let c = Config::from_args(&args(&["--map", "/tmp/m"])).unwrap();
+        assert!(!c.hold_while_connected);
+        assert_eq!(c.hold_max, Duration::from_secs(12 * 3600));
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--hold-while-connected",
+            "--hold-max",
+            "1h",
+        ]))
+        .unwrap();
+        assert!(c.hold_while_connected);
+        assert_eq!(c.hold_max, Duration::from_secs(3600));
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--hold-while-connected=maybe"]))
+            .unwrap_err();
+        assert_eq!(e.0, "--hold-while-connected \"maybe\": expected yes or no");
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--hold-max", "8d"])).unwrap_err();
+        assert_eq!(
+            e.0,
+            "--hold-max \"8d\": expected a duration longer than 0 and at most 7d"
+        );
+        let e = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--window",
+            "2h",
+            "--hold-max",
+            "1h",
+            "--hold-while-connected=yes",
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "--hold-max \"1h\": expected at least the window (2h) with hold-while-connected"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "map = \"/tmp/m\"\nhold-while-connected = true\nhold-max = \"soon\"\n",
+        )
+        .unwrap();
+        let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "{}, line 3: hold-max = \"soon\": expected a duration such as 90s, 2m, 1h or 1h30m",
+                path.display()
+            )
+        );
     }
 
     #[test]

@@ -20,8 +20,9 @@ use crate::config::{
 };
 use crate::control::Status;
 use crate::grants::{Grant, GrantResult, GrantTable};
+use crate::hold::{Closed, Holds, SessionKey};
 use crate::logging::{RateLimit, escape};
-use crate::matcher::{Matchers, Outcome};
+use crate::matcher::{AddressMemory, Matchers, Outcome, ProcessKey};
 use crate::privilege;
 use crate::receiver::{self, AllowList, Peer};
 use crate::record::{self, ParseError};
@@ -85,6 +86,10 @@ pub struct Settings {
     pub require_attestation: bool,
     /// Network peers whose attestation is believed (unix sockets always).
     pub trust_attestation_from: Vec<Cidr>,
+    /// Whether open sessions hold their address's grant.
+    pub hold_while_connected: bool,
+    /// The longest a session holds its grant after its login.
+    pub hold_max: Duration,
 }
 
 impl Settings {
@@ -96,6 +101,8 @@ impl Settings {
             window: config.window,
             require_attestation: config.require_attestation,
             trust_attestation_from: config.trust_attestation_from.clone(),
+            hold_while_connected: config.hold_while_connected,
+            hold_max: config.hold_max,
         }
     }
 }
@@ -129,6 +136,11 @@ pub struct Pipeline {
     /// Reporter and host names shared by the grants they made, so that a
     /// million grants from one sender hold one copy of its name.
     pub names: std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>,
+    /// Address lines of two-line servers, waiting for their success line
+    /// (kept across reloads).
+    pub memory: AddressMemory,
+    /// Sessions still open (`--hold-while-connected`; kept across reloads).
+    pub holds: Holds,
 }
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
@@ -147,6 +159,8 @@ impl Pipeline {
             table,
             stats,
             names: Default::default(),
+            memory: AddressMemory::new(),
+            holds: Holds::new(),
         }
     }
 
@@ -192,7 +206,75 @@ impl Pipeline {
                 return;
             }
         };
-        let login = match s.matchers.match_record(&rec) {
+        let believed = match peer {
+            Peer::Unix(_) => true,
+            Peer::Udp(a) | Peer::Tcp(a) => {
+                s.trust_attestation_from.iter().any(|c| c.contains(a.ip()))
+            }
+        };
+        let verdict = |pattern: &str, speakers: &attest::Speakers| {
+            if believed {
+                attest::check(&rec, pattern, speakers, s.require_attestation)
+            } else {
+                attest::unbelieved(&rec, s.require_attestation)
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let outcome = s.matchers.match_record(&rec);
+        let outcome = match outcome {
+            Outcome::Address {
+                ref ip,
+                ref pattern,
+                ref speakers,
+                ..
+            } => {
+                // The address line of a two-line server is trusted as a
+                // login line is: its sender must be allowed to speak for
+                // the pattern.
+                if let Verdict::Forgery(why) = verdict(pattern, speakers) {
+                    Stats::bump(&self.stats.forgeries);
+                    crate::log_warning_limited!(
+                        REFUSAL_WARNINGS,
+                        "address line for {ip} not remembered: forgery: {why} (pattern {pattern}, reported by {peer})"
+                    );
+                    return;
+                }
+                outcome
+            }
+            Outcome::Logout {
+                ref pattern,
+                ref speakers,
+                ..
+            } => {
+                if !s.hold_while_connected {
+                    return;
+                }
+                if let Verdict::Forgery(why) = verdict(pattern, speakers) {
+                    Stats::bump(&self.stats.forgeries);
+                    crate::log_warning_limited!(
+                        REFUSAL_WARNINGS,
+                        "logout line ignored: forgery: {why} (pattern {pattern}, reported by {peer})"
+                    );
+                    return;
+                }
+                outcome
+            }
+            other => other,
+        };
+        let outcome = match outcome {
+            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => {
+                let key = self.process_key(&rec, peer, believed);
+                let (o, dropped) = self.memory.pair(key, outcome, now);
+                if dropped > 0 {
+                    self.stats
+                        .addresses_dropped
+                        .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                o
+            }
+            other => other,
+        };
+        let login = match outcome {
             Outcome::NoMatch => {
                 crate::log_debug!(
                     "no login in record from {peer}: program \"{}\", message \"{}\"",
@@ -210,21 +292,39 @@ impl Pipeline {
                 );
                 return;
             }
+            Outcome::Remembered { pattern } => {
+                Stats::bump(&self.stats.addresses_remembered);
+                crate::log_debug!(
+                    "address remembered for the success line of the same process (pattern {pattern}, reported by {peer})"
+                );
+                return;
+            }
+            Outcome::NoAddress { pattern } => {
+                Stats::bump(&self.stats.logins_without_address);
+                crate::log_warning_limited!(
+                    INPUT_WARNINGS,
+                    "line from {peer} matched pattern {pattern}, but no address line of the same process came before it (within {}s): nothing granted",
+                    crate::matcher::MEMORY_TTL.as_secs()
+                );
+                return;
+            }
+            Outcome::Logout {
+                ip,
+                server,
+                session,
+                user,
+                pattern,
+                ..
+            } => {
+                self.logout(s, &rec, peer, ip, server, session, &user, &pattern, now);
+                return;
+            }
+            // Paired above.
+            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => return,
             Outcome::Login(l) => l,
         };
         Stats::bump(&self.stats.logins);
-        let believed = match peer {
-            Peer::Unix(_) => true,
-            Peer::Udp(a) | Peer::Tcp(a) => {
-                s.trust_attestation_from.iter().any(|c| c.contains(a.ip()))
-            }
-        };
-        let verdict = if believed {
-            attest::check(&rec, &login.pattern, &login.speakers, s.require_attestation)
-        } else {
-            attest::unbelieved(&rec, s.require_attestation)
-        };
-        if let Verdict::Forgery(why) = verdict {
+        if let Verdict::Forgery(why) = verdict(&login.pattern, &login.speakers) {
             Stats::bump(&self.stats.forgeries);
             crate::log_warning_limited!(
                 REFUSAL_WARNINGS,
@@ -253,13 +353,53 @@ impl Pipeline {
                 return;
             }
         };
+        let reporter = self.shared(&peer.to_string());
+        let sender = self.shared(&sender_of(peer));
+        let host = rec.hostname.unwrap_or("-");
+        let mut expires = now + s.window;
+        let mut held = None;
+        if s.hold_while_connected {
+            let until = match &login.session {
+                Some(id) => {
+                    let key = SessionKey {
+                        reporter: sender,
+                        host: host.to_string(),
+                        server: login.server.clone(),
+                        id: id.clone(),
+                    };
+                    let until = self.holds.open(key.clone(), ip, now, s.hold_max);
+                    match until {
+                        Some(_) => {
+                            Stats::bump(&self.stats.holds_opened);
+                            held = Some(key);
+                        }
+                        None => {
+                            Stats::bump(&self.stats.holds_refused);
+                            crate::log_warning_limited!(
+                                REFUSAL_WARNINGS,
+                                "{ip}: session not held, too many open ({} per address at most, {} in all); the window alone applies",
+                                crate::hold::MAX_PER_ADDRESS,
+                                crate::hold::MAX_SESSIONS
+                            );
+                        }
+                    }
+                    until
+                }
+                // A login that is not paired (another server, POP3 without
+                // a session id) does not cut short a hold.
+                None => self.holds.held_until(ip, now, s.hold_max),
+            };
+            if let Some(t) = until {
+                expires = expires.max(t);
+            }
+        }
         let grant = Grant {
-            expires: tokio::time::Instant::now() + s.window,
+            expires,
             server: login.server.clone(),
             service: login.service,
             user: login.user.as_str().into(),
-            reporter: self.shared(&peer.to_string()),
-            host: self.shared(rec.hostname.unwrap_or("-")),
+            reporter: reporter.clone(),
+            host: self.shared(host),
         };
         let verb = match self.table.grant(ip, grant) {
             GrantResult::New => {
@@ -272,6 +412,9 @@ impl Pipeline {
             }
             GrantResult::Full => {
                 Stats::bump(&self.stats.refused_full);
+                if let Some(key) = held {
+                    self.holds.close(&key, Some(ip), now, s.hold_max);
+                }
                 crate::log_warning_limited!(
                     REFUSAL_WARNINGS,
                     "refuse {ip}: the table is full ({} grants, --max-grants) ({} {} login of user \"{}\", pattern {}, reported by {peer})",
@@ -284,15 +427,113 @@ impl Pipeline {
                 return;
             }
         };
+        let how_long = if held.is_some() {
+            format!(
+                "{} after the session ends (held while it is open, at most {})",
+                format_duration(s.window),
+                format_duration(s.hold_max)
+            )
+        } else if expires > now + s.window {
+            format!("{} (held by open sessions)", format_duration(s.window))
+        } else {
+            format_duration(s.window)
+        };
         crate::log_info!(
-            "{verb} {ip} for {}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
-            format_duration(s.window),
+            "{verb} {ip} for {how_long}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
             login.server,
             login.service,
             escape(&login.user),
             login.pattern,
-            escape(rec.hostname.unwrap_or("-"))
+            escape(host)
         );
+    }
+
+    /// The process a record comes from, for pairing the lines of a
+    /// two-line server: the attested pid when the record carries a believed
+    /// attestation, else the pid of its tag.
+    fn process_key(
+        &self,
+        rec: &record::Record<'_>,
+        peer: &Peer,
+        believed: bool,
+    ) -> Option<ProcessKey> {
+        let attested = if believed {
+            attest::sender(rec).ok().flatten().map(|s| s.pid)
+        } else {
+            None
+        };
+        Some(ProcessKey {
+            reporter: sender_of(peer),
+            host: rec.hostname.unwrap_or("-").to_string(),
+            program: rec.program.to_string(),
+            pid: attested.or(rec.pid)?,
+        })
+    }
+
+    /// A logout line, attested: closes its session; the last one from an
+    /// address lets the window run from now.
+    #[allow(clippy::too_many_arguments)]
+    fn logout(
+        &self,
+        s: &Settings,
+        rec: &record::Record<'_>,
+        peer: &Peer,
+        ip: Option<std::net::IpAddr>,
+        server: Arc<str>,
+        session: Option<String>,
+        user: &str,
+        pattern: &str,
+        now: tokio::time::Instant,
+    ) {
+        let ip = ip.and_then(|ip| s.policy.check(ip).ok());
+        let closed = match session {
+            None => Closed::Unknown,
+            Some(id) => {
+                let key = SessionKey {
+                    reporter: self.shared(&sender_of(peer)),
+                    host: rec.hostname.unwrap_or("-").to_string(),
+                    server,
+                    id,
+                };
+                self.holds.close(&key, ip, now, s.hold_max)
+            }
+        };
+        match closed {
+            Closed::Unknown => {
+                Stats::bump(&self.stats.logouts_unpaired);
+                crate::log_debug!(
+                    "logout of user \"{}\" closes no held session (pattern {pattern}, reported by {peer})",
+                    escape(user)
+                );
+            }
+            Closed::StillOpen(ip, n) => {
+                Stats::bump(&self.stats.holds_closed);
+                crate::log_info!(
+                    "logout from {ip} of user \"{}\": {n} session(s) still open, grant still held (pattern {pattern}, reported by {peer})",
+                    escape(user)
+                );
+            }
+            Closed::Last(ip) => {
+                Stats::bump(&self.stats.holds_closed);
+                if self.table.set_expiry(ip, now + s.window) {
+                    crate::log_info!(
+                        "logout from {ip} of user \"{}\": last session closed, grant ends in {} (pattern {pattern}, reported by {peer})",
+                        escape(user),
+                        format_duration(s.window)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Who sent a record, for pairing its lines: the socket path, or the
+/// network peer's address without its port (a UDP sender may use a new
+/// port for each datagram, a TCP one for each connection).
+fn sender_of(peer: &Peer) -> String {
+    match peer {
+        Peer::Unix(p) => format!("unix:{p}"),
+        Peer::Udp(a) | Peer::Tcp(a) => a.ip().to_string(),
     }
 }
 
@@ -670,7 +911,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     }
     let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
     crate::log_info!(
-        "started: listening on {}; allow-from {}; never {}; window {}; {serving}",
+        "started: listening on {}; allow-from {}; never {}; window {}{}; {serving}",
         names.join(", "),
         join(&config.allow_from),
         if config.never.is_empty() {
@@ -678,7 +919,15 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         } else {
             join(&config.never)
         },
-        format_duration(config.window)
+        format_duration(config.window),
+        if config.hold_while_connected {
+            format!(
+                "; hold-while-connected (hold-max {})",
+                format_duration(config.hold_max)
+            )
+        } else {
+            String::new()
+        }
     );
 
     // The sockets are bound, so datagrams that arrived meanwhile wait in
@@ -803,10 +1052,29 @@ fn reload(r: &mut Running) {
     }
     r.table.set_limit(new.max_grants);
     let settings = Settings::take(&mut new);
+    let hold_off = r.config.hold_while_connected && !new.hold_while_connected;
     r.pipeline.settings.store(settings);
+    if hold_off {
+        // Grants held by open sessions get the window from now, unless
+        // they end sooner.
+        let now = tokio::time::Instant::now();
+        let ips = r.pipeline.holds.clear();
+        for ip in &ips {
+            if r.table
+                .get(*ip)
+                .is_some_and(|g| g.expires > now + new.window)
+            {
+                r.table.set_expiry(*ip, now + new.window);
+            }
+        }
+        crate::log_info!(
+            "hold-while-connected turned off: {} held addresses get the window from now",
+            ips.len()
+        );
+    }
     Stats::bump(&r.stats.reloads);
     crate::log_info!(
-        "reloaded: window {}; allow-from {}; never {}; require-attestation {}; max-grants {}; {} live grants kept",
+        "reloaded: window {}; allow-from {}; never {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} live grants kept",
         format_duration(new.window),
         join(&new.allow_from),
         if new.never.is_empty() {
@@ -815,6 +1083,11 @@ fn reload(r: &mut Running) {
             join(&new.never)
         },
         if new.require_attestation { "yes" } else { "no" },
+        if new.hold_while_connected {
+            format!("yes (hold-max {})", format_duration(new.hold_max))
+        } else {
+            "no".to_string()
+        },
         new.max_grants,
         r.table.len()
     );
@@ -892,6 +1165,7 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut status = 0;
+    let memory = AddressMemory::new();
     let mut scan = |reader: &mut dyn BufRead| -> std::io::Result<()> {
         let mut line = Vec::new();
         loop {
@@ -902,7 +1176,16 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
             let Ok(rec) = record::parse(&line) else {
                 continue;
             };
-            if let Outcome::Login(l) = matchers.match_record(&rec) {
+            let outcome = matchers.match_record(&rec);
+            let key = rec.pid.map(|pid| ProcessKey {
+                reporter: "-".to_string(),
+                host: rec.hostname.unwrap_or("-").to_string(),
+                program: rec.program.to_string(),
+                pid,
+            });
+            // Lines of a file carry no receive time: pair by order only.
+            let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
+            if let Outcome::Login(l) = outcome {
                 writeln!(
                     out,
                     "{}\t{}\t{}\t{}",
@@ -939,4 +1222,212 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
         return 74;
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn pipeline(hold: bool) -> Pipeline {
+        pipeline_with(hold, false)
+    }
+
+    fn pipeline_with(hold: bool, require_attestation: bool) -> Pipeline {
+        Pipeline::new(
+            Settings {
+                matchers: Matchers::builtin(),
+                policy: AddressPolicy::new(Vec::new()),
+                window: Duration::from_secs(120),
+                require_attestation,
+                trust_attestation_from: Vec::new(),
+                hold_while_connected: hold,
+                hold_max: Duration::from_secs(3600),
+            },
+            Arc::new(GrantTable::new()),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    fn peer() -> Peer {
+        Peer::Unix("/run/test.sock".into())
+    }
+
+    const LOGIN: &str = "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24472, session=<jm1xeQdhf8N/AAAG>";
+    const LOGIN2: &str = "<22>Nov 24 15:36:31 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24473, session=<km1xeQdhf8N/AAAH>";
+    const LOGOUT: &str = "<22>Nov 24 15:40:30 vm dovecot: imap(bob)<24472><jm1xeQdhf8N/AAAG>: Disconnected: Logged out in=8 out=468 deleted=0 expunged=0 trashed=0 hdr_count=0 hdr_bytes=0 body_count=0 body_bytes=0";
+    const LOGOUT2: &str = "<22>Nov 24 15:40:31 vm dovecot: imap(bob)<24473><km1xeQdhf8N/AAAH>: Disconnected: Connection closed (IDLE running for 0.001 secs) in=8 out=468";
+
+    fn ip() -> IpAddr {
+        "192.0.2.6".parse().unwrap()
+    }
+
+    async fn step(secs: u64) {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_session_holds_its_grant_and_the_window_runs_from_the_last_logout() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        p.handle(LOGIN2.as_bytes(), &peer());
+        assert_eq!(p.holds.len(), 2);
+        // Long past the window, both sessions open: still granted.
+        step(1800).await;
+        assert!(p.table.get(ip()).is_some());
+        // One closes: still held by the other.
+        p.handle(LOGOUT.as_bytes(), &peer());
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        // The last closes: the window runs from now.
+        p.handle(LOGOUT2.as_bytes(), &peer());
+        assert!(p.holds.is_empty());
+        step(119).await;
+        assert!(p.table.get(ip()).is_some());
+        step(2).await;
+        assert!(p.table.get(ip()).is_none());
+        assert_eq!(
+            p.stats
+                .holds_opened
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            p.stats
+                .holds_closed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_logout_holds_at_most_hold_max() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        step(3599).await;
+        assert!(p.table.get(ip()).is_some());
+        step(2).await;
+        assert!(p.table.get(ip()).is_none());
+        // The logout line coming late changes nothing.
+        p.handle(LOGOUT.as_bytes(), &peer());
+        assert!(p.table.get(ip()).is_none());
+        assert!(p.holds.is_empty());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_option_logins_get_the_window_and_logouts_are_ignored() {
+        let p = pipeline(false);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        assert!(p.holds.is_empty());
+        step(121).await;
+        assert!(p.table.get(ip()).is_none());
+        p.handle(LOGOUT.as_bytes(), &peer());
+        assert_eq!(
+            p.stats
+                .logouts_unpaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_without_a_session_does_not_cut_a_hold_short() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        step(60).await;
+        // A Courier-less, session-less login (Cyrus) from the same address.
+        p.handle(
+            b"<22>Nov 24 15:37:30 vm imap[99]: login: client.example.net [192.0.2.6] bob PLAIN User logged in",
+            &peer(),
+        );
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_logout_from_another_reporter_closes_nothing() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        p.handle(LOGOUT.as_bytes(), &Peer::Unix("/run/other.sock".into()));
+        assert_eq!(p.holds.len(), 1);
+        assert_eq!(
+            p.stats
+                .logouts_unpaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_line_servers_grant_the_address_of_their_own_process() {
+        let p = pipeline(false);
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100",
+            &peer(),
+        );
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3102]: Session from 192.0.2.101",
+            &peer(),
+        );
+        assert_eq!(p.memory.len(), 2);
+        p.handle(
+            b"<22>Mar 11 08:00:02 mail popa3d[3102]: Authentication passed for bob",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.101".parse().unwrap()).is_some());
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
+        // Without an address line of its own: nothing, counted.
+        p.handle(
+            b"<22>Mar 11 08:00:03 mail popa3d[3103]: Authentication passed for 192.0.2.9",
+            &peer(),
+        );
+        assert_eq!(p.table.len(), 1);
+        assert_eq!(
+            p.stats
+                .logins_without_address
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The remembered address expires after a minute.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        p.handle(
+            b"<22>Mar 11 08:01:03 mail popa3d[3101]: Authentication passed for alice",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
+        assert_eq!(
+            p.stats
+                .logins_without_address
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_line_forged_over_udp_with_attestation_required_is_not_remembered() {
+        let p = pipeline_with(false, true);
+        let udp = Peer::Udp("127.0.0.1:9".parse().unwrap());
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100",
+            &udp,
+        );
+        assert!(p.memory.is_empty());
+        assert_eq!(
+            p.stats.forgeries.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
 }

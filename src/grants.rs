@@ -186,6 +186,30 @@ impl GrantTable {
         result
     }
 
+    /// Moves the expiry of a live grant to `expires` (earlier or later),
+    /// keeping the rest of it; false when `ip` has no grant. The change
+    /// hook is told, as for a renewal.
+    pub fn set_expiry(&self, ip: IpAddr, expires: Instant) -> bool {
+        let mut inner = self.lock();
+        let earliest_before = inner.expiries.first().map(|(t, _)| *t);
+        let Some(g) = inner.grants.get_mut(&ip) else {
+            return false;
+        };
+        let old = g.expires;
+        g.expires = expires;
+        let g = g.clone();
+        if let Some(hook) = self.hook.get() {
+            hook(Change::Grant(ip, g));
+        }
+        inner.expiries.remove(&(old, ip));
+        inner.expiries.insert((expires, ip));
+        drop(inner);
+        if earliest_before.is_none_or(|t| expires < t) {
+            self.purge_wake.notify_one();
+        }
+        true
+    }
+
     /// Removes a grant at once; returns it if there was one.
     pub fn revoke(&self, ip: IpAddr) -> Option<Grant> {
         let mut inner = self.lock();
@@ -373,6 +397,31 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3)).await;
         tokio::task::yield_now().await;
         assert_eq!(table.addresses().1, vec![ip("192.0.2.1")]);
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn set_expiry_moves_a_grant_both_ways() {
+        let table = Arc::new(GrantTable::new());
+        let stats = Arc::new(Stats::default());
+        let changes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = changes.clone();
+        table.set_hook(Box::new(move |ch| c.lock().unwrap().push(ch)));
+        let purge = tokio::spawn(table.clone().run_purge(stats.clone()));
+        let a = ip("192.0.2.7");
+        table.grant(a, g(expiry(Duration::from_secs(60))));
+        assert!(table.set_expiry(a, expiry(Duration::from_secs(3600))));
+        tokio::time::advance(Duration::from_secs(120)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.len(), 1);
+        // Earlier again: the purge task wakes for it.
+        assert!(table.set_expiry(a, expiry(Duration::from_secs(3))));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        tokio::task::yield_now().await;
+        assert!(table.is_empty());
+        assert!(!table.set_expiry(a, expiry(Duration::from_secs(3))));
+        // The state file heard of each move.
+        assert_eq!(changes.lock().unwrap().len(), 3);
         purge.abort();
     }
 

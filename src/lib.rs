@@ -19,6 +19,8 @@
 //!   its pattern (rsyslog's attested executable and uid).
 //! - [`addr`]: canonical addresses and the never-grant rules.
 //! - [`grants`]: the table of live grants, with expiry.
+//! - [`hold`]: sessions still open, which hold their address's grant
+//!   (`--hold-while-connected`).
 //! - [`sink`]: keeps the Postfix access map in step with the table.
 //! - [`serve`], [`policy`], [`socketmap`]: the table served to Postfix
 //!   directly (policy delegation, socketmap), with no map file.
@@ -39,6 +41,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod grants;
+pub mod hold;
 pub mod logging;
 pub mod matcher;
 pub mod metrics;

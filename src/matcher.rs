@@ -16,13 +16,15 @@
 //! loader checks both. Records are looked up by program name first, which is
 //! the prefilter: lines from programs no pattern names cost one hash lookup.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use crate::attest::Speakers;
 use crate::record::Record;
@@ -83,6 +85,36 @@ pub struct Login {
     pub pattern: Arc<str>,
     /// Who may send lines for that pattern (see [`crate::attest`]).
     pub speakers: Arc<Speakers>,
+    /// What pairs this login with its logout line (`--hold-while-connected`):
+    /// the session id the server wrote, or the process id; `None` when the
+    /// pattern's server has no logout lines we pair with.
+    pub session: Option<String>,
+    /// For the success line of a two-line server, the pattern of the
+    /// address line the address came from.
+    pub address_pattern: Option<Arc<str>>,
+}
+
+/// What kind of line a pattern recognises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A successful login naming the client address.
+    Login,
+    /// The first line of a two-line server: the client address of a
+    /// session, to be remembered for the success line of the same process.
+    Address,
+    /// The success line of a two-line server: no address of its own.
+    LoginAfterAddress,
+    /// The end of a session (`--hold-while-connected`).
+    Logout,
+}
+
+/// How a login is paired with its logout line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HoldBy {
+    /// The regex's `session` group.
+    Session,
+    /// The record's process id.
+    Pid,
 }
 
 /// Where a pattern's service comes from.
@@ -109,6 +141,10 @@ struct Pattern {
     service: ServiceFrom,
     /// Who may send lines for this pattern.
     speakers: Arc<Speakers>,
+    /// What the line is.
+    kind: Kind,
+    /// How logins and logouts are paired, if they are.
+    hold: Option<HoldBy>,
 }
 
 /// One `[[pattern]]` table as written in a configuration file.
@@ -135,6 +171,18 @@ pub struct PatternSpec {
     /// Uids those executables must run as; empty means any.
     #[serde(default)]
     pub uids: Vec<u32>,
+    /// What the line is: `login` (the default), `address` (the first line
+    /// of a two-line server, whose address the `login-after-address` line
+    /// of the same process grants), `login-after-address`, or `logout`
+    /// (the end of a session, for `hold-while-connected`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// For `login` and `logout` patterns: how a login is paired with its
+    /// logout line, `session` (the regex's `(?P<session>...)` group, the
+    /// same text in both lines) or `pid` (the syslog process id). Absent:
+    /// logins of this pattern are never held.
+    #[serde(default)]
+    pub hold: Option<String>,
 }
 
 /// Patterns in a configuration file, for deserialising `[[pattern]]`.
@@ -178,6 +226,62 @@ pub enum Outcome {
         pattern: Arc<str>,
         /// The text its `ip` group captured.
         text: String,
+    },
+    /// The first line of a two-line server (popa3d `Session from IP`): an
+    /// address to remember for the success line of the same process.
+    /// [`AddressMemory::pair`] turns it into [`Outcome::Remembered`].
+    Address {
+        /// The client address, as the server wrote it.
+        ip: IpAddr,
+        /// The server software.
+        server: Arc<str>,
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// Who may send lines for that pattern.
+        speakers: Arc<Speakers>,
+    },
+    /// The success line of a two-line server (popa3d `Authentication
+    /// passed for USER`): a login without an address of its own.
+    /// [`AddressMemory::pair`] turns it into a [`Outcome::Login`] with the
+    /// remembered address, or [`Outcome::NoAddress`].
+    LoginWithoutAddress {
+        /// The server software.
+        server: Arc<str>,
+        /// POP3 or IMAP.
+        service: Service,
+        /// The user name (untrusted text).
+        user: String,
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// Who may send lines for that pattern.
+        speakers: Arc<Speakers>,
+    },
+    /// An address line, remembered.
+    Remembered {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
+    /// A success line with no address remembered for its process, or an
+    /// address line without a process id: nothing granted.
+    NoAddress {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
+    /// The end of a session (`--hold-while-connected`).
+    Logout {
+        /// The client address, if the line names one.
+        ip: Option<IpAddr>,
+        /// The server software.
+        server: Arc<str>,
+        /// The session id or process id the login was paired by; `None`
+        /// when the line has none.
+        session: Option<String>,
+        /// The user name (untrusted text).
+        user: String,
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// Who may send lines for that pattern.
+        speakers: Arc<Speakers>,
     },
 }
 
@@ -288,12 +392,59 @@ impl Matchers {
         let regex =
             Regex::new(&anchored).map_err(|e| err(format!("pattern \"{id}\": bad regex: {e}")))?;
         let names: Vec<&str> = regex.capture_names().flatten().collect();
-        if !names.contains(&"ip") {
+        let kind = match spec.kind.as_deref() {
+            None | Some("login") => Kind::Login,
+            Some("address") => Kind::Address,
+            Some("login-after-address") => Kind::LoginAfterAddress,
+            Some("logout") => Kind::Logout,
+            Some(other) => {
+                return Err(err(format!(
+                    "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\" or \"logout\""
+                )));
+            }
+        };
+        match kind {
+            Kind::Login | Kind::Address if !names.contains(&"ip") => {
+                return Err(err(format!(
+                    "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
+                )));
+            }
+            Kind::LoginAfterAddress if names.contains(&"ip") => {
+                return Err(err(format!(
+                    "pattern \"{id}\": a login-after-address pattern grants the address of its process's address line and must not capture (?P<ip>...) itself"
+                )));
+            }
+            _ => {}
+        }
+        let hold = match spec.hold.as_deref() {
+            None => None,
+            Some(_) if matches!(kind, Kind::Address | Kind::LoginAfterAddress) => {
+                return Err(err(format!(
+                    "pattern \"{id}\": hold is only for login and logout patterns"
+                )));
+            }
+            Some("session") if names.contains(&"session") => Some(HoldBy::Session),
+            Some("session") => {
+                return Err(err(format!(
+                    "pattern \"{id}\": hold = \"session\" but the regex has no named group \"session\": capture the session id with (?P<session>...)"
+                )));
+            }
+            Some("pid") => Some(HoldBy::Pid),
+            Some(other) => {
+                return Err(err(format!(
+                    "pattern \"{id}\": hold = \"{other}\" is not known: expected \"session\" or \"pid\""
+                )));
+            }
+        };
+        if kind == Kind::Logout && hold.is_none() {
             return Err(err(format!(
-                "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
+                "pattern \"{id}\": a logout pattern needs hold = \"session\" or \"pid\" to say which login it ends"
             )));
         }
         let service = match spec.service.as_deref() {
+            None if matches!(kind, Kind::Address | Kind::Logout) => {
+                ServiceFrom::Fixed(Service::Pop3)
+            }
             None if names.contains(&"service") => ServiceFrom::Group,
             None => {
                 return Err(err(format!(
@@ -336,6 +487,8 @@ impl Matchers {
                 executables: spec.executables.clone(),
                 uids: spec.uids.clone(),
             }),
+            kind,
+            hold,
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
@@ -363,7 +516,18 @@ impl Matchers {
             let Some(caps) = p.regex.captures(rec.message) else {
                 continue;
             };
-            let ip_text = caps.name("ip").map_or("", |m| m.as_str());
+            let ip = match caps.name("ip") {
+                None => None,
+                Some(m) => match parse_ip(m.as_str()) {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        return Outcome::BadAddress {
+                            pattern: p.id.clone(),
+                            text: m.as_str().to_string(),
+                        };
+                    }
+                },
+            };
             let service = match p.service {
                 ServiceFrom::Fixed(s) => Some(s),
                 ServiceFrom::Group => caps
@@ -371,20 +535,62 @@ impl Matchers {
                     .and_then(|m| Service::from_text(m.as_str())),
                 ServiceFrom::Program => Service::from_text(rec.program),
             };
-            let (Ok(ip), Some(service)) = (parse_ip(ip_text), service) else {
-                return Outcome::BadAddress {
-                    pattern: p.id.clone(),
-                    text: ip_text.to_string(),
-                };
+            let user = caps.name("user").map_or("", |m| m.as_str()).to_string();
+            let session = match p.hold {
+                None => None,
+                Some(HoldBy::Session) => caps
+                    .name("session")
+                    .map(|m| format!("session {}", m.as_str())),
+                Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
             };
-            return Outcome::Login(Login {
-                ip,
-                server: p.server.clone(),
-                service,
-                user: caps.name("user").map_or("", |m| m.as_str()).to_string(),
+            let bad = || Outcome::BadAddress {
                 pattern: p.id.clone(),
-                speakers: p.speakers.clone(),
-            });
+                text: caps.name("ip").map_or("", |m| m.as_str()).to_string(),
+            };
+            return match p.kind {
+                Kind::Login => {
+                    let (Some(ip), Some(service)) = (ip, service) else {
+                        return bad();
+                    };
+                    Outcome::Login(Login {
+                        ip,
+                        server: p.server.clone(),
+                        service,
+                        user,
+                        pattern: p.id.clone(),
+                        speakers: p.speakers.clone(),
+                        session,
+                        address_pattern: None,
+                    })
+                }
+                Kind::Address => {
+                    let Some(ip) = ip else { return bad() };
+                    Outcome::Address {
+                        ip,
+                        server: p.server.clone(),
+                        pattern: p.id.clone(),
+                        speakers: p.speakers.clone(),
+                    }
+                }
+                Kind::LoginAfterAddress => {
+                    let Some(service) = service else { return bad() };
+                    Outcome::LoginWithoutAddress {
+                        server: p.server.clone(),
+                        service,
+                        user,
+                        pattern: p.id.clone(),
+                        speakers: p.speakers.clone(),
+                    }
+                }
+                Kind::Logout => Outcome::Logout {
+                    ip,
+                    server: p.server.clone(),
+                    session,
+                    user,
+                    pattern: p.id.clone(),
+                    speakers: p.speakers.clone(),
+                },
+            };
         }
         Outcome::NoMatch
     }
@@ -419,6 +625,191 @@ impl Matchers {
             .filter(|&&i| self.patterns[i].regex.is_match(rec.message))
             .map(|&i| self.patterns[i].id.clone())
             .collect()
+    }
+}
+
+/// The process a line of a two-line server comes from: who reported it,
+/// the host name in the record, the syslog tag and the process id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProcessKey {
+    /// The reporting peer (socket path or address).
+    pub reporter: String,
+    /// The host name in the record (`-` when it has none).
+    pub host: String,
+    /// The syslog tag.
+    pub program: String,
+    /// The process id: the attested one when the record carries a believed
+    /// attestation, else the one in the tag.
+    pub pid: u32,
+}
+
+/// Most addresses remembered at once for two-line servers.
+pub const MEMORY_ENTRIES: usize = 4096;
+/// How long an address line is remembered for its success line.
+pub const MEMORY_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct RememberedAddress {
+    ip: IpAddr,
+    server: Arc<str>,
+    pattern: Arc<str>,
+    at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    map: HashMap<ProcessKey, RememberedAddress>,
+    /// Insertion order, for expiry and eviction; entries whose time no
+    /// longer matches the map's are stale and skipped.
+    order: VecDeque<(Instant, ProcessKey)>,
+}
+
+/// The small, bounded, expiring memory of address lines of two-line
+/// servers (popa3d, old vm-pop3d, Solid POP3 without LOG_EXTEND): the
+/// address a process wrote in its first line, until the success line of
+/// the same process comes ([`MEMORY_TTL`], at most [`MEMORY_ENTRIES`]; when
+/// full, the oldest is dropped). The address is only ever taken from the
+/// server's address line, never from the success line, which holds the
+/// user name.
+#[derive(Debug, Default)]
+pub struct AddressMemory {
+    inner: Mutex<MemoryInner>,
+}
+
+impl AddressMemory {
+    /// An empty memory.
+    pub fn new() -> AddressMemory {
+        AddressMemory::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Drops expired entries; returns how many were dropped.
+    fn expire(inner: &mut MemoryInner, now: Instant) -> usize {
+        let mut dropped = 0;
+        while let Some((t, _)) = inner.order.front() {
+            if *t + MEMORY_TTL > now {
+                break;
+            }
+            let Some((t, key)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner.map.get(&key).is_some_and(|e| e.at == t) {
+                inner.map.remove(&key);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// How many addresses are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pairs a line with the memory: an [`Outcome::Address`] is remembered
+    /// for its process ([`Outcome::Remembered`]); an
+    /// [`Outcome::LoginWithoutAddress`] takes the address remembered for its
+    /// process by a pattern of the same server ([`Outcome::Login`]), or
+    /// grants nothing ([`Outcome::NoAddress`]). Other outcomes pass
+    /// unchanged. `key` is `None` when the record has no process id. Also
+    /// returns how many remembered addresses were dropped unused.
+    pub fn pair(
+        &self,
+        key: Option<ProcessKey>,
+        outcome: Outcome,
+        now: Instant,
+    ) -> (Outcome, usize) {
+        match outcome {
+            Outcome::Address {
+                ip,
+                server,
+                pattern,
+                ..
+            } => {
+                let Some(key) = key else {
+                    return (Outcome::NoAddress { pattern }, 0);
+                };
+                let mut inner = self.lock();
+                let mut dropped = Self::expire(&mut inner, now);
+                while inner.map.len() >= MEMORY_ENTRIES && !inner.map.contains_key(&key) {
+                    let Some((t, old)) = inner.order.pop_front() else {
+                        break;
+                    };
+                    if inner.map.get(&old).is_some_and(|e| e.at == t) {
+                        inner.map.remove(&old);
+                        dropped += 1;
+                    }
+                }
+                if inner.order.len() > 4 * MEMORY_ENTRIES {
+                    // Stale order entries from keys remembered again and
+                    // again: rebuild the order from the map.
+                    let mut v: Vec<(Instant, ProcessKey)> =
+                        inner.map.iter().map(|(k, e)| (e.at, k.clone())).collect();
+                    v.sort_by_key(|(t, _)| *t);
+                    inner.order = v.into();
+                }
+                inner.order.push_back((now, key.clone()));
+                if inner
+                    .map
+                    .insert(
+                        key,
+                        RememberedAddress {
+                            ip,
+                            server,
+                            pattern: pattern.clone(),
+                            at: now,
+                        },
+                    )
+                    .is_some()
+                {
+                    dropped += 1;
+                }
+                (Outcome::Remembered { pattern }, dropped)
+            }
+            Outcome::LoginWithoutAddress {
+                server,
+                service,
+                user,
+                pattern,
+                speakers,
+            } => {
+                let Some(key) = key else {
+                    return (Outcome::NoAddress { pattern }, 0);
+                };
+                let mut inner = self.lock();
+                let dropped = Self::expire(&mut inner, now);
+                let found = inner.map.get(&key).is_some_and(|e| e.server == server);
+                let entry = if found { inner.map.remove(&key) } else { None };
+                match entry {
+                    Some(e) => (
+                        Outcome::Login(Login {
+                            ip: e.ip,
+                            server,
+                            service,
+                            user,
+                            pattern,
+                            speakers,
+                            session: None,
+                            address_pattern: Some(e.pattern),
+                        }),
+                        dropped,
+                    ),
+                    None => (Outcome::NoAddress { pattern }, dropped),
+                }
+            }
+            other => (other, 0),
+        }
     }
 }
 

@@ -81,6 +81,24 @@ counters! {
     reloads,
     /// Configuration reloads refused (the old configuration stayed).
     reload_failures,
+    /// Address lines of two-line servers (popa3d, vm-pop3d, spop3d)
+    /// remembered for the success line of the same process.
+    addresses_remembered,
+    /// Remembered addresses dropped unused: expired, or pushed out when the
+    /// memory was full.
+    addresses_dropped,
+    /// Success lines of two-line servers with no remembered address from
+    /// the same process: nothing granted.
+    logins_without_address,
+    /// Sessions held open (--hold-while-connected).
+    holds_opened,
+    /// Sessions closed by their logout line.
+    holds_closed,
+    /// Sessions not held because their address had the most open sessions
+    /// held, or all sessions held were too many: the window alone applies.
+    holds_refused,
+    /// Logout lines that closed no held session.
+    logouts_unpaired,
 }
 
 /// Datagrams received by each listener, by name.

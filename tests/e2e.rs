@@ -754,3 +754,95 @@ fn policy_service_and_socketmap_answer_postfix_at_once() {
     assert!(!log.contains("policy_requests=0 "), "{log}");
     assert!(!log.contains("socketmap_requests=0 "), "{log}");
 }
+
+/// --hold-while-connected with a real Dovecot: an IMAP session kept open
+/// well past the window keeps its address in the map; after LOGOUT (the
+/// mail process's "Disconnected: Logged out" line, attested like the
+/// login) the address leaves the map one window later.
+#[test]
+fn an_open_imap_session_holds_its_grant_until_one_window_after_logout() {
+    require_root!();
+    let s = Scratch::new();
+    let daemon_socket = s.path("daemon.sock");
+    let map = s.map();
+    let listen = format!("unix://{}", daemon_socket.display());
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--window",
+            "3s",
+            "--never",
+            "none",
+            "--require-attestation",
+            "--hold-while-connected",
+            "--hold-max",
+            "1h",
+        ],
+    );
+    let rs = rsyslog_with_attested_rule(&s, "rsyslog", &daemon_socket);
+    let dovecot = Dovecot::start(&s.path("dovecot"), &rs.socket, &["alice"], "");
+
+    let session = imap_session("127.0.0.5", dovecot.imap_port, "alice", PASSWORD);
+    assert!(session.logged_in);
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .postmap_q("127.0.0.5")
+            .is_some()),
+        "127.0.0.5 not granted\n{}",
+        d.log_text()
+    );
+    // Three windows with the session open: still in the map.
+    std::thread::sleep(Duration::from_secs(9));
+    assert!(
+        s.postmap_q("127.0.0.5").is_some(),
+        "127.0.0.5 left the map while its session was open\n{}",
+        d.log_text()
+    );
+    // A POP3 session from another address, without hold-breaking effects:
+    // it ends at once, and its address leaves one window later.
+    assert!(pop3_login(
+        "127.0.0.6",
+        dovecot.pop3_port,
+        "alice",
+        PASSWORD
+    ));
+
+    drop(session);
+    let t0 = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(5), || d.log_text().contains(
+            "logout from 127.0.0.5 of user \"alice\": last session closed"
+        )),
+        "the logout was not paired with the login\n{}",
+        d.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .postmap_q("127.0.0.5")
+            .is_none()),
+        "127.0.0.5 still in the map 10 s after logout\n{}",
+        d.log_text()
+    );
+    let after = t0.elapsed();
+    eprintln!("127.0.0.5 left the map {after:?} after LOGOUT");
+    assert!(
+        after >= Duration::from_millis(2500),
+        "left the map {after:?} after logout, before the 3 s window\n{}",
+        d.log_text()
+    );
+    assert!(s.postmap_q("127.0.0.6").is_none());
+    let log = d.log_text();
+    assert!(
+        log.contains(
+            "grant 127.0.0.5 for 3s after the session ends (held while it is open, at most 1h)"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("forgery"), "{log}");
+    drop(dovecot);
+    assert_eq!(d.stop(), Some(0));
+}

@@ -32,6 +32,8 @@ fn pipeline(never: &[&str]) -> Pipeline {
             window: Duration::from_secs(60),
             require_attestation: false,
             trust_attestation_from: Vec::new(),
+            hold_while_connected: false,
+            hold_max: Duration::from_secs(3600),
         },
         Arc::new(GrantTable::new()),
         Arc::new(Stats::default()),

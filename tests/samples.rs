@@ -16,19 +16,33 @@
 //! `#= ` applies to the next line that is not a comment. `grant` lines must
 //! yield exactly that login (address in the form Postfix looks up, service,
 //! user) from a pattern of this file's server; `none` lines must grant
-//! nothing. The harness fails when:
+//! nothing; `logout` lines must be recognised as the end of a session (for
+//! `--hold-while-connected`) by a pattern of this file's server, with the
+//! session id or process id that pairs them with their login
+//! (`#= logout session ID` or `#= logout pid N` names the one expected).
+//!
+//! The lines of a file are fed in order through one stateful matcher, as
+//! the daemon feeds them: two-line servers (popa3d `Session from IP`, then
+//! `Authentication passed for USER` from the same process) are annotated
+//! `#= none` on the address line and `#= grant ...` on the success line,
+//! which grants the address remembered for its process. A success line with
+//! no address line of its own process before it grants nothing.
+//!
+//! The harness fails when:
 //! - a line has no annotation, or an annotation has no line;
 //! - a `grant` line yields another address, service or user, or nothing;
 //! - a `none` line yields a login;
 //! - two patterns claim one line;
-//! - a built-in pattern is exercised by no positive sample;
+//! - a built-in pattern is exercised by no positive sample (an address
+//!   pattern is exercised when a grant takes its address; a logout pattern
+//!   by a `logout` line);
 //! - a sample file has no `none injection` sample.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use smtp_after_popd::addr::canonical;
-use smtp_after_popd::matcher::{Matchers, Outcome};
+use smtp_after_popd::matcher::{AddressMemory, Matchers, Outcome, ProcessKey};
 use smtp_after_popd::record::parse_str;
 
 #[derive(Debug)]
@@ -41,6 +55,8 @@ enum Expect {
     None {
         injection: bool,
     },
+    /// The session id or pid expected, if given (`#= logout session ID`).
+    Logout(Option<String>),
 }
 
 struct Sample {
@@ -79,6 +95,10 @@ fn load(dir: &Path) -> Vec<Sample> {
                     Some("none") => Expect::None {
                         injection: words.next() == Some("injection"),
                     },
+                    Some("logout") => {
+                        let rest: Vec<&str> = words.collect();
+                        Expect::Logout((!rest.is_empty()).then(|| rest.join(" ")))
+                    }
                     other => panic!("{file}.log:{n}: unknown annotation {other:?}"),
                 };
                 pending = Some((n, expect));
@@ -123,7 +143,14 @@ fn samples_match_their_annotations() {
     let mut injections: BTreeMap<String, usize> = BTreeMap::new();
     let mut files: BTreeSet<String> = BTreeSet::new();
 
+    let mut memory = AddressMemory::new();
+    let mut current_file = String::new();
     for s in &samples {
+        if s.file != current_file {
+            // Each file is a log of its own.
+            memory = AddressMemory::new();
+            current_file = s.file.clone();
+        }
         files.insert(s.file.clone());
         let place = format!("{}.log:{}", s.file, s.line_no);
         let rec = match parse_str(&s.text) {
@@ -140,7 +167,37 @@ fn samples_match_their_annotations() {
             failures.push(format!("{place}: claimed by several patterns: {claims:?}"));
         }
         let outcome = matchers.match_record(&rec);
+        let key = rec.pid.map(|pid| ProcessKey {
+            reporter: "samples".to_string(),
+            host: rec.hostname.unwrap_or("-").to_string(),
+            program: rec.program.to_string(),
+            pid,
+        });
+        let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
         match (&s.expect, outcome) {
+            (
+                Expect::Logout(want),
+                Outcome::Logout {
+                    server,
+                    session,
+                    pattern,
+                    ..
+                },
+            ) => {
+                if !file_is_for_server(&s.file, &server)
+                    || session.is_none()
+                    || want.as_ref().is_some_and(|w| Some(w) != session.as_ref())
+                {
+                    failures.push(format!(
+                        "{place}: expected a logout of {} with a session, got one of {server} with session {session:?} (pattern {pattern})",
+                        s.file
+                    ));
+                }
+                exercised.insert(pattern.to_string());
+            }
+            (Expect::Logout(_), other) => {
+                failures.push(format!("{place}: expected a logout, got {other:?}"));
+            }
             (Expect::Grant { ip, service, user }, Outcome::Login(l)) => {
                 let got_ip = canonical(l.ip).to_string();
                 if &got_ip != ip
@@ -154,6 +211,9 @@ fn samples_match_their_annotations() {
                     ));
                 }
                 exercised.insert(l.pattern.to_string());
+                if let Some(a) = &l.address_pattern {
+                    exercised.insert(a.to_string());
+                }
             }
             (Expect::Grant { ip, .. }, other) => {
                 failures.push(format!("{place}: expected grant {ip}, got {other:?}"));

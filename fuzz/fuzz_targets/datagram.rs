@@ -36,6 +36,8 @@ fn pipeline(require: bool) -> &'static Pipeline {
                 window: Duration::from_secs(60),
                 require_attestation: require,
                 trust_attestation_from: Vec::new(),
+                hold_while_connected: false,
+                hold_max: Duration::from_secs(3600),
             },
             Arc::new(GrantTable::with_limit(1000)),
             Arc::new(Stats::default()),

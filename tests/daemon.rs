@@ -950,7 +950,10 @@ fn small_changes_update_the_map_incrementally() {
             "--map",
             map.to_str().unwrap(),
             "--window",
-            "4s",
+            "6s",
+            // 300 datagrams at once: more than the default buffer holds.
+            "--receive-buffer",
+            "4M",
         ],
     );
     let login = |i: u32| {
@@ -986,7 +989,7 @@ fn small_changes_update_the_map_incrementally() {
         assert_eq!(s.postmap_q(&ip).as_deref(), Some("OK"), "{ip}");
     }
     assert!(
-        wait_for(Duration::from_secs(10), || map_lines(&map).is_empty()),
+        wait_for(Duration::from_secs(15), || map_lines(&map).is_empty()),
         "{}",
         d.log_text()
     );

@@ -299,6 +299,14 @@ impl Pipeline {
                 );
                 return;
             }
+            Outcome::Unaddressed { server, pattern } => {
+                Stats::bump(&self.stats.logins_unaddressed);
+                crate::log_warning_limited!(
+                    INPUT_WARNINGS,
+                    "line from {peer} is a {server} login (pattern {pattern}) that carries no client address (an old server release, or a host name cut before the address): nothing granted"
+                );
+                return;
+            }
             Outcome::NoAddress { pattern } => {
                 Stats::bump(&self.stats.logins_without_address);
                 crate::log_warning_limited!(

@@ -106,6 +106,10 @@ enum Kind {
     LoginAfterAddress,
     /// The end of a session (`--hold-while-connected`).
     Logout,
+    /// A successful login whose line carries no client address (old UW
+    /// ipop3d, or a `host=` cut before the address): counted, never
+    /// granted.
+    Unaddressed,
 }
 
 /// How a login is paired with its logout line.
@@ -267,6 +271,14 @@ pub enum Outcome {
         /// The pattern that matched.
         pattern: Arc<str>,
     },
+    /// A successful login whose line carries no client address: counted,
+    /// nothing granted.
+    Unaddressed {
+        /// The server software.
+        server: Arc<str>,
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
     /// The end of a session (`--hold-while-connected`).
     Logout {
         /// The client address, if the line names one.
@@ -397,9 +409,10 @@ impl Matchers {
             Some("address") => Kind::Address,
             Some("login-after-address") => Kind::LoginAfterAddress,
             Some("logout") => Kind::Logout,
+            Some("login-without-address") => Kind::Unaddressed,
             Some(other) => {
                 return Err(err(format!(
-                    "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\" or \"logout\""
+                    "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\", \"login-without-address\" or \"logout\""
                 )));
             }
         };
@@ -407,6 +420,11 @@ impl Matchers {
             Kind::Login | Kind::Address if !names.contains(&"ip") => {
                 return Err(err(format!(
                     "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
+                )));
+            }
+            Kind::Unaddressed if names.contains(&"ip") => {
+                return Err(err(format!(
+                    "pattern \"{id}\": a login-without-address pattern recognises lines that carry no address and must not capture (?P<ip>...)"
                 )));
             }
             Kind::LoginAfterAddress if names.contains(&"ip") => {
@@ -418,7 +436,12 @@ impl Matchers {
         }
         let hold = match spec.hold.as_deref() {
             None => None,
-            Some(_) if matches!(kind, Kind::Address | Kind::LoginAfterAddress) => {
+            Some(_)
+                if matches!(
+                    kind,
+                    Kind::Address | Kind::LoginAfterAddress | Kind::Unaddressed
+                ) =>
+            {
                 return Err(err(format!(
                     "pattern \"{id}\": hold is only for login and logout patterns"
                 )));
@@ -442,7 +465,7 @@ impl Matchers {
             )));
         }
         let service = match spec.service.as_deref() {
-            None if matches!(kind, Kind::Address | Kind::Logout) => {
+            None if matches!(kind, Kind::Address | Kind::Logout | Kind::Unaddressed) => {
                 ServiceFrom::Fixed(Service::Pop3)
             }
             None if names.contains(&"service") => ServiceFrom::Group,
@@ -582,6 +605,10 @@ impl Matchers {
                         speakers: p.speakers.clone(),
                     }
                 }
+                Kind::Unaddressed => Outcome::Unaddressed {
+                    server: p.server.clone(),
+                    pattern: p.id.clone(),
+                },
                 Kind::Logout => Outcome::Logout {
                     ip,
                     server: p.server.clone(),

@@ -90,6 +90,9 @@ counters! {
     /// Success lines of two-line servers with no remembered address from
     /// the same process: nothing granted.
     logins_without_address,
+    /// Login lines that carry no client address at all (old UW ipop3d,
+    /// or a host name cut before the address): nothing granted.
+    logins_unaddressed,
     /// Sessions held open (--hold-while-connected).
     holds_opened,
     /// Sessions closed by their logout line.

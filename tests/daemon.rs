@@ -417,11 +417,14 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
     let mut want = std::collections::BTreeSet::new();
     let mut sent = 0;
+    let mut counted = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("#= grant ") {
                 want.insert(rest.split(' ').next().unwrap().to_string());
+            } else if line == "#= counted" {
+                counted += 1;
             } else if !line.starts_with('#') && !line.trim().is_empty() {
                 send_udp(port, &format!("<22>{line}"));
                 sent += 1;
@@ -452,6 +455,13 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
         assert_eq!(s.postmap_q(ip).as_deref(), Some("OK"), "{ip}");
     }
     assert_eq!(d.stop(), Some(0));
+    // Logins without an address were recognised and counted.
+    assert!(counted > 0);
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!(" logins_unaddressed={counted} ")),
+        "{counted} counted samples:\n{log}"
+    );
 }
 
 /// The quick start on a fresh machine: postfix installed without a

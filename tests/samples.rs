@@ -19,7 +19,10 @@
 //! nothing; `logout` lines must be recognised as the end of a session (for
 //! `--hold-while-connected`) by a pattern of this file's server, with the
 //! session id or process id that pairs them with their login
-//! (`#= logout session ID` or `#= logout pid N` names the one expected).
+//! (`#= logout session ID` or `#= logout pid N` names the one expected);
+//! `counted` lines must be recognised as logins that carry no client
+//! address (old UW ipop3d, a host name cut before the address): counted
+//! and logged by the daemon, never granted.
 //!
 //! The lines of a file are fed in order through one stateful matcher, as
 //! the daemon feeds them: two-line servers (popa3d `Session from IP`, then
@@ -57,6 +60,9 @@ enum Expect {
     },
     /// The session id or pid expected, if given (`#= logout session ID`).
     Logout(Option<String>),
+    /// A login recognised whose line carries no address: counted, nothing
+    /// granted (`#= counted`).
+    Counted,
 }
 
 struct Sample {
@@ -95,6 +101,7 @@ fn load(dir: &Path) -> Vec<Sample> {
                     Some("none") => Expect::None {
                         injection: words.next() == Some("injection"),
                     },
+                    Some("counted") => Expect::Counted,
                     Some("logout") => {
                         let rest: Vec<&str> = words.collect();
                         Expect::Logout((!rest.is_empty()).then(|| rest.join(" ")))
@@ -194,6 +201,20 @@ fn samples_match_their_annotations() {
                     ));
                 }
                 exercised.insert(pattern.to_string());
+            }
+            (Expect::Counted, Outcome::Unaddressed { server, pattern }) => {
+                if !file_is_for_server(&s.file, &server) {
+                    failures.push(format!(
+                        "{place}: counted by pattern {pattern} of {server}, not of {}",
+                        s.file
+                    ));
+                }
+                exercised.insert(pattern.to_string());
+            }
+            (Expect::Counted, other) => {
+                failures.push(format!(
+                    "{place}: expected a login without an address (counted), got {other:?}"
+                ));
             }
             (Expect::Logout(_), other) => {
                 failures.push(format!("{place}: expected a logout, got {other:?}"));

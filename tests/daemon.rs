@@ -1010,3 +1010,43 @@ fn small_changes_update_the_map_incrementally() {
     }
     assert_eq!(d.stop(), Some(0));
 }
+
+/// `smtp-after-popd match` on every sample file prints exactly the grants
+/// annotated there, in order: what an administrator checking a real log
+/// with it would see.
+#[test]
+fn match_on_every_sample_file_prints_exactly_its_grants() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10);
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let want: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#= grant "))
+            .map(|rest| {
+                let mut w = rest.split(' ');
+                (w.next().unwrap().to_string(), w.next().unwrap().to_string())
+            })
+            .collect();
+        let out = std::process::Command::new(BIN)
+            .arg("match")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", path.display());
+        let got: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f[0].to_string(), f[2].to_string())
+            })
+            .collect();
+        assert_eq!(got, want, "smtp-after-popd match {}", path.display());
+    }
+}

@@ -53,7 +53,7 @@ fn main() {
         for l in &lines {
             if m.may_match(l.as_bytes())
                 && let Ok(rec) = record::parse(l.as_bytes())
-                && let Outcome::Login(_) = m.match_record(&rec)
+                && let Outcome::Login(_) = m.match_record_with(&rec, false)
             {
                 logins += 1;
             }

@@ -220,7 +220,7 @@ impl Pipeline {
             }
         };
         let now = tokio::time::Instant::now();
-        let outcome = s.matchers.match_record(&rec);
+        let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
         let outcome = match outcome {
             Outcome::Address {
                 ref ip,

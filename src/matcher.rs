@@ -534,8 +534,23 @@ impl Matchers {
 
     /// Tries the record against the patterns for its program.
     pub fn match_record(&self, rec: &Record<'_>) -> Outcome {
+        self.match_record_with(rec, true)
+    }
+
+    /// Tries the record against the patterns for its program, logout
+    /// patterns only if `logouts` (they matter only with
+    /// `--hold-while-connected`, and a mail log is full of logout lines).
+    pub fn match_record_with(&self, rec: &Record<'_>, logouts: bool) -> Outcome {
         for &i in self.candidates(rec.program) {
             let p = &self.patterns[i];
+            if !logouts && p.kind == Kind::Logout {
+                continue;
+            }
+            // Most lines match none of the patterns: a plain search first
+            // (no capture slots allocated), the captures only on a match.
+            if !p.regex.is_match(rec.message) {
+                continue;
+            }
             let Some(caps) = p.regex.captures(rec.message) else {
                 continue;
             };

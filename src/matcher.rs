@@ -133,7 +133,7 @@ enum ServiceFrom {
 }
 
 /// One compiled pattern.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Pattern {
     /// Unique id, reported with each login and used by the sample harness.
     id: Arc<str>,
@@ -205,8 +205,9 @@ pub struct PatternError {
     pub message: String,
 }
 
-/// The set of patterns, indexed by program name.
-#[derive(Debug)]
+/// The set of patterns, indexed by program name. Cloning is cheap (the
+/// compiled regexes are shared).
+#[derive(Clone, Debug)]
 pub struct Matchers {
     /// All patterns, built-in first.
     patterns: Vec<Pattern>,

@@ -993,7 +993,8 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
 /// Re-reads the configuration (SIGHUP). A configuration that does not
 /// validate is refused and the old one stays in force; otherwise patterns,
 /// window, never-grant rules, attestation, allow-lists, the grant limit and
-/// logging change at once, live grants stay, and settings that need sockets
+/// logging change at once, live grants stay (but for those the new
+/// never-grant rules refuse, which end), and settings that need sockets
 /// or files opened again are reported as needing a restart.
 fn reload(r: &mut Running) {
     crate::systemd::notify(&format!(
@@ -1079,6 +1080,18 @@ fn reload(r: &mut Running) {
             "hold-while-connected turned off: {} held addresses get the window from now",
             ips.len()
         );
+    }
+    // "Never" means never: live grants the new rules refuse end now.
+    let policy = AddressPolicy::new(new.never.clone());
+    for (ip, _) in r.table.list() {
+        if let Err(why) = policy.check(ip)
+            && r.table.revoke(ip).is_some()
+        {
+            Stats::bump(&r.stats.revoked);
+            crate::log_info!(
+                "revoke {ip}: {why} (never-grant rules of the reloaded configuration)"
+            );
+        }
     }
     Stats::bump(&r.stats.reloads);
     crate::log_info!(

@@ -250,7 +250,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
 }
 
 /// Puts the loaded grants still inside their window into `table`. Returns
-/// (restored, expired, refused by the never-grant rules).
+/// (restored, expired, refused by the never-grant rules or a full table).
 pub fn restore(
     loaded: &Loaded,
     table: &GrantTable,
@@ -284,7 +284,7 @@ pub fn restore(
             }
         };
         let left = Duration::from_millis(e.expires_ms - now_ms).min(window);
-        table.grant(
+        let result = table.grant(
             ip,
             Grant {
                 expires: now + left,
@@ -295,6 +295,11 @@ pub fn restore(
                 host: intern(&e.host),
             },
         );
+        if result == crate::grants::GrantResult::Full {
+            crate::log_warning!("state: not restoring {ip}: the table is full (--max-grants)");
+            refused += 1;
+            continue;
+        }
         restored += 1;
     }
     (restored, expired, refused)

@@ -93,7 +93,7 @@ fn render() -> Vec<u8> {
         &mut r,
         "SIGNALS",
         &[
-            "SIGHUP re-reads the configuration. Patterns, window, never-grant rules, allow-lists, attestation, max-grants and logging change at once and live grants stay; a configuration that does not validate is refused with a log line naming the file, line and value, and the old one stays in force. Settings that need sockets or files opened again (listen, map, policy, socketmap, state, control, metrics, user) are reported and wait for a restart. SIGTERM and SIGINT write the state file and stop within a second.",
+            "SIGHUP re-reads the configuration. Patterns, window, never-grant rules, allow-lists, attestation, hold-while-connected, max-grants and logging change at once and live grants stay, except those the new never-grant rules refuse, which end at once; a configuration that does not validate is refused with a log line naming the file, line and value, and the old one stays in force. Settings that need sockets or files opened again (listen, map, policy, socketmap, state, control, metrics, user) are reported and wait for a restart. SIGTERM and SIGINT write the state file and stop within a second.",
         ],
     );
     section(

@@ -376,7 +376,16 @@ fn sighup_applies_new_allow_lists_and_never_rules() {
         "peer no longer allowed"
     );
     assert!(s.postmap_q("198.51.100.52").is_none(), "new never rule");
-    assert!(s.postmap_q("198.51.100.50").is_some(), "live grant kept");
+    // A live grant the new never-grant rules refuse ends with the reload.
+    assert!(
+        wait_for(Duration::from_secs(5), || s
+            .postmap_q("198.51.100.50")
+            .is_none()),
+        "live grant in a new never network"
+    );
+    assert!(d.log_text().contains(
+        "revoke 198.51.100.50: address in never-grant network 198.51.100.0/24 (never-grant rules of the reloaded configuration)"
+    ), "{}", d.log_text());
 }
 
 #[test]

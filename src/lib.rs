@@ -31,7 +31,10 @@
 //! - [`swap`]: the settings a reload (SIGHUP) replaces.
 //! - [`config`]: command line and configuration file, validated.
 //! - [`privilege`]: switching to an unprivileged user after binding.
-//! - [`daemon`]: wires the stages together and runs them.
+//! - [`pipeline`]: the per-datagram stage: parse, match, attest, check,
+//!   grant (with the two-line memory and the open sessions).
+//! - [`daemon`]: binds the sockets, wires the stages together and runs
+//!   them; reload; the subcommands.
 //! - [`stats`]: counters for everything received, dropped and decided.
 //! - [`logging`]: the daemon's own log, with escaping and rate limits.
 
@@ -45,6 +48,7 @@ pub mod hold;
 pub mod logging;
 pub mod matcher;
 pub mod metrics;
+pub mod pipeline;
 pub mod policy;
 pub mod privilege;
 pub mod receiver;

@@ -1,0 +1,686 @@
+//! The per-datagram stage: parse, match, attest, check the address, grant.
+//!
+//! Consumes: one datagram's bytes and the [`Peer`] the kernel reported.
+//! Produces: a grant, renewal or hold in the table, or a counted and logged
+//! refusal; one log line per decision.
+//! Trusts: what each stage's module doc says it trusts (the peer's
+//! attestation is believed only from unix sockets and
+//! `--trust-attestation-from` peers); this module adds no trust of its own.
+//! Its settings ([`Settings`]) are replaced as a whole by a reload; the
+//! table, the two-line memory and the open sessions stay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::addr::{AddressPolicy, Cidr};
+use crate::attest::{self, Verdict};
+use crate::config::{Config, format_duration};
+use crate::grants::{Grant, GrantResult, GrantTable};
+use crate::hold::{Closed, Holds, SessionKey};
+use crate::logging::{RateLimit, escape};
+use crate::matcher::{AddressMemory, Matchers, Outcome, ProcessKey};
+use crate::receiver::Peer;
+use crate::record::{self, ParseError};
+use crate::stats::Stats;
+use crate::swap::Swap;
+
+/// The settings a reload (SIGHUP) may change, read by each datagram.
+pub struct Settings {
+    /// The login patterns.
+    pub matchers: Matchers,
+    /// The never-grant rules.
+    pub policy: AddressPolicy,
+    /// The window after each login.
+    pub window: Duration,
+    /// Whether a login needs an attested sender.
+    pub require_attestation: bool,
+    /// Network peers whose attestation is believed (unix sockets always).
+    pub trust_attestation_from: Vec<Cidr>,
+    /// Whether open sessions hold their address's grant.
+    pub hold_while_connected: bool,
+    /// The longest a session holds its grant after its login.
+    pub hold_max: Duration,
+}
+
+impl Settings {
+    /// The reloadable part of a configuration (its matchers are moved out).
+    pub fn take(config: &mut Config) -> Settings {
+        Settings {
+            matchers: std::mem::replace(&mut config.matchers, Matchers::empty()),
+            policy: AddressPolicy::new(config.never.clone()),
+            window: config.window,
+            require_attestation: config.require_attestation,
+            trust_attestation_from: config.trust_attestation_from.clone(),
+            hold_while_connected: config.hold_while_connected,
+            hold_max: config.hold_max,
+        }
+    }
+}
+
+/// What happens to one datagram: parse, match, check, grant.
+pub struct Pipeline {
+    /// Patterns, rules and window, replaced as a whole by a reload.
+    pub settings: Swap<Settings>,
+    /// Where grants go.
+    pub table: Arc<GrantTable>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Reporter and host names shared by the grants they made, so that a
+    /// million grants from one sender hold one copy of its name.
+    pub names: std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>,
+    /// Address lines of two-line servers, waiting for their success line
+    /// (kept across reloads).
+    pub memory: AddressMemory,
+    /// Sessions still open (`--hold-while-connected`; kept across reloads).
+    pub holds: Holds,
+}
+
+static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
+static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
+
+/// Most distinct reporter and host names kept for sharing (TCP peers change
+/// port with each connection, and host names are the sender's text; beyond
+/// this, names are simply not shared).
+const MAX_NAMES: usize = 4096;
+
+impl Pipeline {
+    /// A pipeline with these settings, granting into `table`.
+    pub fn new(settings: Settings, table: Arc<GrantTable>, stats: Arc<Stats>) -> Pipeline {
+        Pipeline {
+            settings: Swap::new(settings),
+            table,
+            stats,
+            names: Default::default(),
+            memory: AddressMemory::new(),
+            holds: Holds::new(),
+        }
+    }
+
+    /// The shared copy of a name.
+    fn shared(&self, name: &str) -> Arc<str> {
+        let mut map = match self.names.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(a) = map.get(name) {
+            return a.clone();
+        }
+        let a: Arc<str> = name.into();
+        if map.len() < MAX_NAMES {
+            map.insert(name.to_string(), a.clone());
+        }
+        a
+    }
+
+    /// Handles one datagram from `peer`.
+    pub fn handle(&self, bytes: &[u8], peer: &Peer) {
+        let settings = self.settings.load();
+        let s = &*settings;
+        // Most of a mail log is not a login: a record that names none of
+        // the patterns' programs is counted and not even parsed. (Records
+        // too long or not UTF-8 go on, to be counted as such.)
+        if bytes.len() <= record::MAX_RECORD
+            && !s.matchers.may_match(bytes)
+            && std::str::from_utf8(bytes).is_ok()
+        {
+            Stats::bump(&self.stats.skipped);
+            return;
+        }
+        let rec = match record::parse(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                Stats::bump(match e {
+                    ParseError::TooLong => &self.stats.dropped_too_long,
+                    ParseError::InvalidUtf8 => &self.stats.dropped_invalid_utf8,
+                    ParseError::NoProgram => &self.stats.dropped_unparsed,
+                });
+                crate::log_warning_limited!(INPUT_WARNINGS, "datagram from {peer} dropped: {e}");
+                return;
+            }
+        };
+        let believed = match peer {
+            Peer::Unix(_) => true,
+            Peer::Udp(a) | Peer::Tcp(a) => {
+                s.trust_attestation_from.iter().any(|c| c.contains(a.ip()))
+            }
+        };
+        let verdict = |pattern: &str, speakers: &attest::Speakers| {
+            if believed {
+                attest::check(&rec, pattern, speakers, s.require_attestation)
+            } else {
+                attest::unbelieved(&rec, s.require_attestation)
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
+        let outcome = match outcome {
+            Outcome::Address {
+                ref ip,
+                ref pattern,
+                ref speakers,
+                ..
+            } => {
+                // The address line of a two-line server is trusted as a
+                // login line is: its sender must be allowed to speak for
+                // the pattern.
+                if let Verdict::Forgery(why) = verdict(pattern, speakers) {
+                    Stats::bump(&self.stats.forgeries);
+                    crate::log_warning_limited!(
+                        REFUSAL_WARNINGS,
+                        "address line for {ip} not remembered: forgery: {why} (pattern {pattern}, reported by {peer})"
+                    );
+                    return;
+                }
+                outcome
+            }
+            Outcome::Logout {
+                ref pattern,
+                ref speakers,
+                ..
+            } => {
+                if !s.hold_while_connected {
+                    return;
+                }
+                if let Verdict::Forgery(why) = verdict(pattern, speakers) {
+                    Stats::bump(&self.stats.forgeries);
+                    crate::log_warning_limited!(
+                        REFUSAL_WARNINGS,
+                        "logout line ignored: forgery: {why} (pattern {pattern}, reported by {peer})"
+                    );
+                    return;
+                }
+                outcome
+            }
+            other => other,
+        };
+        let outcome = match outcome {
+            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => {
+                let key = self.process_key(&rec, peer, believed);
+                let (o, dropped) = self.memory.pair(key, outcome, now);
+                if dropped > 0 {
+                    self.stats
+                        .addresses_dropped
+                        .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                o
+            }
+            other => other,
+        };
+        let login = match outcome {
+            Outcome::NoMatch => {
+                crate::log_debug!(
+                    "no login in record from {peer}: program \"{}\", message \"{}\"",
+                    escape(rec.program),
+                    escape(rec.message)
+                );
+                return;
+            }
+            Outcome::BadAddress { pattern, text } => {
+                Stats::bump(&self.stats.bad_address);
+                crate::log_warning_limited!(
+                    INPUT_WARNINGS,
+                    "line from {peer} matched pattern {pattern} but \"{}\" is not an IP address: nothing granted",
+                    escape(&text)
+                );
+                return;
+            }
+            Outcome::Remembered { pattern } => {
+                Stats::bump(&self.stats.addresses_remembered);
+                crate::log_debug!(
+                    "address remembered for the success line of the same process (pattern {pattern}, reported by {peer})"
+                );
+                return;
+            }
+            Outcome::Unaddressed { server, pattern } => {
+                Stats::bump(&self.stats.logins_unaddressed);
+                crate::log_warning_limited!(
+                    INPUT_WARNINGS,
+                    "line from {peer} is a {server} login (pattern {pattern}) that carries no client address (an old server release, or a host name cut before the address): nothing granted"
+                );
+                return;
+            }
+            Outcome::NoAddress { pattern } => {
+                Stats::bump(&self.stats.logins_without_address);
+                crate::log_warning_limited!(
+                    INPUT_WARNINGS,
+                    "line from {peer} matched pattern {pattern}, but no address line of the same process came before it (within {}s): nothing granted",
+                    crate::matcher::MEMORY_TTL.as_secs()
+                );
+                return;
+            }
+            Outcome::Logout {
+                ip,
+                server,
+                session,
+                user,
+                pattern,
+                ..
+            } => {
+                self.logout(s, &rec, peer, ip, server, session, &user, &pattern, now);
+                return;
+            }
+            // Paired above.
+            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => return,
+            Outcome::Login(l) => l,
+        };
+        Stats::bump(&self.stats.logins);
+        if let Verdict::Forgery(why) = verdict(&login.pattern, &login.speakers) {
+            Stats::bump(&self.stats.forgeries);
+            crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {}: forgery: {why} ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                login.ip,
+                login.server,
+                login.service,
+                escape(&login.user),
+                login.pattern
+            );
+            return;
+        }
+        let ip = match s.policy.check(login.ip) {
+            Ok(ip) => ip,
+            Err(why) => {
+                Stats::bump(&self.stats.refused);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {}: {why} ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                    login.ip,
+                    login.server,
+                    login.service,
+                    escape(&login.user),
+                    login.pattern
+                );
+                return;
+            }
+        };
+        let reporter = self.shared(&peer.to_string());
+        let sender = self.shared(&sender_of(peer));
+        let host = rec.hostname.unwrap_or("-");
+        let mut expires = now + s.window;
+        let mut held = None;
+        if s.hold_while_connected {
+            let until = match &login.session {
+                Some(id) => {
+                    let key = SessionKey {
+                        reporter: sender,
+                        host: host.to_string(),
+                        server: login.server.clone(),
+                        id: id.clone(),
+                    };
+                    let until = self.holds.open(key.clone(), ip, now, s.hold_max);
+                    match until {
+                        Some(_) => {
+                            Stats::bump(&self.stats.holds_opened);
+                            held = Some(key);
+                        }
+                        None => {
+                            Stats::bump(&self.stats.holds_refused);
+                            crate::log_warning_limited!(
+                                REFUSAL_WARNINGS,
+                                "{ip}: session not held, too many open ({} per address at most, {} in all); the window alone applies",
+                                crate::hold::MAX_PER_ADDRESS,
+                                crate::hold::MAX_SESSIONS
+                            );
+                        }
+                    }
+                    until
+                }
+                // A login that is not paired (another server, POP3 without
+                // a session id) does not cut short a hold.
+                None => self.holds.held_until(ip, now, s.hold_max),
+            };
+            if let Some(t) = until {
+                expires = expires.max(t);
+            }
+        }
+        let grant = Grant {
+            expires,
+            server: login.server.clone(),
+            service: login.service,
+            user: login.user.as_str().into(),
+            reporter: reporter.clone(),
+            host: self.shared(host),
+        };
+        let verb = match self.table.grant(ip, grant) {
+            GrantResult::New => {
+                Stats::bump(&self.stats.granted);
+                "grant"
+            }
+            GrantResult::Renewed => {
+                Stats::bump(&self.stats.renewed);
+                "renew"
+            }
+            GrantResult::Full => {
+                Stats::bump(&self.stats.refused_full);
+                if let Some(key) = held {
+                    self.holds.close(&key, Some(ip), now, s.hold_max);
+                }
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {ip}: the table is full ({} grants, --max-grants) ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                    self.table.len(),
+                    login.server,
+                    login.service,
+                    escape(&login.user),
+                    login.pattern
+                );
+                return;
+            }
+        };
+        let how_long = if held.is_some() {
+            format!(
+                "{} after the session ends (held while it is open, at most {})",
+                format_duration(s.window),
+                format_duration(s.hold_max)
+            )
+        } else if expires > now + s.window {
+            format!("{} (held by open sessions)", format_duration(s.window))
+        } else {
+            format_duration(s.window)
+        };
+        crate::log_info!(
+            "{verb} {ip} for {how_long}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
+            login.server,
+            login.service,
+            escape(&login.user),
+            login.pattern,
+            escape(host)
+        );
+    }
+
+    /// The process a record comes from, for pairing the lines of a
+    /// two-line server: the attested pid when the record carries a believed
+    /// attestation, else the pid of its tag.
+    fn process_key(
+        &self,
+        rec: &record::Record<'_>,
+        peer: &Peer,
+        believed: bool,
+    ) -> Option<ProcessKey> {
+        let attested = if believed {
+            attest::sender(rec).ok().flatten().map(|s| s.pid)
+        } else {
+            None
+        };
+        Some(ProcessKey {
+            reporter: sender_of(peer),
+            host: rec.hostname.unwrap_or("-").to_string(),
+            program: rec.program.to_string(),
+            pid: attested.or(rec.pid)?,
+        })
+    }
+
+    /// A logout line, attested: closes its session; the last one from an
+    /// address lets the window run from now.
+    #[allow(clippy::too_many_arguments)]
+    fn logout(
+        &self,
+        s: &Settings,
+        rec: &record::Record<'_>,
+        peer: &Peer,
+        ip: Option<std::net::IpAddr>,
+        server: Arc<str>,
+        session: Option<String>,
+        user: &str,
+        pattern: &str,
+        now: tokio::time::Instant,
+    ) {
+        let ip = ip.and_then(|ip| s.policy.check(ip).ok());
+        let closed = match session {
+            None => Closed::Unknown,
+            Some(id) => {
+                let key = SessionKey {
+                    reporter: self.shared(&sender_of(peer)),
+                    host: rec.hostname.unwrap_or("-").to_string(),
+                    server,
+                    id,
+                };
+                self.holds.close(&key, ip, now, s.hold_max)
+            }
+        };
+        match closed {
+            Closed::Unknown => {
+                Stats::bump(&self.stats.logouts_unpaired);
+                crate::log_debug!(
+                    "logout of user \"{}\" closes no held session (pattern {pattern}, reported by {peer})",
+                    escape(user)
+                );
+            }
+            Closed::StillOpen(ip, n) => {
+                Stats::bump(&self.stats.holds_closed);
+                crate::log_info!(
+                    "logout from {ip} of user \"{}\": {n} session(s) still open, grant still held (pattern {pattern}, reported by {peer})",
+                    escape(user)
+                );
+            }
+            Closed::Last(ip) => {
+                Stats::bump(&self.stats.holds_closed);
+                if self.table.set_expiry(ip, now + s.window) {
+                    crate::log_info!(
+                        "logout from {ip} of user \"{}\": last session closed, grant ends in {} (pattern {pattern}, reported by {peer})",
+                        escape(user),
+                        format_duration(s.window)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Who sent a record, for pairing its lines: the socket path, or the
+/// network peer's address without its port (a UDP sender may use a new
+/// port for each datagram, a TCP one for each connection).
+fn sender_of(peer: &Peer) -> String {
+    match peer {
+        Peer::Unix(p) => format!("unix:{p}"),
+        Peer::Udp(a) | Peer::Tcp(a) => a.ip().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn pipeline(hold: bool) -> Pipeline {
+        pipeline_with(hold, false)
+    }
+
+    fn pipeline_with(hold: bool, require_attestation: bool) -> Pipeline {
+        Pipeline::new(
+            Settings {
+                matchers: Matchers::builtin(),
+                policy: AddressPolicy::new(Vec::new()),
+                window: Duration::from_secs(120),
+                require_attestation,
+                trust_attestation_from: Vec::new(),
+                hold_while_connected: hold,
+                hold_max: Duration::from_secs(3600),
+            },
+            Arc::new(GrantTable::new()),
+            Arc::new(Stats::default()),
+        )
+    }
+
+    fn peer() -> Peer {
+        Peer::Unix("/run/test.sock".into())
+    }
+
+    const LOGIN: &str = "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24472, session=<jm1xeQdhf8N/AAAG>";
+    const LOGIN2: &str = "<22>Nov 24 15:36:31 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24473, session=<km1xeQdhf8N/AAAH>";
+    const LOGOUT: &str = "<22>Nov 24 15:40:30 vm dovecot: imap(bob)<24472><jm1xeQdhf8N/AAAG>: Disconnected: Logged out in=8 out=468 deleted=0 expunged=0 trashed=0 hdr_count=0 hdr_bytes=0 body_count=0 body_bytes=0";
+    const LOGOUT2: &str = "<22>Nov 24 15:40:31 vm dovecot: imap(bob)<24473><km1xeQdhf8N/AAAH>: Disconnected: Connection closed (IDLE running for 0.001 secs) in=8 out=468";
+
+    fn ip() -> IpAddr {
+        "192.0.2.6".parse().unwrap()
+    }
+
+    async fn step(secs: u64) {
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_session_holds_its_grant_and_the_window_runs_from_the_last_logout() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        p.handle(LOGIN2.as_bytes(), &peer());
+        assert_eq!(p.holds.len(), 2);
+        // Long past the window, both sessions open: still granted.
+        step(1800).await;
+        assert!(p.table.get(ip()).is_some());
+        // One closes: still held by the other.
+        p.handle(LOGOUT.as_bytes(), &peer());
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        // The last closes: the window runs from now.
+        p.handle(LOGOUT2.as_bytes(), &peer());
+        assert!(p.holds.is_empty());
+        step(119).await;
+        assert!(p.table.get(ip()).is_some());
+        step(2).await;
+        assert!(p.table.get(ip()).is_none());
+        assert_eq!(
+            p.stats
+                .holds_opened
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            p.stats
+                .holds_closed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_logout_holds_at_most_hold_max() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        step(3599).await;
+        assert!(p.table.get(ip()).is_some());
+        step(2).await;
+        assert!(p.table.get(ip()).is_none());
+        // The logout line coming late changes nothing.
+        p.handle(LOGOUT.as_bytes(), &peer());
+        assert!(p.table.get(ip()).is_none());
+        assert!(p.holds.is_empty());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_the_option_logins_get_the_window_and_logouts_are_ignored() {
+        let p = pipeline(false);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        assert!(p.holds.is_empty());
+        step(121).await;
+        assert!(p.table.get(ip()).is_none());
+        p.handle(LOGOUT.as_bytes(), &peer());
+        assert_eq!(
+            p.stats
+                .logouts_unpaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_without_a_session_does_not_cut_a_hold_short() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        step(60).await;
+        // A Courier-less, session-less login (Cyrus) from the same address.
+        p.handle(
+            b"<22>Nov 24 15:37:30 vm imap[99]: login: client.example.net [192.0.2.6] bob PLAIN User logged in",
+            &peer(),
+        );
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_logout_from_another_reporter_closes_nothing() {
+        let p = pipeline(true);
+        let purge = tokio::spawn(p.table.clone().run_purge(p.stats.clone()));
+        p.handle(LOGIN.as_bytes(), &peer());
+        p.handle(LOGOUT.as_bytes(), &Peer::Unix("/run/other.sock".into()));
+        assert_eq!(p.holds.len(), 1);
+        assert_eq!(
+            p.stats
+                .logouts_unpaired
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        step(600).await;
+        assert!(p.table.get(ip()).is_some());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_line_servers_grant_the_address_of_their_own_process() {
+        let p = pipeline(false);
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100",
+            &peer(),
+        );
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3102]: Session from 192.0.2.101",
+            &peer(),
+        );
+        assert_eq!(p.memory.len(), 2);
+        p.handle(
+            b"<22>Mar 11 08:00:02 mail popa3d[3102]: Authentication passed for bob",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.101".parse().unwrap()).is_some());
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
+        // Without an address line of its own: nothing, counted.
+        p.handle(
+            b"<22>Mar 11 08:00:03 mail popa3d[3103]: Authentication passed for 192.0.2.9",
+            &peer(),
+        );
+        assert_eq!(p.table.len(), 1);
+        assert_eq!(
+            p.stats
+                .logins_without_address
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The remembered address expires after a minute.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        p.handle(
+            b"<22>Mar 11 08:01:03 mail popa3d[3101]: Authentication passed for alice",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
+        assert_eq!(
+            p.stats
+                .logins_without_address
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_line_forged_over_udp_with_attestation_required_is_not_remembered() {
+        let p = pipeline_with(false, true);
+        let udp = Peer::Udp("127.0.0.1:9".parse().unwrap());
+        p.handle(
+            b"<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100",
+            &udp,
+        );
+        assert!(p.memory.is_empty());
+        assert_eq!(
+            p.stats.forgeries.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+}

@@ -253,6 +253,15 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "CIDR")]
     pub trust_attestation_from: Vec<String>,
 
+    /// Proxies whose word on the client's address is believed: a login line
+    /// that names the client as a proxy reported it (Zimbra's oip=, with
+    /// the proxy as ip=) grants only when the proxy's address is in this
+    /// network; otherwise it is refused, since a user who reaches the
+    /// server directly could report any address. Repeatable.
+    /// [default: none]
+    #[arg(long, value_name = "CIDR")]
+    pub trusted_proxy: Vec<String>,
+
     /// After binding the listeners, switch to this user (name or uid) for
     /// good; the map's directory must be writable by it. Needs root at
     /// start. [default: keep the user the daemon was started as]
@@ -359,6 +368,8 @@ pub struct Config {
     pub hold_max: Duration,
     /// Network peers whose attestation is believed.
     pub trust_attestation_from: Vec<Cidr>,
+    /// Proxies whose report of the client address is believed.
+    pub trusted_proxy: Vec<Cidr>,
     /// The user and group to switch to after binding, if any.
     pub run_as: Option<(User, Group)>,
     /// The group of unix socket files, if set.
@@ -408,6 +419,7 @@ struct FileConfig {
     hold_while_connected: Option<Spanned<bool>>,
     hold_max: Option<Spanned<String>>,
     trust_attestation_from: Option<Spanned<Vec<String>>>,
+    trusted_proxy: Option<Spanned<Vec<String>>>,
     policy: Option<Spanned<Vec<String>>>,
     socketmap: Option<Spanned<Vec<String>>>,
     user: Option<Spanned<String>>,
@@ -823,6 +835,11 @@ impl Config {
             ),
             false,
         )?;
+        let trusted_proxy = cidrs(
+            "trusted-proxy",
+            pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
+            false,
+        )?;
 
         let mut policy = Vec::new();
         for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
@@ -958,6 +975,7 @@ impl Config {
             hold_while_connected,
             hold_max,
             trust_attestation_from,
+            trusted_proxy,
             run_as,
             socket_group,
         })

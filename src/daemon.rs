@@ -644,13 +644,18 @@ fn reload(r: &mut Running) {
     }
     Stats::bump(&r.stats.reloads);
     crate::log_info!(
-        "reloaded: window {}; allow-from {}; never {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} live grants kept",
+        "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} live grants kept",
         format_duration(new.window),
         join(&new.allow_from),
         if new.never.is_empty() {
             "none".to_string()
         } else {
             join(&new.never)
+        },
+        if new.trusted_proxy.is_empty() {
+            "none".to_string()
+        } else {
+            join(&new.trusted_proxy)
         },
         if new.require_attestation { "yes" } else { "no" },
         if new.hold_while_connected {

@@ -92,6 +92,10 @@ pub struct Login {
     /// For the success line of a two-line server, the pattern of the
     /// address line the address came from.
     pub address_pattern: Option<Arc<str>>,
+    /// For a line that names the client as a proxy reported it (Zimbra's
+    /// `oip=`), the proxy's own address (the regex's `via` group): the
+    /// daemon grants only if the proxy is one of `--trusted-proxy`.
+    pub via: Option<IpAddr>,
 }
 
 /// What kind of line a pattern recognises.
@@ -582,6 +586,18 @@ impl Matchers {
                     .map(|m| format!("session {}", m.as_str())),
                 Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
             };
+            let via = match caps.name("via") {
+                None => None,
+                Some(m) => match parse_ip(m.as_str()) {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        return Outcome::BadAddress {
+                            pattern: p.id.clone(),
+                            text: m.as_str().to_string(),
+                        };
+                    }
+                },
+            };
             let bad = || Outcome::BadAddress {
                 pattern: p.id.clone(),
                 text: caps.name("ip").map_or("", |m| m.as_str()).to_string(),
@@ -600,6 +616,7 @@ impl Matchers {
                         speakers: p.speakers.clone(),
                         session,
                         address_pattern: None,
+                        via,
                     })
                 }
                 Kind::Address => {
@@ -845,6 +862,7 @@ impl AddressMemory {
                             speakers,
                             session: None,
                             address_pattern: Some(e.pattern),
+                            via: None,
                         }),
                         dropped,
                     ),

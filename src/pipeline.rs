@@ -36,6 +36,8 @@ pub struct Settings {
     pub require_attestation: bool,
     /// Network peers whose attestation is believed (unix sockets always).
     pub trust_attestation_from: Vec<Cidr>,
+    /// Proxies whose report of a client's address is believed.
+    pub trusted_proxy: Vec<Cidr>,
     /// Whether open sessions hold their address's grant.
     pub hold_while_connected: bool,
     /// The longest a session holds its grant after its login.
@@ -51,6 +53,7 @@ impl Settings {
             window: config.window,
             require_attestation: config.require_attestation,
             trust_attestation_from: config.trust_attestation_from.clone(),
+            trusted_proxy: config.trusted_proxy.clone(),
             hold_while_connected: config.hold_while_connected,
             hold_max: config.hold_max,
         }
@@ -277,6 +280,22 @@ impl Pipeline {
             );
             return;
         }
+        if let Some(via) = login.via {
+            let via = crate::addr::canonical(via);
+            if !s.trusted_proxy.iter().any(|c| c.contains(via)) {
+                Stats::bump(&self.stats.refused_proxy);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {}: the address was reported by the proxy {via}, which is not a --trusted-proxy ({} {} login of user \"{}\", pattern {}, reported by {peer}); add the proxy's address to trusted-proxy if it is yours",
+                    login.ip,
+                    login.server,
+                    login.service,
+                    escape(&login.user),
+                    login.pattern
+                );
+                return;
+            }
+        }
         let ip = match s.policy.check(login.ip) {
             Ok(ip) => ip,
             Err(why) => {
@@ -494,6 +513,7 @@ mod tests {
                 window: Duration::from_secs(120),
                 require_attestation,
                 trust_attestation_from: Vec::new(),
+                trusted_proxy: Vec::new(),
                 hold_while_connected: hold,
                 hold_max: Duration::from_secs(3600),
             },
@@ -682,5 +702,50 @@ mod tests {
             p.stats.forgeries.load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_proxied_address_is_granted_only_through_a_trusted_proxy() {
+        let line = "<22>Sep 18 00:21:21 mailstore21 mailbox: INFO  [Pop3Server-7] [name=carol@example.org;ip=198.51.100.31;oip=192.0.2.10;] pop - user carol@example.org authenticated, mechanism=LOGIN ";
+        let p = pipeline(false);
+        p.handle(line.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "an untrusted proxy's word is refused");
+        assert_eq!(
+            p.stats
+                .refused_proxy
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let mut settings = Settings {
+            matchers: Matchers::builtin(),
+            policy: AddressPolicy::new(Vec::new()),
+            window: Duration::from_secs(120),
+            require_attestation: false,
+            trust_attestation_from: Vec::new(),
+            trusted_proxy: vec!["198.51.100.31".parse().unwrap()],
+            hold_while_connected: false,
+            hold_max: Duration::from_secs(3600),
+        };
+        p.settings.store(settings);
+        p.handle(line.as_bytes(), &peer());
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        assert!(
+            p.table.get(ip).is_some(),
+            "granted through the trusted proxy"
+        );
+        // Another proxy is still not believed.
+        settings = Settings {
+            matchers: Matchers::builtin(),
+            policy: AddressPolicy::new(Vec::new()),
+            window: Duration::from_secs(120),
+            require_attestation: false,
+            trust_attestation_from: Vec::new(),
+            trusted_proxy: vec!["203.0.113.0/24".parse().unwrap()],
+            hold_while_connected: false,
+            hold_max: Duration::from_secs(3600),
+        };
+        p.settings.store(settings);
+        p.handle(line.replace("192.0.2.10", "192.0.2.11").as_bytes(), &peer());
+        assert!(p.table.get("192.0.2.11".parse().unwrap()).is_none());
     }
 }

@@ -55,6 +55,9 @@ counters! {
     refused,
     /// Logins refused as forgeries (attestation missing or wrong).
     forgeries,
+    /// Logins whose address a proxy reported (Zimbra oip=) refused because
+    /// the proxy is not a --trusted-proxy.
+    refused_proxy,
     /// Logins from new addresses refused because the table was full.
     refused_full,
     /// New grants.

@@ -408,6 +408,9 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
             // The captured Dovecot lines come from 127.0.0.x clients.
             "--never",
             "none",
+            // The Zimbra samples' proxy, whose oip= is then believed.
+            "--trusted-proxy",
+            "198.51.100.31",
             // Several hundred sample lines are sent at once: more than the
             // kernel's default receive buffer holds (about 270 datagrams).
             "--receive-buffer",

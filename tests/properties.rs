@@ -35,6 +35,7 @@ fn pipeline(never: &[&str]) -> Pipeline {
             window: Duration::from_secs(60),
             require_attestation: false,
             trust_attestation_from: Vec::new(),
+            trusted_proxy: Vec::new(),
             hold_while_connected: false,
             hold_max: Duration::from_secs(3600),
         },

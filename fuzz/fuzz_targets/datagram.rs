@@ -36,6 +36,7 @@ fn pipeline(require: bool) -> &'static Pipeline {
                 window: Duration::from_secs(60),
                 require_attestation: require,
                 trust_attestation_from: Vec::new(),
+                trusted_proxy: Vec::new(),
                 hold_while_connected: false,
                 hold_max: Duration::from_secs(3600),
             },

@@ -13,9 +13,13 @@ fail() { echo "package test: FAILED: $*" >&2; exit 1; }
 command -v cargo-deb >/dev/null || fail "cargo-deb is missing: cargo install cargo-deb --locked"
 
 cargo deb --quiet
-deb=$(ls -t target/debian/smtp-after-popd_*.deb | head -1)
+debs=$(ls -t target/debian/smtp-after-popd_*.deb)
+deb=${debs%%$'\n'*}
 echo "package test: built $deb"
-dpkg-deb --info "$deb" | grep -q "Depends:.*postfix" || fail "no dependency on postfix"
+# (Output captured first: with pipefail, grep -q closing the pipe early
+# would fail the pipeline.)
+info=$(dpkg-deb --info "$deb")
+grep -q "Depends:.*postfix" <<<"$info" || fail "no dependency on postfix"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall "./$deb" >/dev/null
 
 # Files where the issue says they go.
@@ -28,13 +32,13 @@ for f in /usr/sbin/smtp-after-popd \
     [ -e "$f" ] || fail "$f not installed"
 done
 unit=$(dpkg -L smtp-after-popd | grep '/systemd/system/smtp-after-popd.service$') || fail "no unit"
-dpkg -L smtp-after-popd | grep -q '/systemd/system/smtp-after-popd.socket$' || fail "no socket unit"
-dpkg-query -W -f='${Conffiles}' smtp-after-popd | grep -q /etc/smtp-after-popd/smtp-after-popd.toml \
+dpkg -L smtp-after-popd | grep '/systemd/system/smtp-after-popd.socket$' >/dev/null || fail "no socket unit"
+dpkg-query -W -f='${Conffiles}' smtp-after-popd | grep /etc/smtp-after-popd/smtp-after-popd.toml >/dev/null \
     || fail "the configuration is not a conffile"
 getent passwd smtp-after-popd >/dev/null || fail "postinst did not create the user"
-/usr/sbin/smtp-after-popd --version | grep -q "smtp-after-popd $(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)" \
+/usr/sbin/smtp-after-popd --version | grep "smtp-after-popd $(grep -m1 "^version" Cargo.toml | cut -d\" -f2)" >/dev/null \
     || fail "--version"
-MANWIDTH=80 man -P cat smtp-after-popd 2>/dev/null | grep -q "^SECURITY" || fail "man smtp-after-popd does not render"
+MANWIDTH=80 man -P cat smtp-after-popd 2>/dev/null | grep "^SECURITY" >/dev/null || fail "man smtp-after-popd does not render"
 # With the man page installed, verify checks Documentation= too.
 systemd-analyze verify "$unit" || fail "systemd-analyze verify $unit"
 score=$(systemd-analyze security --offline=true "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\) .*/\1/p')
@@ -70,8 +74,8 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 postmap -q 192.0.2.99 hash:/var/lib/smtp-after-popd/authenticated_ips >/dev/null || { cat "$log"; fail "login not in the map"; }
-smtp-after-popd list | grep -q "^192.0.2.99 .*pkg" || fail "smtp-after-popd list does not show the grant"
-smtp-after-popd stats | grep -q "^granted 1$" || fail "smtp-after-popd stats"
+smtp-after-popd list | grep "^192.0.2.99 .*pkg" >/dev/null || fail "smtp-after-popd list does not show the grant"
+smtp-after-popd stats | grep "^granted 1$" >/dev/null || fail "smtp-after-popd stats"
 kill -TERM $pid; wait $pid || fail "the daemon did not exit cleanly"
 grep -q "^grant 192.0.2.99 " /var/lib/smtp-after-popd/state || fail "state file not written"
 echo "package test: ok ($deb installed and working)"

@@ -317,15 +317,31 @@ pub enum ListenSpec {
     Unix(PathBuf),
 }
 
+impl ListenSpec {
+    /// The socket's address without its allow-list (`udp://ADDR:PORT`,
+    /// `tcp://ADDR:PORT`, `unix:///PATH`): two specs with the same address
+    /// are the same socket.
+    pub fn address(&self) -> String {
+        match self {
+            ListenSpec::Udp(a, _) => format!("udp://{a}"),
+            ListenSpec::Tcp(a, _) => format!("tcp://{a}"),
+            ListenSpec::Unix(p) => format!("unix://{}", p.display()),
+        }
+    }
+
+    /// The listener's own allow-list (`?allow=`), if it has one.
+    pub fn own_allow(&self) -> Option<&Vec<Cidr>> {
+        match self {
+            ListenSpec::Udp(_, own) | ListenSpec::Tcp(_, own) => own.as_ref(),
+            ListenSpec::Unix(_) => None,
+        }
+    }
+}
+
 impl fmt::Display for ListenSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (scheme, addr, allow) = match self {
-            ListenSpec::Udp(a, allow) => ("udp", a, allow),
-            ListenSpec::Tcp(a, allow) => ("tcp", a, allow),
-            ListenSpec::Unix(p) => return write!(f, "unix://{}", p.display()),
-        };
-        write!(f, "{scheme}://{addr}")?;
-        if let Some(list) = allow {
+        f.write_str(&self.address())?;
+        if let Some(list) = self.own_allow() {
             let list: Vec<String> = list.iter().map(Cidr::to_string).collect();
             write!(f, "?allow={}", list.join(","))?;
         }
@@ -490,6 +506,32 @@ fn read_file(path: &Path) -> Result<(String, FileConfig), ConfigError> {
     Ok((source, file))
 }
 
+/// The directory a file is created in (`.` for a bare file name).
+pub fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A yes/no setting: the flag (`yes`, `no`, `true`, `false`), else the
+/// file's boolean, else no.
+fn yes_no(
+    key: &str,
+    flag: &Option<String>,
+    file: &Option<Spanned<bool>>,
+) -> Result<bool, ConfigError> {
+    match (flag, file) {
+        (Some(v), _) => match v.as_str() {
+            "yes" | "true" => Ok(true),
+            "no" | "false" => Ok(false),
+            _ => Err(Origin::Flag.error(key, v, "expected yes or no")),
+        },
+        (None, Some(v)) => Ok(*v.get_ref()),
+        (None, None) => Ok(false),
+    }
+}
+
 /// Picks a single value: the flag, else the file, else the default.
 fn pick<'a>(
     flag: &'a Option<String>,
@@ -627,10 +669,7 @@ impl Config {
                 "expected the path of a file, e.g. /etc/postfix/authenticated_ips",
             ));
         }
-        let dir = match map_path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = dir_of(&map_path);
         if !map_none && !dir.is_dir() {
             return Err(origin.error(
                 "map",
@@ -695,33 +734,17 @@ impl Config {
             }
         };
 
-        let require_attestation = match (&args.require_attestation, &file.require_attestation) {
-            (Some(v), _) => match v.as_str() {
-                "yes" | "true" => true,
-                "no" | "false" => false,
-                _ => {
-                    return Err(Origin::Flag.error("require-attestation", v, "expected yes or no"));
-                }
-            },
-            (None, Some(v)) => *v.get_ref(),
-            (None, None) => false,
-        };
+        let require_attestation = yes_no(
+            "require-attestation",
+            &args.require_attestation,
+            &file.require_attestation,
+        )?;
 
-        let hold_while_connected = match (&args.hold_while_connected, &file.hold_while_connected) {
-            (Some(v), _) => match v.as_str() {
-                "yes" | "true" => true,
-                "no" | "false" => false,
-                _ => {
-                    return Err(Origin::Flag.error(
-                        "hold-while-connected",
-                        v,
-                        "expected yes or no",
-                    ));
-                }
-            },
-            (None, Some(v)) => *v.get_ref(),
-            (None, None) => false,
-        };
+        let hold_while_connected = yes_no(
+            "hold-while-connected",
+            &args.hold_while_connected,
+            &file.hold_while_connected,
+        )?;
         let (v, origin) = pick(
             &args.hold_max,
             &file.hold_max,
@@ -893,10 +916,7 @@ impl Config {
             None
         } else {
             let p = PathBuf::from(v);
-            let dir = match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
+            let dir = dir_of(&p);
             if v.is_empty() || v.ends_with('/') {
                 return Err(origin.error(
                     "state",

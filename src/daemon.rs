@@ -63,13 +63,7 @@ pub fn main(cli: Cli) -> i32 {
                 .build()
             {
                 Ok(r) => r,
-                Err(e) => {
-                    crate::logging::write(
-                        crate::logging::Level::Fatal,
-                        format_args!("cannot start the runtime: {e}"),
-                    );
-                    return EX_OSERR;
-                }
+                Err(e) => return fatal(EX_OSERR, format_args!("cannot start the runtime: {e}")),
             };
             runtime.block_on(run(config, cli.daemon, activated))
         }
@@ -102,20 +96,27 @@ struct AllowSlot {
 }
 
 impl AllowSlot {
+    /// Keeps a slot for a listener that has an allow-list.
+    fn keep(slots: &mut Vec<AllowSlot>, spec: Option<&ListenSpec>, allow: Option<&AllowList>) {
+        if let Some(allow) = allow {
+            slots.push(AllowSlot {
+                spec: spec.cloned(),
+                allow: allow.clone(),
+            });
+        }
+    }
+
     /// The slot's new allow-list: its spec's own `?allow=` in the new
     /// configuration if the same socket is still configured with one, else
     /// the new `--allow-from`.
     fn update(&self, specs: &[&ListenSpec], allow_from: &[Cidr]) {
-        let same = |a: &ListenSpec| match (&self.spec, a) {
-            (Some(ListenSpec::Udp(x, _)), ListenSpec::Udp(y, _))
-            | (Some(ListenSpec::Tcp(x, _)), ListenSpec::Tcp(y, _)) => x == y,
-            _ => false,
-        };
-        let own = specs.iter().find(|s| same(s)).and_then(|s| match s {
-            ListenSpec::Udp(_, own) | ListenSpec::Tcp(_, own) => own.clone(),
-            ListenSpec::Unix(_) => None,
-        });
-        self.allow.store(own.unwrap_or_else(|| allow_from.to_vec()));
+        let address = self.spec.as_ref().map(ListenSpec::address);
+        let own = specs
+            .iter()
+            .find(|s| Some(s.address()) == address)
+            .and_then(|s| s.own_allow());
+        self.allow
+            .store(own.cloned().unwrap_or_else(|| allow_from.to_vec()));
     }
 }
 
@@ -123,7 +124,7 @@ impl AllowSlot {
 struct Running {
     /// The arguments, to read the configuration again.
     args: DaemonArgs,
-    /// The configuration in force (its matchers moved to the pipeline).
+    /// The configuration in force.
     config: Config,
     pipeline: Arc<Pipeline>,
     table: Arc<GrantTable>,
@@ -153,14 +154,10 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             others.push(a);
             continue;
         }
+        let name = a.spec.address();
         match receiver::from_activated(a, allow.clone()) {
-            Ok((l, name)) => {
-                if let Some(al) = l.allow() {
-                    slots.push(AllowSlot {
-                        spec: None,
-                        allow: al.clone(),
-                    });
-                }
+            Ok(l) => {
+                AllowSlot::keep(&mut slots, None, l.allow());
                 crate::log_info!("listening on {name}, passed by systemd");
                 listeners.push((l, name));
             }
@@ -174,7 +171,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     let passed: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
     if !config.listen_is_default || listeners.is_empty() {
         for spec in &config.listen {
-            if passed.contains(&bare(spec)) {
+            if passed.contains(&spec.address()) {
                 continue;
             }
             match receiver::bind(
@@ -184,13 +181,8 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 config.receive_buffer,
             ) {
                 Ok(l) => {
-                    if let Some(a) = l.allow() {
-                        slots.push(AllowSlot {
-                            spec: Some(spec.clone()),
-                            allow: a.clone(),
-                        });
-                    }
-                    listeners.push((l, bare(spec)));
+                    AllowSlot::keep(&mut slots, Some(spec), l.allow());
+                    listeners.push((l, spec.address()));
                 }
                 Err(e) => return fatal(EX_OSERR, e),
             }
@@ -203,12 +195,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         for spec in specs {
             match crate::serve::bind(what, spec, allow.clone(), config.socket_mode) {
                 Ok(l) => {
-                    if let Some(a) = l.allow() {
-                        slots.push(AllowSlot {
-                            spec: Some(spec.clone()),
-                            allow: a.clone(),
-                        });
-                    }
+                    AllowSlot::keep(&mut slots, Some(spec), l.allow());
                     services.push((what, l));
                 }
                 Err(e) => return fatal(EX_OSERR, e),
@@ -218,37 +205,23 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     let mut control = None;
     let mut metrics = None;
     for a in activated {
-        let name = a.name.clone();
-        match (a.kind, name.as_str()) {
-            (Kind::UnixStream, "control") => match crate::serve::from_activated(a, allow.clone()) {
-                Ok(crate::serve::StreamListener::Unix(l, p)) => control = Some((l, p)),
-                Ok(_) => {}
-                Err(e) => return fatal(EX_OSERR, e),
-            },
-            (Kind::UnixStream | Kind::Tcp, "policy" | "socketmap" | "metrics") => {
-                let what = match name.as_str() {
-                    "policy" => "policy",
-                    "socketmap" => "socketmap",
-                    _ => "metrics",
-                };
-                match crate::serve::from_activated(a, allow.clone()) {
-                    Ok(l) => {
-                        if let Some(al) = l.allow() {
-                            slots.push(AllowSlot {
-                                spec: None,
-                                allow: al.clone(),
-                            });
-                        }
-                        if what == "metrics" {
-                            metrics = Some(l);
-                        } else {
-                            services.push((what, l));
-                        }
-                    }
-                    Err(e) => return fatal(EX_OSERR, e),
-                }
-            }
-            _ => {}
+        // take_listen_fds let through only unix stream sockets named
+        // control, policy or socketmap; a TCP one is for policy or metrics.
+        let what = match a.name.as_str() {
+            "control" => "control",
+            "policy" => "policy",
+            "socketmap" => "socketmap",
+            _ => "metrics",
+        };
+        let l = match crate::serve::from_activated(a, allow.clone()) {
+            Ok(l) => l,
+            Err(e) => return fatal(EX_OSERR, e),
+        };
+        AllowSlot::keep(&mut slots, None, l.allow());
+        match (what, l) {
+            ("control", crate::serve::StreamListener::Unix(l, p)) => control = Some((l, p)),
+            ("metrics", l) => metrics = Some(l),
+            (what, l) => services.push((what, l)),
         }
     }
     if listeners.is_empty() {
@@ -284,12 +257,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     {
         match crate::serve::bind("metrics", spec, allow.clone(), config.socket_mode) {
             Ok(l) => {
-                if let Some(a) = l.allow() {
-                    slots.push(AllowSlot {
-                        spec: Some(spec.clone()),
-                        allow: a.clone(),
-                    });
-                }
+                AllowSlot::keep(&mut slots, Some(spec), l.allow());
                 metrics = Some(l);
             }
             Err(e) => return fatal(EX_OSERR, e),
@@ -338,10 +306,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             dirs.push(("--state", state.clone()));
         }
         for (key, file) in dirs {
-            let dir = match file.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
+            let dir = crate::config::dir_of(&file);
             if !privilege::can_write(&dir) {
                 return fatal(
                     EX_CONFIG,
@@ -377,7 +342,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     }
     let stats = Arc::new(Stats::default());
     let table = Arc::new(GrantTable::with_limit(config.max_grants));
-    let settings = Settings::take(&mut config);
+    let settings = Settings::of(&config);
 
     // Grants still open from the last run come back before the map is
     // first written, with their original expiry.
@@ -471,11 +436,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         "started: listening on {}; allow-from {}; never {}; window {}{}; {serving}",
         names.join(", "),
         join(&config.allow_from),
-        if config.never.is_empty() {
-            "none".to_string()
-        } else {
-            join(&config.never)
-        },
+        join_or_none(&config.never),
         format_duration(config.window),
         if config.hold_while_connected {
             format!(
@@ -550,7 +511,7 @@ fn reload(r: &mut Running) {
         "RELOADING=1\nMONOTONIC_USEC={}",
         crate::systemd::monotonic_usec()
     ));
-    let mut new = match Config::from_args(&r.args) {
+    let new = match Config::from_args(&r.args) {
         Ok(c) => c,
         Err(e) => {
             Stats::bump(&r.stats.reload_failures);
@@ -560,7 +521,7 @@ fn reload(r: &mut Running) {
         }
     };
     let old = &r.config;
-    let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(bare).collect() };
+    let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(ListenSpec::address).collect() };
     let mut restart = Vec::new();
     if strip(&old.listen) != strip(&new.listen) {
         restart.push("listen");
@@ -580,13 +541,9 @@ fn reload(r: &mut Running) {
     if old.control != new.control {
         restart.push("control");
     }
-    if format!(
-        "{:?}",
-        old.metrics.as_ref().map(|m| strip(std::slice::from_ref(m)))
-    ) != format!(
-        "{:?}",
-        new.metrics.as_ref().map(|m| strip(std::slice::from_ref(m)))
-    ) {
+    if old.metrics.as_ref().map(ListenSpec::address)
+        != new.metrics.as_ref().map(ListenSpec::address)
+    {
         restart.push("metrics");
     }
     if format!("{:?}", old.run_as) != format!("{:?}", new.run_as)
@@ -609,7 +566,7 @@ fn reload(r: &mut Running) {
         slot.update(&specs, &new.allow_from);
     }
     r.table.set_limit(new.max_grants);
-    let settings = Settings::take(&mut new);
+    let settings = Settings::of(&new);
     let hold_off = r.config.hold_while_connected && !new.hold_while_connected;
     r.pipeline.settings.store(settings);
     if hold_off {
@@ -647,16 +604,8 @@ fn reload(r: &mut Running) {
         "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} live grants kept",
         format_duration(new.window),
         join(&new.allow_from),
-        if new.never.is_empty() {
-            "none".to_string()
-        } else {
-            join(&new.never)
-        },
-        if new.trusted_proxy.is_empty() {
-            "none".to_string()
-        } else {
-            join(&new.trusted_proxy)
-        },
+        join_or_none(&new.never),
+        join_or_none(&new.trusted_proxy),
         if new.require_attestation { "yes" } else { "no" },
         if new.hold_while_connected {
             format!("yes (hold-max {})", format_duration(new.hold_max))
@@ -680,13 +629,12 @@ fn reload(r: &mut Running) {
     ));
 }
 
-/// A listen spec without its allow-list: `udp://ADDR:PORT`,
-/// `tcp://ADDR:PORT`, `unix:///PATH`.
-fn bare(spec: &ListenSpec) -> String {
-    match spec {
-        ListenSpec::Udp(a, _) => format!("udp://{a}"),
-        ListenSpec::Tcp(a, _) => format!("tcp://{a}"),
-        ListenSpec::Unix(p) => format!("unix://{}", p.display()),
+/// The items joined, or `none`.
+fn join_or_none<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        join(items)
     }
 }
 
@@ -732,10 +680,7 @@ async fn wait_for_signal(r: &mut Running) -> i32 {
 fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let matchers = match crate::config::matchers_from_file(config.as_deref()) {
         Ok(m) => m,
-        Err(e) => {
-            crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
-            return EX_CONFIG;
-        }
+        Err(e) => return fatal(EX_CONFIG, e),
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -752,12 +697,7 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
                 continue;
             };
             let outcome = matchers.match_record(&rec);
-            let key = rec.pid.map(|pid| ProcessKey {
-                reporter: "-".to_string(),
-                host: rec.hostname.unwrap_or("-").to_string(),
-                program: rec.program.to_string(),
-                pid,
-            });
+            let key = ProcessKey::of("-".to_string(), &rec, rec.pid);
             // Lines of a file carry no receive time: pair by order only.
             let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
             if let Outcome::Login(l) = outcome {

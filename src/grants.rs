@@ -62,6 +62,35 @@ pub enum Change {
 /// whoever reads the record drops expired grants itself.
 pub type ChangeHook = Box<dyn Fn(Change) + Send + Sync>;
 
+/// Names (servers, reporters, host names) shared by the grants that carry
+/// them, so that a million grants from one sender hold one copy of its
+/// name. Bounded: beyond [`Names::MAX`] distinct names (TCP peers change
+/// port with each connection, host names are the sender's text), names are
+/// simply not shared.
+#[derive(Debug, Default)]
+pub struct Names(Mutex<HashMap<String, Arc<str>>>);
+
+impl Names {
+    /// Most distinct names kept for sharing.
+    pub const MAX: usize = 4096;
+
+    /// The shared copy of a name.
+    pub fn get(&self, name: &str) -> Arc<str> {
+        let mut map = match self.0.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(a) = map.get(name) {
+            return a.clone();
+        }
+        let a: Arc<str> = name.into();
+        if map.len() < Self::MAX {
+            map.insert(name.to_string(), a.clone());
+        }
+        a
+    }
+}
+
 /// Whether a login opened a new grant or renewed one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrantResult {
@@ -141,6 +170,13 @@ impl GrantTable {
         let _ = self.hook.set(hook);
     }
 
+    /// Tells the hook, if any, of a change (called under the lock).
+    fn tell(&self, change: impl FnOnce() -> Change) {
+        if let Some(hook) = self.hook.get() {
+            hook(change());
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the two structures out
         // of step (each operation updates both before it can fail), so the
@@ -160,9 +196,7 @@ impl GrantTable {
         {
             return GrantResult::Full;
         }
-        if let Some(hook) = self.hook.get() {
-            hook(Change::Grant(ip, grant.clone()));
-        }
+        self.tell(|| Change::Grant(ip, grant.clone()));
         let earliest_before = inner.expiries.first().map(|(t, _)| *t);
         let result = match inner.grants.insert(ip, grant) {
             Some(old) => {
@@ -198,9 +232,7 @@ impl GrantTable {
         let old = g.expires;
         g.expires = expires;
         let g = g.clone();
-        if let Some(hook) = self.hook.get() {
-            hook(Change::Grant(ip, g));
-        }
+        self.tell(|| Change::Grant(ip, g));
         inner.expiries.remove(&(old, ip));
         inner.expiries.insert((expires, ip));
         drop(inner);
@@ -215,9 +247,7 @@ impl GrantTable {
         let mut inner = self.lock();
         let old = inner.grants.remove(&ip)?;
         inner.expiries.remove(&(old.expires, ip));
-        if let Some(hook) = self.hook.get() {
-            hook(Change::Revoke(ip));
-        }
+        self.tell(|| Change::Revoke(ip));
         inner.generation += 1;
         let generation = inner.generation;
         drop(inner);

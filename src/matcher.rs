@@ -181,8 +181,10 @@ pub struct PatternSpec {
     pub uids: Vec<u32>,
     /// What the line is: `login` (the default), `address` (the first line
     /// of a two-line server, whose address the `login-after-address` line
-    /// of the same process grants), `login-after-address`, or `logout`
-    /// (the end of a session, for `hold-while-connected`).
+    /// of the same process grants), `login-after-address`,
+    /// `login-without-address` (a success line that carries no address:
+    /// counted, never granted), or `logout` (the end of a session, for
+    /// `hold-while-connected`).
     #[serde(default)]
     pub kind: Option<String>,
     /// For `login` and `logout` patterns: how a login is paired with its
@@ -331,15 +333,6 @@ impl Matchers {
             Ok(m) => m,
             // The built-in file is part of the program and covered by tests.
             Err((_, e)) => panic!("built-in pattern, line {:?}: {}", e.line, e.message),
-        }
-    }
-
-    /// No patterns at all: recognises nothing.
-    pub fn empty() -> Matchers {
-        Matchers {
-            patterns: Vec::new(),
-            by_program: HashMap::new(),
-            prefilter: None,
         }
     }
 
@@ -559,17 +552,19 @@ impl Matchers {
             let Some(caps) = p.regex.captures(rec.message) else {
                 continue;
             };
-            let ip = match caps.name("ip") {
-                None => None,
-                Some(m) => match parse_ip(m.as_str()) {
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        return Outcome::BadAddress {
-                            pattern: p.id.clone(),
-                            text: m.as_str().to_string(),
-                        };
-                    }
-                },
+            // The `ip` and `via` groups, if present, must be addresses.
+            let address = |group: &str| match caps.name(group) {
+                None => Ok(None),
+                Some(m) => parse_ip(m.as_str()).map(Some).map_err(|_| m.as_str()),
+            };
+            let (ip, via) = match (address("ip"), address("via")) {
+                (Ok(ip), Ok(via)) => (ip, via),
+                (Err(text), _) | (_, Err(text)) => {
+                    return Outcome::BadAddress {
+                        pattern: p.id.clone(),
+                        text: text.to_string(),
+                    };
+                }
             };
             let service = match p.service {
                 ServiceFrom::Fixed(s) => Some(s),
@@ -585,18 +580,6 @@ impl Matchers {
                     .name("session")
                     .map(|m| format!("session {}", m.as_str())),
                 Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
-            };
-            let via = match caps.name("via") {
-                None => None,
-                Some(m) => match parse_ip(m.as_str()) {
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        return Outcome::BadAddress {
-                            pattern: p.id.clone(),
-                            text: m.as_str().to_string(),
-                        };
-                    }
-                },
             };
             let bad = || Outcome::BadAddress {
                 pattern: p.id.clone(),
@@ -701,6 +684,19 @@ pub struct ProcessKey {
     /// The process id: the attested one when the record carries a believed
     /// attestation, else the one in the tag.
     pub pid: u32,
+}
+
+impl ProcessKey {
+    /// The key of a record from `reporter` written by process `pid` (the
+    /// attested pid, or the record's own); `None` without a pid.
+    pub fn of(reporter: String, rec: &Record<'_>, pid: Option<u32>) -> Option<ProcessKey> {
+        Some(ProcessKey {
+            reporter,
+            host: rec.hostname.unwrap_or("-").to_string(),
+            program: rec.program.to_string(),
+            pid: pid?,
+        })
+    }
 }
 
 /// Most addresses remembered at once for two-line servers.

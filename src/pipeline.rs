@@ -15,10 +15,10 @@ use std::time::Duration;
 use crate::addr::{AddressPolicy, Cidr};
 use crate::attest::{self, Verdict};
 use crate::config::{Config, format_duration};
-use crate::grants::{Grant, GrantResult, GrantTable};
+use crate::grants::{Grant, GrantResult, GrantTable, Names};
 use crate::hold::{Closed, Holds, SessionKey};
 use crate::logging::{RateLimit, escape};
-use crate::matcher::{AddressMemory, Matchers, Outcome, ProcessKey};
+use crate::matcher::{AddressMemory, Login, Matchers, Outcome, ProcessKey};
 use crate::receiver::Peer;
 use crate::record::{self, ParseError};
 use crate::stats::Stats;
@@ -45,10 +45,10 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The reloadable part of a configuration (its matchers are moved out).
-    pub fn take(config: &mut Config) -> Settings {
+    /// The reloadable part of a configuration.
+    pub fn of(config: &Config) -> Settings {
         Settings {
-            matchers: std::mem::replace(&mut config.matchers, Matchers::empty()),
+            matchers: config.matchers.clone(),
             policy: AddressPolicy::new(config.never.clone()),
             window: config.window,
             require_attestation: config.require_attestation,
@@ -68,9 +68,8 @@ pub struct Pipeline {
     pub table: Arc<GrantTable>,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// Reporter and host names shared by the grants they made, so that a
-    /// million grants from one sender hold one copy of its name.
-    pub names: std::sync::Mutex<std::collections::HashMap<String, Arc<str>>>,
+    /// Reporter and host names shared by the grants they made.
+    pub names: Names,
     /// Address lines of two-line servers, waiting for their success line
     /// (kept across reloads).
     pub memory: AddressMemory,
@@ -80,11 +79,6 @@ pub struct Pipeline {
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
-
-/// Most distinct reporter and host names kept for sharing (TCP peers change
-/// port with each connection, and host names are the sender's text; beyond
-/// this, names are simply not shared).
-const MAX_NAMES: usize = 4096;
 
 impl Pipeline {
     /// A pipeline with these settings, granting into `table`.
@@ -101,18 +95,7 @@ impl Pipeline {
 
     /// The shared copy of a name.
     fn shared(&self, name: &str) -> Arc<str> {
-        let mut map = match self.names.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(a) = map.get(name) {
-            return a.clone();
-        }
-        let a: Arc<str> = name.into();
-        if map.len() < MAX_NAMES {
-            map.insert(name.to_string(), a.clone());
-        }
-        a
+        self.names.get(name)
     }
 
     /// Handles one datagram from `peer`.
@@ -156,46 +139,35 @@ impl Pipeline {
         };
         let now = tokio::time::Instant::now();
         let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
-        let outcome = match outcome {
+        // Address lines of two-line servers and logout lines are trusted as
+        // login lines are: their sender must be allowed to speak for the
+        // pattern.
+        let unattested = match &outcome {
             Outcome::Address {
-                ref ip,
-                ref pattern,
-                ref speakers,
+                ip,
+                pattern,
+                speakers,
                 ..
-            } => {
-                // The address line of a two-line server is trusted as a
-                // login line is: its sender must be allowed to speak for
-                // the pattern.
-                if let Verdict::Forgery(why) = verdict(pattern, speakers) {
-                    Stats::bump(&self.stats.forgeries);
-                    crate::log_warning_limited!(
-                        REFUSAL_WARNINGS,
-                        "address line for {ip} not remembered: forgery: {why} (pattern {pattern}, reported by {peer})"
-                    );
-                    return;
-                }
-                outcome
-            }
+            } => Some((
+                format!("address line for {ip} not remembered"),
+                pattern,
+                speakers,
+            )),
             Outcome::Logout {
-                ref pattern,
-                ref speakers,
-                ..
-            } => {
-                if !s.hold_while_connected {
-                    return;
-                }
-                if let Verdict::Forgery(why) = verdict(pattern, speakers) {
-                    Stats::bump(&self.stats.forgeries);
-                    crate::log_warning_limited!(
-                        REFUSAL_WARNINGS,
-                        "logout line ignored: forgery: {why} (pattern {pattern}, reported by {peer})"
-                    );
-                    return;
-                }
-                outcome
-            }
-            other => other,
+                pattern, speakers, ..
+            } => Some(("logout line ignored".to_string(), pattern, speakers)),
+            _ => None,
         };
+        if let Some((what, pattern, speakers)) = unattested
+            && let Verdict::Forgery(why) = verdict(pattern, speakers)
+        {
+            Stats::bump(&self.stats.forgeries);
+            crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "{what}: forgery: {why} (pattern {pattern}, reported by {peer})"
+            );
+            return;
+        }
         let outcome = match outcome {
             Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => {
                 let key = self.process_key(&rec, peer, believed);
@@ -271,12 +243,9 @@ impl Pipeline {
             Stats::bump(&self.stats.forgeries);
             crate::log_warning_limited!(
                 REFUSAL_WARNINGS,
-                "refuse {}: forgery: {why} ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                "refuse {}: forgery: {why} ({})",
                 login.ip,
-                login.server,
-                login.service,
-                escape(&login.user),
-                login.pattern
+                About(&login, peer)
             );
             return;
         }
@@ -286,12 +255,9 @@ impl Pipeline {
                 Stats::bump(&self.stats.refused_proxy);
                 crate::log_warning_limited!(
                     REFUSAL_WARNINGS,
-                    "refuse {}: the address was reported by the proxy {via}, which is not a --trusted-proxy ({} {} login of user \"{}\", pattern {}, reported by {peer}); add the proxy's address to trusted-proxy if it is yours",
+                    "refuse {}: the address was reported by the proxy {via}, which is not a --trusted-proxy ({}); add the proxy's address to trusted-proxy if it is yours",
                     login.ip,
-                    login.server,
-                    login.service,
-                    escape(&login.user),
-                    login.pattern
+                    About(&login, peer)
                 );
                 return;
             }
@@ -302,18 +268,14 @@ impl Pipeline {
                 Stats::bump(&self.stats.refused);
                 crate::log_warning_limited!(
                     REFUSAL_WARNINGS,
-                    "refuse {}: {why} ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                    "refuse {}: {why} ({})",
                     login.ip,
-                    login.server,
-                    login.service,
-                    escape(&login.user),
-                    login.pattern
+                    About(&login, peer)
                 );
                 return;
             }
         };
         let reporter = self.shared(&peer.to_string());
-        let sender = self.shared(&sender_of(peer));
         let host = rec.hostname.unwrap_or("-");
         let mut expires = now + s.window;
         let mut held = None;
@@ -321,7 +283,7 @@ impl Pipeline {
             let until = match &login.session {
                 Some(id) => {
                     let key = SessionKey {
-                        reporter: sender,
+                        reporter: self.shared(&sender_of(peer)),
                         host: host.to_string(),
                         server: login.server.clone(),
                         id: id.clone(),
@@ -376,12 +338,9 @@ impl Pipeline {
                 }
                 crate::log_warning_limited!(
                     REFUSAL_WARNINGS,
-                    "refuse {ip}: the table is full ({} grants, --max-grants) ({} {} login of user \"{}\", pattern {}, reported by {peer})",
+                    "refuse {ip}: the table is full ({} grants, --max-grants) ({})",
                     self.table.len(),
-                    login.server,
-                    login.service,
-                    escape(&login.user),
-                    login.pattern
+                    About(&login, peer)
                 );
                 return;
             }
@@ -421,12 +380,7 @@ impl Pipeline {
         } else {
             None
         };
-        Some(ProcessKey {
-            reporter: sender_of(peer),
-            host: rec.hostname.unwrap_or("-").to_string(),
-            program: rec.program.to_string(),
-            pid: attested.or(rec.pid)?,
-        })
+        ProcessKey::of(sender_of(peer), rec, attested.or(rec.pid))
     }
 
     /// A logout line, attested: closes its session; the last one from an
@@ -483,6 +437,24 @@ impl Pipeline {
                 }
             }
         }
+    }
+}
+
+/// A login as refusal lines describe it: `dovecot imap login of user
+/// "alice", pattern dovecot-login, reported by unix:/run/...`.
+struct About<'a>(&'a Login, &'a Peer);
+
+impl std::fmt::Display for About<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let About(l, peer) = self;
+        write!(
+            f,
+            "{} {} login of user \"{}\", pattern {}, reported by {peer}",
+            l.server,
+            l.service,
+            escape(&l.user),
+            l.pattern
+        )
     }
 }
 

@@ -191,58 +191,36 @@ pub fn bind(
     }
 }
 
-/// Makes a listener of a datagram or TCP socket systemd passed; returns it
-/// with a name for it in logs and counters.
-pub fn from_activated(
-    a: crate::systemd::Activated,
-    allow: AllowList,
-) -> Result<(Listener, String), String> {
+/// Makes a listener of a datagram or TCP socket systemd passed.
+pub fn from_activated(a: crate::systemd::Activated, allow: AllowList) -> Result<Listener, String> {
     use crate::systemd::Kind;
     let what = format!("socket \"{}\" passed by systemd", a.name);
-    match a.kind {
-        Kind::Udp => {
+    let nonblocking =
+        |r: std::io::Result<()>| r.map_err(|e| format!("cannot make {what} non-blocking: {e}"));
+    let registered = |e: std::io::Error| format!("cannot register {what}: {e}");
+    match (a.kind, a.spec) {
+        (Kind::Udp, _) => {
             let std = std::net::UdpSocket::from(a.fd);
-            std.set_nonblocking(true)
-                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
-            let name = std
-                .local_addr()
-                .map_or_else(|_| "udp://?".into(), |a| format!("udp://{a}"));
-            let socket =
-                UdpSocket::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
-            Ok((Listener::Udp { socket, allow }, name))
+            nonblocking(std.set_nonblocking(true))?;
+            let socket = UdpSocket::from_std(std).map_err(registered)?;
+            Ok(Listener::Udp { socket, allow })
         }
-        Kind::Tcp => {
+        (Kind::Tcp, _) => {
             let std = std::net::TcpListener::from(a.fd);
-            std.set_nonblocking(true)
-                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
-            let name = std
-                .local_addr()
-                .map_or_else(|_| "tcp://?".into(), |a| format!("tcp://{a}"));
-            let listener = tokio::net::TcpListener::from_std(std)
-                .map_err(|e| format!("cannot register {what}: {e}"))?;
-            Ok((Listener::Tcp { listener, allow }, name))
+            nonblocking(std.set_nonblocking(true))?;
+            let listener = tokio::net::TcpListener::from_std(std).map_err(registered)?;
+            Ok(Listener::Tcp { listener, allow })
         }
-        Kind::UnixDatagram => {
+        (Kind::UnixDatagram, ListenSpec::Unix(path)) => {
             let std = std::os::unix::net::UnixDatagram::from(a.fd);
-            std.set_nonblocking(true)
-                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
-            let path = std
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-                .unwrap_or_else(|| PathBuf::from(format!("@{}", a.name)));
-            let socket =
-                UnixDatagram::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
-            let name = format!("unix://{}", path.display());
-            Ok((
-                Listener::Unix {
-                    socket,
-                    guard: SocketFile::borrowed(path),
-                },
-                name,
-            ))
+            nonblocking(std.set_nonblocking(true))?;
+            let socket = UnixDatagram::from_std(std).map_err(registered)?;
+            Ok(Listener::Unix {
+                socket,
+                guard: SocketFile::borrowed(path),
+            })
         }
-        Kind::UnixStream => Err(format!("{what} is a stream socket, not a syslog listener")),
+        _ => Err(format!("{what} is a stream socket, not a syslog listener")),
     }
 }
 

@@ -98,26 +98,20 @@ pub fn from_activated(
 ) -> Result<StreamListener, String> {
     use crate::systemd::Kind;
     let what = format!("socket \"{}\" passed by systemd", a.name);
-    match a.kind {
-        Kind::Tcp => {
+    let nonblocking =
+        |r: std::io::Result<()>| r.map_err(|e| format!("cannot make {what} non-blocking: {e}"));
+    let registered = |e: std::io::Error| format!("cannot register {what}: {e}");
+    match (a.kind, a.spec) {
+        (Kind::Tcp, _) => {
             let std = std::net::TcpListener::from(a.fd);
-            std.set_nonblocking(true)
-                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
-            let l =
-                TcpListener::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
+            nonblocking(std.set_nonblocking(true))?;
+            let l = TcpListener::from_std(std).map_err(registered)?;
             Ok(StreamListener::Tcp(l, allow))
         }
-        Kind::UnixStream => {
+        (Kind::UnixStream, ListenSpec::Unix(path)) => {
             let std = std::os::unix::net::UnixListener::from(a.fd);
-            std.set_nonblocking(true)
-                .map_err(|e| format!("cannot make {what} non-blocking: {e}"))?;
-            let path = std
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-                .unwrap_or_else(|| PathBuf::from(format!("@{}", a.name)));
-            let l =
-                UnixListener::from_std(std).map_err(|e| format!("cannot register {what}: {e}"))?;
+            nonblocking(std.set_nonblocking(true))?;
+            let l = UnixListener::from_std(std).map_err(registered)?;
             Ok(StreamListener::Unix(l, SocketPath(path, false)))
         }
         _ => Err(format!("{what} is not a stream socket")),

@@ -49,7 +49,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use crate::addr::AddressPolicy;
-use crate::grants::{Change, Grant, GrantTable};
+use crate::grants::{Change, Grant, GrantTable, Names};
 use crate::matcher::Service;
 
 /// The first line of a state file.
@@ -259,17 +259,8 @@ pub fn restore(
 ) -> (usize, usize, usize) {
     let (now, now_ms) = (Instant::now(), now_ms());
     let (mut restored, mut expired, mut refused) = (0, 0, 0);
-    let mut interned: HashMap<String, Arc<str>> = HashMap::new();
-    let mut intern = |s: &str| -> Arc<str> {
-        if let Some(a) = interned.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = s.into();
-        if interned.len() < 4096 {
-            interned.insert(s.to_string(), a.clone());
-        }
-        a
-    };
+    let names = Names::default();
+    let intern = |s: &str| names.get(s);
     for (ip, e) in &loaded.grants {
         if e.expires_ms <= now_ms {
             expired += 1;
@@ -507,7 +498,7 @@ impl StateWriter {
     /// `timeout`.
     pub fn stop(mut self, timeout: Duration) -> bool {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-        let sent = match self.tx.try_send(Msg::Stop(reply_tx.clone())) {
+        let sent = match self.tx.try_send(Msg::Stop(reply_tx)) {
             Ok(()) => true,
             Err(TrySendError::Full(m)) => self.tx.send(m).is_ok(),
             Err(_) => false,

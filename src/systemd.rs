@@ -13,6 +13,9 @@
 //! kind the daemon serves stops it at start-up with a message naming it.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use crate::config::ListenSpec;
 
 /// The first descriptor systemd passes.
 const SD_LISTEN_FDS_START: RawFd = 3;
@@ -41,6 +44,24 @@ pub struct Activated {
     pub name: String,
     /// What it is.
     pub kind: Kind,
+    /// Where it listens, as a `--listen` spec without an allow-list (a
+    /// socket in the abstract namespace is named `@NAME`).
+    pub spec: ListenSpec,
+}
+
+/// The listen spec of a socket, from the address the kernel reports.
+fn spec_of(fd: &OwnedFd, kind: Kind, name: &str) -> ListenSpec {
+    let local = socket2::SockRef::from(fd).local_addr().ok();
+    let inet = local.as_ref().and_then(|a| a.as_socket());
+    let path = local
+        .as_ref()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from(format!("@{name}")));
+    match (kind, inet) {
+        (Kind::Udp, Some(a)) => ListenSpec::Udp(a, None),
+        (Kind::Tcp, Some(a)) => ListenSpec::Tcp(a, None),
+        _ => ListenSpec::Unix(path),
+    }
 }
 
 fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
@@ -116,7 +137,13 @@ pub fn take_listen_fds() -> Result<Vec<Activated>, String> {
                 "{what} is a unix stream socket: name it FileDescriptorName=policy, socketmap or control in the .socket unit to say what it is for"
             ));
         }
-        out.push(Activated { fd, name, kind });
+        let spec = spec_of(&fd, kind, &name);
+        out.push(Activated {
+            fd,
+            name,
+            kind,
+            spec,
+        });
     }
     Ok(out)
 }

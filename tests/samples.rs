@@ -174,12 +174,7 @@ fn samples_match_their_annotations() {
             failures.push(format!("{place}: claimed by several patterns: {claims:?}"));
         }
         let outcome = matchers.match_record(&rec);
-        let key = rec.pid.map(|pid| ProcessKey {
-            reporter: "samples".to_string(),
-            host: rec.hostname.unwrap_or("-").to_string(),
-            program: rec.program.to_string(),
-            pid,
-        });
+        let key = ProcessKey::of("samples".to_string(), &rec, rec.pid);
         let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
         match (&s.expect, outcome) {
             (

@@ -479,19 +479,28 @@ mod tests {
 
     fn pipeline_with(hold: bool, require_attestation: bool) -> Pipeline {
         Pipeline::new(
-            Settings {
-                matchers: Matchers::builtin(),
-                policy: AddressPolicy::new(Vec::new()),
-                window: Duration::from_secs(120),
-                require_attestation,
-                trust_attestation_from: Vec::new(),
-                trusted_proxy: Vec::new(),
-                hold_while_connected: hold,
-                hold_max: Duration::from_secs(3600),
-            },
+            settings(hold, require_attestation, &[]),
             Arc::new(GrantTable::new()),
             Arc::new(Stats::default()),
         )
+    }
+
+    /// A two-minute window, hold-max one hour, no never-grant rules.
+    fn settings(hold: bool, require_attestation: bool, trusted_proxy: &[&str]) -> Settings {
+        Settings {
+            matchers: Matchers::builtin(),
+            policy: AddressPolicy::new(Vec::new()),
+            window: Duration::from_secs(120),
+            require_attestation,
+            trust_attestation_from: Vec::new(),
+            trusted_proxy: trusted_proxy.iter().map(|c| c.parse().unwrap()).collect(),
+            hold_while_connected: hold,
+            hold_max: Duration::from_secs(3600),
+        }
+    }
+
+    fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn peer() -> Peer {
@@ -533,18 +542,8 @@ mod tests {
         assert!(p.table.get(ip()).is_some());
         step(2).await;
         assert!(p.table.get(ip()).is_none());
-        assert_eq!(
-            p.stats
-                .holds_opened
-                .load(std::sync::atomic::Ordering::Relaxed),
-            2
-        );
-        assert_eq!(
-            p.stats
-                .holds_closed
-                .load(std::sync::atomic::Ordering::Relaxed),
-            2
-        );
+        assert_eq!(count(&p.stats.holds_opened), 2);
+        assert_eq!(count(&p.stats.holds_closed), 2);
         purge.abort();
     }
 
@@ -573,12 +572,7 @@ mod tests {
         step(121).await;
         assert!(p.table.get(ip()).is_none());
         p.handle(LOGOUT.as_bytes(), &peer());
-        assert_eq!(
-            p.stats
-                .logouts_unpaired
-                .load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        assert_eq!(count(&p.stats.logouts_unpaired), 0);
         purge.abort();
     }
 
@@ -605,12 +599,7 @@ mod tests {
         p.handle(LOGIN.as_bytes(), &peer());
         p.handle(LOGOUT.as_bytes(), &Peer::Unix("/run/other.sock".into()));
         assert_eq!(p.holds.len(), 1);
-        assert_eq!(
-            p.stats
-                .logouts_unpaired
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(count(&p.stats.logouts_unpaired), 1);
         step(600).await;
         assert!(p.table.get(ip()).is_some());
         purge.abort();
@@ -640,12 +629,7 @@ mod tests {
             &peer(),
         );
         assert_eq!(p.table.len(), 1);
-        assert_eq!(
-            p.stats
-                .logins_without_address
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(count(&p.stats.logins_without_address), 1);
         // The remembered address expires after a minute.
         tokio::time::advance(Duration::from_secs(61)).await;
         p.handle(
@@ -653,12 +637,7 @@ mod tests {
             &peer(),
         );
         assert!(p.table.get("192.0.2.100".parse().unwrap()).is_none());
-        assert_eq!(
-            p.stats
-                .logins_without_address
-                .load(std::sync::atomic::Ordering::Relaxed),
-            2
-        );
+        assert_eq!(count(&p.stats.logins_without_address), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -670,10 +649,7 @@ mod tests {
             &udp,
         );
         assert!(p.memory.is_empty());
-        assert_eq!(
-            p.stats.forgeries.load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(count(&p.stats.forgeries), 1);
     }
 
     #[tokio::test]
@@ -682,23 +658,8 @@ mod tests {
         let p = pipeline(false);
         p.handle(line.as_bytes(), &peer());
         assert!(p.table.is_empty(), "an untrusted proxy's word is refused");
-        assert_eq!(
-            p.stats
-                .refused_proxy
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-        let mut settings = Settings {
-            matchers: Matchers::builtin(),
-            policy: AddressPolicy::new(Vec::new()),
-            window: Duration::from_secs(120),
-            require_attestation: false,
-            trust_attestation_from: Vec::new(),
-            trusted_proxy: vec!["198.51.100.31".parse().unwrap()],
-            hold_while_connected: false,
-            hold_max: Duration::from_secs(3600),
-        };
-        p.settings.store(settings);
+        assert_eq!(count(&p.stats.refused_proxy), 1);
+        p.settings.store(settings(false, false, &["198.51.100.31"]));
         p.handle(line.as_bytes(), &peer());
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         assert!(
@@ -706,17 +667,8 @@ mod tests {
             "granted through the trusted proxy"
         );
         // Another proxy is still not believed.
-        settings = Settings {
-            matchers: Matchers::builtin(),
-            policy: AddressPolicy::new(Vec::new()),
-            window: Duration::from_secs(120),
-            require_attestation: false,
-            trust_attestation_from: Vec::new(),
-            trusted_proxy: vec!["203.0.113.0/24".parse().unwrap()],
-            hold_while_connected: false,
-            hold_max: Duration::from_secs(3600),
-        };
-        p.settings.store(settings);
+        p.settings
+            .store(settings(false, false, &["203.0.113.0/24"]));
         p.handle(line.replace("192.0.2.10", "192.0.2.11").as_bytes(), &peer());
         assert!(p.table.get("192.0.2.11".parse().unwrap()).is_none());
     }

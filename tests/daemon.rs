@@ -519,10 +519,7 @@ fn without_a_postfix_configuration_postmap_runs_with_defaults() {
 fn tcp_listener_bounds_connections_and_frames() {
     use std::io::Write;
     let s = Scratch::new();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_tcp_port();
     let listen = format!("tcp://127.0.0.1:{port}");
     let map = s.map();
     let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap()]);

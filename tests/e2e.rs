@@ -17,6 +17,26 @@ use std::time::{Duration, Instant};
 use common::*;
 use stack::*;
 
+/// The daemon listening on a unix socket of the scratch directory (where
+/// rsyslog forwards), writing the scratch map, with `--never none` since
+/// the test clients are on loopback, and `extra` options. Returns it and
+/// its socket.
+fn loopback_daemon(s: &Scratch, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let socket = s.path("daemon.sock");
+    let listen = format!("unix://{}", socket.display());
+    let map = s.map();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--map",
+        map.to_str().unwrap(),
+        "--never",
+        "none",
+    ];
+    args.extend_from_slice(extra);
+    (Daemon::start(s, &args), socket)
+}
+
 /// Skips (loudly) when not root: the servers need it.
 macro_rules! require_root {
     () => {
@@ -90,24 +110,8 @@ const INJECTED_USER: &str = "eve>, method=plain, rip=127.0.0.8, lip=127.0.0.1";
 fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
     require_root!();
     let s = Scratch::new();
-    let daemon_socket = s.path("daemon.sock");
     let map = s.map();
-    let listen = format!("unix://{}", daemon_socket.display());
-    let mut d = Daemon::start(
-        &s,
-        &[
-            "--listen",
-            &listen,
-            "--map",
-            map.to_str().unwrap(),
-            "--window",
-            "1h",
-            // The test clients are on loopback.
-            "--never",
-            "none",
-            "--require-attestation",
-        ],
-    );
+    let (mut d, daemon_socket) = loopback_daemon(&s, &["--window", "1h", "--require-attestation"]);
     let rs = rsyslog_with_attested_rule(&s, "rsyslog", &daemon_socket);
     let dovecot = Dovecot::start(
         &s.path("dovecot"),
@@ -228,22 +232,8 @@ fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
 fn relay_closes_when_the_window_is_over() {
     require_root!();
     let s = Scratch::new();
-    let daemon_socket = s.path("daemon.sock");
     let map = s.map();
-    let listen = format!("unix://{}", daemon_socket.display());
-    let mut d = Daemon::start(
-        &s,
-        &[
-            "--listen",
-            &listen,
-            "--map",
-            map.to_str().unwrap(),
-            "--window",
-            "3s",
-            "--never",
-            "none",
-        ],
-    );
+    let (mut d, daemon_socket) = loopback_daemon(&s, &["--window", "3s"]);
     let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
     let dovecot = Dovecot::start(&s.path("dovecot"), &rs.socket, &["alice"], "");
     let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
@@ -375,22 +365,8 @@ fn two_mail_hosts_feed_one_daemon_over_udp() {
 fn dovecot_syslog_ng_daemon_postfix() {
     require_root!();
     let s = Scratch::new();
-    let daemon_socket = s.path("daemon.sock");
     let map = s.map();
-    let listen = format!("unix://{}", daemon_socket.display());
-    let mut d = Daemon::start(
-        &s,
-        &[
-            "--listen",
-            &listen,
-            "--map",
-            map.to_str().unwrap(),
-            "--window",
-            "1h",
-            "--never",
-            "none",
-        ],
-    );
+    let (mut d, daemon_socket) = loopback_daemon(&s, &["--window", "1h"]);
     let rule = shipped(
         "syslog-ng-smtp-after-popd.conf",
         &[(
@@ -436,22 +412,8 @@ fn dovecot_syslog_ng_daemon_postfix() {
 fn login_to_relay_delay_figures() {
     require_root!();
     let s = Scratch::new();
-    let daemon_socket = s.path("daemon.sock");
     let map = s.map();
-    let listen = format!("unix://{}", daemon_socket.display());
-    let mut d = Daemon::start(
-        &s,
-        &[
-            "--listen",
-            &listen,
-            "--map",
-            map.to_str().unwrap(),
-            "--window",
-            "1h",
-            "--never",
-            "none",
-        ],
-    );
+    let (mut d, daemon_socket) = loopback_daemon(&s, &["--window", "1h"]);
     let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
     let dovecot = Dovecot::start(&s.path("dovecot"), &rs.socket, &["alice"], "");
     let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
@@ -486,21 +448,7 @@ fn login_to_relay_delay_figures() {
 fn dovecots_log_binary_run_by_a_user_is_refused() {
     require_root!();
     let s = Scratch::new();
-    let daemon_socket = s.path("daemon.sock");
-    let map = s.map();
-    let listen = format!("unix://{}", daemon_socket.display());
-    let mut d = Daemon::start(
-        &s,
-        &[
-            "--listen",
-            &listen,
-            "--map",
-            map.to_str().unwrap(),
-            "--never",
-            "none",
-            "--require-attestation",
-        ],
-    );
+    let (mut d, daemon_socket) = loopback_daemon(&s, &["--require-attestation"]);
     let rs = rsyslog_with_attested_rule(&s, "rsyslog", &daemon_socket);
     // The library must be readable by the unprivileged user.
     let libdir = tempfile::Builder::new()
@@ -763,20 +711,11 @@ fn policy_service_and_socketmap_answer_postfix_at_once() {
 fn an_open_imap_session_holds_its_grant_until_one_window_after_logout() {
     require_root!();
     let s = Scratch::new();
-    let daemon_socket = s.path("daemon.sock");
-    let map = s.map();
-    let listen = format!("unix://{}", daemon_socket.display());
-    let mut d = Daemon::start(
+    let (mut d, daemon_socket) = loopback_daemon(
         &s,
         &[
-            "--listen",
-            &listen,
-            "--map",
-            map.to_str().unwrap(),
             "--window",
             "3s",
-            "--never",
-            "none",
             "--require-attestation",
             "--hold-while-connected",
             "--hold-max",

@@ -507,11 +507,7 @@ fn prometheus_endpoint_serves_the_counters() {
     let s = Scratch::new();
     let port = free_udp_port();
     let listen = format!("udp://127.0.0.1:{port}");
-    let mport = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let metrics = format!("127.0.0.1:{mport}");
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let map = s.map();
     let _d = Daemon::start(
         &s,
@@ -635,32 +631,23 @@ fn json_log_lines() {
     let port = free_udp_port();
     let listen = format!("udp://127.0.0.1:{port}");
     let map = s.map();
-    let mut command = Command::new(BIN);
-    let log = s.path("json.log");
-    let mut child = KillOnDrop(
-        command
-            .env("MAIL_CONFIG", s.mail_config())
-            .args(["--listen", &listen, "--map", map.to_str().unwrap()])
-            .args(["--control", "none", "--log-format", "json"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
     );
-    assert!(wait_for(Duration::from_secs(10), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("started: ")
-    }));
     send_udp(port, &login("192.0.2.90", "we\"ird\\user"));
     assert!(wait_for(Duration::from_secs(10), || s
         .postmap_q("192.0.2.90")
         .is_some()));
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    let _ = child.0.wait();
-    let text = std::fs::read_to_string(&log).unwrap();
+    d.stop();
+    let text = d.log_text();
     let mut saw_grant = false;
     for line in text.lines() {
         assert!(line.starts_with("{\"time\":\"20"), "{line}");
@@ -699,30 +686,25 @@ fn under_systemd_each_line_carries_its_journal_priority() {
     use std::os::unix::fs::MetadataExt;
     let s = Scratch::new();
     let port = free_udp_port();
-    let log = s.path("journal.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let meta = file.metadata().unwrap();
     // What systemd sets when stderr is the journal: its device and inode.
-    let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .env("MAIL_CONFIG", s.mail_config())
-            .env("JOURNAL_STREAM", stream)
-            .args(["--listen", &format!("udp://127.0.0.1:{port}")])
-            .args(["--map", s.map().to_str().unwrap(), "--control", "none"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap(),
+    let listen = format!("udp://127.0.0.1:{port}");
+    let d = Daemon::start_env(
+        &s,
+        &["--listen", &listen, "--map", s.map().to_str().unwrap()],
+        |stderr| {
+            let meta = stderr.metadata().unwrap();
+            vec![(
+                "JOURNAL_STREAM".to_string(),
+                format!("{}:{}", meta.dev(), meta.ino()),
+            )]
+        },
     );
-    let text = || std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(wait_for(Duration::from_secs(10), || text().contains("started: ")));
     send_udp(port, "<22>Nov 26 10:00:01 mail1 dovecot: garbage");
     send_udp(port, &login("127.0.0.7", "lo"));
-    assert!(wait_for(Duration::from_secs(5), || text()
+    assert!(wait_for(Duration::from_secs(5), || d
+        .log_text()
         .contains("refuse 127.0.0.7")));
-    let _ = child.0.kill();
-    let t = text();
+    let t = d.log_text();
     assert!(t.contains("<6>smtp-after-popd: info: started: "), "{t}");
     assert!(
         t.contains("<4>smtp-after-popd: warning: refuse 127.0.0.7"),

@@ -96,6 +96,12 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("addr").port()
 }
 
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
 /// A running daemon; stopped with SIGTERM when dropped.
 pub struct Daemon {
     pub child: Child,
@@ -112,8 +118,29 @@ impl Daemon {
     /// Starts the daemon with `args` and `MAIL_CONFIG` set to `mail_config`,
     /// or unset, and waits until it logs that it started.
     pub fn start_with(scratch: &Scratch, args: &[&str], mail_config: Option<&Path>) -> Daemon {
+        Self::spawn(scratch, args, mail_config, |_| Vec::new())
+    }
+
+    /// Starts the daemon with `args` and more environment variables, which
+    /// may depend on its log file (systemd's JOURNAL_STREAM names it).
+    pub fn start_env(
+        scratch: &Scratch,
+        args: &[&str],
+        env: impl FnOnce(&std::fs::File) -> Vec<(String, String)>,
+    ) -> Daemon {
+        Self::spawn(scratch, args, Some(&scratch.mail_config()), env)
+    }
+
+    fn spawn(
+        scratch: &Scratch,
+        args: &[&str],
+        mail_config: Option<&Path>,
+        env: impl FnOnce(&std::fs::File) -> Vec<(String, String)>,
+    ) -> Daemon {
         let log = scratch.path(&format!("daemon-{}.log", unique()));
+        let stderr = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(BIN);
+        command.envs(env(&stderr));
         match mail_config {
             Some(dir) => command.env("MAIL_CONFIG", dir),
             None => command.env_remove("MAIL_CONFIG"),
@@ -127,12 +154,13 @@ impl Daemon {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(stderr)
             .spawn()
             .expect("spawn daemon");
         let mut d = Daemon { child, log };
+        // "started: " in every log format (text, journal, JSON).
         let ok = wait_for(Duration::from_secs(10), || {
-            d.log_text().contains("info: started:") || d.exited()
+            d.log_text().contains("started: ") || d.exited()
         });
         assert!(ok && !d.exited(), "daemon did not start:\n{}", d.log_text());
         d

@@ -29,18 +29,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::wait_for;
+use crate::common::{free_tcp_port, wait_for};
 
 /// True when the tests run as root, which the real servers need.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_tcp_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 /// A child process that gets SIGTERM, then SIGKILL, when dropped.

@@ -88,36 +88,43 @@ fn client(args: &ControlArgs, request: &str, format: impl Fn(&str) -> String) ->
     }
 }
 
-/// A listening socket whose allow-list a reload may replace: the spec it
-/// was bound from (none if systemd passed it) and its list.
+/// A listening socket whose allow-list a reload may replace: where it
+/// listens, and its list.
 struct AllowSlot {
-    spec: Option<ListenSpec>,
+    spec: ListenSpec,
     allow: AllowList,
 }
 
 impl AllowSlot {
     /// Keeps a slot for a listener that has an allow-list.
-    fn keep(slots: &mut Vec<AllowSlot>, spec: Option<&ListenSpec>, allow: Option<&AllowList>) {
+    fn keep(slots: &mut Vec<AllowSlot>, spec: &ListenSpec, allow: Option<&AllowList>) {
         if let Some(allow) = allow {
             slots.push(AllowSlot {
-                spec: spec.cloned(),
+                spec: spec.clone(),
                 allow: allow.clone(),
             });
         }
     }
 
-    /// The slot's new allow-list: its spec's own `?allow=` in the new
-    /// configuration if the same socket is still configured with one, else
-    /// the new `--allow-from`.
-    fn update(&self, specs: &[&ListenSpec], allow_from: &[Cidr]) {
-        let address = self.spec.as_ref().map(ListenSpec::address);
-        let own = specs
-            .iter()
-            .find(|s| Some(s.address()) == address)
-            .and_then(|s| s.own_allow());
-        self.allow
-            .store(own.cloned().unwrap_or_else(|| allow_from.to_vec()));
+    /// The slot's allow-list under a new configuration.
+    fn update(&self, config: &Config) {
+        self.allow.store(allow_for(config, &self.spec.address()));
     }
+}
+
+/// The allow-list of the socket at `address` (`udp://ADDR:PORT`...): the
+/// `?allow=` of the configured listener, policy service or metrics
+/// endpoint at that address, else `--allow-from`.
+fn allow_for(config: &Config, address: &str) -> Vec<Cidr> {
+    config
+        .listen
+        .iter()
+        .chain(&config.policy)
+        .chain(config.metrics.iter())
+        .find(|s| s.address() == address)
+        .and_then(ListenSpec::own_allow)
+        .cloned()
+        .unwrap_or_else(|| config.allow_from.clone())
 }
 
 /// Everything the running daemon keeps to apply a reload.
@@ -155,9 +162,10 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             continue;
         }
         let name = a.spec.address();
-        match receiver::from_activated(a, allow.clone()) {
+        let spec = a.spec.clone();
+        match receiver::from_activated(a, Arc::new(Swap::new(allow_for(&config, &name)))) {
             Ok(l) => {
-                AllowSlot::keep(&mut slots, None, l.allow());
+                AllowSlot::keep(&mut slots, &spec, l.allow());
                 crate::log_info!("listening on {name}, passed by systemd");
                 listeners.push((l, name));
             }
@@ -181,7 +189,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 config.receive_buffer,
             ) {
                 Ok(l) => {
-                    AllowSlot::keep(&mut slots, Some(spec), l.allow());
+                    AllowSlot::keep(&mut slots, spec, l.allow());
                     listeners.push((l, spec.address()));
                 }
                 Err(e) => return fatal(EX_OSERR, e),
@@ -195,7 +203,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         for spec in specs {
             match crate::serve::bind(what, spec, allow.clone(), config.socket_mode) {
                 Ok(l) => {
-                    AllowSlot::keep(&mut slots, Some(spec), l.allow());
+                    AllowSlot::keep(&mut slots, spec, l.allow());
                     services.push((what, l));
                 }
                 Err(e) => return fatal(EX_OSERR, e),
@@ -213,11 +221,13 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             "socketmap" => "socketmap",
             _ => "metrics",
         };
-        let l = match crate::serve::from_activated(a, allow.clone()) {
+        let spec = a.spec.clone();
+        let allow = Arc::new(Swap::new(allow_for(&config, &spec.address())));
+        let l = match crate::serve::from_activated(a, allow) {
             Ok(l) => l,
             Err(e) => return fatal(EX_OSERR, e),
         };
-        AllowSlot::keep(&mut slots, None, l.allow());
+        AllowSlot::keep(&mut slots, &spec, l.allow());
         match (what, l) {
             ("control", crate::serve::StreamListener::Unix(l, p)) => control = Some((l, p)),
             ("metrics", l) => metrics = Some(l),
@@ -257,7 +267,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     {
         match crate::serve::bind("metrics", spec, allow.clone(), config.socket_mode) {
             Ok(l) => {
-                AllowSlot::keep(&mut slots, Some(spec), l.allow());
+                AllowSlot::keep(&mut slots, spec, l.allow());
                 metrics = Some(l);
             }
             Err(e) => return fatal(EX_OSERR, e),
@@ -556,14 +566,8 @@ fn reload(r: &mut Running) {
 
     crate::logging::set_level(new.log_level);
     crate::logging::set_format(new.log_format);
-    let specs: Vec<&ListenSpec> = new
-        .listen
-        .iter()
-        .chain(&new.policy)
-        .chain(new.metrics.iter())
-        .collect();
     for slot in &r.slots {
-        slot.update(&specs, &new.allow_from);
+        slot.update(&new);
     }
     r.table.set_limit(new.max_grants);
     let settings = Settings::of(&new);

@@ -607,8 +607,15 @@ fn systemd_readiness_and_socket_activation() {
         )),
         "{text}"
     );
-    // The default listener was not bound as well.
-    assert!(!text.contains("5514"), "{text}");
+    // The passed sockets are the listeners: the default one was not bound
+    // as well.
+    assert!(
+        text.contains(&format!(
+            "started: listening on udp://{udp}, unix://{}; ",
+            unix.display()
+        )),
+        "{text}"
+    );
 
     // SIGHUP: RELOADING=1 then READY=1.
     let pid = child.0.id().to_string();
@@ -623,6 +630,50 @@ fn systemd_readiness_and_socket_activation() {
     let _ = child.0.wait();
     // systemd's socket file is systemd's to remove.
     assert!(unix.exists());
+}
+
+/// A socket systemd passes at the address of a configured listener keeps
+/// that listener's own allow-list.
+#[test]
+fn a_passed_socket_keeps_the_allow_list_configured_for_its_address() {
+    let s = Scratch::new();
+    let port = free_udp_port();
+    let udp = format!("127.0.0.1:{port}");
+    let listen = format!("udp://{udp}?allow=127.0.0.2");
+    let map = s.map();
+    let log = s.path("activated.log");
+    let _child = KillOnDrop(
+        Command::new("systemd-socket-activate")
+            .args(["--datagram", "-l", &udp])
+            .args(["-E", &format!("MAIL_CONFIG={}", s.mail_config().display())])
+            .args([BIN, "--listen", &listen, "--map", map.to_str().unwrap()])
+            .args(["--control", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("systemd-socket-activate (package systemd)"),
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || text().contains("Listening on")));
+    // The first datagram starts the daemon; it is not from an allowed peer.
+    send_udp(port, &login("192.0.2.85", "a"));
+    send_udp_from("127.0.0.2", port, &login("192.0.2.86", "b"));
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .postmap_q("192.0.2.86")
+            .is_some()),
+        "{}",
+        text()
+    );
+    // Datagrams are handled in order: the first one was dropped.
+    assert!(s.postmap_q("192.0.2.85").is_none(), "{}", text());
+    let t = text();
+    assert!(
+        t.contains(&format!("listening on udp://{udp}, passed by systemd")),
+        "{t}"
+    );
+    assert!(t.contains("peer not in allow-from"), "{t}");
 }
 
 #[test]

@@ -940,11 +940,11 @@ impl Config {
         let control = if v == "none" {
             None
         } else {
-            if !v.starts_with('/') || v.ends_with('/') || v.len() > 107 {
+            if v.is_empty() || v.ends_with('/') || v.len() > 107 {
                 return Err(origin.error(
                     "control",
                     v,
-                    "expected an absolute socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
+                    "expected a socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
                 ));
             }
             Some((PathBuf::from(v), matches!(origin, Origin::Default)))
@@ -1211,6 +1211,20 @@ mod tests {
         let e = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation=maybe"]))
             .unwrap_err();
         assert_eq!(e.0, "--require-attestation \"maybe\": expected yes or no");
+    }
+
+    #[test]
+    fn control_paths() {
+        let c = Config::from_args(&args(&["--map", "/tmp/m", "--control", "run/control"])).unwrap();
+        assert_eq!(c.control, Some((PathBuf::from("run/control"), false)));
+        let c = Config::from_args(&args(&["--map", "/tmp/m", "--control", "none"])).unwrap();
+        assert_eq!(c.control, None);
+        let long = format!("/{}", "x".repeat(107));
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--control", &long])).unwrap_err();
+        assert!(
+            e.0.contains("expected a socket path of at most 107 bytes"),
+            "{e}"
+        );
     }
 
     #[test]

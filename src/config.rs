@@ -1185,10 +1185,23 @@ mod tests {
     #[test]
     fn the_shipped_example_configuration_loads_and_requires_attestation() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/doc/smtp-after-popd.toml");
-        let dir = std::env::temp_dir();
-        let map = dir.join("authenticated_ips");
-        let map = map.to_str().unwrap();
-        let c = Config::from_args(&args(&["--config", path, "--map", map])).unwrap();
+        // Every path the file names lies under /var/lib or /run, which only
+        // an installed package creates: point them at a scratch directory,
+        // so that the test reads and writes nothing of the host's.
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let (map, state, control) = (at("authenticated_ips"), at("state"), at("control"));
+        let c = Config::from_args(&args(&[
+            "--config",
+            path,
+            "--map",
+            &map,
+            "--state",
+            &state,
+            "--control",
+            &control,
+        ]))
+        .unwrap();
         assert!(c.require_attestation);
         assert_eq!(c.max_grants, 100_000);
         assert_eq!(c.window, Duration::from_secs(120));

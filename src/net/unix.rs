@@ -297,20 +297,21 @@ fn explain_denied(path: &Path) -> String {
     let me = privilege::describe_uid(privilege::effective_uid());
     let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
     dirs.reverse();
-    let blocked = dirs
-        .iter()
-        .find(|d| !privilege::can_search(d))
-        .map(|d| format!("{me} may not enter {}", describe_dir(d)))
-        .unwrap_or_else(|| {
-            let dir = path.parent().unwrap_or(Path::new("/"));
-            format!("{me} may not create files in {}", describe_dir(dir))
-        });
-    let hint = if path.starts_with("/var/spool/postfix") {
-        "; Postfix's own directories (such as private/) are for Postfix alone: put the socket in a directory of the daemon's in the queue directory, /var/spool/postfix/smtp-after-popd/policy, which the drop-in doc/systemd/postfix-policy.conf (installed under /usr/share/doc/smtp-after-popd/) creates and opens to the hardened service; see the README, \"Chroot\", or serve the policy over tcp://127.0.0.1:PORT"
+    let (blocked, why) = match dirs.iter().find(|d| !privilege::can_search(d)) {
+        Some(d) => (*d, "may not enter"),
+        None => (
+            path.parent().unwrap_or(Path::new("/")),
+            "may not create files in",
+        ),
+    };
+    let postfix = privilege::user("postfix").ok().map(|u| u.uid);
+    let postfixs = std::fs::metadata(blocked).is_ok_and(|m| Some(m.uid()) == postfix);
+    let hint = if postfixs {
+        "; that directory is Postfix's own (as private/ is): put the socket in a directory of the daemon's inside the queue directory, such as /var/spool/postfix/smtp-after-popd/policy, which the drop-in doc/systemd/postfix-policy.conf (installed under /usr/share/doc/smtp-after-popd/) makes and opens to the hardened service, and ask for it with check_policy_service unix:smtp-after-popd/policy; see the README, \"Chroot\" (or serve the policy over tcp://127.0.0.1:PORT)"
     } else {
         "; choose a directory that user may write, or give it one"
     };
-    format!("{blocked}{hint}")
+    format!("{me} {why} {}{hint}", describe_dir(blocked))
 }
 
 /// `DIR (owner U, group G, mode 0750)`.

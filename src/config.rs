@@ -147,9 +147,14 @@ pub struct DaemonArgs {
 
     /// Where to receive syslog records: udp://ADDR:PORT (IPv4 or [IPv6]),
     /// tcp://ADDR:PORT (RFC 6587 octet counting or LF framing, as rsyslog
-    /// sends), or unix:///PATH (a unix datagram socket). UDP and TCP
-    /// listeners may carry their own allow-list instead of --allow-from:
-    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11. Repeatable.
+    /// sends; at most 32 connections per peer and 256 in all, a new one
+    /// beyond closing the one that has waited longest without a complete
+    /// record), or unix:///PATH (a unix datagram socket, mode 0600: root,
+    /// i.e. rsyslog, and the daemon's user only). UDP and TCP listeners may
+    /// carry their own allow-list instead of --allow-from:
+    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11; a unix socket its
+    /// own owner, group and mode: unix:///PATH?group=adm&mode=0620 (never
+    /// writable by every user). Settings are joined by &. Repeatable.
     /// [default: udp://127.0.0.1:5514]
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
@@ -187,7 +192,10 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     pub postmap: Option<String>,
 
-    /// File mode of unix socket files, in octal. [default: 0660]
+    /// Deprecated: give each socket its mode in its URL
+    /// (unix:///PATH?mode=0660). The mode, in octal, of the policy and
+    /// socketmap sockets whose URL gives none; never of a syslog socket.
+    /// [default: 0660]
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
 
@@ -235,17 +243,21 @@ pub struct DaemonArgs {
     pub max_grants: Option<String>,
 
     /// Serve the grant table to Postfix as a policy service
-    /// (check_policy_service) on unix:///PATH or tcp://ADDR:PORT (TCP
-    /// peers allow-listed like --allow-from, or by ?allow=): action=OK for
-    /// a live grant, DUNNO otherwise. Repeatable. [default: none]
+    /// (check_policy_service) on unix:///PATH (mode 0660, the daemon's
+    /// group, or ?owner=&group=&mode=) or tcp://ADDR:PORT (TCP peers
+    /// allow-listed like --allow-from, or by ?allow=): action=OK for a live
+    /// grant, DUNNO otherwise. Bounded as Postfix's policy client is (100s
+    /// per request, 300s idle, 1000s per connection; 512 connections per
+    /// peer, 1024 in all). For a socket inside Postfix's chroot, see the
+    /// README ("Chroot"). Repeatable. [default: none]
     #[arg(long, value_name = "URL")]
     pub policy: Vec<String>,
 
     /// Serve the grant table to Postfix as the socketmap
     /// "authenticated_ips" (check_client_access
-    /// socketmap:unix:PATH:authenticated_ips) on unix:///PATH; unix only,
-    /// since the protocol has no authentication. Repeatable.
-    /// [default: none]
+    /// socketmap:unix:PATH:authenticated_ips) on unix:///PATH (with
+    /// ?owner=&group=&mode= as --policy); unix only, since the protocol has
+    /// no authentication. Repeatable. [default: none]
     #[arg(long, value_name = "URL")]
     pub socketmap: Vec<String>,
 
@@ -278,8 +290,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
-    /// Group of unix socket files (with --socket-mode 0660, the group whose
-    /// members, e.g. rsyslog's, may send). [default: the daemon's group]
+    /// Deprecated: give each socket its group in its URL
+    /// (unix:///PATH?group=postfix&mode=0660). The group of the policy and
+    /// socketmap sockets whose URL gives none; never of a syslog socket,
+    /// so that the group Postfix runs as cannot write records.
+    /// [default: the daemon's group]
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 

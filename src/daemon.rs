@@ -163,6 +163,7 @@ type Fatal = (i32, String);
 /// each unix socket with its owner, group and mode.
 fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, Fatal> {
     warn_deprecated(config);
+    warn_few_descriptors(config);
     let mut sockets = Sockets::default();
     // Sockets systemd passed: syslog listeners first, the rest below.
     let (syslog, others): (Vec<Activated>, Vec<Activated>) = activated.into_iter().partition(|a| {
@@ -373,6 +374,28 @@ fn bind_control(config: &Config) -> Result<Option<StreamListener>, Fatal> {
             Ok(None)
         }
         Err(e) => Err((EX_OSERR, e)),
+    }
+}
+
+/// Raises the descriptor limit, and warns when it is below what the
+/// configured listeners may hold at once.
+fn warn_few_descriptors(config: &Config) {
+    let tcp_syslog = config
+        .listen
+        .iter()
+        .filter(|s| matches!(s, ListenSpec::Tcp(..)))
+        .count();
+    let services = config.policy.len() + config.socketmap.len();
+    let needed = 64
+        + tcp_syslog * crate::tcp::LIMITS.total
+        + services * policy::LIMITS.total
+        + config.metrics.iter().count() * metrics::LIMITS.total
+        + control::LIMITS.total;
+    let have = net::raise_fd_limit(16384);
+    if have < needed as u64 {
+        crate::log_warning!(
+            "only {have} file descriptors, and the listeners may hold {needed} connections: once they run out, new connections wait until the longest-waiting one is closed; raise the limit (LimitNOFILE= under systemd, ulimit -n)"
+        );
     }
 }
 

@@ -64,3 +64,31 @@ pub fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
 
 /// Rate limit of the warnings about refused peers.
 pub static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
+
+/// Raises the soft limit on open files towards the hard limit (at most
+/// `want`), so that the services' connection limits, not the descriptor
+/// limit, decide which connection gives way. Returns the soft limit in
+/// force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let target = want.min(lim.rlim_max);
+        if lim.rlim_cur < target {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = target;
+            }
+        }
+    }
+    lim.rlim_cur
+}

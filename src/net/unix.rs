@@ -128,7 +128,9 @@ pub fn bind_unix(
         path: path.to_path_buf(),
         owned: true,
     };
-    apply(path, access, what)?;
+    let bound = std::fs::symlink_metadata(path)
+        .map_err(|e| format!("{what}: cannot inspect {}: {e}", path.display()))?;
+    apply(path, bound.ino(), access, what)?;
     if kind == UnixKind::Stream {
         socket
             .listen(512)
@@ -140,12 +142,22 @@ pub fn bind_unix(
     Ok((socket, file))
 }
 
-/// Gives a new socket file its owner, group and mode.
-fn apply(path: &Path, access: &Access, what: &str) -> Result<(), String> {
+/// Gives a new socket file (inode `ino`) its owner, group and mode; never
+/// through a symbolic link, nor to a file that replaced it meanwhile.
+fn apply(path: &Path, ino: u64, access: &Access, what: &str) -> Result<(), String> {
     if access.owner.is_some() || access.group.is_some() {
         let uid = access.owner.as_ref().map(|u| u.uid);
         let gid = access.group.as_ref().map(|g| g.gid);
-        std::os::unix::fs::chown(path, uid, gid).map_err(|e| chown_error(path, access, what, e))?;
+        std::os::unix::fs::lchown(path, uid, gid)
+            .map_err(|e| chown_error(path, access, what, e))?;
+    }
+    let same =
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket() && m.ino() == ino);
+    if !same {
+        return Err(format!(
+            "{what}: {} was replaced while it was being bound: is its directory writable by others?",
+            path.display()
+        ));
     }
     let mode = access.mode.unwrap_or(0o600);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {

@@ -418,6 +418,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     }
 
     let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
+    // Not rate-limited with the refusals it sums up.
+    tasks.spawn(
+        pipeline
+            .clone()
+            .run_full_summary(|line| crate::log_warning!("{line}")),
+    );
     let mut serving = match &config.map {
         Some(m) => format!("map {}:{}", m.map_type.name(), m.path.display()),
         None => "no map file".to_string(),

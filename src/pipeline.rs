@@ -10,6 +10,7 @@
 //! table, the two-line memory and the open sessions stay.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::addr::{AddressPolicy, Cidr};
@@ -75,7 +76,13 @@ pub struct Pipeline {
     pub memory: AddressMemory,
     /// Sessions still open (`--hold-while-connected`; kept across reloads).
     pub holds: Holds,
+    /// Logins refused because the table was full since the last summary
+    /// ([`Pipeline::full_summary`]).
+    refused_full: AtomicU64,
 }
+
+/// How often a full table's refusals are summed up in the log.
+pub const FULL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
@@ -90,6 +97,39 @@ impl Pipeline {
             names: Default::default(),
             memory: AddressMemory::new(),
             holds: Holds::new(),
+            refused_full: AtomicU64::new(0),
+        }
+    }
+
+    /// The line that says how many logins the full table refused since the
+    /// last call, while it is full or if it refused any; `None` otherwise.
+    /// The per-refusal lines are rate-limited with every other refusal
+    /// (20 a minute), so under a flood of forgeries a real user's refusal
+    /// may not be among them: this summary, written once a minute by
+    /// [`Pipeline::run_full_summary`], is not.
+    pub fn full_summary(&self) -> Option<String> {
+        let refused = self.refused_full.swap(0, Ordering::Relaxed);
+        let (len, limit) = (self.table.len(), self.table.limit());
+        let full = len >= limit;
+        if refused == 0 && !full {
+            return None;
+        }
+        Some(format!(
+            "the grant table {} ({len} grants, --max-grants {limit}): {refused} login(s) from new addresses refused in the last minute (refused_full counts them all); raise --max-grants or shorten --window",
+            if full { "is full" } else { "was full" }
+        ))
+    }
+
+    /// Writes [`Pipeline::full_summary`] through `emit` once a minute, for
+    /// ever.
+    pub async fn run_full_summary(self: Arc<Self>, emit: impl Fn(&str) + Send + 'static) {
+        let start = tokio::time::Instant::now() + FULL_SUMMARY_EVERY;
+        let mut tick = tokio::time::interval_at(start, FULL_SUMMARY_EVERY);
+        loop {
+            tick.tick().await;
+            if let Some(line) = self.full_summary() {
+                emit(&line);
+            }
         }
     }
 
@@ -333,6 +373,7 @@ impl Pipeline {
             }
             GrantResult::Full => {
                 Stats::bump(&self.stats.refused_full);
+                self.refused_full.fetch_add(1, Ordering::Relaxed);
                 if let Some(key) = held {
                     self.holds.close(&key, Some(ip), now, s.hold_max);
                 }
@@ -650,6 +691,47 @@ mod tests {
         );
         assert!(p.memory.is_empty());
         assert_eq!(count(&p.stats.forgeries), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_sums_up_its_refusals_once_a_minute() {
+        let p = Arc::new(Pipeline::new(
+            settings(false, false, &[]),
+            Arc::new(GrantTable::with_limit(2)),
+            Arc::new(Stats::default()),
+        ));
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let task = tokio::spawn(p.clone().run_full_summary(move |l| {
+            sink.lock().unwrap().push(l.to_string());
+        }));
+        let login = |i: u32| {
+            format!(
+                "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<u{i}>, method=PLAIN, rip=192.0.2.{i}, lip=192.0.2.1, mpid=1, session=<abc{i}>"
+            )
+        };
+        // Not full: nothing to say.
+        p.handle(login(1).as_bytes(), &peer());
+        step(61).await;
+        assert!(lines.lock().unwrap().is_empty());
+        // Full: 30 refusals, more than the per-message rate limit lets
+        // through in a minute.
+        p.handle(login(2).as_bytes(), &peer());
+        for i in 3..33 {
+            p.handle(login(i).as_bytes(), &peer());
+        }
+        assert_eq!(count(&p.stats.refused_full), 30);
+        step(60).await;
+        {
+            let l = lines.lock().unwrap();
+            assert_eq!(l.len(), 1, "{l:?}");
+            assert!(l[0].starts_with("the grant table is full (2 grants, --max-grants 2): 30 login(s) from new addresses refused in the last minute"), "{}", l[0]);
+        }
+        // Still full, no new refusals: said again, with 0.
+        step(60).await;
+        assert_eq!(lines.lock().unwrap().len(), 2);
+        assert!(lines.lock().unwrap()[1].contains(": 0 login(s)"));
+        task.abort();
     }
 
     #[tokio::test]

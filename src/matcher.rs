@@ -11,6 +11,22 @@
 //! DNS name) cannot reach. Whether the record may speak for that program at
 //! all (transport, attestation) is decided before and after this stage.
 //!
+//! Ambiguity. A pattern only says where the server's fields are if the
+//! user's text cannot pose as one of them. After a pattern matched, the
+//! line grants nothing ([`Outcome::Ambiguous`]) when
+//! - a server-written field (every `name=` of the regex's literal text,
+//!   and any the pattern adds with `fields`) appears twice: the server
+//!   writes each once, so the user wrote one of them, perhaps in place of
+//!   one the server left out (Dovecot omits `rip=` on a unix socket);
+//! - such a field appears inside a user-controlled capture (`user`,
+//!   `host`);
+//! - the literal text that ends a user-controlled capture in the regex
+//!   (`>` after Dovecot's `user=<...`, `' logged in from ` after
+//!   vm-pop3d's user) appears inside it, so the capture could end in more
+//!   than one place.
+//!
+//! These checks run on matched lines only, a few substring searches each.
+//!
 //! The built-in patterns live in `patterns.toml` beside this file, in the
 //! same form administrators use for their own `[[pattern]]` tables, so one
 //! loader checks both. Records are looked up by program name first, which is
@@ -136,6 +152,167 @@ enum ServiceFrom {
     Program,
 }
 
+/// The capture groups whose text the client controls.
+const USER_GROUPS: [&str; 2] = ["user", "host"];
+
+/// Why a line a pattern matched grants nothing: its user-controlled text
+/// could stand for a field the server writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// A field the server writes once appears more than once.
+    Repeated(String),
+    /// A server-written field appears inside a user-controlled capture.
+    Inside {
+        /// The field.
+        field: String,
+        /// The capture group.
+        group: &'static str,
+    },
+    /// The text that ends a user-controlled capture appears inside it.
+    Undelimited {
+        /// The text that ends the capture.
+        delimiter: String,
+        /// The capture group.
+        group: &'static str,
+    },
+}
+
+impl fmt::Display for Ambiguity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = crate::logging::escape;
+        match self {
+            Ambiguity::Repeated(field) => write!(
+                f,
+                "the field \"{}\", which the server writes once, appears more than once",
+                e(field)
+            ),
+            Ambiguity::Inside { field, group } => write!(
+                f,
+                "the {group} text holds the server's field \"{}\"",
+                e(field)
+            ),
+            Ambiguity::Undelimited { delimiter, group } => write!(
+                f,
+                "the {group} text holds \"{}\", which ends it, so it cannot be told from the server's text",
+                e(delimiter)
+            ),
+        }
+    }
+}
+
+/// The `name=` fields in the literal text of a regex: each `=` preceded
+/// by a name (`[A-Za-z][A-Za-z0-9_.-]*`) that is neither escaped nor part
+/// of a larger run of name characters. `(?:method=[A-Za-z]+|rip=...)`
+/// gives `method=` and `rip=`; `[A-Za-z]+=` gives nothing.
+pub fn regex_fields(regex: &str) -> Vec<String> {
+    let b = regex.as_bytes();
+    let name = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-');
+    let mut out: Vec<String> = Vec::new();
+    // The start of the current run of literal name characters, outside
+    // character classes and escapes.
+    let mut run: Option<usize> = None;
+    let mut in_class = false;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\\' {
+            run = None;
+            i += 2;
+            continue;
+        }
+        if in_class {
+            in_class = c != b']';
+        } else if c == b'[' {
+            in_class = true;
+            run = None;
+        } else if c == b'=' {
+            if let Some(j) = run.filter(|&j| b[j].is_ascii_alphabetic()) {
+                let f = &regex[j..=i];
+                if !out.iter().any(|o| o == f) {
+                    out.push(f.to_string());
+                }
+            }
+            run = None;
+        } else if name(c) {
+            run.get_or_insert(i);
+        } else {
+            run = None;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The literal text that follows group `name` in a regex, up to the first
+/// construct that is not a literal character (escaped punctuation counts
+/// as literal); a character made optional by a quantifier is left out.
+/// `user=<(?P<user>.*)>(?:, ...` gives `>`; `'(?P<user>[^']*)' logged in
+/// from (?P<ip>...)` gives `' logged in from `.
+pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
+    let open = format!("(?P<{name}>");
+    let start = regex
+        .find(&open)
+        .or_else(|| regex.find(&format!("(?<{name}>")))?;
+    let b = regex.as_bytes();
+    // Find the group's closing parenthesis.
+    let mut depth = 0usize;
+    let mut i = start;
+    let mut in_class = false;
+    let end = loop {
+        let c = *b.get(i)?;
+        match c {
+            b'\\' => i += 1,
+            b'[' if !in_class => in_class = true,
+            b']' if in_class => in_class = false,
+            b'(' if !in_class => depth += 1,
+            b')' if !in_class => {
+                depth -= 1;
+                if depth == 0 {
+                    break i;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    };
+    let mut out = String::new();
+    let mut i = end + 1;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'?' | b'*' | b'{' => {
+                out.pop();
+                break;
+            }
+            b'+' => i += 1,
+            b'\\' => match b.get(i + 1) {
+                Some(&e) if e.is_ascii_punctuation() => {
+                    out.push(e as char);
+                    i += 2;
+                }
+                _ => break,
+            },
+            b'(' | b')' | b'[' | b'.' | b'|' | b'^' | b'$' => break,
+            _ => {
+                // Multi-byte characters are literal too.
+                let ch = regex[i..].chars().next()?;
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Occurrences of field `f` in `text` that do not continue a name (so
+/// `ip=` is not counted inside `oip=` or `rip=`).
+fn field_count(text: &str, f: &str) -> usize {
+    let b = text.as_bytes();
+    let name = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-');
+    text.match_indices(f)
+        .filter(|(i, _)| *i == 0 || !name(b[*i - 1]))
+        .count()
+}
+
 /// One compiled pattern.
 #[derive(Clone, Debug)]
 struct Pattern {
@@ -153,6 +330,44 @@ struct Pattern {
     kind: Kind,
     /// How logins and logouts are paired, if they are.
     hold: Option<HoldBy>,
+    /// The fields the server writes once (see [`Ambiguity`]).
+    fields: Vec<String>,
+    /// For each user-controlled group, the literal text that ends it.
+    delimiters: Vec<(&'static str, String)>,
+    /// The fields the server leaves out of some lines (sample harness).
+    omitted: Vec<String>,
+}
+
+impl Pattern {
+    /// Whether the match `caps` of `message` is ambiguous, and why.
+    fn ambiguity(&self, message: &str, caps: &regex::Captures<'_>) -> Option<Ambiguity> {
+        for f in &self.fields {
+            if field_count(message, f) > 1 {
+                return Some(Ambiguity::Repeated(f.clone()));
+            }
+        }
+        for group in USER_GROUPS {
+            let Some(m) = caps.name(group) else { continue };
+            let text = m.as_str();
+            if let Some(f) = self.fields.iter().find(|f| field_count(text, f) > 0) {
+                return Some(Ambiguity::Inside {
+                    field: f.clone(),
+                    group,
+                });
+            }
+            if let Some((_, d)) = self
+                .delimiters
+                .iter()
+                .find(|(g, d)| *g == group && text.contains(d.as_str()))
+            {
+                return Some(Ambiguity::Undelimited {
+                    delimiter: d.clone(),
+                    group,
+                });
+            }
+        }
+        None
+    }
 }
 
 /// One `[[pattern]]` table as written in a configuration file.
@@ -193,6 +408,18 @@ pub struct PatternSpec {
     /// logins of this pattern are never held.
     #[serde(default)]
     pub hold: Option<String>,
+    /// Server-written fields the line holds once, besides the `name=`
+    /// fields of the regex, which are found by themselves: a line in which
+    /// one appears twice, or inside the user's text, is ambiguous and
+    /// grants nothing.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Fields the server leaves out of some of its lines (Dovecot omits
+    /// empty elements, such as `rip=` on a unix socket). The sample
+    /// harness removes each and supplies it through the user's text: such
+    /// lines must grant nothing. Documentation and tests only.
+    #[serde(default)]
+    pub omitted: Vec<String>,
 }
 
 /// Patterns in a configuration file, for deserialising `[[pattern]]`.
@@ -224,6 +451,19 @@ pub struct Matchers {
     prefilter: Option<regex::bytes::Regex>,
 }
 
+/// What [`Matchers::explain`] tells the sample harness about a match.
+#[derive(Clone, Debug)]
+pub struct Explained {
+    /// The pattern.
+    pub pattern: Arc<str>,
+    /// Its server-written fields.
+    pub fields: Vec<String>,
+    /// The fields its `omitted` says the server leaves out of some lines.
+    pub omitted: Vec<String>,
+    /// Byte ranges of the message captured by `user`, `host` and `ip`.
+    pub spans: Vec<(&'static str, std::ops::Range<usize>)>,
+}
+
 /// The result of trying a record against the patterns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -231,6 +471,14 @@ pub enum Outcome {
     NoMatch,
     /// A successful login.
     Login(Login),
+    /// A pattern matched, but the user's text could stand for a field the
+    /// server writes ([`Ambiguity`]): nothing granted.
+    Ambiguous {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// Why the line cannot be read without doubt.
+        why: Ambiguity,
+    },
     /// A pattern matched but its address did not parse; nothing is granted.
     BadAddress {
         /// The pattern that matched.
@@ -498,6 +746,22 @@ impl Matchers {
                 "pattern \"{id}\": executables = [\"{e}\"]: expected absolute paths, e.g. \"/usr/lib/dovecot/log\""
             )));
         }
+        let mut fields = regex_fields(text);
+        for f in &spec.fields {
+            if f.is_empty() {
+                return Err(err(format!(
+                    "pattern \"{id}\": fields = [\"\"]: a field must not be empty"
+                )));
+            }
+            if !fields.contains(f) {
+                fields.push(f.clone());
+            }
+        }
+        let delimiters = USER_GROUPS
+            .iter()
+            .filter(|g| names.contains(g))
+            .filter_map(|g| regex_delimiter(text, g).map(|d| (*g, d)))
+            .collect();
         let index = self.patterns.len();
         self.patterns.push(Pattern {
             id,
@@ -510,6 +774,9 @@ impl Matchers {
             }),
             kind,
             hold,
+            fields,
+            delimiters,
+            omitted: spec.omitted.clone(),
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
@@ -552,6 +819,12 @@ impl Matchers {
             let Some(caps) = p.regex.captures(rec.message) else {
                 continue;
             };
+            if let Some(why) = p.ambiguity(rec.message, &caps) {
+                return Outcome::Ambiguous {
+                    pattern: p.id.clone(),
+                    why,
+                };
+            }
             // The `ip` and `via` groups, if present, must be addresses.
             let address = |group: &str| match caps.name(group) {
                 None => Ok(None),
@@ -653,6 +926,29 @@ impl Matchers {
         self.patterns
             .iter()
             .any(|p| p.regex.captures(rec.message).is_some())
+    }
+
+    /// What the sample harness needs to build injections for the pattern
+    /// that matches `rec`: its id, its server-written fields, the fields it
+    /// says the server may leave out, and the byte ranges of the message
+    /// that user-controlled groups captured (and of the `ip` group).
+    /// `None` when no pattern matches.
+    pub fn explain(&self, rec: &Record<'_>) -> Option<Explained> {
+        self.candidates(rec.program).iter().find_map(|&i| {
+            let p = &self.patterns[i];
+            let caps = p.regex.captures(rec.message)?;
+            let spans = USER_GROUPS
+                .iter()
+                .chain(["ip"].iter())
+                .filter_map(|g| caps.name(g).map(|m| (*g, m.range())))
+                .collect();
+            Some(Explained {
+                pattern: p.id.clone(),
+                fields: p.fields.clone(),
+                omitted: p.omitted.clone(),
+                spans,
+            })
+        })
     }
 
     /// The ids of all patterns, for the sample harness.
@@ -900,6 +1196,74 @@ mod tests {
             }
             o => panic!("{o:?}"),
         }
+    }
+
+    #[test]
+    fn server_fields_and_delimiters_come_from_the_regex() {
+        assert_eq!(
+            regex_fields(r"(?:method=[A-Za-z]+|lip=\S+), user=<(?P<user>.*)>, rip=(?P<ip>x)"),
+            ["method=", "lip=", "user=", "rip="]
+        );
+        assert!(regex_fields(r"[A-Za-z]+=(?:[^;]|;;)*;[a-z=]\w=").is_empty());
+        assert_eq!(regex_fields(r"\[(?:[A-Za-z]+=x;)*ip=(?P<ip>y);"), ["ip="]);
+        assert_eq!(
+            regex_delimiter(r"user=<(?P<user>.*)>(?:, x)", "user").as_deref(),
+            Some(">")
+        );
+        assert_eq!(
+            regex_delimiter(r"User '(?P<user>[^']*)' logged in from (?P<ip>.+)", "user").as_deref(),
+            Some("' logged in from ")
+        );
+        assert_eq!(
+            regex_delimiter(r"\((?P<user>.*)\)<\d+>", "user").as_deref(),
+            Some(")<")
+        );
+        assert_eq!(
+            regex_delimiter(r"user=(?P<user>.{1,100}), ip=\[(?P<ip>x)\]", "user").as_deref(),
+            Some(", ip=[")
+        );
+        assert_eq!(regex_delimiter(r"for (?P<user>.*)", "user"), None);
+        assert_eq!(
+            regex_delimiter(r"(?P<user>a(?:b)c) xy?z", "user").as_deref(),
+            Some(" x")
+        );
+        assert_eq!(field_count("rip=1, lip=2, oip=3, xrip=4", "rip="), 1);
+        assert_eq!(field_count("[ip=1;oip=2;ua=x;;ip=3;]", "ip="), 2);
+    }
+
+    #[test]
+    fn a_field_the_server_left_out_cannot_be_supplied_by_the_user() {
+        // Issue 13, class 3: Dovecot wrote no rip= (a unix socket), the
+        // user name "eve>, rip=203.0.113.9, lip=10.0.0.1, mpid=1,
+        // session=<abc" supplied one. This line was granted 203.0.113.9.
+        let m = Matchers::builtin();
+        let r = parse_str("<22>Dec  1 18:30:00 dovecot: imap-login: Login: user=<eve>, rip=203.0.113.9, lip=10.0.0.1, mpid=1, session=<abc>, method=PLAIN, mpid=4242, session=<Rb0F8x8s4NzAAAAB>").unwrap();
+        let Outcome::Ambiguous { pattern, why } = m.match_record(&r) else {
+            panic!("{:?}", m.match_record(&r))
+        };
+        assert_eq!(&*pattern, "dovecot-login");
+        assert_eq!(why, Ambiguity::Repeated("mpid=".into()));
+        assert_eq!(
+            why.to_string(),
+            "the field \"mpid=\", which the server writes once, appears more than once"
+        );
+        // A field inside the user's text, and the text that ends it.
+        let r = parse_str("<22>Nov 23 10:00:01 mail imapd: LOGIN, user=a, port=[1], ip=[192.0.2.7], protocol=IMAP").unwrap();
+        assert!(matches!(
+            m.match_record(&r),
+            Outcome::Ambiguous {
+                why: Ambiguity::Inside { group: "user", .. },
+                ..
+            }
+        ));
+        let r = parse_str("<22>Mar 10 09:03:03 mail solid-pop3d[813]: user x authenticated - 1.2.3.4 authenticated - 192.0.2.72").unwrap();
+        assert!(matches!(
+            m.match_record(&r),
+            Outcome::Ambiguous {
+                why: Ambiguity::Undelimited { group: "user", .. },
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -230,6 +230,15 @@ impl Pipeline {
                 );
                 return;
             }
+            Outcome::Ambiguous { pattern, why } => {
+                Stats::bump(&self.stats.refused_ambiguous);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "line from {peer} matched pattern {pattern} but is ambiguous: {why}; a user name or other client text may stand for the server's own: nothing granted (message \"{}\")",
+                    escape(rec.message)
+                );
+                return;
+            }
             Outcome::BadAddress { pattern, text } => {
                 Stats::bump(&self.stats.bad_address);
                 crate::log_warning_limited!(

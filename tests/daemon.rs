@@ -421,6 +421,7 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     let mut want = std::collections::BTreeSet::new();
     let mut sent = 0;
     let mut counted = 0;
+    let mut ambiguous = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         for line in text.lines() {
@@ -428,6 +429,8 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
                 want.insert(rest.split(' ').next().unwrap().to_string());
             } else if line == "#= counted" {
                 counted += 1;
+            } else if line == "#= ambiguous" {
+                ambiguous += 1;
             } else if !line.starts_with('#') && !line.trim().is_empty() {
                 send_udp(port, &format!("<22>{line}"));
                 sent += 1;
@@ -464,6 +467,13 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     assert!(
         log.contains(&format!(" logins_unaddressed={counted} ")),
         "{counted} counted samples:\n{log}"
+    );
+    // Lines whose user's text could stand for the server's were refused
+    // and counted.
+    assert!(ambiguous > 0);
+    assert!(
+        log.contains(&format!(" refused_ambiguous={ambiguous} ")),
+        "{ambiguous} ambiguous samples:\n{log}"
     );
 }
 

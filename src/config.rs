@@ -144,8 +144,12 @@ pub struct DaemonArgs {
     /// tcp://ADDR:PORT (RFC 6587 octet counting or LF framing, as rsyslog
     /// sends), or unix:///PATH (a unix datagram socket). UDP and TCP
     /// listeners may carry their own allow-list instead of --allow-from:
-    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11. Repeatable.
-    /// [default: udp://127.0.0.1:5514]
+    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11. A listener fed by
+    /// rsyslog/smtp-after-popd-attested.conf is declared with ?attested=yes
+    /// (unix:///run/smtp-after-popd/syslog.sock?attested=yes): attestation
+    /// is believed only there, and every record there must be in that
+    /// rule's form; elsewhere an attestation element is a forgery.
+    /// Repeatable. [default: udp://127.0.0.1:5514]
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
 
@@ -158,7 +162,10 @@ pub struct DaemonArgs {
     /// Never grant an address in this network, whatever the log says.
     /// Repeatable; replaces the default; "none" for no network.
     /// Unspecified (0.0.0.0/8, ::), multicast and broadcast addresses are
-    /// never granted.
+    /// never granted. An IPv4-mapped block (::ffff:198.51.100.0/120) is the
+    /// IPv4 block it names; an IPv6 address carrying a never-granted IPv4
+    /// address (::a.b.c.d, ::ffff:0:a.b.c.d, NAT64 64:ff9b::/96 and
+    /// 64:ff9b:1::/48) is refused too.
     /// [default: 127.0.0.0/8 and ::1]
     #[arg(long, value_name = "CIDR")]
     pub never: Vec<String>,
@@ -197,11 +204,11 @@ pub struct DaemonArgs {
     pub log_level: Option<String>,
 
     /// Grant only logins whose record carries rsyslog's attestation of the
-    /// sending process (forward with rsyslog/smtp-after-popd-attested.conf)
-    /// naming an executable, and uid, that the pattern allows; anything
-    /// else is refused as a forgery. Records that do carry an attestation
-    /// are always checked. --require-attestation alone means yes.
-    /// [default: no]
+    /// sending process (forward with rsyslog/smtp-after-popd-attested.conf
+    /// to a listener declared ?attested=yes) naming a uid, and executable,
+    /// that the pattern allows; anything else is refused as a forgery.
+    /// Records that do carry an attestation are always checked.
+    /// --require-attestation alone means yes. [default: no]
     #[arg(long, value_name = "yes|no", num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
     pub require_attestation: Option<String>,
 
@@ -245,11 +252,11 @@ pub struct DaemonArgs {
     pub socketmap: Vec<String>,
 
     /// Believe the attestation in records from these network peers (their
-    /// rsyslog forwarding with the attested rule). Attestation is always
-    /// believed from unix sockets, whose file permissions decide who may
-    /// write; from any other peer an attestation is refused as a forgery,
-    /// since any local user of that host could have sent it. Repeatable.
-    /// [default: none]
+    /// rsyslog forwarding with the attested rule) on UDP and TCP listeners
+    /// declared ?attested=yes. On a unix socket declared attested, its file
+    /// permissions decide who may write; from any other peer an
+    /// attestation is refused as a forgery, since any local user of that
+    /// host could have sent it. Repeatable. [default: none]
     #[arg(long, value_name = "CIDR")]
     pub trust_attestation_from: Vec<String>,
 
@@ -354,6 +361,9 @@ impl fmt::Display for ListenSpec {
 pub struct Config {
     /// The listeners.
     pub listen: Vec<ListenSpec>,
+    /// The addresses (`ListenSpec::address`) of the listeners declared to
+    /// carry the attested rule (`?attested=yes`).
+    pub attested: Vec<String>,
     /// UDP peers allowed to send.
     pub allow_from: Vec<Cidr>,
     /// Networks never granted.
@@ -608,8 +618,18 @@ impl Config {
         let source = source.as_str();
 
         let mut listen = Vec::new();
+        let mut attested = Vec::new();
+        let mut attested_network = None;
         for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
-            listen.push(parse_listen(v).map_err(|e| origin.error("listen", v, &e))?);
+            let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
+            let spec = parse_listen(&url).map_err(|e| origin.error("listen", v, &e))?;
+            if declared {
+                attested.push(spec.address());
+                if !matches!(spec, ListenSpec::Unix(_)) && attested_network.is_none() {
+                    attested_network = Some((v.to_string(), origin));
+                }
+            }
+            listen.push(spec);
         }
         if listen.is_empty() {
             return Err(ConfigError(
@@ -858,6 +878,36 @@ impl Config {
             ),
             false,
         )?;
+        match (&attested_network, trust_attestation_from.is_empty()) {
+            (Some((v, origin)), true) => {
+                return Err(origin.error(
+                    "listen",
+                    v,
+                    "attestation from network peers is believed only from --trust-attestation-from peers: list the hosts whose rsyslog forwards with the attested rule",
+                ));
+            }
+            (None, false) => {
+                return Err(ConfigError(format!(
+                    "trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes: attestation is believed only on listeners declared to carry the attested rule; add ?attested=yes to the listener those peers send to{}",
+                    if path.as_os_str().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", path.display())
+                    }
+                )));
+            }
+            _ => {}
+        }
+        if require_attestation && attested.is_empty() {
+            return Err(ConfigError(format!(
+                "require-attestation is on, but no listener is declared ?attested=yes, so every login would be refused: forward with rsyslog/smtp-after-popd-attested.conf and declare its socket, e.g. --listen unix:///run/smtp-after-popd/syslog.sock?attested=yes{}",
+                if path.as_os_str().is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", path.display())
+                }
+            )));
+        }
         let trusted_proxy = cidrs(
             "trusted-proxy",
             pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
@@ -974,6 +1024,7 @@ impl Config {
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
+            attested,
             listen_is_default,
             state,
             control,
@@ -1052,6 +1103,39 @@ pub fn control_path(args: &ControlArgs) -> Result<PathBuf, ConfigError> {
         }
     }
     Ok(PathBuf::from(DEFAULT_CONTROL))
+}
+
+/// Takes `attested=yes` (or `no`) out of a listener URL's settings
+/// (`unix:///PATH?attested=yes`, `udp://ADDR:PORT?allow=CIDR&attested=yes`):
+/// the URL without it, and whether the listener is declared to carry the
+/// attested rule. The other settings are left for [`parse_listen`].
+pub fn split_attested(url: &str) -> Result<(String, bool), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), false));
+    };
+    let mut rest = Vec::new();
+    let mut attested = None;
+    for item in query.split('&') {
+        match item.strip_prefix("attested=") {
+            Some(v) if attested.is_some() => {
+                return Err(format!("attested={v}: attested is given twice"));
+            }
+            Some("yes") => attested = Some(true),
+            Some("no") => attested = Some(false),
+            Some(other) => {
+                return Err(format!(
+                    "attested={other}: expected attested=yes (the listener carries rsyslog/smtp-after-popd-attested.conf) or attested=no"
+                ));
+            }
+            None => rest.push(item),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, attested.unwrap_or(false)))
 }
 
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
@@ -1203,8 +1287,84 @@ mod tests {
         ]))
         .unwrap();
         assert!(c.require_attestation);
+        assert_eq!(c.attested, ["unix:///run/smtp-after-popd/syslog.sock"]);
         assert_eq!(c.max_grants, 100_000);
         assert_eq!(c.window, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn listeners_are_declared_attested() {
+        assert_eq!(
+            split_attested("unix:///run/x.sock?attested=yes"),
+            Ok(("unix:///run/x.sock".to_string(), true))
+        );
+        assert_eq!(
+            split_attested("udp://0.0.0.0:5514?allow=192.0.2.1&attested=yes"),
+            Ok(("udp://0.0.0.0:5514?allow=192.0.2.1".to_string(), true))
+        );
+        assert_eq!(
+            split_attested("udp://0.0.0.0:5514?attested=no"),
+            Ok(("udp://0.0.0.0:5514".to_string(), false))
+        );
+        assert_eq!(
+            split_attested("udp://0.0.0.0:5514"),
+            Ok(("udp://0.0.0.0:5514".to_string(), false))
+        );
+        assert!(split_attested("unix:///x?attested=true").is_err());
+        assert!(split_attested("unix:///x?attested=yes&attested=no").is_err());
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "unix:///run/a.sock?attested=yes",
+            "--listen",
+            "unix:///run/b.sock",
+        ]))
+        .unwrap();
+        assert_eq!(c.attested, ["unix:///run/a.sock"]);
+        assert_eq!(c.listen[0], ListenSpec::Unix("/run/a.sock".into()));
+        // Nothing could ever be granted.
+        let e =
+            Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation"])).unwrap_err();
+        assert!(
+            e.0.starts_with("require-attestation is on, but no listener is declared ?attested=yes"),
+            "{e}"
+        );
+        // Network peers: attested listener and trusted peers go together.
+        let e = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "udp://127.0.0.1:5514?attested=yes",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.0.contains("believed only from --trust-attestation-from peers"),
+            "{e}"
+        );
+        let e = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "udp://127.0.0.1:5514",
+            "--trust-attestation-from",
+            "192.0.2.25",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes"),
+            "{e}"
+        );
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "udp://127.0.0.1:5514?attested=yes",
+            "--trust-attestation-from",
+            "192.0.2.25",
+        ]))
+        .unwrap();
+        assert_eq!(c.attested, ["udp://127.0.0.1:5514"]);
     }
 
     #[test]
@@ -1212,7 +1372,14 @@ mod tests {
         let c = Config::from_args(&args(&["--map", "/tmp/m"])).unwrap();
         assert!(!c.require_attestation);
         assert_eq!(c.max_grants, DEFAULT_MAX_GRANTS);
-        let c = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation"])).unwrap();
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "unix:///run/x.sock?attested=yes",
+            "--require-attestation",
+        ]))
+        .unwrap();
         assert!(c.require_attestation);
         let c = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation=no"])).unwrap();
         assert!(!c.require_attestation);

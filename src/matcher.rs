@@ -34,6 +34,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -391,9 +392,23 @@ pub struct PatternSpec {
     /// checked against the sender attestation (see `require-attestation`).
     #[serde(default)]
     pub executables: Vec<String>,
-    /// Uids those executables must run as; empty means any.
+    /// The accounts whose processes write the pattern's lines: uids, or
+    /// account names resolved at start (`[0]`, `["cyrus"]`). The attested
+    /// uid must be one of them: it is the credential, the executable only a
+    /// second check. Empty, or naming only accounts that do not exist
+    /// here: no attested line is accepted (so with require-attestation the
+    /// pattern grants nothing).
     #[serde(default)]
-    pub uids: Vec<u32>,
+    pub uids: Vec<Account>,
+    /// `uid` (the default): the attested uid must be one of `uids`.
+    /// `process`: the server writes the line after switching to the user
+    /// who logged in, so its uid proves nothing; an attested line is
+    /// believed only when an attested address line (`kind = "address"`)
+    /// of the same server came before it from the same process (the same
+    /// attested pid), naming the same address. The only choice, and the
+    /// default, for `login-after-address`.
+    #[serde(default)]
+    pub credential: Option<String>,
     /// What the line is: `login` (the default), `address` (the first line
     /// of a two-line server, whose address the `login-after-address` line
     /// of the same process grants), `login-after-address`,
@@ -420,6 +435,25 @@ pub struct PatternSpec {
     /// lines must grant nothing. Documentation and tests only.
     #[serde(default)]
     pub omitted: Vec<String>,
+}
+
+/// An account in a pattern's `uids`: a uid, or a name looked up at start.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Account {
+    /// A uid.
+    Uid(u32),
+    /// An account name (getpwnam).
+    Name(String),
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Account::Uid(n) => write!(f, "{n}"),
+            Account::Name(n) => f.write_str(n),
+        }
+    }
 }
 
 /// Patterns in a configuration file, for deserialising `[[pattern]]`.
@@ -449,6 +483,29 @@ pub struct Matchers {
     /// Matches any of the program names: a record whose bytes hold none of
     /// them cannot be a login, and is not even parsed.
     prefilter: Option<regex::bytes::Regex>,
+    /// Each pattern's accounts, for the start-up notes.
+    accounts: Vec<PatternAccounts>,
+}
+
+/// The accounts of one pattern as written and as resolved.
+#[derive(Clone, Debug)]
+struct PatternAccounts {
+    /// The pattern's id.
+    pattern: Arc<str>,
+    /// Its server.
+    server: Arc<str>,
+    /// Whether lines of the pattern can grant (not login-without-address).
+    kind_grants: bool,
+    /// The pattern is a one-line login (kind login).
+    kind_login: bool,
+    /// The accounts as written.
+    named: Vec<Account>,
+    /// The uids they resolved to.
+    uids: Vec<u32>,
+    /// The names that did not resolve.
+    missing: Vec<String>,
+    /// Its credential is its process.
+    process: bool,
 }
 
 /// What [`Matchers::explain`] tells the sample harness about a match.
@@ -600,12 +657,35 @@ impl Matchers {
             patterns: Vec::new(),
             by_program: HashMap::new(),
             prefilter: None,
+            accounts: Vec::new(),
         };
         for spec in &builtin.pattern {
             m.add(spec, BUILTIN_PATTERNS).map_err(|e| (true, e))?;
         }
         for (spec, source) in custom {
             m.add(spec, source).map_err(|e| (false, e))?;
+        }
+        // A one-line login whose credential is its process needs an
+        // address line of its server to be believed when attested.
+        for (i, a) in m.accounts.iter().enumerate() {
+            if a.process
+                && a.kind_login
+                && !m
+                    .patterns
+                    .iter()
+                    .any(|p| p.kind == Kind::Address && p.server == a.server)
+            {
+                return Err((
+                    i < builtin.pattern.len(),
+                    PatternError {
+                        line: None,
+                        message: format!(
+                            "pattern \"{}\": credential = \"process\" needs an address pattern (kind = \"address\") of server \"{}\", the line its process writes before it switches to the user",
+                            a.pattern, a.server
+                        ),
+                    },
+                ));
+            }
         }
         // Every program name (the part after the last '/' too, which is how
         // tags such as "cyrus/imap" are looked up) as one literal
@@ -762,7 +842,58 @@ impl Matchers {
             .filter(|g| names.contains(g))
             .filter_map(|g| regex_delimiter(text, g).map(|d| (*g, d)))
             .collect();
+        let process = match spec.credential.as_deref() {
+            None => kind == Kind::LoginAfterAddress,
+            Some("uid") if kind == Kind::LoginAfterAddress => {
+                return Err(err(format!(
+                    "pattern \"{id}\": a login-after-address line may be written by the user who logged in, so its uid is no credential: leave out credential (it is \"process\")"
+                )));
+            }
+            Some("uid") => false,
+            Some("process") => true,
+            Some(other) => {
+                return Err(err(format!(
+                    "pattern \"{id}\": credential = \"{other}\" is not known: expected \"uid\" or \"process\""
+                )));
+            }
+        };
+        if process && !spec.uids.is_empty() {
+            return Err(err(format!(
+                "pattern \"{id}\": its credential is the process (the line may be written as the user who logged in), so uids are not checked: leave them out, and name them on the server's address pattern"
+            )));
+        }
+        if process && kind == Kind::Logout && hold != Some(HoldBy::Pid) {
+            return Err(err(format!(
+                "pattern \"{id}\": a logout line whose credential is its process must be paired by it: hold = \"pid\" (the attested pid, which only that process can send)"
+            )));
+        }
+        if process && matches!(kind, Kind::Address | Kind::Unaddressed) {
+            return Err(err(format!(
+                "pattern \"{id}\": credential = \"process\" is for lines written after the server switched users (login, login-after-address, logout); an address line's uid is its credential"
+            )));
+        }
+        let mut uids = Vec::new();
+        let mut missing = Vec::new();
+        for a in &spec.uids {
+            match a {
+                Account::Uid(n) => uids.push(*n),
+                Account::Name(name) => match crate::privilege::user(name) {
+                    Ok(u) => uids.push(u.uid),
+                    Err(_) => missing.push(name.clone()),
+                },
+            }
+        }
         let index = self.patterns.len();
+        self.accounts.push(PatternAccounts {
+            pattern: id.clone(),
+            server: spec.server.as_str().into(),
+            kind_grants: !matches!(kind, Kind::Unaddressed),
+            named: spec.uids.clone(),
+            uids: uids.clone(),
+            missing,
+            process,
+            kind_login: matches!(kind, Kind::Login),
+        });
         self.patterns.push(Pattern {
             id,
             server: spec.server.as_str().into(),
@@ -770,7 +901,8 @@ impl Matchers {
             service,
             speakers: Arc::new(Speakers {
                 executables: spec.executables.clone(),
-                uids: spec.uids.clone(),
+                uids,
+                process,
             }),
             kind,
             hold,
@@ -928,6 +1060,86 @@ impl Matchers {
             .any(|p| p.regex.captures(rec.message).is_some())
     }
 
+    /// What the daemon says at start about who may speak for the patterns
+    /// (when attestation is in use): accounts named by patterns that do not
+    /// exist on this host, patterns that can accept no attested line (and
+    /// so, with `required`, grant nothing), and patterns that accept lines
+    /// from the account `nobody`, which anything running as nobody could
+    /// write. At most one line each, with whether it is a warning.
+    pub fn attestation_notes(&self, required: bool) -> Vec<(bool, String)> {
+        let mut notes = Vec::new();
+        let mut missing: Vec<(String, Vec<&str>)> = Vec::new();
+        for a in &self.accounts {
+            for name in &a.missing {
+                match missing.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, v)) => v.push(&a.pattern),
+                    None => missing.push((name.clone(), vec![&a.pattern])),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let list: Vec<String> = missing
+                .iter()
+                .map(|(n, p)| format!("{n} ({})", p.join(", ")))
+                .collect();
+            let mute: Vec<&str> = self
+                .accounts
+                .iter()
+                .filter(|a| a.kind_grants && !a.process && !a.named.is_empty() && a.uids.is_empty())
+                .map(|a| &*a.pattern)
+                .collect();
+            let mut note = format!(
+                "accounts named by patterns that do not exist on this host: {}; those patterns accept no attested line from them",
+                list.join("; ")
+            );
+            if required && !mute.is_empty() {
+                let _ = write!(
+                    note,
+                    ", so with require-attestation {} grant nothing",
+                    mute.join(", ")
+                );
+            }
+            notes.push((false, note));
+        }
+        let unnamed: Vec<&str> = self
+            .accounts
+            .iter()
+            .filter(|a| a.kind_grants && !a.process && a.named.is_empty())
+            .map(|a| &*a.pattern)
+            .collect();
+        if !unnamed.is_empty() {
+            notes.push((
+                false,
+                format!(
+                    "patterns that name no uids accept no attested line{}: {}; the uid is the credential: give a pattern the uids (or account names) of the processes that write its lines",
+                    if required {
+                        ", so with require-attestation they grant nothing"
+                    } else {
+                        ""
+                    },
+                    unnamed.join(", ")
+                ),
+            ));
+        }
+        let nobody = crate::privilege::user("nobody").map_or(65534, |u| u.uid);
+        let shared: Vec<&str> = self
+            .accounts
+            .iter()
+            .filter(|a| a.uids.contains(&nobody))
+            .map(|a| &*a.pattern)
+            .collect();
+        if !shared.is_empty() {
+            notes.push((
+                true,
+                format!(
+                    "patterns {} accept lines from the account nobody (uid {nobody}): anything else running as nobody could speak for them; run the server as an account of its own (perdition runs as nobody when none exists: adduser --system perdition, then perdition -u perdition) and name that account instead",
+                    shared.join(", ")
+                ),
+            ));
+        }
+        notes
+    }
+
     /// What the sample harness needs to build injections for the pattern
     /// that matches `rec`: its id, its server-written fields, the fields it
     /// says the server may leave out, and the byte ranges of the message
@@ -1006,6 +1218,9 @@ struct RememberedAddress {
     server: Arc<str>,
     pattern: Arc<str>,
     at: Instant,
+    /// Whether the address line came with a believed attestation that its
+    /// pattern accepted.
+    attested: bool,
 }
 
 #[derive(Debug, Default)]
@@ -1074,13 +1289,16 @@ impl AddressMemory {
     /// [`Outcome::LoginWithoutAddress`] takes the address remembered for its
     /// process by a pattern of the same server ([`Outcome::Login`]), or
     /// grants nothing ([`Outcome::NoAddress`]). Other outcomes pass
-    /// unchanged. `key` is `None` when the record has no process id. Also
-    /// returns how many remembered addresses were dropped unused.
+    /// unchanged. `key` is `None` when the record has no process id.
+    /// `attested`: the line came with a believed attestation its pattern
+    /// accepted; an attested success line takes only an attested address.
+    /// Also returns how many remembered addresses were dropped unused.
     pub fn pair(
         &self,
         key: Option<ProcessKey>,
         outcome: Outcome,
         now: Instant,
+        attested: bool,
     ) -> (Outcome, usize) {
         match outcome {
             Outcome::Address {
@@ -1121,6 +1339,7 @@ impl AddressMemory {
                             server,
                             pattern: pattern.clone(),
                             at: now,
+                            attested,
                         },
                     )
                     .is_some()
@@ -1141,7 +1360,10 @@ impl AddressMemory {
                 };
                 let mut inner = self.lock();
                 let dropped = Self::expire(&mut inner, now);
-                let found = inner.map.get(&key).is_some_and(|e| e.server == server);
+                let found = inner
+                    .map
+                    .get(&key)
+                    .is_some_and(|e| e.server == server && (e.attested || !attested));
                 let entry = if found { inner.map.remove(&key) } else { None };
                 match entry {
                     Some(e) => (
@@ -1163,6 +1385,32 @@ impl AddressMemory {
             }
             other => (other, 0),
         }
+    }
+
+    /// For a one-line login whose credential is its process (`credential =
+    /// "process"`): takes the address remembered for its process if it is
+    /// of the same server and the same address (and attested, if
+    /// `attested`); whether there was one.
+    pub fn take(
+        &self,
+        key: Option<ProcessKey>,
+        server: &str,
+        ip: IpAddr,
+        now: Instant,
+        attested: bool,
+    ) -> bool {
+        let Some(key) = key else { return false };
+        let mut inner = self.lock();
+        Self::expire(&mut inner, now);
+        let ok = inner.map.get(&key).is_some_and(|e| {
+            &*e.server == server
+                && crate::addr::canonical(e.ip) == crate::addr::canonical(ip)
+                && (e.attested || !attested)
+        });
+        if ok {
+            inner.map.remove(&key);
+        }
+        ok
     }
 }
 
@@ -1264,6 +1512,62 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn custom(src: &str) -> Result<Matchers, (bool, PatternError)> {
+        let specs = parse_pattern_specs(src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+        Matchers::new(&pairs)
+    }
+
+    #[test]
+    fn accounts_are_resolved_and_named_at_start() {
+        let base = "[[pattern]]\nid = \"mine\"\nserver = \"myserver\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nexecutables = [\"/usr/sbin/mypop\"]\nregex = 'OK (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
+        let m = custom(&format!(
+            "{base}uids = [\"root\", 7, \"no-such-account-here\"]\n"
+        ))
+        .unwrap();
+        let p = m.patterns.iter().find(|p| &*p.id == "mine").unwrap();
+        assert_eq!(p.speakers.uids, [0, 7]);
+        let notes = m.attestation_notes(true);
+        assert!(
+            notes[0].1.contains("no-such-account-here (mine)"),
+            "{notes:?}"
+        );
+        // nobody: a warning.
+        let m = custom(&format!("{base}uids = [\"nobody\"]\n")).unwrap();
+        let notes = m.attestation_notes(true);
+        assert!(
+            notes.iter().any(|(warn, n)| *warn
+                && n.starts_with("patterns mine accept lines from the account nobody")),
+            "{notes:?}"
+        );
+        // No uids at all.
+        let m = custom(base).unwrap();
+        let notes = m.attestation_notes(true);
+        assert!(
+            notes.iter().any(|(_, n)| n
+                .contains("with require-attestation they grant nothing: qpopper-stats, mine")),
+            "{notes:?}"
+        );
+        // A process credential needs an address pattern of its server, and
+        // takes no uids.
+        let e = custom(&format!("{base}credential = \"process\"\n"))
+            .unwrap_err()
+            .1;
+        assert!(
+            e.message.contains("needs an address pattern"),
+            "{}",
+            e.message
+        );
+        let e = custom(&format!("{base}credential = \"process\"\nuids = [0]\n"))
+            .unwrap_err()
+            .1;
+        assert!(e.message.contains("uids are not checked"), "{}", e.message);
+        let e = custom(&format!("{base}credential = \"uidd\"\n"))
+            .unwrap_err()
+            .1;
+        assert!(e.message.contains("is not known"), "{}", e.message);
     }
 
     #[test]

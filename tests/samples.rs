@@ -76,6 +76,9 @@ enum Expect {
     Counted,
     /// A line a pattern matched but refused as ambiguous (`#= ambiguous`).
     Ambiguous,
+    /// The address line of a server that writes it before its login line
+    /// (`#= address IP`): remembered, nothing granted by itself.
+    Address(String),
 }
 
 struct Sample {
@@ -116,6 +119,9 @@ fn load(dir: &Path) -> Vec<Sample> {
                     },
                     Some("counted") => Expect::Counted,
                     Some("ambiguous") => Expect::Ambiguous,
+                    Some("address") => {
+                        Expect::Address(words.next().expect("address IP").to_string())
+                    }
                     Some("logout") => {
                         let rest: Vec<&str> = words.collect();
                         Expect::Logout((!rest.is_empty()).then(|| rest.join(" ")))
@@ -188,8 +194,18 @@ fn samples_match_their_annotations() {
             failures.push(format!("{place}: claimed by several patterns: {claims:?}"));
         }
         let outcome = matchers.match_record(&rec);
+        if let Expect::Address(want) = &s.expect {
+            match &outcome {
+                Outcome::Address { ip, pattern, .. } if &canonical(*ip).to_string() == want => {
+                    exercised.insert(pattern.to_string());
+                }
+                other => failures.push(format!(
+                    "{place}: expected the address line of {want}, got {other:?}"
+                )),
+            }
+        }
         let key = ProcessKey::of("samples".to_string(), &rec, rec.pid);
-        let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
+        let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now(), false);
         match (&s.expect, outcome) {
             (
                 Expect::Logout(want),
@@ -219,6 +235,10 @@ fn samples_match_their_annotations() {
                     ));
                 }
                 exercised.insert(pattern.to_string());
+            }
+            (Expect::Address(_), Outcome::Remembered { .. }) => {}
+            (Expect::Address(_), other) => {
+                failures.push(format!("{place}: expected an address line, got {other:?}"));
             }
             (Expect::Ambiguous, Outcome::Ambiguous { .. }) => {
                 *injections.entry(s.file.clone()).or_default() += 1;

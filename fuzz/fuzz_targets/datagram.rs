@@ -1,6 +1,7 @@
 //! The whole per-datagram path: syslog parsing, login matching,
-//! attestation, address rules and the grant table, on arbitrary bytes from
-//! an arbitrary peer. Checks, beyond "no panic", that an address granted
+//! attestation (on listeners declared attested or not, from a unix socket
+//! or a UDP peer), ambiguity, address rules and the grant table, on
+//! arbitrary bytes. Checks, beyond "no panic", that an address granted
 //! appears in the datagram's text.
 #![no_main]
 
@@ -47,14 +48,22 @@ fn pipeline(require: bool) -> &'static Pipeline {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (require, bytes) = match data.split_first() {
-        Some((b, rest)) => (b & 1 == 1, rest),
-        None => (false, data),
+    // The first byte: bit 0 require-attestation, bit 1 an attested
+    // listener, bit 2 a UDP peer instead of a unix socket.
+    let (flags, bytes) = match data.split_first() {
+        Some((b, rest)) => (*b, rest),
+        None => (0, data),
     };
+    let (require, attested, udp) = (flags & 1 == 1, flags & 2 == 2, flags & 4 == 4);
     let _guard = runtime().enter();
     let pipeline = pipeline(require);
     let table = &pipeline.table;
-    pipeline.handle(bytes, &Peer::Unix("fuzz".into()));
+    let peer = if udp {
+        Peer::Udp("127.0.0.1:514".parse().expect("address"))
+    } else {
+        Peer::Unix("fuzz".into())
+    };
+    pipeline.handle_on(bytes, &peer, attested);
     let text = String::from_utf8_lossy(bytes).to_ascii_lowercase();
     for (ip, _) in table.list() {
         let v4 = ip.to_string();

@@ -115,9 +115,6 @@ fn until_relay(src: &str, port: u16, within: Duration) -> Option<Duration> {
 }
 
 const INJECTED_USER: &str = "eve>, method=plain, rip=127.0.0.8, lip=127.0.0.1";
-/// Issue 13's user name, for a client on a socket where Dovecot writes no
-/// rip= at all.
-const RIPLESS_USER: &str = "eve>, rip=203.0.113.9, lip=10.0.0.1, mpid=1, session=<abc";
 
 #[test]
 fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {

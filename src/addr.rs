@@ -8,6 +8,27 @@
 //! forged or mistaken line can never open the relay to loopback, to
 //! "anyone" (the unspecified address), to a multicast or broadcast address,
 //! or to a network the administrator listed with `--never`.
+//!
+//! IPv4 in IPv6 clothing. A rule means what it says whatever form an
+//! address or a rule is written in:
+//! - A rule in IPv4-mapped form (`::ffff:198.51.100.0/120`) is folded to
+//!   the IPv4 block it names (`198.51.100.0/24`) when it is read, because
+//!   Postfix, and [`canonical`], see such clients as IPv4.
+//! - An IPv6 address that carries an IPv4 address in one of the forms
+//!   translators and old stacks use is refused when the IPv4 address it
+//!   carries lies in a never-grant network: IPv4-compatible (`::a.b.c.d`,
+//!   RFC 4291, deprecated), IPv4-translated (`::ffff:0:a.b.c.d`, SIIT,
+//!   RFC 6145), the NAT64 well-known prefix (`64:ff9b::a.b.c.d`, RFC 6052)
+//!   and the local-use NAT64 prefix `64:ff9b:1::/48` (RFC 8215) in each
+//!   RFC 6052 layout an operator may use there (/48, /56, /64, /96; a
+//!   layout counts when its reserved octet and suffix are zero, /96
+//!   always). Otherwise such an address is an IPv6 address like any other
+//!   and is granted as written. 6to4 (`2002::/16`) and Teredo
+//!   (`2001::/32`) carry a relay's or a router's IPv4 address, not the
+//!   client's, and are not unpacked.
+//! - A rule written in one of those IPv6 forms (`64:ff9b::/96`) is an IPv6
+//!   block and matches IPv6 addresses only; to refuse the IPv4 clients
+//!   behind it, list their IPv4 block.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -99,8 +120,65 @@ impl FromStr for Cidr {
                 "\"{s}\" has non-null host address bits, perhaps you should use \"{network}/{prefix}\" instead"
             ));
         }
+        // An IPv4-mapped block names IPv4 clients, which Postfix and the
+        // daemon see as IPv4: keep it as the IPv4 block it is, so that it
+        // matches them (`::ffff:198.51.100.0/120` is 198.51.100.0/24).
+        if let IpAddr::V6(a) = addr
+            && prefix >= 96
+            && let Some(v4) = a.to_ipv4_mapped()
+        {
+            return Ok(Cidr {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
         Ok(Cidr { addr, prefix })
     }
+}
+
+/// The IPv4 addresses an IPv6 address carries in the forms translators and
+/// old stacks write (see the module doc), each with the name of its form;
+/// empty for any other address. IPv4-mapped addresses are not among them:
+/// [`canonical`] turns those into IPv4 before anything else looks.
+pub fn embedded_ipv4(v6: Ipv6Addr) -> Vec<(Ipv4Addr, &'static str)> {
+    let o = v6.octets();
+    let s = v6.segments();
+    let v4 = |b: [u8; 4]| Ipv4Addr::from(b);
+    let low = v4([o[12], o[13], o[14], o[15]]);
+    let mut out = Vec::new();
+    if s[..6] == [0, 0, 0, 0, 0, 0] && u128::from(v6) > 1 {
+        out.push((low, "IPv4-compatible ::a.b.c.d"));
+    } else if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        out.push((low, "IPv4-translated ::ffff:0:a.b.c.d"));
+    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        out.push((low, "NAT64 64:ff9b::/96"));
+    } else if s[..3] == [0x64, 0xff9b, 1] {
+        // RFC 6052 layouts: octet 8 is reserved (zero) and the suffix
+        // after the IPv4 octets is zero, but for /96.
+        out.push((low, "NAT64 64:ff9b:1::/48, /96 layout"));
+        let zero = |r: std::ops::Range<usize>| o[r].iter().all(|&b| b == 0);
+        if o[8] == 0 {
+            if zero(13..16) {
+                out.push((
+                    v4([o[9], o[10], o[11], o[12]]),
+                    "NAT64 64:ff9b:1::/48, /64 layout",
+                ));
+            }
+            if zero(12..16) {
+                out.push((
+                    v4([o[7], o[9], o[10], o[11]]),
+                    "NAT64 64:ff9b:1::/48, /56 layout",
+                ));
+            }
+            if zero(11..16) {
+                out.push((
+                    v4([o[6], o[7], o[9], o[10]]),
+                    "NAT64 64:ff9b:1::/48, /48 layout",
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The form of `ip` that Postfix looks up for a client: an IPv4-mapped IPv6
@@ -129,6 +207,16 @@ pub enum Refusal {
     Broadcast,
     /// The address lies in a network listed with `--never`.
     Never(Cidr),
+    /// An IPv6 address carrying an IPv4 address (NAT64, SIIT,
+    /// IPv4-compatible) that lies in a network listed with `--never`.
+    Embedded {
+        /// The IPv4 address it carries.
+        v4: Ipv4Addr,
+        /// The form it was read in.
+        form: &'static str,
+        /// The never-grant network of the IPv4 address.
+        net: Cidr,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -138,6 +226,10 @@ impl fmt::Display for Refusal {
             Refusal::Multicast => f.write_str("multicast address"),
             Refusal::Broadcast => f.write_str("broadcast address"),
             Refusal::Never(c) => write!(f, "address in never-grant network {c}"),
+            Refusal::Embedded { v4, form, net } => write!(
+                f,
+                "IPv6 address carrying the IPv4 address {v4} ({form}), which is in never-grant network {net}"
+            ),
         }
     }
 }
@@ -171,6 +263,17 @@ impl AddressPolicy {
         }
         if let Some(c) = self.never.iter().find(|c| c.contains(ip)) {
             return Err(Refusal::Never(*c));
+        }
+        if let IpAddr::V6(v6) = ip {
+            for (v4, form) in embedded_ipv4(v6) {
+                if let Some(net) = self.never.iter().find(|c| c.contains(IpAddr::V4(v4))) {
+                    return Err(Refusal::Embedded {
+                        v4,
+                        form,
+                        net: *net,
+                    });
+                }
+            }
         }
         Ok(ip)
     }
@@ -244,6 +347,81 @@ mod tests {
         ));
         assert!(matches!(p.check(ip("::1")), Err(Refusal::Never(_))));
         assert_eq!(p.check(ip("::ffff:192.0.2.7")), Ok(ip("192.0.2.7")));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_rule_is_the_ipv4_block_it_names() {
+        let c: Cidr = "::ffff:198.51.100.0/120".parse().unwrap();
+        assert_eq!(c.to_string(), "198.51.100.0/24");
+        assert!(c.contains(ip("198.51.100.9")));
+        assert!(c.contains(ip("::ffff:198.51.100.9")));
+        assert!(!c.contains(ip("198.51.101.9")));
+        let one: Cidr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.7/32");
+        let all: Cidr = "::ffff:0.0.0.0/96".parse().unwrap();
+        assert_eq!(all.to_string(), "0.0.0.0/0");
+        // The reproducer: accepted and echoed, yet 198.51.100.9
+        // was granted.
+        let p = AddressPolicy::new(vec!["::ffff:198.51.100.0/120".parse().unwrap()]);
+        assert!(matches!(
+            p.check(ip("198.51.100.9")),
+            Err(Refusal::Never(_))
+        ));
+        // Host bits are still refused in the form given.
+        assert!("::ffff:198.51.100.1/120".parse::<Cidr>().is_err());
+        // Wider IPv6 blocks stay IPv6.
+        let wide: Cidr = "::/64".parse().unwrap();
+        assert_eq!(wide.to_string(), "::/64");
+    }
+
+    #[test]
+    fn ipv6_forms_carrying_a_never_granted_ipv4_address_are_refused() {
+        let p = AddressPolicy::new(vec![
+            "198.51.100.0/24".parse().unwrap(),
+            "127.0.0.0/8".parse().unwrap(),
+        ]);
+        for a in [
+            "::198.51.100.9",
+            "::127.0.0.1",
+            "::ffff:0:198.51.100.9",
+            "::ffff:0:127.0.0.1",
+            "64:ff9b::198.51.100.9",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::198.51.100.9",
+            "64:ff9b:1:abcd::c633:6409",
+            // 64:ff9b:1::/48 in the /48, /56 and /64 layouts of RFC 6052.
+            "64:ff9b:1:c633:64:900::",
+            "64:ff9b:1:abc6:33:6409::",
+            "64:ff9b:1:abcd:c6:3364:900:0",
+        ] {
+            assert!(
+                matches!(p.check(ip(a)), Err(Refusal::Embedded { .. })),
+                "{a}: {:?}",
+                p.check(ip(a))
+            );
+        }
+        let Err(why) = p.check(ip("64:ff9b::198.51.100.9")) else {
+            panic!()
+        };
+        assert_eq!(
+            why.to_string(),
+            "IPv6 address carrying the IPv4 address 198.51.100.9 (NAT64 64:ff9b::/96), which is in never-grant network 198.51.100.0/24"
+        );
+        // The same forms of an address that may be granted are granted as
+        // written; so are 6to4 and Teredo, and loopback's own ::1 is what
+        // the rules say about it.
+        for a in [
+            "::203.0.113.9",
+            "::ffff:0:203.0.113.9",
+            "64:ff9b::203.0.113.9",
+            "64:ff9b:1::203.0.113.9",
+            "2002:c633:6409::1",
+            "2001:0:c633:6409::1",
+            "::2",
+        ] {
+            assert_eq!(p.check(ip(a)), Ok(ip(a)), "{a}");
+        }
+        assert_eq!(p.check(ip("::1")), Ok(ip("::1")));
     }
 
     #[test]

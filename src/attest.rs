@@ -17,11 +17,32 @@
 //! [`Speakers`] of the pattern that matched it.
 //! Produces: a [`Verdict`]: attested by an allowed speaker, unattested, or
 //! a forgery with the reason.
-//! Trusts: the attestation element only as far as the peer that delivered
-//! the record is trusted (the receiver's allow-list and socket permissions
-//! decide that); the rsyslog rule only lets through values made of
-//! `[A-Za-z0-9._/+-]`, so an element holding anything else, a second
-//! element, or one that is not the first is treated as a forgery.
+//! Trusts: the attestation element only on a listener declared to carry
+//! the attested rule (`?attested=yes`), only from a peer trusted to speak
+//! for it (a unix socket, whose permissions decide who may write, or a
+//! `trust-attestation-from` network peer), and only in the exact form that
+//! rule writes ([`attested_record`]): RFC 5424, the element in the header's
+//! structured-data position, alone, with `exe`, `uid` and `pid` in that
+//! order and the values cut down as the rule cuts them. Anywhere else, an
+//! element with our SD-ID (in the text of an RFC 3164 record, which a
+//! parser may read as structured data, in the message, as a second
+//! element, on a listener not declared attested, from a peer not trusted)
+//! is a forgery.
+//!
+//! The credential is the uid. The executable a sender runs is whatever it
+//! runs when rsyslog looks: any user may start a server's binary with
+//! `LD_PRELOAD`, or exec it just after sending. So a pattern names the
+//! accounts that write its lines (`uids`, numbers or account names), and
+//! the executable is a second check. A line that the server writes after
+//! switching to the user who logged in (popa3d, UW, vm-pop3d, Solid POP3's
+//! APOP) says nothing by its uid; its pattern says `credential =
+//! "process"`, and it is believed only together with an attested address
+//! line written earlier, before the switch, by the same process (the same
+//! attested pid, which the kernel vouches for): see the pipeline.
+//!
+//! What attestation cannot prove: that a process running as the server's
+//! own account (root for Dovecot and Courier, `cyrus` for Cyrus) did not
+//! forge the line. Anything that runs as that account can.
 
 use std::fmt::Write as _;
 
@@ -31,14 +52,21 @@ use crate::record::Record;
 /// number that RFC 5612 reserves for documentation and examples).
 pub const SD_ID: &str = "attest@32473";
 
-/// Who may speak for a pattern: executables (absolute paths as the kernel
-/// reports them) and, when given, the uids they must run as.
+/// Who may speak for a pattern: the uids (the credential) and the
+/// executables (absolute paths as the kernel reports them) of the
+/// processes that write its lines.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Speakers {
     /// Allowed executables; empty means no attested record can match.
     pub executables: Vec<String>,
-    /// Allowed uids; empty means any uid.
+    /// Allowed uids, the accounts named resolved at start; empty means no
+    /// attested record can match (unless `process`).
     pub uids: Vec<u32>,
+    /// The line is written after the server switched to the user who
+    /// logged in, so its uid is not checked: it is believed only with an
+    /// attested address line of the same process before it, which the
+    /// pipeline checks (`credential = "process"`).
+    pub process: bool,
 }
 
 /// What the attestation of a record says.
@@ -116,42 +144,118 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
     }))
 }
 
-/// The verdict on a record from a peer whose attestation is not believed
-/// (a network peer outside `trust-attestation-from`): an attestation
-/// element in it is a forgery, since any local user of that peer could
-/// have written it; without one, it is unattested.
-pub fn unbelieved(rec: &Record<'_>, required: bool) -> Verdict {
-    if rec.structured_data.iter().any(|(id, _)| *id == SD_ID) {
-        return Verdict::Forgery(
-            "an attestation from a network peer that is not trusted for it (trust-attestation-from)".into(),
-        );
-    }
-    if required {
-        Verdict::Forgery(
-            "no attestation believed from this peer (require-attestation is on; attestation is believed from unix sockets and trust-attestation-from peers)".into(),
+/// The record in the exact form `rsyslog/smtp-after-popd-attested.conf`
+/// writes,
+///
+/// ```text
+/// <PRI>1 TIMESTAMP HOSTNAME APP-NAME - - [attest@32473 exe="EXE" uid="UID" pid="PID"] MSG
+/// ```
+///
+/// with APP-NAME made of `[A-Za-z0-9._/-]`, EXE `0` or an absolute path of
+/// `[A-Za-z0-9._/+-]`, UID and PID digits, and no other element, nor our
+/// SD-ID anywhere in MSG; or why not. The record's pid is the attested
+/// one (the rule writes no PROCID). The values are then read by
+/// [`sender`].
+pub fn attested_record(text: &str) -> Result<Record<'_>, String> {
+    let text = text.trim_end_matches(['\n', '\r', '\0']);
+    let form = |what: &str| {
+        format!(
+            "not in the form of the attested rule ({what}): only rsyslog/smtp-after-popd-attested.conf may write to a listener declared attested"
         )
-    } else {
-        Verdict::Unattested
+    };
+    let rest = text.strip_prefix('<').ok_or_else(|| form("no <PRI>"))?;
+    let (pri, rest) = rest.split_once('>').ok_or_else(|| form("no <PRI>"))?;
+    if pri.is_empty() || pri.len() > 3 || !pri.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(form("no <PRI>"));
     }
+    let rest = rest
+        .strip_prefix("1 ")
+        .ok_or_else(|| form("not RFC 5424"))?;
+    fn token<'a>(rest: &mut &'a str) -> Option<&'a str> {
+        let (t, r) = rest.split_once(' ')?;
+        *rest = r;
+        (!t.is_empty()).then_some(t)
+    }
+    let mut rest: &str = rest;
+    let _time = token(&mut rest).ok_or_else(|| form("no timestamp"))?;
+    let host = token(&mut rest).ok_or_else(|| form("no hostname"))?;
+    let app = token(&mut rest).ok_or_else(|| form("no APP-NAME"))?;
+    let clean = |v: &str, extra: &[u8]| {
+        v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b) || extra.contains(&b))
+    };
+    if !clean(app, b"") {
+        return Err(form("an APP-NAME the rule would have cut"));
+    }
+    let rest = rest
+        .strip_prefix("- - [attest@32473 exe=\"")
+        .ok_or_else(|| form("no attestation element where the header's structured data goes"))?;
+    let (exe, rest) = rest.split_once('"').ok_or_else(|| form("exe"))?;
+    if !(exe == "0" || (exe.starts_with('/') && exe.len() > 1 && clean(exe, b"+"))) {
+        return Err(form("an executable the rule would have cut"));
+    }
+    let digits = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
+    let rest = rest.strip_prefix(" uid=\"").ok_or_else(|| form("uid"))?;
+    let (uid, rest) = rest.split_once('"').ok_or_else(|| form("uid"))?;
+    let rest = rest.strip_prefix(" pid=\"").ok_or_else(|| form("pid"))?;
+    let (pid, rest) = rest.split_once('"').ok_or_else(|| form("pid"))?;
+    if !digits(uid) || !digits(pid) {
+        return Err(form("a uid or pid that is not a number"));
+    }
+    let message = rest
+        .strip_prefix("] ")
+        .ok_or_else(|| form("more than the one element"))?;
+    // rsyslog's msg property keeps the space after an RFC 3164 tag.
+    let message = message.strip_prefix(' ').unwrap_or(message);
+    if message.contains(SD_ID) {
+        return Err(format!(
+            "a second attestation element ({SD_ID}) in the message text, which the sender wrote"
+        ));
+    }
+    Ok(Record {
+        hostname: Some(host),
+        program: app,
+        pid: pid.parse().ok(),
+        message,
+        structured_data: vec![(
+            SD_ID,
+            vec![
+                ("exe", exe.to_string()),
+                ("uid", uid.to_string()),
+                ("pid", pid.to_string()),
+            ],
+        )],
+    })
 }
 
-/// Checks a record that `pattern` recognised against its speakers.
-pub fn check(rec: &Record<'_>, pattern: &str, speakers: &Speakers, required: bool) -> Verdict {
-    let sender = match sender(rec) {
-        Ok(s) => s,
-        Err(why) => return Verdict::Forgery(why),
-    };
+/// Whether a record's bytes hold our SD-ID anywhere: on a listener or from
+/// a peer whose attestation is not believed, such a record is a forgery.
+pub fn names_sd_id(text: &str) -> bool {
+    text.contains(SD_ID)
+}
+
+/// Checks the sender of a record that `pattern` recognised against its
+/// speakers: `None` when no attestation is believed for the record, in
+/// which case `required` (require-attestation) decides, and `missing` says
+/// why none is believed.
+pub fn check(
+    sender: Option<&Sender<'_>>,
+    pattern: &str,
+    speakers: &Speakers,
+    required: bool,
+    missing: &str,
+) -> Verdict {
     let Some(s) = sender else {
         return if required {
-            Verdict::Forgery(
-                "no attestation of the sending process (require-attestation is on; forward with rsyslog/smtp-after-popd-attested.conf)".into(),
-            )
+            Verdict::Forgery(format!(
+                "no attestation of the sending process (require-attestation is on; {missing})"
+            ))
         } else {
             Verdict::Unattested
         };
     };
     let exe_ok = speakers.executables.iter().any(|e| e == s.exe);
-    let uid_ok = speakers.uids.is_empty() || speakers.uids.contains(&s.uid);
+    let uid_ok = speakers.process || speakers.uids.contains(&s.uid);
     if exe_ok && uid_ok {
         return Verdict::Attested;
     }
@@ -161,13 +265,17 @@ pub fn check(rec: &Record<'_>, pattern: &str, speakers: &Speakers, required: boo
     );
     if speakers.executables.is_empty() {
         why.push_str(" (the pattern names no executables)");
+    } else if speakers.uids.is_empty() && !speakers.process {
+        why.push_str(
+            " (the pattern names no uids, or none of its accounts exists here: the uid is the credential)",
+        );
     } else {
-        let _ = write!(why, " (executables {}", speakers.executables.join(", "));
-        if !speakers.uids.is_empty() {
+        let _ = write!(why, " (");
+        if !speakers.process {
             let uids: Vec<String> = speakers.uids.iter().map(u32::to_string).collect();
-            let _ = write!(why, "; uids {}", uids.join(", "));
+            let _ = write!(why, "uids {}; ", uids.join(", "));
         }
-        why.push(')');
+        let _ = write!(why, "executables {})", speakers.executables.join(", "));
     }
     Verdict::Forgery(why)
 }
@@ -175,36 +283,48 @@ pub fn check(rec: &Record<'_>, pattern: &str, speakers: &Speakers, required: boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::parse_str;
 
     fn dovecot() -> Speakers {
         Speakers {
             executables: vec!["/usr/lib/dovecot/log".into()],
             uids: vec![0],
+            process: false,
         }
     }
 
     const LINE: &str = "pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=1, session=<abc>";
 
+    /// What the attested rule writes (rsyslog keeps the space after the
+    /// tag in msg, hence two spaces).
     fn with_sd(sd: &str) -> String {
-        format!("<22>1 2026-11-24T15:36:30+00:00 mail dovecot 24424 - {sd} {LINE}")
+        format!("<22>1 2026-11-24T15:36:30.123456+00:00 mail dovecot - - {sd}  {LINE}")
+    }
+
+    fn verdict(text: &str, speakers: &Speakers, required: bool) -> Verdict {
+        match attested_record(text) {
+            Err(why) => Verdict::Forgery(why),
+            Ok(rec) => match sender(&rec) {
+                Err(why) => Verdict::Forgery(why),
+                Ok(s) => check(s.as_ref(), "dovecot-login", speakers, required, "test"),
+            },
+        }
     }
 
     #[test]
     fn dovecots_log_process_is_attested() {
         let text = with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="24424"]"#);
-        let rec = parse_str(&text).unwrap();
-        assert_eq!(
-            check(&rec, "dovecot-login", &dovecot(), true),
-            Verdict::Attested
-        );
+        assert_eq!(verdict(&text, &dovecot(), true), Verdict::Attested);
+        let rec = attested_record(&text).unwrap();
+        assert_eq!(rec.program, "dovecot");
+        assert_eq!(rec.hostname, Some("mail"));
+        assert_eq!(rec.pid, Some(24424));
+        assert_eq!(rec.message, LINE);
     }
 
     #[test]
     fn logger_is_a_forgery() {
         let text = with_sd(r#"[attest@32473 exe="/usr/bin/logger" uid="1000" pid="4242"]"#);
-        let rec = parse_str(&text).unwrap();
-        let Verdict::Forgery(why) = check(&rec, "dovecot-login", &dovecot(), false) else {
+        let Verdict::Forgery(why) = verdict(&text, &dovecot(), false) else {
             panic!("granted");
         };
         assert!(
@@ -217,57 +337,94 @@ mod tests {
     fn the_right_executable_as_the_wrong_user_is_a_forgery() {
         // A local user running Dovecot's log binary with LD_PRELOAD.
         let text = with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="1000" pid="4242"]"#);
-        let rec = parse_str(&text).unwrap();
         assert!(matches!(
-            check(&rec, "dovecot-login", &dovecot(), true),
+            verdict(&text, &dovecot(), true),
             Verdict::Forgery(_)
         ));
     }
 
     #[test]
     fn missing_attestation_depends_on_the_setting() {
-        let text = format!("<22>Nov 24 15:36:30 mail dovecot: {LINE}");
-        let rec = parse_str(&text).unwrap();
         assert_eq!(
-            check(&rec, "dovecot-login", &dovecot(), false),
+            check(None, "dovecot-login", &dovecot(), false, "x"),
             Verdict::Unattested
         );
-        assert!(matches!(
-            check(&rec, "dovecot-login", &dovecot(), true),
-            Verdict::Forgery(_)
-        ));
+        let Verdict::Forgery(why) = check(None, "dovecot-login", &dovecot(), true, "because")
+        else {
+            panic!()
+        };
+        assert!(
+            why.ends_with("(require-attestation is on; because)"),
+            "{why}"
+        );
     }
 
     #[test]
-    fn repeated_misplaced_or_odd_elements_are_forgeries() {
-        for sd in [
-            r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"][attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#,
-            r#"[other@32473 a="b"][attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#,
-            r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" uid="1000" pid="1"]"#,
-            r#"[attest@32473 exe="/tmp/x\"y" uid="0" pid="1"]"#,
-            r#"[attest@32473 exe="0" uid="0" pid="1"]"#,
-            r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="root" pid="1"]"#,
-            r#"[attest@32473 exe="/usr/lib/dovecot/log" pid="1"]"#,
+    fn anything_but_the_rules_exact_form_is_refused() {
+        let good = r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#;
+        assert!(attested_record(&with_sd(good)).is_ok());
+        for text in [
+            // Two elements, or another first.
+            with_sd(&format!("{good}{good}")),
+            with_sd(&format!(r#"[other@32473 a="b"]{good}"#)),
+            // A repeated or missing parameter, parameters in another order.
+            with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" uid="1000" pid="1"]"#),
+            with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" pid="1"]"#),
+            with_sd(r#"[attest@32473 uid="0" exe="/usr/lib/dovecot/log" pid="1"]"#),
+            // Values the rule cuts to "0".
+            with_sd(r#"[attest@32473 exe="/tmp/x"y" uid="0" pid="1"]"#),
+            with_sd(r#"[attest@32473 exe="/tmp/x y" uid="0" pid="1"]"#),
+            with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="root" pid="1"]"#),
+            with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="" pid="1"]"#),
+            // RFC 3164, where a parser reads a leading [...] as structured
+            // data: the plain rule's form.
+            format!("<22>Nov 24 15:36:30 mail dovecot: {good} {LINE}"),
+            // A PROCID or MSGID the rule does not write.
+            format!("<22>1 2026-11-24T15:36:30Z mail dovecot 4242 - {good}  {LINE}"),
+            // A second element in the message text.
+            with_sd(&format!("{good} {good}")),
+            format!("<22>1 2026-11-24T15:36:30Z mail dovecot - - {good}  x {SD_ID} y"),
+            // An APP-NAME the rule would have cut.
+            format!("<22>1 2026-11-24T15:36:30Z mail dove\"cot - - {good}  {LINE}"),
+            "garbage".to_string(),
+            String::new(),
         ] {
-            let text = with_sd(sd);
-            let rec = parse_str(&text).unwrap();
-            assert!(
-                matches!(
-                    check(&rec, "dovecot-login", &dovecot(), false),
-                    Verdict::Forgery(_)
-                ),
-                "{sd}"
-            );
+            assert!(attested_record(&text).is_err(), "{text}");
         }
+        // exe "0" (the sender exited before rsyslog looked) has the form,
+        // and is refused when its values are read.
+        let exited = with_sd(r#"[attest@32473 exe="0" uid="0" pid="1"]"#);
+        let rec = attested_record(&exited).unwrap();
+        assert!(sender(&rec).is_err());
     }
 
     #[test]
-    fn a_pattern_without_executables_never_accepts_an_attested_record() {
+    fn a_pattern_without_executables_or_uids_never_accepts_an_attested_record() {
         let text = with_sd(r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#);
-        let rec = parse_str(&text).unwrap();
-        let Verdict::Forgery(why) = check(&rec, "custom-1", &Speakers::default(), false) else {
+        let Verdict::Forgery(why) = verdict(&text, &Speakers::default(), false) else {
             panic!("granted");
         };
         assert!(why.contains("names no executables"), "{why}");
+        let no_uids = Speakers {
+            uids: Vec::new(),
+            ..dovecot()
+        };
+        let Verdict::Forgery(why) = verdict(&text, &no_uids, false) else {
+            panic!("granted");
+        };
+        assert!(why.contains("the uid is the credential"), "{why}");
+    }
+
+    #[test]
+    fn a_process_credential_does_not_check_the_uid() {
+        let text = with_sd(r#"[attest@32473 exe="/usr/sbin/popa3d" uid="1000" pid="1"]"#);
+        let popa3d = Speakers {
+            executables: vec!["/usr/sbin/popa3d".into()],
+            uids: Vec::new(),
+            process: true,
+        };
+        assert_eq!(verdict(&text, &popa3d, true), Verdict::Attested);
+        let text = with_sd(r#"[attest@32473 exe="/usr/bin/logger" uid="1000" pid="1"]"#);
+        assert!(matches!(verdict(&text, &popa3d, true), Verdict::Forgery(_)));
     }
 }

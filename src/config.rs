@@ -154,7 +154,12 @@ pub struct DaemonArgs {
     /// carry their own allow-list instead of --allow-from:
     /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11; a unix socket its
     /// own owner, group and mode: unix:///PATH?group=adm&mode=0620 (never
-    /// writable by every user). Settings are joined by &. Repeatable.
+    /// writable by every user). A listener fed by
+    /// rsyslog/smtp-after-popd-attested.conf is declared with ?attested=yes
+    /// (unix:///run/smtp-after-popd/syslog.sock?attested=yes): attestation
+    /// is believed only there, and every record there must be in that
+    /// rule's form; elsewhere an attestation element is a forgery.
+    /// Settings are joined by &. Repeatable.
     /// [default: udp://127.0.0.1:5514]
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
@@ -168,7 +173,10 @@ pub struct DaemonArgs {
     /// Never grant an address in this network, whatever the log says.
     /// Repeatable; replaces the default; "none" for no network.
     /// Unspecified (0.0.0.0/8, ::), multicast and broadcast addresses are
-    /// never granted.
+    /// never granted. An IPv4-mapped block (::ffff:198.51.100.0/120) is the
+    /// IPv4 block it names; an IPv6 address carrying a never-granted IPv4
+    /// address (::a.b.c.d, ::ffff:0:a.b.c.d, NAT64 64:ff9b::/96 and
+    /// 64:ff9b:1::/48) is refused too.
     /// [default: 127.0.0.0/8 and ::1]
     #[arg(long, value_name = "CIDR")]
     pub never: Vec<String>,
@@ -210,11 +218,11 @@ pub struct DaemonArgs {
     pub log_level: Option<String>,
 
     /// Grant only logins whose record carries rsyslog's attestation of the
-    /// sending process (forward with rsyslog/smtp-after-popd-attested.conf)
-    /// naming an executable, and uid, that the pattern allows; anything
-    /// else is refused as a forgery. Records that do carry an attestation
-    /// are always checked. --require-attestation alone means yes.
-    /// [default: no]
+    /// sending process (forward with rsyslog/smtp-after-popd-attested.conf
+    /// to a listener declared ?attested=yes) naming a uid, and executable,
+    /// that the pattern allows; anything else is refused as a forgery.
+    /// Records that do carry an attestation are always checked.
+    /// --require-attestation alone means yes. [default: no]
     #[arg(long, value_name = "yes|no", num_args = 0..=1, require_equals = true, default_missing_value = "yes")]
     pub require_attestation: Option<String>,
 
@@ -262,11 +270,11 @@ pub struct DaemonArgs {
     pub socketmap: Vec<String>,
 
     /// Believe the attestation in records from these network peers (their
-    /// rsyslog forwarding with the attested rule). Attestation is always
-    /// believed from unix sockets, whose file permissions decide who may
-    /// write; from any other peer an attestation is refused as a forgery,
-    /// since any local user of that host could have sent it. Repeatable.
-    /// [default: none]
+    /// rsyslog forwarding with the attested rule) on UDP and TCP listeners
+    /// declared ?attested=yes. On a unix socket declared attested, its file
+    /// permissions decide who may write; from any other peer an
+    /// attestation is refused as a forgery, since any local user of that
+    /// host could have sent it. Repeatable. [default: none]
     #[arg(long, value_name = "CIDR")]
     pub trust_attestation_from: Vec<String>,
 
@@ -386,6 +394,9 @@ impl fmt::Display for ListenSpec {
 pub struct Config {
     /// The listeners.
     pub listen: Vec<ListenSpec>,
+    /// The addresses (`ListenSpec::address`) of the listeners declared to
+    /// carry the attested rule (`?attested=yes`).
+    pub attested: Vec<String>,
     /// UDP peers allowed to send.
     pub allow_from: Vec<Cidr>,
     /// Networks never granted.
@@ -642,8 +653,11 @@ impl Config {
         let source = source.as_str();
 
         let mut listen = Vec::new();
+        let mut attested = Vec::new();
+        let mut attested_network = None;
         for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
-            let spec = parse_listen(v).map_err(|e| origin.error("listen", v, &e))?;
+            let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
+            let spec = parse_listen(&url).map_err(|e| origin.error("listen", v, &e))?;
             if let Some(mode) = spec.access().and_then(|a| a.mode)
                 && mode & 0o002 != 0
             {
@@ -652,6 +666,12 @@ impl Config {
                     v,
                     "a syslog socket that every local user may write lets anyone forge login records: give write access to rsyslog's group instead, e.g. ?group=adm&mode=0620, or leave mode= out (0600: root only)",
                 ));
+            }
+            if declared {
+                attested.push(spec.address());
+                if !matches!(spec, ListenSpec::Unix(..)) && attested_network.is_none() {
+                    attested_network = Some((v.to_string(), origin));
+                }
             }
             listen.push(spec);
         }
@@ -902,6 +922,36 @@ impl Config {
             ),
             false,
         )?;
+        match (&attested_network, trust_attestation_from.is_empty()) {
+            (Some((v, origin)), true) => {
+                return Err(origin.error(
+                    "listen",
+                    v,
+                    "attestation from network peers is believed only from --trust-attestation-from peers: list the hosts whose rsyslog forwards with the attested rule",
+                ));
+            }
+            (None, false) => {
+                return Err(ConfigError(format!(
+                    "trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes: attestation is believed only on listeners declared to carry the attested rule; add ?attested=yes to the listener those peers send to{}",
+                    if path.as_os_str().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", path.display())
+                    }
+                )));
+            }
+            _ => {}
+        }
+        if require_attestation && attested.is_empty() {
+            return Err(ConfigError(format!(
+                "require-attestation is on, but no listener is declared ?attested=yes, so every login would be refused: forward with rsyslog/smtp-after-popd-attested.conf and declare its socket, e.g. --listen unix:///run/smtp-after-popd/syslog.sock?attested=yes{}",
+                if path.as_os_str().is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", path.display())
+                }
+            )));
+        }
         let trusted_proxy = cidrs(
             "trusted-proxy",
             pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
@@ -1018,6 +1068,7 @@ impl Config {
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
+            attested,
             listen_is_default,
             state,
             control,
@@ -1168,6 +1219,39 @@ fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, String> {
             .map(|v| parse_mode(v).map_err(|e| format!("mode={v}: {e}")))
             .transpose()?,
     })
+}
+
+/// Takes `attested=yes` (or `no`) out of a listener URL's settings
+/// (`unix:///PATH?attested=yes`, `udp://ADDR:PORT?allow=CIDR&attested=yes`):
+/// the URL without it, and whether the listener is declared to carry the
+/// attested rule. The other settings are left for [`parse_listen`].
+pub fn split_attested(url: &str) -> Result<(String, bool), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), false));
+    };
+    let mut rest = Vec::new();
+    let mut attested = None;
+    for item in query.split('&') {
+        match item.strip_prefix("attested=") {
+            Some(v) if attested.is_some() => {
+                return Err(format!("attested={v}: attested is given twice"));
+            }
+            Some("yes") => attested = Some(true),
+            Some("no") => attested = Some(false),
+            Some(other) => {
+                return Err(format!(
+                    "attested={other}: expected attested=yes (the listener carries rsyslog/smtp-after-popd-attested.conf) or attested=no"
+                ));
+            }
+            None => rest.push(item),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, attested.unwrap_or(false)))
 }
 
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
@@ -1321,8 +1405,84 @@ mod tests {
         ]))
         .unwrap();
         assert!(c.require_attestation);
+        assert_eq!(c.attested, ["unix:///run/smtp-after-popd/syslog.sock"]);
         assert_eq!(c.max_grants, 100_000);
         assert_eq!(c.window, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn listeners_are_declared_attested() {
+        assert_eq!(
+            split_attested("unix:///run/x.sock?attested=yes"),
+            Ok(("unix:///run/x.sock".to_string(), true))
+        );
+        assert_eq!(
+            split_attested("udp://0.0.0.0:5514?allow=192.0.2.1&attested=yes"),
+            Ok(("udp://0.0.0.0:5514?allow=192.0.2.1".to_string(), true))
+        );
+        assert_eq!(
+            split_attested("udp://0.0.0.0:5514?attested=no"),
+            Ok(("udp://0.0.0.0:5514".to_string(), false))
+        );
+        assert_eq!(
+            split_attested("udp://0.0.0.0:5514"),
+            Ok(("udp://0.0.0.0:5514".to_string(), false))
+        );
+        assert!(split_attested("unix:///x?attested=true").is_err());
+        assert!(split_attested("unix:///x?attested=yes&attested=no").is_err());
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "unix:///run/a.sock?attested=yes",
+            "--listen",
+            "unix:///run/b.sock",
+        ]))
+        .unwrap();
+        assert_eq!(c.attested, ["unix:///run/a.sock"]);
+        assert_eq!(c.listen[0], ListenSpec::Unix("/run/a.sock".into()));
+        // Nothing could ever be granted.
+        let e =
+            Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation"])).unwrap_err();
+        assert!(
+            e.0.starts_with("require-attestation is on, but no listener is declared ?attested=yes"),
+            "{e}"
+        );
+        // Network peers: attested listener and trusted peers go together.
+        let e = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "udp://127.0.0.1:5514?attested=yes",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.0.contains("believed only from --trust-attestation-from peers"),
+            "{e}"
+        );
+        let e = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "udp://127.0.0.1:5514",
+            "--trust-attestation-from",
+            "192.0.2.25",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes"),
+            "{e}"
+        );
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "udp://127.0.0.1:5514?attested=yes",
+            "--trust-attestation-from",
+            "192.0.2.25",
+        ]))
+        .unwrap();
+        assert_eq!(c.attested, ["udp://127.0.0.1:5514"]);
     }
 
     #[test]
@@ -1330,7 +1490,14 @@ mod tests {
         let c = Config::from_args(&args(&["--map", "/tmp/m"])).unwrap();
         assert!(!c.require_attestation);
         assert_eq!(c.max_grants, DEFAULT_MAX_GRANTS);
-        let c = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation"])).unwrap();
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "unix:///run/x.sock?attested=yes",
+            "--require-attestation",
+        ]))
+        .unwrap();
         assert!(c.require_attestation);
         let c = Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation=no"])).unwrap();
         assert!(!c.require_attestation);

@@ -573,6 +573,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     }
 
     let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
+    // Not rate-limited with the refusals it sums up.
+    tasks.spawn(
+        pipeline
+            .clone()
+            .run_full_summary(|line| crate::log_warning!("{line}")),
+    );
     let mut serving = match &config.map {
         Some(m) => format!("map {}:{}", m.map_type.name(), m.path.display()),
         None => "no map file".to_string(),
@@ -596,7 +602,16 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     if let Some(s) = &config.state {
         serving.push_str(&format!("; state {}", s.display()));
     }
-    let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
+    let names: Vec<String> = listeners
+        .iter()
+        .map(|(_, n)| {
+            if config.attested.contains(n) {
+                format!("{n} (attested)")
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}{}; {serving}",
         names.join(", "),
@@ -612,6 +627,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             String::new()
         }
     );
+    attestation_notes(&config);
 
     // The sockets are bound, so datagrams that arrived meanwhile wait in
     // their queues; say "started" before the first of them is handled.
@@ -624,8 +640,10 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     for (l, name) in listeners {
         let p = pipeline.clone();
         let counter = listener_counts.counter(&name);
+        // Only a listener declared ?attested=yes carries attestation.
+        let attested = config.attested.contains(&name);
         tasks.spawn(l.run(stats.clone(), counter, move |bytes, peer| {
-            p.handle(bytes, peer)
+            p.handle_on(bytes, peer, attested)
         }));
     }
     crate::systemd::notify(&format!(
@@ -665,6 +683,26 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     status
 }
 
+/// Says at start (and after a reload) who may speak for the patterns, when
+/// attestation is in use: accounts that do not exist here, patterns that
+/// accept no attested line, patterns that the account nobody may speak
+/// for (see [`crate::matcher::Matchers::attestation_notes`]).
+fn attestation_notes(config: &Config) {
+    if !config.require_attestation && config.attested.is_empty() {
+        return;
+    }
+    for (warning, note) in config
+        .matchers
+        .attestation_notes(config.require_attestation)
+    {
+        if warning {
+            crate::log_warning!("{note}");
+        } else {
+            crate::log_info!("{note}");
+        }
+    }
+}
+
 /// Re-reads the configuration (SIGHUP). A configuration that does not
 /// validate is refused and the old one stays in force; otherwise patterns,
 /// window, never-grant rules, attestation, allow-lists, the grant limit and
@@ -688,7 +726,7 @@ fn reload(r: &mut Running) {
     let old = &r.config;
     let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(ListenSpec::address).collect() };
     let mut restart = Vec::new();
-    if strip(&old.listen) != strip(&new.listen) {
+    if strip(&old.listen) != strip(&new.listen) || old.attested != new.attested {
         restart.push("listen");
     }
     let access = |c: &Config| -> Vec<Option<Access>> {
@@ -791,6 +829,7 @@ fn reload(r: &mut Running) {
             restart.join("; ")
         );
     }
+    attestation_notes(&new);
     // What is in force now, for the next comparison.
     r.config = new;
     crate::systemd::notify(&format!(
@@ -869,7 +908,7 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
             let outcome = matchers.match_record(&rec);
             let key = ProcessKey::of("-".to_string(), &rec, rec.pid);
             // Lines of a file carry no receive time: pair by order only.
-            let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
+            let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now(), false);
             if let Outcome::Login(l) = outcome {
                 writeln!(
                     out,

@@ -164,6 +164,11 @@ impl GrantTable {
         self.max_grants.store(max_grants, Ordering::Relaxed);
     }
 
+    /// The most live grants.
+    pub fn limit(&self) -> usize {
+        self.max_grants.load(Ordering::Relaxed)
+    }
+
     /// Sets the hook told of every change from now on; only the first call
     /// has an effect.
     pub fn set_hook(&self, hook: ChangeHook) {

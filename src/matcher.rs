@@ -11,6 +11,22 @@
 //! DNS name) cannot reach. Whether the record may speak for that program at
 //! all (transport, attestation) is decided before and after this stage.
 //!
+//! Ambiguity. A pattern only says where the server's fields are if the
+//! user's text cannot pose as one of them. After a pattern matched, the
+//! line grants nothing ([`Outcome::Ambiguous`]) when
+//! - a server-written field (every `name=` of the regex's literal text,
+//!   and any the pattern adds with `fields`) appears twice: the server
+//!   writes each once, so the user wrote one of them, perhaps in place of
+//!   one the server left out (Dovecot omits `rip=` on a unix socket);
+//! - such a field appears inside a user-controlled capture (`user`,
+//!   `host`);
+//! - the literal text that ends a user-controlled capture in the regex
+//!   (`>` after Dovecot's `user=<...`, `' logged in from ` after
+//!   vm-pop3d's user) appears inside it, so the capture could end in more
+//!   than one place.
+//!
+//! These checks run on matched lines only, a few substring searches each.
+//!
 //! The built-in patterns live in `patterns.toml` beside this file, in the
 //! same form administrators use for their own `[[pattern]]` tables, so one
 //! loader checks both. Records are looked up by program name first, which is
@@ -18,6 +34,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -136,6 +153,167 @@ enum ServiceFrom {
     Program,
 }
 
+/// The capture groups whose text the client controls.
+const USER_GROUPS: [&str; 2] = ["user", "host"];
+
+/// Why a line a pattern matched grants nothing: its user-controlled text
+/// could stand for a field the server writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// A field the server writes once appears more than once.
+    Repeated(String),
+    /// A server-written field appears inside a user-controlled capture.
+    Inside {
+        /// The field.
+        field: String,
+        /// The capture group.
+        group: &'static str,
+    },
+    /// The text that ends a user-controlled capture appears inside it.
+    Undelimited {
+        /// The text that ends the capture.
+        delimiter: String,
+        /// The capture group.
+        group: &'static str,
+    },
+}
+
+impl fmt::Display for Ambiguity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = crate::logging::escape;
+        match self {
+            Ambiguity::Repeated(field) => write!(
+                f,
+                "the field \"{}\", which the server writes once, appears more than once",
+                e(field)
+            ),
+            Ambiguity::Inside { field, group } => write!(
+                f,
+                "the {group} text holds the server's field \"{}\"",
+                e(field)
+            ),
+            Ambiguity::Undelimited { delimiter, group } => write!(
+                f,
+                "the {group} text holds \"{}\", which ends it, so it cannot be told from the server's text",
+                e(delimiter)
+            ),
+        }
+    }
+}
+
+/// The `name=` fields in the literal text of a regex: each `=` preceded
+/// by a name (`[A-Za-z][A-Za-z0-9_.-]*`) that is neither escaped nor part
+/// of a larger run of name characters. `(?:method=[A-Za-z]+|rip=...)`
+/// gives `method=` and `rip=`; `[A-Za-z]+=` gives nothing.
+pub fn regex_fields(regex: &str) -> Vec<String> {
+    let b = regex.as_bytes();
+    let name = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-');
+    let mut out: Vec<String> = Vec::new();
+    // The start of the current run of literal name characters, outside
+    // character classes and escapes.
+    let mut run: Option<usize> = None;
+    let mut in_class = false;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\\' {
+            run = None;
+            i += 2;
+            continue;
+        }
+        if in_class {
+            in_class = c != b']';
+        } else if c == b'[' {
+            in_class = true;
+            run = None;
+        } else if c == b'=' {
+            if let Some(j) = run.filter(|&j| b[j].is_ascii_alphabetic()) {
+                let f = &regex[j..=i];
+                if !out.iter().any(|o| o == f) {
+                    out.push(f.to_string());
+                }
+            }
+            run = None;
+        } else if name(c) {
+            run.get_or_insert(i);
+        } else {
+            run = None;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The literal text that follows group `name` in a regex, up to the first
+/// construct that is not a literal character (escaped punctuation counts
+/// as literal); a character made optional by a quantifier is left out.
+/// `user=<(?P<user>.*)>(?:, ...` gives `>`; `'(?P<user>[^']*)' logged in
+/// from (?P<ip>...)` gives `' logged in from `.
+pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
+    let open = format!("(?P<{name}>");
+    let start = regex
+        .find(&open)
+        .or_else(|| regex.find(&format!("(?<{name}>")))?;
+    let b = regex.as_bytes();
+    // Find the group's closing parenthesis.
+    let mut depth = 0usize;
+    let mut i = start;
+    let mut in_class = false;
+    let end = loop {
+        let c = *b.get(i)?;
+        match c {
+            b'\\' => i += 1,
+            b'[' if !in_class => in_class = true,
+            b']' if in_class => in_class = false,
+            b'(' if !in_class => depth += 1,
+            b')' if !in_class => {
+                depth -= 1;
+                if depth == 0 {
+                    break i;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    };
+    let mut out = String::new();
+    let mut i = end + 1;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'?' | b'*' | b'{' => {
+                out.pop();
+                break;
+            }
+            b'+' => i += 1,
+            b'\\' => match b.get(i + 1) {
+                Some(&e) if e.is_ascii_punctuation() => {
+                    out.push(e as char);
+                    i += 2;
+                }
+                _ => break,
+            },
+            b'(' | b')' | b'[' | b'.' | b'|' | b'^' | b'$' => break,
+            _ => {
+                // Multi-byte characters are literal too.
+                let ch = regex[i..].chars().next()?;
+                out.push(ch);
+                i += ch.len_utf8();
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Occurrences of field `f` in `text` that do not continue a name (so
+/// `ip=` is not counted inside `oip=` or `rip=`).
+fn field_count(text: &str, f: &str) -> usize {
+    let b = text.as_bytes();
+    let name = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-');
+    text.match_indices(f)
+        .filter(|(i, _)| *i == 0 || !name(b[*i - 1]))
+        .count()
+}
+
 /// One compiled pattern.
 #[derive(Clone, Debug)]
 struct Pattern {
@@ -153,6 +331,44 @@ struct Pattern {
     kind: Kind,
     /// How logins and logouts are paired, if they are.
     hold: Option<HoldBy>,
+    /// The fields the server writes once (see [`Ambiguity`]).
+    fields: Vec<String>,
+    /// For each user-controlled group, the literal text that ends it.
+    delimiters: Vec<(&'static str, String)>,
+    /// The fields the server leaves out of some lines (sample harness).
+    omitted: Vec<String>,
+}
+
+impl Pattern {
+    /// Whether the match `caps` of `message` is ambiguous, and why.
+    fn ambiguity(&self, message: &str, caps: &regex::Captures<'_>) -> Option<Ambiguity> {
+        for f in &self.fields {
+            if field_count(message, f) > 1 {
+                return Some(Ambiguity::Repeated(f.clone()));
+            }
+        }
+        for group in USER_GROUPS {
+            let Some(m) = caps.name(group) else { continue };
+            let text = m.as_str();
+            if let Some(f) = self.fields.iter().find(|f| field_count(text, f) > 0) {
+                return Some(Ambiguity::Inside {
+                    field: f.clone(),
+                    group,
+                });
+            }
+            if let Some((_, d)) = self
+                .delimiters
+                .iter()
+                .find(|(g, d)| *g == group && text.contains(d.as_str()))
+            {
+                return Some(Ambiguity::Undelimited {
+                    delimiter: d.clone(),
+                    group,
+                });
+            }
+        }
+        None
+    }
 }
 
 /// One `[[pattern]]` table as written in a configuration file.
@@ -176,9 +392,23 @@ pub struct PatternSpec {
     /// checked against the sender attestation (see `require-attestation`).
     #[serde(default)]
     pub executables: Vec<String>,
-    /// Uids those executables must run as; empty means any.
+    /// The accounts whose processes write the pattern's lines: uids, or
+    /// account names resolved at start (`[0]`, `["cyrus"]`). The attested
+    /// uid must be one of them: it is the credential, the executable only a
+    /// second check. Empty, or naming only accounts that do not exist
+    /// here: no attested line is accepted (so with require-attestation the
+    /// pattern grants nothing).
     #[serde(default)]
-    pub uids: Vec<u32>,
+    pub uids: Vec<Account>,
+    /// `uid` (the default): the attested uid must be one of `uids`.
+    /// `process`: the server writes the line after switching to the user
+    /// who logged in, so its uid proves nothing; an attested line is
+    /// believed only when an attested address line (`kind = "address"`)
+    /// of the same server came before it from the same process (the same
+    /// attested pid), naming the same address. The only choice, and the
+    /// default, for `login-after-address`.
+    #[serde(default)]
+    pub credential: Option<String>,
     /// What the line is: `login` (the default), `address` (the first line
     /// of a two-line server, whose address the `login-after-address` line
     /// of the same process grants), `login-after-address`,
@@ -193,6 +423,37 @@ pub struct PatternSpec {
     /// logins of this pattern are never held.
     #[serde(default)]
     pub hold: Option<String>,
+    /// Server-written fields the line holds once, besides the `name=`
+    /// fields of the regex, which are found by themselves: a line in which
+    /// one appears twice, or inside the user's text, is ambiguous and
+    /// grants nothing.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Fields the server leaves out of some of its lines (Dovecot omits
+    /// empty elements, such as `rip=` on a unix socket). The sample
+    /// harness removes each and supplies it through the user's text: such
+    /// lines must grant nothing. Documentation and tests only.
+    #[serde(default)]
+    pub omitted: Vec<String>,
+}
+
+/// An account in a pattern's `uids`: a uid, or a name looked up at start.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Account {
+    /// A uid.
+    Uid(u32),
+    /// An account name (getpwnam).
+    Name(String),
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Account::Uid(n) => write!(f, "{n}"),
+            Account::Name(n) => f.write_str(n),
+        }
+    }
 }
 
 /// Patterns in a configuration file, for deserialising `[[pattern]]`.
@@ -222,6 +483,42 @@ pub struct Matchers {
     /// Matches any of the program names: a record whose bytes hold none of
     /// them cannot be a login, and is not even parsed.
     prefilter: Option<regex::bytes::Regex>,
+    /// Each pattern's accounts, for the start-up notes.
+    accounts: Vec<PatternAccounts>,
+}
+
+/// The accounts of one pattern as written and as resolved.
+#[derive(Clone, Debug)]
+struct PatternAccounts {
+    /// The pattern's id.
+    pattern: Arc<str>,
+    /// Its server.
+    server: Arc<str>,
+    /// Whether lines of the pattern can grant (not login-without-address).
+    kind_grants: bool,
+    /// The pattern is a one-line login (kind login).
+    kind_login: bool,
+    /// The accounts as written.
+    named: Vec<Account>,
+    /// The uids they resolved to.
+    uids: Vec<u32>,
+    /// The names that did not resolve.
+    missing: Vec<String>,
+    /// Its credential is its process.
+    process: bool,
+}
+
+/// What [`Matchers::explain`] tells the sample harness about a match.
+#[derive(Clone, Debug)]
+pub struct Explained {
+    /// The pattern.
+    pub pattern: Arc<str>,
+    /// Its server-written fields.
+    pub fields: Vec<String>,
+    /// The fields its `omitted` says the server leaves out of some lines.
+    pub omitted: Vec<String>,
+    /// Byte ranges of the message captured by `user`, `host` and `ip`.
+    pub spans: Vec<(&'static str, std::ops::Range<usize>)>,
 }
 
 /// The result of trying a record against the patterns.
@@ -231,6 +528,14 @@ pub enum Outcome {
     NoMatch,
     /// A successful login.
     Login(Login),
+    /// A pattern matched, but the user's text could stand for a field the
+    /// server writes ([`Ambiguity`]): nothing granted.
+    Ambiguous {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// Why the line cannot be read without doubt.
+        why: Ambiguity,
+    },
     /// A pattern matched but its address did not parse; nothing is granted.
     BadAddress {
         /// The pattern that matched.
@@ -352,12 +657,35 @@ impl Matchers {
             patterns: Vec::new(),
             by_program: HashMap::new(),
             prefilter: None,
+            accounts: Vec::new(),
         };
         for spec in &builtin.pattern {
             m.add(spec, BUILTIN_PATTERNS).map_err(|e| (true, e))?;
         }
         for (spec, source) in custom {
             m.add(spec, source).map_err(|e| (false, e))?;
+        }
+        // A one-line login whose credential is its process needs an
+        // address line of its server to be believed when attested.
+        for (i, a) in m.accounts.iter().enumerate() {
+            if a.process
+                && a.kind_login
+                && !m
+                    .patterns
+                    .iter()
+                    .any(|p| p.kind == Kind::Address && p.server == a.server)
+            {
+                return Err((
+                    i < builtin.pattern.len(),
+                    PatternError {
+                        line: None,
+                        message: format!(
+                            "pattern \"{}\": credential = \"process\" needs an address pattern (kind = \"address\") of server \"{}\", the line its process writes before it switches to the user",
+                            a.pattern, a.server
+                        ),
+                    },
+                ));
+            }
         }
         // Every program name (the part after the last '/' too, which is how
         // tags such as "cyrus/imap" are looked up) as one literal
@@ -498,7 +826,74 @@ impl Matchers {
                 "pattern \"{id}\": executables = [\"{e}\"]: expected absolute paths, e.g. \"/usr/lib/dovecot/log\""
             )));
         }
+        let mut fields = regex_fields(text);
+        for f in &spec.fields {
+            if f.is_empty() {
+                return Err(err(format!(
+                    "pattern \"{id}\": fields = [\"\"]: a field must not be empty"
+                )));
+            }
+            if !fields.contains(f) {
+                fields.push(f.clone());
+            }
+        }
+        let delimiters = USER_GROUPS
+            .iter()
+            .filter(|g| names.contains(g))
+            .filter_map(|g| regex_delimiter(text, g).map(|d| (*g, d)))
+            .collect();
+        let process = match spec.credential.as_deref() {
+            None => kind == Kind::LoginAfterAddress,
+            Some("uid") if kind == Kind::LoginAfterAddress => {
+                return Err(err(format!(
+                    "pattern \"{id}\": a login-after-address line may be written by the user who logged in, so its uid is no credential: leave out credential (it is \"process\")"
+                )));
+            }
+            Some("uid") => false,
+            Some("process") => true,
+            Some(other) => {
+                return Err(err(format!(
+                    "pattern \"{id}\": credential = \"{other}\" is not known: expected \"uid\" or \"process\""
+                )));
+            }
+        };
+        if process && !spec.uids.is_empty() {
+            return Err(err(format!(
+                "pattern \"{id}\": its credential is the process (the line may be written as the user who logged in), so uids are not checked: leave them out, and name them on the server's address pattern"
+            )));
+        }
+        if process && kind == Kind::Logout && hold != Some(HoldBy::Pid) {
+            return Err(err(format!(
+                "pattern \"{id}\": a logout line whose credential is its process must be paired by it: hold = \"pid\" (the attested pid, which only that process can send)"
+            )));
+        }
+        if process && matches!(kind, Kind::Address | Kind::Unaddressed) {
+            return Err(err(format!(
+                "pattern \"{id}\": credential = \"process\" is for lines written after the server switched users (login, login-after-address, logout); an address line's uid is its credential"
+            )));
+        }
+        let mut uids = Vec::new();
+        let mut missing = Vec::new();
+        for a in &spec.uids {
+            match a {
+                Account::Uid(n) => uids.push(*n),
+                Account::Name(name) => match crate::privilege::user(name) {
+                    Ok(u) => uids.push(u.uid),
+                    Err(_) => missing.push(name.clone()),
+                },
+            }
+        }
         let index = self.patterns.len();
+        self.accounts.push(PatternAccounts {
+            pattern: id.clone(),
+            server: spec.server.as_str().into(),
+            kind_grants: !matches!(kind, Kind::Unaddressed),
+            named: spec.uids.clone(),
+            uids: uids.clone(),
+            missing,
+            process,
+            kind_login: matches!(kind, Kind::Login),
+        });
         self.patterns.push(Pattern {
             id,
             server: spec.server.as_str().into(),
@@ -506,10 +901,14 @@ impl Matchers {
             service,
             speakers: Arc::new(Speakers {
                 executables: spec.executables.clone(),
-                uids: spec.uids.clone(),
+                uids,
+                process,
             }),
             kind,
             hold,
+            fields,
+            delimiters,
+            omitted: spec.omitted.clone(),
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
@@ -552,6 +951,12 @@ impl Matchers {
             let Some(caps) = p.regex.captures(rec.message) else {
                 continue;
             };
+            if let Some(why) = p.ambiguity(rec.message, &caps) {
+                return Outcome::Ambiguous {
+                    pattern: p.id.clone(),
+                    why,
+                };
+            }
             // The `ip` and `via` groups, if present, must be addresses.
             let address = |group: &str| match caps.name(group) {
                 None => Ok(None),
@@ -655,6 +1060,109 @@ impl Matchers {
             .any(|p| p.regex.captures(rec.message).is_some())
     }
 
+    /// What the daemon says at start about who may speak for the patterns
+    /// (when attestation is in use): accounts named by patterns that do not
+    /// exist on this host, patterns that can accept no attested line (and
+    /// so, with `required`, grant nothing), and patterns that accept lines
+    /// from the account `nobody`, which anything running as nobody could
+    /// write. At most one line each, with whether it is a warning.
+    pub fn attestation_notes(&self, required: bool) -> Vec<(bool, String)> {
+        let mut notes = Vec::new();
+        let mut missing: Vec<(String, Vec<&str>)> = Vec::new();
+        for a in &self.accounts {
+            for name in &a.missing {
+                match missing.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, v)) => v.push(&a.pattern),
+                    None => missing.push((name.clone(), vec![&a.pattern])),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let list: Vec<String> = missing
+                .iter()
+                .map(|(n, p)| format!("{n} ({})", p.join(", ")))
+                .collect();
+            let mute: Vec<&str> = self
+                .accounts
+                .iter()
+                .filter(|a| a.kind_grants && !a.process && !a.named.is_empty() && a.uids.is_empty())
+                .map(|a| &*a.pattern)
+                .collect();
+            let mut note = format!(
+                "accounts named by patterns that do not exist on this host: {}; those patterns accept no attested line from them",
+                list.join("; ")
+            );
+            if required && !mute.is_empty() {
+                let _ = write!(
+                    note,
+                    ", so with require-attestation {} grant nothing",
+                    mute.join(", ")
+                );
+            }
+            notes.push((false, note));
+        }
+        let unnamed: Vec<&str> = self
+            .accounts
+            .iter()
+            .filter(|a| a.kind_grants && !a.process && a.named.is_empty())
+            .map(|a| &*a.pattern)
+            .collect();
+        if !unnamed.is_empty() {
+            notes.push((
+                false,
+                format!(
+                    "patterns that name no uids accept no attested line{}: {}; the uid is the credential: give a pattern the uids (or account names) of the processes that write its lines",
+                    if required {
+                        ", so with require-attestation they grant nothing"
+                    } else {
+                        ""
+                    },
+                    unnamed.join(", ")
+                ),
+            ));
+        }
+        let nobody = crate::privilege::user("nobody").map_or(65534, |u| u.uid);
+        let shared: Vec<&str> = self
+            .accounts
+            .iter()
+            .filter(|a| a.uids.contains(&nobody))
+            .map(|a| &*a.pattern)
+            .collect();
+        if !shared.is_empty() {
+            notes.push((
+                true,
+                format!(
+                    "patterns {} accept lines from the account nobody (uid {nobody}): anything else running as nobody could speak for them; run the server as an account of its own (perdition runs as nobody when none exists: adduser --system perdition, then perdition -u perdition) and name that account instead",
+                    shared.join(", ")
+                ),
+            ));
+        }
+        notes
+    }
+
+    /// What the sample harness needs to build injections for the pattern
+    /// that matches `rec`: its id, its server-written fields, the fields it
+    /// says the server may leave out, and the byte ranges of the message
+    /// that user-controlled groups captured (and of the `ip` group).
+    /// `None` when no pattern matches.
+    pub fn explain(&self, rec: &Record<'_>) -> Option<Explained> {
+        self.candidates(rec.program).iter().find_map(|&i| {
+            let p = &self.patterns[i];
+            let caps = p.regex.captures(rec.message)?;
+            let spans = USER_GROUPS
+                .iter()
+                .chain(["ip"].iter())
+                .filter_map(|g| caps.name(g).map(|m| (*g, m.range())))
+                .collect();
+            Some(Explained {
+                pattern: p.id.clone(),
+                fields: p.fields.clone(),
+                omitted: p.omitted.clone(),
+                spans,
+            })
+        })
+    }
+
     /// The ids of all patterns, for the sample harness.
     pub fn pattern_ids(&self) -> Vec<Arc<str>> {
         self.patterns.iter().map(|p| p.id.clone()).collect()
@@ -710,6 +1218,9 @@ struct RememberedAddress {
     server: Arc<str>,
     pattern: Arc<str>,
     at: Instant,
+    /// Whether the address line came with a believed attestation that its
+    /// pattern accepted.
+    attested: bool,
 }
 
 #[derive(Debug, Default)]
@@ -778,13 +1289,16 @@ impl AddressMemory {
     /// [`Outcome::LoginWithoutAddress`] takes the address remembered for its
     /// process by a pattern of the same server ([`Outcome::Login`]), or
     /// grants nothing ([`Outcome::NoAddress`]). Other outcomes pass
-    /// unchanged. `key` is `None` when the record has no process id. Also
-    /// returns how many remembered addresses were dropped unused.
+    /// unchanged. `key` is `None` when the record has no process id.
+    /// `attested`: the line came with a believed attestation its pattern
+    /// accepted; an attested success line takes only an attested address.
+    /// Also returns how many remembered addresses were dropped unused.
     pub fn pair(
         &self,
         key: Option<ProcessKey>,
         outcome: Outcome,
         now: Instant,
+        attested: bool,
     ) -> (Outcome, usize) {
         match outcome {
             Outcome::Address {
@@ -825,6 +1339,7 @@ impl AddressMemory {
                             server,
                             pattern: pattern.clone(),
                             at: now,
+                            attested,
                         },
                     )
                     .is_some()
@@ -845,7 +1360,10 @@ impl AddressMemory {
                 };
                 let mut inner = self.lock();
                 let dropped = Self::expire(&mut inner, now);
-                let found = inner.map.get(&key).is_some_and(|e| e.server == server);
+                let found = inner
+                    .map
+                    .get(&key)
+                    .is_some_and(|e| e.server == server && (e.attested || !attested));
                 let entry = if found { inner.map.remove(&key) } else { None };
                 match entry {
                     Some(e) => (
@@ -867,6 +1385,32 @@ impl AddressMemory {
             }
             other => (other, 0),
         }
+    }
+
+    /// For a one-line login whose credential is its process (`credential =
+    /// "process"`): takes the address remembered for its process if it is
+    /// of the same server and the same address (and attested, if
+    /// `attested`); whether there was one.
+    pub fn take(
+        &self,
+        key: Option<ProcessKey>,
+        server: &str,
+        ip: IpAddr,
+        now: Instant,
+        attested: bool,
+    ) -> bool {
+        let Some(key) = key else { return false };
+        let mut inner = self.lock();
+        Self::expire(&mut inner, now);
+        let ok = inner.map.get(&key).is_some_and(|e| {
+            &*e.server == server
+                && crate::addr::canonical(e.ip) == crate::addr::canonical(ip)
+                && (e.attested || !attested)
+        });
+        if ok {
+            inner.map.remove(&key);
+        }
+        ok
     }
 }
 
@@ -900,6 +1444,130 @@ mod tests {
             }
             o => panic!("{o:?}"),
         }
+    }
+
+    #[test]
+    fn server_fields_and_delimiters_come_from_the_regex() {
+        assert_eq!(
+            regex_fields(r"(?:method=[A-Za-z]+|lip=\S+), user=<(?P<user>.*)>, rip=(?P<ip>x)"),
+            ["method=", "lip=", "user=", "rip="]
+        );
+        assert!(regex_fields(r"[A-Za-z]+=(?:[^;]|;;)*;[a-z=]\w=").is_empty());
+        assert_eq!(regex_fields(r"\[(?:[A-Za-z]+=x;)*ip=(?P<ip>y);"), ["ip="]);
+        assert_eq!(
+            regex_delimiter(r"user=<(?P<user>.*)>(?:, x)", "user").as_deref(),
+            Some(">")
+        );
+        assert_eq!(
+            regex_delimiter(r"User '(?P<user>[^']*)' logged in from (?P<ip>.+)", "user").as_deref(),
+            Some("' logged in from ")
+        );
+        assert_eq!(
+            regex_delimiter(r"\((?P<user>.*)\)<\d+>", "user").as_deref(),
+            Some(")<")
+        );
+        assert_eq!(
+            regex_delimiter(r"user=(?P<user>.{1,100}), ip=\[(?P<ip>x)\]", "user").as_deref(),
+            Some(", ip=[")
+        );
+        assert_eq!(regex_delimiter(r"for (?P<user>.*)", "user"), None);
+        assert_eq!(
+            regex_delimiter(r"(?P<user>a(?:b)c) xy?z", "user").as_deref(),
+            Some(" x")
+        );
+        assert_eq!(field_count("rip=1, lip=2, oip=3, xrip=4", "rip="), 1);
+        assert_eq!(field_count("[ip=1;oip=2;ua=x;;ip=3;]", "ip="), 2);
+    }
+
+    #[test]
+    fn a_field_the_server_left_out_cannot_be_supplied_by_the_user() {
+        // Issue 13, class 3: Dovecot wrote no rip= (a unix socket), the
+        // user name "eve>, rip=203.0.113.9, lip=10.0.0.1, mpid=1,
+        // session=<abc" supplied one. This line was granted 203.0.113.9.
+        let m = Matchers::builtin();
+        let r = parse_str("<22>Dec  1 18:30:00 dovecot: imap-login: Login: user=<eve>, rip=203.0.113.9, lip=10.0.0.1, mpid=1, session=<abc>, method=PLAIN, mpid=4242, session=<Rb0F8x8s4NzAAAAB>").unwrap();
+        let Outcome::Ambiguous { pattern, why } = m.match_record(&r) else {
+            panic!("{:?}", m.match_record(&r))
+        };
+        assert_eq!(&*pattern, "dovecot-login");
+        assert_eq!(why, Ambiguity::Repeated("mpid=".into()));
+        assert_eq!(
+            why.to_string(),
+            "the field \"mpid=\", which the server writes once, appears more than once"
+        );
+        // A field inside the user's text, and the text that ends it.
+        let r = parse_str("<22>Nov 23 10:00:01 mail imapd: LOGIN, user=a, port=[1], ip=[192.0.2.7], protocol=IMAP").unwrap();
+        assert!(matches!(
+            m.match_record(&r),
+            Outcome::Ambiguous {
+                why: Ambiguity::Inside { group: "user", .. },
+                ..
+            }
+        ));
+        let r = parse_str("<22>Mar 10 09:03:03 mail solid-pop3d[813]: user x authenticated - 1.2.3.4 authenticated - 192.0.2.72").unwrap();
+        assert!(matches!(
+            m.match_record(&r),
+            Outcome::Ambiguous {
+                why: Ambiguity::Undelimited { group: "user", .. },
+                ..
+            }
+        ));
+    }
+
+    fn custom(src: &str) -> Result<Matchers, (bool, PatternError)> {
+        let specs = parse_pattern_specs(src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+        Matchers::new(&pairs)
+    }
+
+    #[test]
+    fn accounts_are_resolved_and_named_at_start() {
+        let base = "[[pattern]]\nid = \"mine\"\nserver = \"myserver\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nexecutables = [\"/usr/sbin/mypop\"]\nregex = 'OK (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
+        let m = custom(&format!(
+            "{base}uids = [\"root\", 7, \"no-such-account-here\"]\n"
+        ))
+        .unwrap();
+        let p = m.patterns.iter().find(|p| &*p.id == "mine").unwrap();
+        assert_eq!(p.speakers.uids, [0, 7]);
+        let notes = m.attestation_notes(true);
+        assert!(
+            notes[0].1.contains("no-such-account-here (mine)"),
+            "{notes:?}"
+        );
+        // nobody: a warning.
+        let m = custom(&format!("{base}uids = [\"nobody\"]\n")).unwrap();
+        let notes = m.attestation_notes(true);
+        assert!(
+            notes.iter().any(|(warn, n)| *warn
+                && n.starts_with("patterns mine accept lines from the account nobody")),
+            "{notes:?}"
+        );
+        // No uids at all.
+        let m = custom(base).unwrap();
+        let notes = m.attestation_notes(true);
+        assert!(
+            notes.iter().any(|(_, n)| n
+                .contains("with require-attestation they grant nothing: qpopper-stats, mine")),
+            "{notes:?}"
+        );
+        // A process credential needs an address pattern of its server, and
+        // takes no uids.
+        let e = custom(&format!("{base}credential = \"process\"\n"))
+            .unwrap_err()
+            .1;
+        assert!(
+            e.message.contains("needs an address pattern"),
+            "{}",
+            e.message
+        );
+        let e = custom(&format!("{base}credential = \"process\"\nuids = [0]\n"))
+            .unwrap_err()
+            .1;
+        assert!(e.message.contains("uids are not checked"), "{}", e.message);
+        let e = custom(&format!("{base}credential = \"uidd\"\n"))
+            .unwrap_err()
+            .1;
+        assert!(e.message.contains("is not known"), "{}", e.message);
     }
 
     #[test]

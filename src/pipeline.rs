@@ -3,13 +3,17 @@
 //! Consumes: one datagram's bytes and the [`Peer`] the kernel reported.
 //! Produces: a grant, renewal or hold in the table, or a counted and logged
 //! refusal; one log line per decision.
-//! Trusts: what each stage's module doc says it trusts (the peer's
-//! attestation is believed only from unix sockets and
-//! `--trust-attestation-from` peers); this module adds no trust of its own.
+//! Trusts: what each stage's module doc says it trusts (the attestation is
+//! believed only on listeners declared `?attested=yes`, from unix sockets
+//! and `--trust-attestation-from` peers, in the attested rule's exact
+//! form; a line whose credential is its process only after an attested
+//! address line of the same process); this module adds no trust of its
+//! own.
 //! Its settings ([`Settings`]) are replaced as a whole by a reload; the
 //! table, the two-line memory and the open sessions stay.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::addr::{AddressPolicy, Cidr};
@@ -75,7 +79,13 @@ pub struct Pipeline {
     pub memory: AddressMemory,
     /// Sessions still open (`--hold-while-connected`; kept across reloads).
     pub holds: Holds,
+    /// Logins refused because the table was full since the last summary
+    /// ([`Pipeline::full_summary`]).
+    refused_full: AtomicU64,
 }
+
+/// How often a full table's refusals are summed up in the log.
+pub const FULL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 static REFUSAL_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 20);
@@ -90,6 +100,39 @@ impl Pipeline {
             names: Default::default(),
             memory: AddressMemory::new(),
             holds: Holds::new(),
+            refused_full: AtomicU64::new(0),
+        }
+    }
+
+    /// The line that says how many logins the full table refused since the
+    /// last call, while it is full or if it refused any; `None` otherwise.
+    /// The per-refusal lines are rate-limited with every other refusal
+    /// (20 a minute), so under a flood of forgeries a real user's refusal
+    /// may not be among them: this summary, written once a minute by
+    /// [`Pipeline::run_full_summary`], is not.
+    pub fn full_summary(&self) -> Option<String> {
+        let refused = self.refused_full.swap(0, Ordering::Relaxed);
+        let (len, limit) = (self.table.len(), self.table.limit());
+        let full = len >= limit;
+        if refused == 0 && !full {
+            return None;
+        }
+        Some(format!(
+            "the grant table {} ({len} grants, --max-grants {limit}): {refused} login(s) from new addresses refused in the last minute (refused_full counts them all); raise --max-grants or shorten --window",
+            if full { "is full" } else { "was full" }
+        ))
+    }
+
+    /// Writes [`Pipeline::full_summary`] through `emit` once a minute, for
+    /// ever.
+    pub async fn run_full_summary(self: Arc<Self>, emit: impl Fn(&str) + Send + 'static) {
+        let start = tokio::time::Instant::now() + FULL_SUMMARY_EVERY;
+        let mut tick = tokio::time::interval_at(start, FULL_SUMMARY_EVERY);
+        loop {
+            tick.tick().await;
+            if let Some(line) = self.full_summary() {
+                emit(&line);
+            }
         }
     }
 
@@ -98,8 +141,15 @@ impl Pipeline {
         self.names.get(name)
     }
 
-    /// Handles one datagram from `peer`.
+    /// Handles one datagram from `peer`, on a listener not declared to
+    /// carry the attested rule.
     pub fn handle(&self, bytes: &[u8], peer: &Peer) {
+        self.handle_on(bytes, peer, false);
+    }
+
+    /// Handles one datagram from `peer`, on a listener declared to carry
+    /// the attested rule (`?attested=yes`) if `attested`.
+    pub fn handle_on(&self, bytes: &[u8], peer: &Peer, attested: bool) {
         let settings = self.settings.load();
         let s = &*settings;
         // Most of a mail log is not a login: a record that names none of
@@ -112,31 +162,82 @@ impl Pipeline {
             Stats::bump(&self.stats.skipped);
             return;
         }
-        let rec = match record::parse(bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                Stats::bump(match e {
-                    ParseError::TooLong => &self.stats.dropped_too_long,
-                    ParseError::InvalidUtf8 => &self.stats.dropped_invalid_utf8,
-                    ParseError::NoProgram => &self.stats.dropped_unparsed,
-                });
-                crate::log_warning_limited!(INPUT_WARNINGS, "datagram from {peer} dropped: {e}");
-                return;
-            }
-        };
-        let believed = match peer {
+        let trusted_peer = match peer {
             Peer::Unix(_) => true,
             Peer::Udp(a) | Peer::Tcp(a) => {
                 s.trust_attestation_from.iter().any(|c| c.contains(a.ip()))
             }
         };
-        let verdict = |pattern: &str, speakers: &attest::Speakers| {
-            if believed {
-                attest::check(&rec, pattern, speakers, s.require_attestation)
-            } else {
-                attest::unbelieved(&rec, s.require_attestation)
+        // Attestation is believed on a listener declared to carry the
+        // attested rule, from a peer trusted to speak for it, and in the
+        // exact form of the rule; anywhere else our SD-ID is a forgery.
+        let believed = attested && trusted_peer;
+        let parsed = match std::str::from_utf8(bytes) {
+            Ok(text) if believed && bytes.len() <= record::MAX_RECORD => {
+                attest::attested_record(text).map_err(Some)
+            }
+            _ => match record::parse(bytes) {
+                Ok(_) if std::str::from_utf8(bytes).is_ok_and(attest::names_sd_id) => {
+                    Err(Some(if attested {
+                        "an attestation element from a network peer that is not trusted for it (trust-attestation-from): any local user of that host could have written it".to_string()
+                    } else if trusted_peer && matches!(peer, Peer::Udp(_) | Peer::Tcp(_)) {
+                        "an attestation element on a listener not declared attested: attestation from trust-attestation-from peers is believed only on a listener with ?attested=yes".to_string()
+                    } else {
+                        "an attestation element on a listener not declared attested: only a listener with ?attested=yes, fed by rsyslog/smtp-after-popd-attested.conf, carries attestation (add ?attested=yes to its listen URL if it is)".to_string()
+                    }))
+                }
+                Ok(rec) => Ok(rec),
+                Err(e) => {
+                    Stats::bump(match e {
+                        ParseError::TooLong => &self.stats.dropped_too_long,
+                        ParseError::InvalidUtf8 => &self.stats.dropped_invalid_utf8,
+                        ParseError::NoProgram => &self.stats.dropped_unparsed,
+                    });
+                    crate::log_warning_limited!(
+                        INPUT_WARNINGS,
+                        "datagram from {peer} dropped: {e}"
+                    );
+                    return;
+                }
+            },
+        };
+        let rec = match parsed {
+            Ok(rec) => rec,
+            Err(why) => {
+                Stats::bump(&self.stats.forgeries);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "record from {peer} refused: forgery: {} (\"{}\")",
+                    why.unwrap_or_default(),
+                    escape(&String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))
+                );
+                return;
             }
         };
+        // The attested values are read only for records a pattern matched:
+        // a line of an exited sender (exe "0") that is no login is no
+        // forgery.
+        let sender = if believed {
+            attest::sender(&rec)
+        } else {
+            Ok(None)
+        };
+        let missing = if attested {
+            "attestation from a network peer is believed only from trust-attestation-from peers"
+        } else {
+            "this listener is not declared attested: forward with rsyslog/smtp-after-popd-attested.conf to a listener with ?attested=yes"
+        };
+        let verdict = |pattern: &str, speakers: &attest::Speakers| match &sender {
+            Ok(sender) => attest::check(
+                sender.as_ref(),
+                pattern,
+                speakers,
+                s.require_attestation,
+                missing,
+            ),
+            Err(why) => Verdict::Forgery(why.clone()),
+        };
+        let attested_sender = matches!(sender, Ok(Some(_)));
         let now = tokio::time::Instant::now();
         let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
         // Address lines of two-line servers and logout lines are trusted as
@@ -158,20 +259,31 @@ impl Pipeline {
             } => Some(("logout line ignored".to_string(), pattern, speakers)),
             _ => None,
         };
-        if let Some((what, pattern, speakers)) = unattested
-            && let Verdict::Forgery(why) = verdict(pattern, speakers)
-        {
-            Stats::bump(&self.stats.forgeries);
-            crate::log_warning_limited!(
-                REFUSAL_WARNINGS,
-                "{what}: forgery: {why} (pattern {pattern}, reported by {peer})"
-            );
-            return;
+        let mut line_attested = false;
+        if let Some((what, pattern, speakers)) = unattested {
+            match verdict(pattern, speakers) {
+                Verdict::Forgery(why) => {
+                    Stats::bump(&self.stats.forgeries);
+                    crate::log_warning_limited!(
+                        REFUSAL_WARNINGS,
+                        "{what}: forgery: {why} (pattern {pattern}, reported by {peer})"
+                    );
+                    return;
+                }
+                Verdict::Attested => line_attested = true,
+                Verdict::Unattested => {}
+            }
+        }
+        // A success line of a two-line server is paired by its process (the
+        // attested pid, on an attested listener); an attested one takes
+        // only an address line that was attested too.
+        if let Outcome::LoginWithoutAddress { .. } = outcome {
+            line_attested = attested_sender;
         }
         let outcome = match outcome {
             Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => {
-                let key = self.process_key(&rec, peer, believed);
-                let (o, dropped) = self.memory.pair(key, outcome, now);
+                let key = self.process_key(&rec, peer);
+                let (o, dropped) = self.memory.pair(key, outcome, now, line_attested);
                 if dropped > 0 {
                     self.stats
                         .addresses_dropped
@@ -186,6 +298,15 @@ impl Pipeline {
                 crate::log_debug!(
                     "no login in record from {peer}: program \"{}\", message \"{}\"",
                     escape(rec.program),
+                    escape(rec.message)
+                );
+                return;
+            }
+            Outcome::Ambiguous { pattern, why } => {
+                Stats::bump(&self.stats.refused_ambiguous);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "line from {peer} matched pattern {pattern} but is ambiguous: {why}; a user name or other client text may stand for the server's own: nothing granted (message \"{}\")",
                     escape(rec.message)
                 );
                 return;
@@ -248,6 +369,28 @@ impl Pipeline {
                 About(&login, peer)
             );
             return;
+        }
+        // A one-line login written after the server switched to the user
+        // (credential "process"): believed, when attested, only after an
+        // attested address line of the same process naming the same
+        // address. (Paired lines of two-line servers were checked above.)
+        if login.speakers.process && login.address_pattern.is_none() {
+            let key = self.process_key(&rec, peer);
+            let found = self
+                .memory
+                .take(key, &login.server, login.ip, now, attested_sender);
+            if attested_sender && !found {
+                Stats::bump(&self.stats.forgeries);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {}: forgery: pattern {} lines are written after the server switched to the user who logged in, so their uid proves nothing; such a line is believed only after an attested address line of the same process naming the same address, and none came within {}s ({})",
+                    login.ip,
+                    login.pattern,
+                    crate::matcher::MEMORY_TTL.as_secs(),
+                    About(&login, peer)
+                );
+                return;
+            }
         }
         if let Some(via) = login.via {
             let via = crate::addr::canonical(via);
@@ -333,6 +476,7 @@ impl Pipeline {
             }
             GrantResult::Full => {
                 Stats::bump(&self.stats.refused_full);
+                self.refused_full.fetch_add(1, Ordering::Relaxed);
                 if let Some(key) = held {
                     self.holds.close(&key, Some(ip), now, s.hold_max);
                 }
@@ -367,20 +511,10 @@ impl Pipeline {
     }
 
     /// The process a record comes from, for pairing the lines of a
-    /// two-line server: the attested pid when the record carries a believed
-    /// attestation, else the pid of its tag.
-    fn process_key(
-        &self,
-        rec: &record::Record<'_>,
-        peer: &Peer,
-        believed: bool,
-    ) -> Option<ProcessKey> {
-        let attested = if believed {
-            attest::sender(rec).ok().flatten().map(|s| s.pid)
-        } else {
-            None
-        };
-        ProcessKey::of(sender_of(peer), rec, attested.or(rec.pid))
+    /// two-line server: the attested pid on an attested listener (the
+    /// record's pid is the attested one there), else the pid of its tag.
+    fn process_key(&self, rec: &record::Record<'_>, peer: &Peer) -> Option<ProcessKey> {
+        ProcessKey::of(sender_of(peer), rec, rec.pid)
     }
 
     /// A logout line, attested: closes its session; the last one from an
@@ -650,6 +784,196 @@ mod tests {
         );
         assert!(p.memory.is_empty());
         assert_eq!(count(&p.stats.forgeries), 1);
+    }
+
+    /// What the attested rule writes for a sender.
+    fn attested(exe: &str, uid: u32, pid: u32, tag: &str, msg: &str) -> String {
+        format!(
+            "<22>1 2026-12-01T18:30:00.000000+00:00 mail {tag} - - [attest@32473 exe=\"{exe}\" uid=\"{uid}\" pid=\"{pid}\"]  {msg}"
+        )
+    }
+
+    const DOVECOT: &str = "pop3-login: Login: user=<eve>, method=PLAIN, rip=198.51.100.40, lip=192.0.2.1, mpid=1, session=<abc>";
+
+    #[tokio::test]
+    async fn attestation_is_believed_only_on_attested_listeners_in_the_rules_form() {
+        let p = pipeline_with(false, true);
+        let ip: IpAddr = "198.51.100.40".parse().unwrap();
+        // Issue 13, class 2: through the plain rule, a [...] at the start
+        // of an RFC 3164 message reads as structured data.
+        let plain = format!(
+            "<22>Dec  1 18:30:00 mail dovecot: [attest@32473 exe=\"/usr/lib/dovecot/log\" uid=\"0\" pid=\"1\"] {DOVECOT}"
+        );
+        p.handle(plain.as_bytes(), &peer());
+        p.handle_on(plain.as_bytes(), &peer(), true);
+        // The rule's own form, on a listener not declared attested.
+        let real = attested("/usr/lib/dovecot/log", 0, 7, "dovecot", DOVECOT);
+        p.handle(real.as_bytes(), &peer());
+        // From a network peer not trusted for it, on an attested listener.
+        p.handle_on(
+            real.as_bytes(),
+            &Peer::Udp("192.0.2.25:514".parse().unwrap()),
+            true,
+        );
+        // A second element in the message text.
+        let second = attested(
+            "/usr/lib/dovecot/log",
+            0,
+            7,
+            "dovecot",
+            &format!("[attest@32473 exe=\"/usr/lib/dovecot/log\" uid=\"0\" pid=\"1\"] {DOVECOT}"),
+        );
+        p.handle_on(second.as_bytes(), &peer(), true);
+        assert!(p.table.get(ip).is_none());
+        assert_eq!(count(&p.stats.forgeries), 5);
+        // The real thing, where it belongs.
+        p.handle_on(real.as_bytes(), &peer(), true);
+        assert!(p.table.get(ip).is_some());
+        // Trusted network peers, on an attested listener.
+        let mut s = settings(false, true, &[]);
+        s.trust_attestation_from = vec!["192.0.2.25".parse().unwrap()];
+        p.settings.store(s);
+        let other = real.replace("198.51.100.40", "198.51.100.41");
+        let udp = Peer::Udp("192.0.2.25:514".parse().unwrap());
+        p.handle(other.as_bytes(), &udp);
+        assert!(p.table.get("198.51.100.41".parse().unwrap()).is_none());
+        p.handle_on(other.as_bytes(), &udp, true);
+        assert!(p.table.get("198.51.100.41".parse().unwrap()).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_uid_is_the_credential() {
+        let p = pipeline_with(false, true);
+        // Issue 13, class 1: a local user runs imap-login with a preloaded
+        // library; rsyslog attests the server's binary and the user's uid.
+        let line = attested(
+            "/usr/lib/dovecot/imap-login",
+            1000,
+            4242,
+            "imap-login",
+            "Login: user=<eve>, method=PLAIN, rip=198.51.100.20, lip=192.0.2.1",
+        );
+        p.handle_on(line.as_bytes(), &peer(), true);
+        assert!(p.table.is_empty());
+        assert_eq!(count(&p.stats.forgeries), 1);
+        // Root, with the right executable, may speak for it.
+        p.handle_on(
+            line.replace("uid=\"1000\"", "uid=\"0\"").as_bytes(),
+            &peer(),
+            true,
+        );
+        assert_eq!(p.table.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_line_written_as_the_user_is_believed_only_after_its_processs_attested_address_line()
+    {
+        let p = pipeline_with(false, true);
+        let session = |uid: u32, pid: u32, ip: &str| {
+            attested(
+                "/usr/sbin/popa3d",
+                uid,
+                pid,
+                "popa3d",
+                &format!("Session from {ip}"),
+            )
+        };
+        let passed = |uid: u32, pid: u32| {
+            attested(
+                "/usr/sbin/popa3d",
+                uid,
+                pid,
+                "popa3d",
+                "Authentication passed for bob",
+            )
+        };
+        // The real two lines: root, then the user, from one process.
+        p.handle_on(session(0, 100, "192.0.2.100").as_bytes(), &peer(), true);
+        p.handle_on(passed(1000, 100).as_bytes(), &peer(), true);
+        assert!(p.table.get("192.0.2.100".parse().unwrap()).is_some());
+        // A user's forged address line is refused; a success line of
+        // another process takes nothing.
+        p.handle_on(session(1000, 101, "203.0.113.1").as_bytes(), &peer(), true);
+        assert!(p.memory.is_empty());
+        p.handle_on(session(0, 102, "192.0.2.102").as_bytes(), &peer(), true);
+        p.handle_on(passed(1000, 103).as_bytes(), &peer(), true);
+        assert!(p.table.get("192.0.2.102".parse().unwrap()).is_none());
+        // UW: a one-line login written as the user, believed only after the
+        // service-init line of its process naming the same address.
+        let init = |pid: u32, ip: &str| {
+            attested(
+                "/usr/sbin/ipop3d",
+                0,
+                pid,
+                "ipop3d",
+                &format!("pop3 service init from {ip}"),
+            )
+        };
+        let login = |pid: u32, ip: &str| {
+            attested(
+                "/usr/sbin/ipop3d",
+                1000,
+                pid,
+                "ipop3d",
+                &format!("Login user=bob host=client.example.net [{ip}] nmsgs=1/1"),
+            )
+        };
+        p.handle_on(login(200, "192.0.2.200").as_bytes(), &peer(), true);
+        assert!(p.table.get("192.0.2.200".parse().unwrap()).is_none());
+        p.handle_on(init(201, "192.0.2.201").as_bytes(), &peer(), true);
+        p.handle_on(login(201, "203.0.113.201").as_bytes(), &peer(), true);
+        assert!(p.table.get("203.0.113.201".parse().unwrap()).is_none());
+        p.handle_on(init(202, "192.0.2.202").as_bytes(), &peer(), true);
+        p.handle_on(login(202, "192.0.2.202").as_bytes(), &peer(), true);
+        assert!(p.table.get("192.0.2.202".parse().unwrap()).is_some());
+        // Without attestation (the plain rule), one line is enough.
+        let q = pipeline(false);
+        q.handle(
+            b"<22>Nov 23 10:00:03 mail ipop3d[3458]: Login user=carol host=[192.0.2.9] nmsgs=3/3",
+            &peer(),
+        );
+        assert!(q.table.get("192.0.2.9".parse().unwrap()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_sums_up_its_refusals_once_a_minute() {
+        let p = Arc::new(Pipeline::new(
+            settings(false, false, &[]),
+            Arc::new(GrantTable::with_limit(2)),
+            Arc::new(Stats::default()),
+        ));
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let task = tokio::spawn(p.clone().run_full_summary(move |l| {
+            sink.lock().unwrap().push(l.to_string());
+        }));
+        let login = |i: u32| {
+            format!(
+                "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<u{i}>, method=PLAIN, rip=192.0.2.{i}, lip=192.0.2.1, mpid=1, session=<abc{i}>"
+            )
+        };
+        // Not full: nothing to say.
+        p.handle(login(1).as_bytes(), &peer());
+        step(61).await;
+        assert!(lines.lock().unwrap().is_empty());
+        // Full: 30 refusals, more than the per-message rate limit lets
+        // through in a minute.
+        p.handle(login(2).as_bytes(), &peer());
+        for i in 3..33 {
+            p.handle(login(i).as_bytes(), &peer());
+        }
+        assert_eq!(count(&p.stats.refused_full), 30);
+        step(60).await;
+        {
+            let l = lines.lock().unwrap();
+            assert_eq!(l.len(), 1, "{l:?}");
+            assert!(l[0].starts_with("the grant table is full (2 grants, --max-grants 2): 30 login(s) from new addresses refused in the last minute"), "{}", l[0]);
+        }
+        // Still full, no new refusals: said again, with 0.
+        step(60).await;
+        assert_eq!(lines.lock().unwrap().len(), 2);
+        assert!(lines.lock().unwrap()[1].contains(": 0 login(s)"));
+        task.abort();
     }
 
     #[tokio::test]

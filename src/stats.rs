@@ -60,6 +60,10 @@ counters! {
     refused,
     /// Logins refused as forgeries (attestation missing or wrong).
     forgeries,
+    /// Lines a pattern matched that grant nothing because their user's text
+    /// could stand for a field the server writes (a field twice, a field or
+    /// the text ending the user's field inside it).
+    refused_ambiguous,
     /// Logins whose address a proxy reported (Zimbra oip=) refused because
     /// the proxy is not a --trusted-proxy.
     refused_proxy,

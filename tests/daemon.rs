@@ -422,6 +422,7 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     let mut want = std::collections::BTreeSet::new();
     let mut sent = 0;
     let mut counted = 0;
+    let mut ambiguous = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
         for line in text.lines() {
@@ -429,6 +430,8 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
                 want.insert(rest.split(' ').next().unwrap().to_string());
             } else if line == "#= counted" {
                 counted += 1;
+            } else if line == "#= ambiguous" {
+                ambiguous += 1;
             } else if !line.starts_with('#') && !line.trim().is_empty() {
                 send_udp(port, &format!("<22>{line}"));
                 sent += 1;
@@ -465,6 +468,13 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     assert!(
         log.contains(&format!(" logins_unaddressed={counted} ")),
         "{counted} counted samples:\n{log}"
+    );
+    // Lines whose user's text could stand for the server's were refused
+    // and counted.
+    assert!(ambiguous > 0);
+    assert!(
+        log.contains(&format!(" refused_ambiguous={ambiguous} ")),
+        "{ambiguous} ambiguous samples:\n{log}"
     );
 }
 
@@ -710,51 +720,70 @@ fn a_map_directory_the_user_cannot_write_is_a_start_up_error() {
     );
 }
 
-/// An attestation is believed from the unix socket (whose permissions
-/// decide who writes) and from network peers listed in
-/// --trust-attestation-from; from any other peer it is a forgery, since any
-/// local user of that host can send the same bytes.
+/// An attestation is believed only on a listener declared ?attested=yes,
+/// from a peer trusted to speak there (a unix socket, whose permissions
+/// decide who writes; a --trust-attestation-from network peer), and in the
+/// attested rule's exact form; anywhere else it is a forgery, since any
+/// local user of the sending host could have written the same bytes.
 #[test]
-fn attestation_is_believed_only_from_trusted_peers() {
+fn attestation_is_believed_only_on_attested_listeners_from_trusted_peers() {
     let line = |ip: &str| {
         format!(
-            "<22>1 2026-11-24T10:00:01Z mail dovecot 4242 - [attest@32473 exe=\"/usr/lib/dovecot/log\" uid=\"0\" pid=\"4242\"] pop3-login: Login: user=<alice>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<abcdefgh>"
+            "<22>1 2026-11-24T10:00:01Z mail dovecot - - [attest@32473 exe=\"/usr/lib/dovecot/log\" uid=\"0\" pid=\"4242\"]  pop3-login: Login: user=<alice>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<abcdefgh>"
         )
     };
     let s = Scratch::new();
     let port = free_udp_port();
-    let listen = format!("udp://127.0.0.1:{port}");
+    let port2 = free_udp_port();
+    let listen = format!("udp://127.0.0.1:{port}?attested=yes");
+    let plain_udp = format!("udp://127.0.0.1:{port2}");
     let sock = s.path("syslog.sock");
-    let unix = format!("unix://{}", sock.display());
+    let plain_sock = s.path("plain.sock");
+    let unix = format!("unix://{}?attested=yes", sock.display());
+    let plain = format!("unix://{}", plain_sock.display());
     let map = s.map();
     let mut d = Daemon::start(
         &s,
         &[
             "--listen",
-            &listen,
+            &plain_udp,
             "--listen",
             &unix,
+            "--listen",
+            &plain,
             "--map",
             map.to_str().unwrap(),
             "--require-attestation",
         ],
     );
-    send_udp(port, &line("192.0.2.51"));
+    assert!(
+        d.log_text().contains(&format!(
+            "{} (attested)",
+            unix.trim_end_matches("?attested=yes")
+        )),
+        "{}",
+        d.log_text()
+    );
+    send_udp(port2, &line("192.0.2.51"));
+    send_unix(&plain_sock, &line("192.0.2.54"));
     send_unix(&sock, &line("192.0.2.52"));
     assert!(wait_for(Duration::from_secs(2), || s
         .postmap_q("192.0.2.52")
         .is_some()));
     assert!(
         wait_for(Duration::from_secs(2), || {
-            d.log_text().contains(
-            "refuse 192.0.2.51: forgery: an attestation from a network peer that is not trusted for it"
-        )
+            d.log_text()
+                .matches("forgery: an attestation element on a listener not declared attested")
+                .count()
+                == 2
         }),
         "{}",
         d.log_text()
     );
     assert_eq!(s.postmap_q("192.0.2.51"), None);
+    assert_eq!(s.postmap_q("192.0.2.54"), None);
     assert_eq!(d.stop(), Some(0));
+    assert!(d.log_text().contains(" forgeries=2 "), "{}", d.log_text());
 
     let s = Scratch::new();
     let map = s.map();

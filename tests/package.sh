@@ -47,9 +47,11 @@ echo "package test: systemd-analyze security exposure: $score"
 awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $score above 2.0"
 
 # A working setup: what systemd would do (the unit's directories and user),
-# then the installed daemon with the installed configuration. Attestation
-# is switched off on the command line, since this test sends the login
-# itself rather than through rsyslog (tests/e2e.rs covers that path).
+# then the installed daemon with the installed configuration. Its socket is
+# declared ?attested=yes, so this test sends the login in the attested
+# rule's form, as rsyslog would (tests/e2e.rs covers rsyslog itself);
+# attestation is not required on the command line, since this sender is
+# not really Dovecot's log process.
 install -d -o smtp-after-popd -g smtp-after-popd -m 0750 /run/smtp-after-popd
 install -d -o smtp-after-popd -g smtp-after-popd -m 0755 /var/lib/smtp-after-popd
 rm -f /var/lib/smtp-after-popd/state
@@ -64,7 +66,7 @@ grep -q "started:" "$log" || { cat "$log"; fail "the installed daemon did not st
 python3 - <<'PY'
 import socket
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.sendto(b"<22>Nov 26 10:00:01 mail dovecot: imap-login: Login: user=<pkg>, method=PLAIN, rip=192.0.2.99, lip=192.0.2.1, mpid=1, session=<AAAAAAAAAAAAAAAA>",
+s.sendto(b'<22>1 2026-11-26T10:00:01+00:00 mail dovecot - - [attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]  imap-login: Login: user=<pkg>, method=PLAIN, rip=192.0.2.99, lip=192.0.2.1, mpid=1, session=<AAAAAAAAAAAAAAAA>',
          "/run/smtp-after-popd/syslog.sock")
 PY
 # postfix installed with "No configuration" has no main.cf: the daemon then

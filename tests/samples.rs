@@ -22,7 +22,10 @@
 //! (`#= logout session ID` or `#= logout pid N` names the one expected);
 //! `counted` lines must be recognised as logins that carry no client
 //! address (old UW ipop3d, a host name cut before the address): counted
-//! and logged by the daemon, never granted.
+//! and logged by the daemon, never granted; `ambiguous` lines must be
+//! recognised by a pattern and refused because their user's text could
+//! stand for a field the server writes (a field twice, or a field or the
+//! text that ends the user's field inside it; see the matcher's doc).
 //!
 //! The lines of a file are fed in order through one stateful matcher, as
 //! the daemon feeds them: two-line servers (popa3d `Session from IP`, then
@@ -39,7 +42,15 @@
 //! - a built-in pattern is exercised by no positive sample (an address
 //!   pattern is exercised when a grant takes its address; a logout pattern
 //!   by a `logout` line);
-//! - a sample file has no `none injection` sample.
+//! - a sample file has no `none injection` (or `ambiguous`) sample.
+//!
+//! A second test, `generated_injections_never_grant`, builds injections
+//! from every positive sample: each server-written field of its pattern
+//! (and the whole server text after the user's field), supplied through
+//! each user-controlled field (the `user` and `host` captures), with the
+//! real field present and, for the fields the server may leave out
+//! (non-address fields, and those the pattern lists in `omitted`),
+//! without it. None of them may grant.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -63,6 +74,11 @@ enum Expect {
     /// A login recognised whose line carries no address: counted, nothing
     /// granted (`#= counted`).
     Counted,
+    /// A line a pattern matched but refused as ambiguous (`#= ambiguous`).
+    Ambiguous,
+    /// The address line of a server that writes it before its login line
+    /// (`#= address IP`): remembered, nothing granted by itself.
+    Address(String),
 }
 
 struct Sample {
@@ -102,6 +118,10 @@ fn load(dir: &Path) -> Vec<Sample> {
                         injection: words.next() == Some("injection"),
                     },
                     Some("counted") => Expect::Counted,
+                    Some("ambiguous") => Expect::Ambiguous,
+                    Some("address") => {
+                        Expect::Address(words.next().expect("address IP").to_string())
+                    }
                     Some("logout") => {
                         let rest: Vec<&str> = words.collect();
                         Expect::Logout((!rest.is_empty()).then(|| rest.join(" ")))
@@ -174,8 +194,18 @@ fn samples_match_their_annotations() {
             failures.push(format!("{place}: claimed by several patterns: {claims:?}"));
         }
         let outcome = matchers.match_record(&rec);
+        if let Expect::Address(want) = &s.expect {
+            match &outcome {
+                Outcome::Address { ip, pattern, .. } if &canonical(*ip).to_string() == want => {
+                    exercised.insert(pattern.to_string());
+                }
+                other => failures.push(format!(
+                    "{place}: expected the address line of {want}, got {other:?}"
+                )),
+            }
+        }
         let key = ProcessKey::of("samples".to_string(), &rec, rec.pid);
-        let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
+        let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now(), false);
         match (&s.expect, outcome) {
             (
                 Expect::Logout(want),
@@ -205,6 +235,18 @@ fn samples_match_their_annotations() {
                     ));
                 }
                 exercised.insert(pattern.to_string());
+            }
+            (Expect::Address(_), Outcome::Remembered { .. }) => {}
+            (Expect::Address(_), other) => {
+                failures.push(format!("{place}: expected an address line, got {other:?}"));
+            }
+            (Expect::Ambiguous, Outcome::Ambiguous { .. }) => {
+                *injections.entry(s.file.clone()).or_default() += 1;
+            }
+            (Expect::Ambiguous, other) => {
+                failures.push(format!(
+                    "{place}: expected a line refused as ambiguous, got {other:?}"
+                ));
             }
             (Expect::Counted, other) => {
                 failures.push(format!(
@@ -258,7 +300,9 @@ fn samples_match_their_annotations() {
     }
     for f in &files {
         if !injections.contains_key(f) {
-            failures.push(format!("{f}.log has no `#= none injection` sample"));
+            failures.push(format!(
+                "{f}.log has no `#= none injection` or `#= ambiguous` sample"
+            ));
         }
     }
     assert!(
@@ -268,4 +312,233 @@ fn samples_match_their_annotations() {
         failures.join("\n")
     );
     assert!(samples.len() > 20);
+}
+
+/// The address every generated injection tries to get granted.
+const FAKE: &str = "203.0.113.99";
+
+/// Characters that open a field's value, and the ones that close them.
+const OPENERS: [(char, char); 5] = [('<', '>'), ('[', ']'), ('(', ')'), ('"', '"'), ('\'', '\'')];
+
+/// Whether `c` continues a field name (so `ip=` inside `oip=` is not a
+/// field).
+fn name_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-')
+}
+
+/// Where field `f` occurs in `msg` as a field of its own.
+fn field_at(msg: &str, f: &str) -> Vec<usize> {
+    msg.match_indices(f)
+        .map(|(i, _)| i)
+        .filter(|&i| i == 0 || !name_char(msg.as_bytes()[i - 1]))
+        .collect()
+}
+
+/// The element of field `f` at `at`: the field and its value, a value in
+/// `<>`, `[]`, `()` or quotes through its closer, any other up to the next
+/// comma, semicolon or space.
+fn element(msg: &str, f: &str, at: usize) -> std::ops::Range<usize> {
+    let v = at + f.len();
+    let rest = &msg[v..];
+    let end = match rest
+        .chars()
+        .next()
+        .and_then(|c| OPENERS.iter().find(|(o, _)| *o == c))
+    {
+        Some((_, close)) => rest[1..].find(*close).map_or(msg.len(), |e| v + 1 + e + 1),
+        None => rest
+            .find(|c: char| c == ',' || c == ';' || c.is_whitespace())
+            .map_or(msg.len(), |e| v + e),
+    };
+    at..end
+}
+
+/// Field `f` written as the server writes it, holding the fake address:
+/// `rip=203.0.113.99`, `ip=[203.0.113.99]`.
+fn fake_element(msg: &str, f: &str) -> String {
+    let opener = field_at(msg, f)
+        .first()
+        .and_then(|&i| msg[i + f.len()..].chars().next())
+        .and_then(|c| OPENERS.iter().find(|(o, _)| *o == c));
+    match opener {
+        Some((o, c)) => format!("{f}{o}{FAKE}{c}"),
+        None => format!("{f}{FAKE}"),
+    }
+}
+
+/// `msg` with the element at `r` removed, with the separator before it.
+fn without(msg: &str, r: std::ops::Range<usize>) -> (String, std::ops::Range<usize>) {
+    let mut start = r.start;
+    for sep in [", ", "; ", " "] {
+        if msg[..start].ends_with(sep) {
+            start -= sep.len();
+            break;
+        }
+    }
+    if start == r.start && msg[r.end..].starts_with(", ") {
+        return (
+            format!("{}{}", &msg[..start], &msg[r.end + 2..]),
+            start..r.end + 2,
+        );
+    }
+    (format!("{}{}", &msg[..start], &msg[r.end..]), start..r.end)
+}
+
+/// The user's text, rewritten by an attacker who wants `element` read as
+/// the server's: after it, before it, closing the user's field first, and
+/// opening one of the server's bracketed fields after it to take the
+/// server's closing character.
+fn attempts(user: &str, closer: &str, element: &str, absorbers: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for sep in [", ", " ", "; ", ""] {
+        out.push(format!("{user}{sep}{element}"));
+        out.push(format!("{element}{sep}{user}"));
+        out.push(format!("{user}{closer}{sep}{element}"));
+        for a in absorbers {
+            out.push(format!("{user}{closer}{sep}{element}{sep}{a}x"));
+        }
+    }
+    out
+}
+
+#[test]
+fn generated_injections_never_grant() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
+    let matchers = Matchers::builtin();
+    let mut failures = Vec::new();
+    let mut tried = 0usize;
+    let mut per_pattern: BTreeMap<String, usize> = BTreeMap::new();
+    for s in load(&dir) {
+        if !matches!(s.expect, Expect::Grant { .. }) {
+            continue;
+        }
+        let Ok(rec) = parse_str(&s.text) else {
+            continue;
+        };
+        let Some(x) = matchers.explain(&rec) else {
+            continue;
+        };
+        // The success line of a two-line server carries no address: its
+        // user's text cannot supply one.
+        let Some(ip_span) = x
+            .spans
+            .iter()
+            .find(|(g, _)| *g == "ip")
+            .map(|(_, r)| r.clone())
+        else {
+            continue;
+        };
+        let msg = rec.message;
+        let prefix = &s.text[..msg.as_ptr() as usize - s.text.as_ptr() as usize];
+        let user_spans: Vec<std::ops::Range<usize>> = x
+            .spans
+            .iter()
+            .filter(|(g, _)| *g != "ip")
+            .map(|(_, r)| r.clone())
+            .collect();
+        // Fields followed by an opening bracket can take the server's
+        // closing character after an injection.
+        let absorbers: Vec<String> = x
+            .fields
+            .iter()
+            .filter_map(|f| {
+                let i = *field_at(msg, f).first()?;
+                let c = msg[i + f.len()..].chars().next()?;
+                OPENERS
+                    .iter()
+                    .any(|(o, _)| *o == c)
+                    .then(|| format!("{f}{c}"))
+            })
+            .collect();
+        // The lines to inject into: the sample itself, and the sample
+        // without each field the server may leave out.
+        let mut bases: Vec<(String, String, Vec<std::ops::Range<usize>>)> =
+            vec![("with".to_string(), msg.to_string(), user_spans.clone())];
+        for f in &x.fields {
+            let Some(&at) = field_at(msg, f)
+                .iter()
+                .find(|&&i| !user_spans.iter().any(|u| u.contains(&i)))
+            else {
+                continue;
+            };
+            let r = element(msg, f, at);
+            let carries_address = r.start <= ip_span.start && ip_span.end <= r.end;
+            if carries_address && !x.omitted.contains(f) {
+                continue;
+            }
+            if user_spans
+                .iter()
+                .any(|u| u.start < r.end && r.start < u.end)
+            {
+                continue;
+            }
+            let (cut, removed) = without(msg, r);
+            let shift = removed.end - removed.start;
+            let spans = user_spans
+                .iter()
+                .map(|u| {
+                    if u.start >= removed.end {
+                        u.start - shift..u.end - shift
+                    } else {
+                        u.clone()
+                    }
+                })
+                .collect();
+            bases.push((format!("without {f}"), cut, spans));
+        }
+        for (how, base, spans) in &bases {
+            for u in spans {
+                let user = &base[u.clone()];
+                let closer: String = base[u.end..]
+                    .chars()
+                    .next()
+                    .filter(|c| ">]')\"".contains(*c))
+                    .map(String::from)
+                    .unwrap_or_default();
+                let tail = base[u.end..].replace(&msg[ip_span.clone()], FAKE);
+                let mut elements: Vec<String> =
+                    x.fields.iter().map(|f| fake_element(msg, f)).collect();
+                elements.push(format!("[{FAKE}]"));
+                // The server's own text after the user's field, copied into
+                // it: the user's field then holds the text that ends it.
+                let mut texts = vec![(format!("{user}{tail}"), true)];
+                for e in &elements {
+                    for t in attempts(user, &closer, e, &absorbers) {
+                        // A server field in the user's text, standing as a
+                        // field of its own: the line must grant nothing.
+                        let holds_field = x.fields.iter().any(|f| !field_at(&t, f).is_empty());
+                        texts.push((t, holds_field));
+                    }
+                }
+                for (t, refuse) in texts {
+                    let line = format!("{prefix}{}{t}{}", &base[..u.start], &base[u.end..]);
+                    if line == s.text {
+                        continue;
+                    }
+                    tried += 1;
+                    let kind = if how == "with" { "with" } else { "without" };
+                    *per_pattern
+                        .entry(format!("{} {kind}", x.pattern))
+                        .or_default() += 1;
+                    let Ok(r) = parse_str(&line) else { continue };
+                    if let Outcome::Login(l) = matchers.match_record(&r)
+                        && (refuse || l.ip.to_string() == FAKE)
+                    {
+                        failures.push(format!(
+                            "{}.log:{} ({how}): pattern {} granted {} to {line:?}",
+                            s.file, s.line_no, l.pattern, l.ip
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{tried} generated injections: {per_pattern:?}");
+    assert!(tried > 1000, "only {tried} injections generated");
+    assert!(
+        failures.is_empty(),
+        "{} generated injection(s) granted:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -797,13 +797,14 @@ fn reload(r: &mut Running) {
     }
     // "Never" means never: live grants the new rules refuse end now.
     let policy = AddressPolicy::new(new.never.clone());
-    for (ip, _) in r.table.list() {
-        if let Err(why) = policy.check(ip)
-            && r.table.revoke(ip).is_some()
+    for (key, _) in r.table.list_blocks() {
+        if let Err(why) = policy.check_scope(&key)
+            && r.table.revoke_block(key).is_some()
         {
             Stats::bump(&r.stats.revoked);
             crate::log_info!(
-                "revoke {ip}: {why} (never-grant rules of the reloaded configuration)"
+                "revoke {}: {why} (never-grant rules of the reloaded configuration)",
+                key.shown()
             );
         }
     }

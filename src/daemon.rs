@@ -525,6 +525,14 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         // accepting logins; if postmap fails, the sink keeps retrying.
         let _ = first_rx.await;
     }
+    crate::memcache::start(
+        &config.memcache,
+        &config.memcache_prefix,
+        &table,
+        &stats,
+        &mut tasks,
+    )
+    .await;
     for (what, l) in services {
         let (table, served) = (table.clone(), stats.clone());
         let stats = stats.clone();
@@ -586,6 +594,13 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     if !config.policy.is_empty() {
         serving.push_str(&format!("; policy {}", join(&config.policy)));
     }
+    if !config.memcache.is_empty() {
+        let prefix = &config.memcache_prefix;
+        serving.push_str(&format!(
+            "; memcache {} (keys {prefix}ADDRESS)",
+            join(&config.memcache)
+        ));
+    }
     if !config.socketmap.is_empty() {
         serving.push_str(&format!(
             "; socketmap {} (map name {})",
@@ -628,6 +643,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         }
     );
     attestation_notes(&config);
+    if let Some(note) = ipv6_prefix_note(&config) {
+        crate::log_info!("{note}");
+    }
 
     // The sockets are bound, so datagrams that arrived meanwhile wait in
     // their queues; say "started" before the first of them is handled.
@@ -681,6 +699,26 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             .join(" ")
     );
     status
+}
+
+/// What --ipv6-prefix means for this configuration's tables, said at start.
+fn ipv6_prefix_note(config: &Config) -> Option<String> {
+    let n = config.ipv6_prefix;
+    if n >= 128 {
+        return None;
+    }
+    let keyed = config.map.is_some() || !config.memcache.is_empty();
+    Some(format!(
+        "ipv6-prefix {n}: an IPv6 login grants every address of its /{n}{}; never-grant networks and --max-grants count per /{n}, and a /{n} that overlaps a never-grant network grants the login's address alone",
+        if keyed {
+            format!(
+                ", under the keys Postfix's check_client_access tries (its first {} groups; a /{n} ending in zero groups also under its shortened form); a /{n} with a run of zero groups before its end, such as 2001:0:0:1::/64, has no key every address in it tries, so a login there grants its address alone",
+                n / 16
+            )
+        } else {
+            String::new()
+        }
+    ))
 }
 
 /// Says at start (and after a reload) who may speak for the patterns, when
@@ -751,6 +789,9 @@ fn reload(r: &mut Running) {
     }
     if old.state != new.state {
         restart.push("state");
+    }
+    if old.memcache != new.memcache || old.memcache_prefix != new.memcache_prefix {
+        restart.push("memcache or memcache-prefix");
     }
     if old.control != new.control {
         restart.push("control");

@@ -28,6 +28,10 @@
 //! - [`hold`]: sessions still open, which hold their address's grant
 //!   (`--hold-while-connected`).
 //! - [`sink`]: keeps the Postfix access map in step with the table.
+//! - [`follow`]: the [`follow::Sink`] trait and the loop that keeps a sink
+//!   in step with the table change by change (refill, retries, backoff).
+//! - [`memcache`]: the memcached sink, which Postfix reads through
+//!   `memcache:` (several relays, one truth).
 //! - [`policy`], [`socketmap`]: the table served to Postfix directly
 //!   (policy delegation, socketmap), with no map file.
 //! - [`state`]: the state file that keeps grants across restarts.
@@ -49,10 +53,12 @@ pub mod attest;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod follow;
 pub mod grants;
 pub mod hold;
 pub mod logging;
 pub mod matcher;
+pub mod memcache;
 pub mod metrics;
 pub mod net;
 pub mod pipeline;

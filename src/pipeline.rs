@@ -53,7 +53,10 @@ impl Settings {
     pub fn of(config: &Config) -> Settings {
         Settings {
             matchers: config.matchers.clone(),
-            policy: AddressPolicy::new(config.never.clone()),
+            policy: AddressPolicy::new(config.never.clone()).with_ipv6_prefix(
+                config.ipv6_prefix,
+                config.map.is_some() || !config.memcache.is_empty(),
+            ),
             window: config.window,
             require_attestation: config.require_attestation,
             trust_attestation_from: config.trust_attestation_from.clone(),

@@ -122,6 +122,17 @@ pub enum Command {
     },
     /// Print the running daemon's counters.
     Stats(ControlArgs),
+    /// Print the Postfix configuration that goes with these daemon
+    /// options: the smtpd_relay_restrictions line for main.cf, and the
+    /// memcache_table(5) file for each --memcache server.
+    PostfixConfig {
+        /// The daemon's options (or --config FILE), as it runs with them.
+        #[command(flatten)]
+        daemon: Box<DaemonArgs>,
+        /// Where the memcache_table(5) files go.
+        #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
+        cf_dir: PathBuf,
+    },
 }
 
 /// How the client subcommands reach the daemon.

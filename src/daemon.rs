@@ -49,6 +49,13 @@ pub fn main(cli: Cli) -> i32 {
         Some(Command::Match { config, files }) => run_match(config, files),
         Some(Command::List(c)) => client(&c, "list", crate::control::format_list),
         Some(Command::Stats(c)) => client(&c, "stats", |s| s.to_string()),
+        Some(Command::PostfixConfig { daemon, cf_dir }) => match Config::from_args(&daemon) {
+            Ok(c) => {
+                print!("{}", crate::postfix_config::render(&c, &cf_dir));
+                0
+            }
+            Err(e) => fatal(EX_CONFIG, e),
+        },
         Some(Command::Revoke { control, address }) => {
             client(&control, &format!("revoke {address}"), |s| s.to_string())
         }

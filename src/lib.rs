@@ -40,6 +40,8 @@
 //! - [`systemd`]: readiness notification and socket activation.
 //! - [`swap`]: the settings a reload (SIGHUP) replaces.
 //! - [`config`]: command line and configuration file, validated.
+//! - [`postfix_config`]: the main.cf line and memcache_table(5) file that
+//!   go with the daemon's configuration (`postfix-config`).
 //! - [`privilege`]: switching to an unprivileged user after binding.
 //! - [`pipeline`]: the per-datagram stage: parse, match, attest, check,
 //!   grant (with the two-line memory and the open sessions).
@@ -63,6 +65,7 @@ pub mod metrics;
 pub mod net;
 pub mod pipeline;
 pub mod policy;
+pub mod postfix_config;
 pub mod privilege;
 pub mod receiver;
 pub mod record;

@@ -291,13 +291,10 @@ pub async fn follow<S: Sink>(
             _ = feed.wake.notified() => {}
             _ = check => {
                 next_check = sink.check_every().map(|d| Instant::now() + d);
-                match sink.intact().await {
-                    Ok(true) => {}
-                    Ok(false) => need_refill = true,
-                    Err(e) => {
-                        need_refill = true;
-                        health.failed(e).await;
-                    }
+                // A failed check is followed by a refill at once (which
+                // reconnects, and is retried with backoff if it fails).
+                if !matches!(sink.intact().await, Ok(true)) {
+                    need_refill = true;
                 }
                 continue;
             }

@@ -44,7 +44,7 @@ pub const PIPELINE: usize = 1024;
 /// Longest wait for a connection, or for one pipeline's replies.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `stats` is asked whether memcached was restarted or flushed.
-pub const CHECK_EVERY: Duration = Duration::from_millis(500);
+pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// The default key prefix (`--memcache-prefix`).
 pub const DEFAULT_PREFIX: &str = "smtp-after-popd:";
 /// memcached's longest key.

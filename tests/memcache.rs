@@ -460,3 +460,242 @@ fn one_memcached_per_relay_fed_by_rsyslog_fan_out() {
         assert_eq!(d.stop(), Some(0));
     }
 }
+
+/// An SMTP relay probe from IPv6 address `src` to `[::1]:port`: the RCPT
+/// TO reply.
+fn rcpt6(src: &str, port: u16) -> String {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None).expect("socket");
+    let from: std::net::SocketAddr = format!("[{src}]:0").parse().expect("address");
+    s.bind(&from.into()).expect("bind client address");
+    let to: std::net::SocketAddr = format!("[::1]:{port}").parse().expect("address");
+    s.connect_timeout(&to.into(), Duration::from_secs(5))
+        .expect("connect");
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = BufReader::new(s);
+    let mut reply = || {
+        let mut all = String::new();
+        loop {
+            let mut l = String::new();
+            let _ = r.read_line(&mut l);
+            all.push_str(&l);
+            if l.len() < 4 || l.as_bytes()[3] == b' ' {
+                return all;
+            }
+        }
+    };
+    reply();
+    let mut last = String::new();
+    for cmd in [
+        "EHLO client.test",
+        "MAIL FROM:<someone@example.org>",
+        "RCPT TO:<friend@remote.example>",
+        "QUIT",
+    ] {
+        let _ = w.write_all(format!("{cmd}\r\n").as_bytes());
+        let r = reply();
+        if cmd.starts_with("RCPT") {
+            last = r;
+        }
+    }
+    last.trim_end().to_string()
+}
+
+/// A Postfix that also listens on [::1] (inet_protocols = all), with
+/// `relay` as its restrictions; returns it and its IPv6 port.
+fn postfix6(dir: &Path, relay: &str) -> (Postfix, u16) {
+    let pf = Postfix::start(dir, relay, "inet_protocols = all");
+    let port = free_tcp_port();
+    let master = dir.join("conf/master.cf");
+    let mut text = std::fs::read_to_string(&master).expect("master.cf");
+    text.push_str(&format!("[::1]:{port} inet n - n - - smtpd\n"));
+    std::fs::write(&master, text).expect("master.cf");
+    let st = Command::new("postfix")
+        .arg("-c")
+        .arg(dir.join("conf"))
+        .arg("reload")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("postfix reload");
+    assert!(st.success());
+    assert!(
+        wait_for(Duration::from_secs(10), || TcpStream::connect((
+            "::1", port
+        ))
+        .is_ok()),
+        "postfix does not listen on [::1]:{port}:\n{}",
+        pf.log()
+    );
+    (pf, port)
+}
+
+/// Runs [`ipv6_prefix_inside_a_namespace`] in a network namespace of its
+/// own (`unshare -n`), where the documentation addresses of 2001:db8::/32
+/// can sit on the loopback interface without touching the host.
+#[test]
+fn ipv6_prefix_grants_end_to_end_in_a_network_namespace() {
+    require_root!();
+    let me = std::env::current_exe().expect("test binary");
+    let out = Command::new("unshare")
+        .arg("-n")
+        .arg("--")
+        .arg(me)
+        .args([
+            "--exact",
+            "ipv6_prefix_inside_a_namespace",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("SAP_TEST_NETNS", std::process::id().to_string())
+        .output()
+        .expect("unshare -n (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+#[test]
+#[ignore = "run inside a network namespace by ipv6_prefix_grants_end_to_end_in_a_network_namespace"]
+fn ipv6_prefix_inside_a_namespace() {
+    // Only ever inside the namespace the outer test made: it changes the
+    // loopback interface.
+    if std::env::var_os("SAP_TEST_NETNS").is_none() {
+        eprintln!("SKIPPED: runs only inside the outer test's network namespace");
+        return;
+    }
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip (iproute2)");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["link", "set", "lo", "up"]);
+    let clients = [
+        "2001:db8:1:2:aaaa::1",
+        "2001:db8:1:3::9",
+        "2001:db8:1:0:bbbb::2",
+        "2001:db8:1::3:4",
+        "2001:0:0:1::5",
+        "2001:0:0:1::6",
+    ];
+    for c in clients {
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{c}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+    }
+    let s = Scratch::new();
+    let mc = Memcached::start();
+    let port = free_udp_port();
+    let policy_port = free_tcp_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let policy = format!("tcp://127.0.0.1:{policy_port}");
+    let map = s.map();
+    let mca = mc.address();
+    let mut d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &listen,
+            "--map",
+            map.to_str().unwrap(),
+            "--memcache",
+            &mca,
+            "--policy",
+            &policy,
+            "--ipv6-prefix",
+            "64",
+            "--window",
+            "1h",
+            "--never",
+            "none",
+        ],
+    );
+    let base = "permit_mynetworks, permit_auth_destination";
+    let tables = [
+        format!(
+            "{base}, check_client_access hash:{}, reject_unauth_destination",
+            map.display()
+        ),
+        {
+            let cf = s.path("mc.cf");
+            std::fs::write(
+                &cf,
+                format!("memcache = {mca}\nkey_format = smtp-after-popd:%s\n"),
+            )
+            .unwrap();
+            format!(
+                "{base}, check_client_access memcache:{}, reject_unauth_destination",
+                cf.display()
+            )
+        },
+        format!(
+            "{base}, check_policy_service inet:127.0.0.1:{policy_port}, reject_unauth_destination"
+        ),
+    ];
+    let relays: Vec<(Postfix, u16)> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| postfix6(&s.path(&format!("postfix{i}")), t))
+        .collect();
+    // Logins from one address of each /64: 2001:db8:1:2::/64 (key
+    // 2001:db8:1:2), 2001:db8:1::/64 (keys 2001:db8:1:0 and 2001:db8:1:),
+    // and 2001:0:0:1::/64, which has no safe key: its address alone.
+    for (n, login_ip) in ["2001:db8:1:2::5", "2001:db8:1::7", "2001:0:0:1::5"]
+        .iter()
+        .enumerate()
+    {
+        send_udp(port, &login(login_ip, n as u32));
+    }
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let lines = map_lines(&map);
+            lines.iter().any(|l| l == "2001:db8:1: OK") && mc.get(&key("2001:db8:1:2")).is_some()
+        }),
+        "{:?}\n{}",
+        map_lines(&map),
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("grant 2001:db8:1:2::/64 (login from 2001:db8:1:2::5)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("grant 2001:0:0:1::5 alone (2001:0:0:1::/64 has no key"),
+        "{log}"
+    );
+    for (pf, port6) in &relays {
+        let probe = |src: &str| rcpt6(src, *port6);
+        for ok in [
+            "2001:db8:1:2:aaaa::1",
+            "2001:db8:1:0:bbbb::2",
+            "2001:db8:1::3:4",
+            "2001:0:0:1::5",
+        ] {
+            // The hash map is seen once smtpd notices the rebuilt file.
+            let relayed = wait_for(Duration::from_secs(5), || probe(ok).starts_with("250"));
+            assert!(relayed, "{ok} refused: {}\n{}", probe(ok), pf.log());
+        }
+        for refused in ["2001:db8:1:3::9", "2001:0:0:1::6"] {
+            let r = probe(refused);
+            assert!(r.contains("Relay access denied"), "{refused}: {r}");
+        }
+    }
+    assert_eq!(d.stop(), Some(0));
+}

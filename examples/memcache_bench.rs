@@ -52,6 +52,8 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 /// Pending (number, started) pairs, each moved to `done` once a watch
 /// reports a number at least as high.
 type Pending = Arc<Mutex<Vec<(u64, Instant)>>>;
+/// Latencies measured.
+type Done = Arc<Mutex<Vec<Duration>>>;
 
 fn watch(
     mut rx: tokio::sync::watch::Receiver<u64>,
@@ -179,8 +181,7 @@ async fn main() {
     let _ = first_rx.await;
 
     let (map_pending, mc_pending): (Pending, Pending) = Default::default();
-    let (map_done, mc_done): (Arc<Mutex<Vec<Duration>>>, Arc<Mutex<Vec<Duration>>>) =
-        Default::default();
+    let (map_done, mc_done): (Done, Done) = Default::default();
     watch(map_rx, map_pending.clone(), map_done.clone());
     watch(mc_rx, mc_pending.clone(), mc_done.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(2));

@@ -1692,6 +1692,46 @@ mod tests {
     }
 
     #[test]
+    fn memcache_and_ipv6_prefix() {
+        let c = Config::from_args(&args(&[
+            "--map",
+            "none",
+            "--memcache",
+            "inet:127.0.0.1:11211",
+            "--ipv6-prefix",
+            "64",
+        ]))
+        .unwrap();
+        assert_eq!(c.memcache.len(), 1);
+        assert_eq!(
+            (c.memcache_prefix.as_str(), c.ipv6_prefix),
+            ("smtp-after-popd:", 64)
+        );
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--ipv6-prefix", "56"])).unwrap_err();
+        assert!(e.0.contains("expected 48, 64, 80, 96, 112 or 128"), "{e}");
+        // A policy service alone matches any prefix itself.
+        let c = Config::from_args(&args(&[
+            "--map",
+            "none",
+            "--policy",
+            "tcp://127.0.0.1:10040",
+            "--ipv6-prefix",
+            "56",
+        ]))
+        .unwrap();
+        assert_eq!(c.ipv6_prefix, 56);
+        for bad in [
+            ["--ipv6-prefix", "32"],
+            ["--memcache", "127.0.0.1:11211"],
+            ["--memcache-prefix", "a b"],
+        ] {
+            let e = Config::from_args(&args(&[&["--map", "/tmp/m"][..], &bad[..]].concat()))
+                .unwrap_err();
+            assert!(e.0.starts_with(&format!("{} \"", bad[0])), "{e}");
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));

@@ -575,6 +575,12 @@ mod tests {
         assert_eq!(ip.shown(), "192.0.2.7");
         let e = e.unwrap();
         assert_eq!((e.expires_ms, e.user.as_str()), (1234, "a b\n"));
+        // An IPv6 prefix grant keeps its prefix; an IPv4 block is not one.
+        let mut line = String::new();
+        grant_line(&mut line, "2001:db8:1:2::/64".parse().unwrap(), 1, &g);
+        let (key, _) = parse_line(line.trim_end_matches('\n')).unwrap();
+        assert_eq!(key.shown(), "2001:db8:1:2::/64");
+        assert!(parse_line("grant 192.0.2.0/24 1 dovecot imap r h u").is_err());
         assert!(parse_line("grant 192.0.2.7 x dovecot imap r h u").is_err());
         assert!(parse_line("grant 192.0.2.7 1 dovecot imap r h").is_err());
         assert!(parse_line("revoke nonsense").is_err());

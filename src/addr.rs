@@ -36,7 +36,7 @@ use std::str::FromStr;
 
 /// An address block such as `192.0.2.0/24` or `2001:db8::/32`; a bare
 /// address is a block of one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
     /// The network address, with all host bits zero.
     addr: IpAddr,
@@ -45,6 +45,62 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The block of `prefix` bits around `ip` (host bits cleared; a prefix
+    /// longer than the family's is the whole address).
+    pub fn new(ip: IpAddr, prefix: u8) -> Cidr {
+        match ip {
+            IpAddr::V4(a) => {
+                let prefix = prefix.min(32);
+                Cidr {
+                    addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask32(prefix))),
+                    prefix,
+                }
+            }
+            IpAddr::V6(a) => {
+                let prefix = prefix.min(128);
+                Cidr {
+                    addr: IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask128(prefix))),
+                    prefix,
+                }
+            }
+        }
+    }
+
+    /// The block of one address.
+    pub fn host(ip: IpAddr) -> Cidr {
+        Cidr::new(ip, 128)
+    }
+
+    /// The network address (host bits zero).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether the block is one address.
+    pub fn is_host(&self) -> bool {
+        self.prefix == if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+
+    /// Whether the two blocks share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+
+    /// The block as grants show it: a bare address for one address
+    /// (`192.0.2.7`), else `ADDR/PREFIX`.
+    pub fn shown(&self) -> String {
+        if self.is_host() {
+            self.addr.to_string()
+        } else {
+            self.to_string()
+        }
+    }
+
     /// Whether `ip` lies in this block. An IPv4-mapped IPv6 address is
     /// compared as the IPv4 address it carries.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -234,17 +290,136 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The never-grant rules.
+/// IPv6 blocks a login's address is never widened into a prefix grant in:
+/// IPv4-compatible, mapped and translated forms and loopback (`::/8`), the
+/// NAT64 prefixes (`64:ff9b::/32`), multicast.
+const NOT_WIDENED: [(u128, u8); 3] = [(0, 8), (0x0064_ff9b_u128 << 96, 32), (0xff_u128 << 120, 8)];
+
+/// The keys Postfix's `check_client_access` looks up for every address of
+/// block `c`, when there are such keys, for a map or memcached.
+///
+/// smtpd tries the client's address as it prints it (lowercase,
+/// compressed as RFC 5952, as inet_ntop writes it), then that text cut
+/// short at each `:` from the right (`split_at_right(addr, ':')` in
+/// smtpd_check.c's `check_addr_access`). So a block that ends on a group
+/// boundary has the key of its groups (`2001:db8:1:2` for
+/// 2001:db8:1:2::/64), which every address of the block whose text writes
+/// those groups out tries; when the block ends in one or two zero groups,
+/// an address whose `::` starts there tries the groups before them and a
+/// colon (`2001:db8:1:` for 2001:db8:1::/64, as 2001:db8:1::5 does), and
+/// that key is tried by no address outside the block. A block with a run
+/// of two or more zero groups before its end (2001:0:0:1::/64), or with
+/// three or more at its end, has addresses whose only keys are shared
+/// with other blocks: no key is safe, and `None` says so. A block that
+/// does not end on a group boundary has no key either. One address's key
+/// is the address itself.
+pub fn postfix_keys(c: &Cidr) -> Option<Vec<String>> {
+    let IpAddr::V6(net) = c.addr else {
+        return Some(vec![c.addr.to_string()]);
+    };
+    if c.is_host() {
+        return Some(vec![net.to_string()]);
+    }
+    if !c.prefix.is_multiple_of(16) || c.prefix == 0 {
+        return None;
+    }
+    let groups = &net.segments()[..usize::from(c.prefix / 16)];
+    let n = groups.len();
+    // The zero run that ends the block, if any, starts at `tail`.
+    let tail = groups.iter().rposition(|&g| g != 0).map_or(0, |i| i + 1);
+    if tail == 0 || n - tail > 2 {
+        return None;
+    }
+    // A run of two or more zero groups before the end.
+    let mut run = 0;
+    for &g in &groups[..tail] {
+        run = if g == 0 { run + 1 } else { 0 };
+        if run >= 2 {
+            return None;
+        }
+    }
+    let join = |gs: &[u16]| {
+        gs.iter()
+            .map(|g| format!("{g:x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let mut keys = vec![join(groups)];
+    if tail < n {
+        keys.push(format!("{}:", join(&groups[..tail])));
+    }
+    Some(keys)
+}
+
+/// The never-grant rules, and how wide a grant is.
 #[derive(Clone, Debug)]
 pub struct AddressPolicy {
     /// Networks the administrator never wants granted (`--never`).
     never: Vec<Cidr>,
+    /// The prefix length an IPv6 login grants (`--ipv6-prefix`; 128: the
+    /// address alone).
+    ipv6_prefix: u8,
+    /// Whether grants must have keys Postfix tries (a map or memcached is
+    /// written): a prefix without one grants the address alone.
+    map_keys: bool,
 }
 
 impl AddressPolicy {
     /// A policy refusing the fixed classes plus the given networks.
     pub fn new(never: Vec<Cidr>) -> Self {
-        AddressPolicy { never }
+        AddressPolicy {
+            never,
+            ipv6_prefix: 128,
+            map_keys: false,
+        }
+    }
+
+    /// The same rules, granting each IPv6 login its `/prefix`; with
+    /// `map_keys`, only prefixes [`postfix_keys`] finds keys for.
+    pub fn with_ipv6_prefix(mut self, prefix: u8, map_keys: bool) -> Self {
+        self.ipv6_prefix = prefix;
+        self.map_keys = map_keys;
+        self
+    }
+
+    /// What a login from `ip` (which passed [`AddressPolicy::check`])
+    /// grants: its IPv6 prefix, or the address alone, with the reason
+    /// when a prefix was asked for but the address alone is granted.
+    pub fn scope(&self, ip: IpAddr) -> (Cidr, Option<String>) {
+        let host = Cidr::host(ip);
+        if !ip.is_ipv6() || self.ipv6_prefix >= 128 {
+            return (host, None);
+        }
+        let wide = Cidr::new(ip, self.ipv6_prefix);
+        let why = if let Some(&(net, len)) = NOT_WIDENED
+            .iter()
+            .find(|&&(net, len)| wide.overlaps(&Cidr::new(IpAddr::V6(net.into()), len)))
+        {
+            format!(
+                "{wide} lies in {}, which is never granted by prefix",
+                Cidr::new(IpAddr::V6(net.into()), len)
+            )
+        } else if let Some(n) = self.never.iter().find(|n| n.overlaps(&wide)) {
+            format!("{wide} overlaps never-grant network {n}")
+        } else if self.map_keys && postfix_keys(&wide).is_none() {
+            format!(
+                "{wide} has no key that Postfix's check_client_access tries for every address in it (a run of zero groups)"
+            )
+        } else {
+            return (wide, None);
+        };
+        (host, Some(why))
+    }
+
+    /// Whether a live grant of block `c` may stay under these rules.
+    pub fn check_scope(&self, c: &Cidr) -> Result<(), Refusal> {
+        self.check(c.addr)?;
+        if !c.is_host()
+            && let Some(n) = self.never.iter().find(|n| n.overlaps(c))
+        {
+            return Err(Refusal::Never(*n));
+        }
+        Ok(())
     }
 
     /// The canonical address if it may be granted, else why not.
@@ -422,6 +597,92 @@ mod tests {
             assert_eq!(p.check(ip(a)), Ok(ip(a)), "{a}");
         }
         assert_eq!(p.check(ip("::1")), Ok(ip("::1")));
+    }
+
+    #[test]
+    fn postfix_keys_are_the_forms_smtpd_tries() {
+        let keys = |s: &str| postfix_keys(&s.parse().unwrap());
+        let v = |k: &[&str]| Some(k.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(keys("192.0.2.7"), v(&["192.0.2.7"]));
+        assert_eq!(keys("2001:db8::1"), v(&["2001:db8::1"]));
+        assert_eq!(keys("2001:db8:1:2::/64"), v(&["2001:db8:1:2"]));
+        assert_eq!(keys("2001:db8:1::/64"), v(&["2001:db8:1:0", "2001:db8:1:"]));
+        assert_eq!(keys("2001:db8::/64"), v(&["2001:db8:0:0", "2001:db8:"]));
+        assert_eq!(keys("2001:db8:0:1::/64"), v(&["2001:db8:0:1"]));
+        assert_eq!(keys("2001:db8:1:2:3::/80"), v(&["2001:db8:1:2:3"]));
+        // A run of zero groups before the end, three at the end, all zero,
+        // a prefix inside a group: no key is safe.
+        assert_eq!(keys("2001:0:0:1::/64"), None);
+        assert_eq!(keys("2001::/64"), None);
+        assert_eq!(keys("::/64"), None);
+        assert_eq!(keys("2001:db8:1:200::/56"), None);
+    }
+
+    /// Every address of a block tries one of its keys, and no address
+    /// outside it does: the keys checked against smtpd's own walk
+    /// (compressed text, then cut at each colon from the right).
+    #[test]
+    fn postfix_keys_cover_their_block_and_nothing_else() {
+        fn tried(ip: Ipv6Addr) -> Vec<String> {
+            let mut t = ip.to_string();
+            let mut out = vec![t.clone()];
+            while let Some(i) = t.rfind(':') {
+                t.truncate(i);
+                out.push(t.clone());
+            }
+            out
+        }
+        let nets = [
+            "2001:db8:1:2::/64",
+            "2001:db8:1::/64",
+            "2001:db8::/64",
+            "2001:db8:0:1::/64",
+            "2001:db8:1:2:3::/80",
+            "2001:db8:1:2::/48",
+        ];
+        // Addresses with every pattern of zero groups in groups 1-7.
+        for net in nets {
+            let Ok(c) = net.parse::<Cidr>() else {
+                continue;
+            };
+            let Some(keys) = postfix_keys(&c) else {
+                continue;
+            };
+            for bits in 0u32..128 {
+                let mut seg = [0x2001u16, 0xdb8, 1, 2, 3, 4, 5, 6];
+                for (i, s) in seg.iter_mut().enumerate().skip(1) {
+                    if bits & (1 << (i - 1)) != 0 {
+                        *s = 0;
+                    }
+                }
+                let ip = Ipv6Addr::from(seg);
+                let hit = tried(ip).iter().any(|t| keys.contains(t));
+                assert_eq!(hit, c.contains(IpAddr::V6(ip)), "{net} {ip} {keys:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn scope_widens_ipv6_to_its_prefix_unless_it_must_not() {
+        let p =
+            AddressPolicy::new(vec!["2001:db8:9:9::5".parse().unwrap()]).with_ipv6_prefix(64, true);
+        assert_eq!(
+            p.scope(ip("2001:db8:1:2::5")).0.to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(p.scope(ip("192.0.2.7")).0.shown(), "192.0.2.7");
+        for narrowed in ["2001:db8:9:9::1", "2001:0:0:1::5", "::2", "64:ff9b::1"] {
+            let (c, why) = p.scope(ip(narrowed));
+            assert!(c.is_host() && why.is_some(), "{narrowed}");
+        }
+        // Without a map, any prefix Postfix never needs a key for.
+        let policy_only = AddressPolicy::new(Vec::new()).with_ipv6_prefix(64, false);
+        assert!(!policy_only.scope(ip("2001:0:0:1::5")).0.is_host());
+        assert!(
+            p.check_scope(&"2001:db8:9:9::/64".parse().unwrap())
+                .is_err()
+        );
+        assert!(p.check_scope(&"2001:db8:9:8::/64".parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -122,6 +122,17 @@ pub enum Command {
     },
     /// Print the running daemon's counters.
     Stats(ControlArgs),
+    /// Print the Postfix configuration that goes with these daemon
+    /// options: the smtpd_relay_restrictions line for main.cf, and the
+    /// memcache_table(5) file for each --memcache server.
+    PostfixConfig {
+        /// The daemon's options (or --config FILE), as it runs with them.
+        #[command(flatten)]
+        daemon: Box<DaemonArgs>,
+        /// Where the memcache_table(5) files go.
+        #[arg(long, value_name = "DIR", default_value = "/etc/postfix")]
+        cf_dir: PathBuf,
+    },
 }
 
 /// How the client subcommands reach the daemon.
@@ -327,6 +338,29 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
 
+    /// Write the grants to this memcached too (or instead of the map, with
+    /// --map none), for Postfix's memcache: table: inet:HOST:PORT or
+    /// unix:PATH, as Postfix writes them. Each grant is set with the time
+    /// it has left, so it ends on time even if the daemon dies; a restarted
+    /// memcached is refilled. Whoever can write to it can grant: keep it on
+    /// loopback or a private network. Repeatable. [default: none]
+    #[arg(long, value_name = "inet:HOST:PORT|unix:PATH")]
+    pub memcache: Vec<String>,
+
+    /// The prefix of every memcached key (key_format = PREFIX%s in
+    /// Postfix's .cf file). [default: smtp-after-popd:]
+    #[arg(long, value_name = "PREFIX")]
+    pub memcache_prefix: Option<String>,
+
+    /// How much of an IPv6 address a login grants, in bits: 64 lets every
+    /// address of the login's /64 relay (privacy addresses change). From
+    /// 48 to 128; with a map or memcached, a multiple of 16, since
+    /// Postfix shortens IPv6 keys a group at a time. A prefix holding a
+    /// run of zero groups before its end has no such key: a login there
+    /// grants its address alone. [default: 128]
+    #[arg(long, value_name = "BITS")]
+    pub ipv6_prefix: Option<String>,
+
     /// Log line format on standard error: text (journald picks it up with
     /// each line's priority) or json (one object per line, for log
     /// shippers). [default: text]
@@ -447,6 +481,12 @@ pub struct Config {
     pub metrics: Option<ListenSpec>,
     /// The log line format.
     pub log_format: LogFormat,
+    /// The memcached servers written (`--memcache`).
+    pub memcache: Vec<crate::memcache::Server>,
+    /// The memcached key prefix.
+    pub memcache_prefix: String,
+    /// The prefix length an IPv6 login grants.
+    pub ipv6_prefix: u8,
 }
 
 /// A configuration error, ready to print.
@@ -490,6 +530,9 @@ struct FileConfig {
     control: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
+    memcache: Option<Spanned<Vec<String>>>,
+    memcache_prefix: Option<Spanned<String>>,
+    ipv6_prefix: Option<Spanned<toml::Value>>,
     #[serde(default)]
     pattern: Vec<PatternSpec>,
 }
@@ -982,7 +1025,9 @@ impl Config {
             }
             socketmap.push(spec);
         }
-        if map.is_none() && policy.is_empty() && socketmap.is_empty() {
+        let (memcache, memcache_prefix, ipv6_prefix) =
+            sink_group(args, &file, path, source, map.is_some())?;
+        if map.is_none() && policy.is_empty() && socketmap.is_empty() && memcache.is_empty() {
             let origin = if args.map.is_some() {
                 Origin::Flag
             } else {
@@ -995,7 +1040,7 @@ impl Config {
             return Err(origin.error(
                 "map",
                 "none",
-                "with no map file, Postfix needs --policy or --socketmap to ask: give one of them, or a map path",
+                "with no map file, Postfix needs --policy, --socketmap or --memcache to ask: give one of them, or a map path",
             ));
         }
 
@@ -1068,6 +1113,9 @@ impl Config {
         let matchers = build_matchers(path, source, file.pattern)?;
 
         Ok(Config {
+            memcache,
+            memcache_prefix,
+            ipv6_prefix,
             attested,
             listen_is_default,
             state,
@@ -1095,6 +1143,67 @@ impl Config {
             socket_group,
         })
     }
+}
+
+/// `--memcache`, `--memcache-prefix` and `--ipv6-prefix`, checked
+/// together (a map or memcached needs a prefix Postfix has keys for).
+fn sink_group(
+    args: &DaemonArgs,
+    file: &FileConfig,
+    path: &Path,
+    source: &str,
+    map: bool,
+) -> Result<(Vec<crate::memcache::Server>, String, u8), ConfigError> {
+    let mut servers = Vec::new();
+    for (v, origin) in pick_list(&args.memcache, &file.memcache, &[], path, source) {
+        let server =
+            crate::memcache::Server::parse(v).map_err(|e| origin.error("memcache", v, &e))?;
+        servers.push(server);
+    }
+    let (prefix, origin) = pick(
+        &args.memcache_prefix,
+        &file.memcache_prefix,
+        crate::memcache::DEFAULT_PREFIX,
+        path,
+        source,
+    );
+    crate::memcache::check_prefix(prefix)
+        .map_err(|e| origin.error("memcache-prefix", prefix, &e))?;
+    let (text, origin) = match (&args.ipv6_prefix, &file.ipv6_prefix) {
+        (Some(v), _) => (v.clone(), Origin::Flag),
+        (None, Some(v)) => (
+            match v.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            Origin::File {
+                path,
+                source,
+                offset: v.span().start,
+            },
+        ),
+        (None, None) => ("128".to_string(), Origin::Default),
+    };
+    let bits = text
+        .trim_start_matches('/')
+        .parse::<u8>()
+        .ok()
+        .filter(|n| (48..=128).contains(n))
+        .ok_or_else(|| {
+            origin.error(
+                "ipv6-prefix",
+                &text,
+                "expected a prefix length from 48 to 128 bits (64: the client's /64)",
+            )
+        })?;
+    if (map || !servers.is_empty()) && !bits.is_multiple_of(16) {
+        return Err(origin.error(
+            "ipv6-prefix",
+            &text,
+            "with a map or memcached, expected 48, 64, 80, 96, 112 or 128: Postfix shortens an IPv6 address one group (16 bits) at a time, so only those prefixes have a key it looks up",
+        ));
+    }
+    Ok((servers, prefix.to_string(), bits))
 }
 
 /// The built-in patterns plus the file's `[[pattern]]` tables.
@@ -1442,7 +1551,7 @@ mod tests {
         assert_eq!(c.attested, ["unix:///run/a.sock"]);
         assert_eq!(
             c.listen[0],
-            ListenSpec::Unix("/run/a.sock".into(), Default::default())
+            ListenSpec::Unix("/run/a.sock".into(), Access::default())
         );
         // Nothing could ever be granted.
         let e =
@@ -1580,6 +1689,46 @@ mod tests {
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn memcache_and_ipv6_prefix() {
+        let c = Config::from_args(&args(&[
+            "--map",
+            "none",
+            "--memcache",
+            "inet:127.0.0.1:11211",
+            "--ipv6-prefix",
+            "64",
+        ]))
+        .unwrap();
+        assert_eq!(c.memcache.len(), 1);
+        assert_eq!(
+            (c.memcache_prefix.as_str(), c.ipv6_prefix),
+            ("smtp-after-popd:", 64)
+        );
+        let e = Config::from_args(&args(&["--map", "/tmp/m", "--ipv6-prefix", "56"])).unwrap_err();
+        assert!(e.0.contains("expected 48, 64, 80, 96, 112 or 128"), "{e}");
+        // A policy service alone matches any prefix itself.
+        let c = Config::from_args(&args(&[
+            "--map",
+            "none",
+            "--policy",
+            "tcp://127.0.0.1:10040",
+            "--ipv6-prefix",
+            "56",
+        ]))
+        .unwrap();
+        assert_eq!(c.ipv6_prefix, 56);
+        for bad in [
+            ["--ipv6-prefix", "32"],
+            ["--memcache", "127.0.0.1:11211"],
+            ["--memcache-prefix", "a b"],
+        ] {
+            let e = Config::from_args(&args(&[&["--map", "/tmp/m"][..], &bad[..]].concat()))
+                .unwrap_err();
+            assert!(e.0.starts_with(&format!("{} \"", bad[0])), "{e}");
+        }
     }
 
     #[test]

@@ -56,11 +56,12 @@ impl Status {
     pub fn list_text(&self) -> String {
         let now = tokio::time::Instant::now();
         let mut out = String::new();
-        for (ip, g) in self.table.list() {
+        for (key, g) in self.table.list_blocks() {
             let left = g.expires.saturating_duration_since(now).as_secs();
             let _ = writeln!(
                 out,
-                "{ip}\t{left}\t{}\t{}\t{}\t{}\t{}",
+                "{}\t{left}\t{}\t{}\t{}\t{}\t{}",
+                key.shown(),
                 escape(&g.server),
                 g.service,
                 escape(&g.user),
@@ -173,25 +174,30 @@ async fn answer(io: Box<dyn Io>, status: &Status) -> std::io::Result<()> {
     w.shutdown().await
 }
 
-/// `revoke ADDRESS`: the answer.
+/// `revoke ADDRESS`: the answer. Every grant that lets the address relay
+/// goes: its own, and an IPv6 prefix grant covering it.
 fn revoke(status: &Status, arg: &str) -> String {
     let Ok(ip) = arg.parse::<IpAddr>() else {
         return format!("error: \"{}\" is not an IP address\n", escape(arg));
     };
     let ip = crate::addr::canonical(ip);
-    match status.table.revoke(ip) {
-        Some(g) => {
-            Stats::bump(&status.stats.revoked);
-            crate::log_info!(
-                "revoke {ip}: removed through the control socket (last login: {} {} user \"{}\")",
-                g.server,
-                g.service,
-                escape(&g.user)
-            );
-            format!("ok\nrevoked {ip}\n")
-        }
-        None => format!("error: {ip} is not granted\n"),
+    let gone = status.table.revoke_covering(ip);
+    if gone.is_empty() {
+        return format!("error: {ip} is not granted\n");
     }
+    let mut out = String::from("ok\n");
+    for (key, g) in gone {
+        Stats::bump(&status.stats.revoked);
+        crate::log_info!(
+            "revoke {}: removed through the control socket (last login: {} {} user \"{}\")",
+            key.shown(),
+            g.server,
+            g.service,
+            escape(&g.user)
+        );
+        let _ = writeln!(out, "revoked {}", key.shown());
+    }
+    out
 }
 
 /// Binds the control socket at `path`: mode 0660, group `group` (the

@@ -49,6 +49,13 @@ pub fn main(cli: Cli) -> i32 {
         Some(Command::Match { config, files }) => run_match(config, files),
         Some(Command::List(c)) => client(&c, "list", crate::control::format_list),
         Some(Command::Stats(c)) => client(&c, "stats", |s| s.to_string()),
+        Some(Command::PostfixConfig { daemon, cf_dir }) => match Config::from_args(&daemon) {
+            Ok(c) => {
+                print!("{}", crate::postfix_config::render(&c, &cf_dir));
+                0
+            }
+            Err(e) => fatal(EX_CONFIG, e),
+        },
         Some(Command::Revoke { control, address }) => {
             client(&control, &format!("revoke {address}"), |s| s.to_string())
         }
@@ -525,6 +532,14 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         // accepting logins; if postmap fails, the sink keeps retrying.
         let _ = first_rx.await;
     }
+    crate::memcache::start(
+        &config.memcache,
+        &config.memcache_prefix,
+        &table,
+        &stats,
+        &mut tasks,
+    )
+    .await;
     for (what, l) in services {
         let (table, served) = (table.clone(), stats.clone());
         let stats = stats.clone();
@@ -586,6 +601,13 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     if !config.policy.is_empty() {
         serving.push_str(&format!("; policy {}", join(&config.policy)));
     }
+    if !config.memcache.is_empty() {
+        let prefix = &config.memcache_prefix;
+        serving.push_str(&format!(
+            "; memcache {} (keys {prefix}ADDRESS)",
+            join(&config.memcache)
+        ));
+    }
     if !config.socketmap.is_empty() {
         serving.push_str(&format!(
             "; socketmap {} (map name {})",
@@ -628,6 +650,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         }
     );
     attestation_notes(&config);
+    if let Some(note) = ipv6_prefix_note(&config) {
+        crate::log_info!("{note}");
+    }
 
     // The sockets are bound, so datagrams that arrived meanwhile wait in
     // their queues; say "started" before the first of them is handled.
@@ -681,6 +706,26 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             .join(" ")
     );
     status
+}
+
+/// What --ipv6-prefix means for this configuration's tables, said at start.
+fn ipv6_prefix_note(config: &Config) -> Option<String> {
+    let n = config.ipv6_prefix;
+    if n >= 128 {
+        return None;
+    }
+    let keyed = config.map.is_some() || !config.memcache.is_empty();
+    Some(format!(
+        "ipv6-prefix {n}: an IPv6 login grants every address of its /{n}{}; never-grant networks and --max-grants count per /{n}, and a /{n} that overlaps a never-grant network grants the login's address alone",
+        if keyed {
+            format!(
+                ", under the keys Postfix's check_client_access tries (its first {} groups; a /{n} ending in zero groups also under its shortened form); a /{n} with a run of zero groups before its end, such as 2001:0:0:1::/64, has no key every address in it tries, so a login there grants its address alone",
+                n / 16
+            )
+        } else {
+            String::new()
+        }
+    ))
 }
 
 /// Says at start (and after a reload) who may speak for the patterns, when
@@ -752,6 +797,9 @@ fn reload(r: &mut Running) {
     if old.state != new.state {
         restart.push("state");
     }
+    if old.memcache != new.memcache || old.memcache_prefix != new.memcache_prefix {
+        restart.push("memcache or memcache-prefix");
+    }
     if old.control != new.control {
         restart.push("control");
     }
@@ -797,13 +845,14 @@ fn reload(r: &mut Running) {
     }
     // "Never" means never: live grants the new rules refuse end now.
     let policy = AddressPolicy::new(new.never.clone());
-    for (ip, _) in r.table.list() {
-        if let Err(why) = policy.check(ip)
-            && r.table.revoke(ip).is_some()
+    for (key, _) in r.table.list_blocks() {
+        if let Err(why) = policy.check_scope(&key)
+            && r.table.revoke_block(key).is_some()
         {
             Stats::bump(&r.stats.revoked);
             crate::log_info!(
-                "revoke {ip}: {why} (never-grant rules of the reloaded configuration)"
+                "revoke {}: {why} (never-grant rules of the reloaded configuration)",
+                key.shown()
             );
         }
     }

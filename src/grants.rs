@@ -3,7 +3,12 @@
 //! Consumes: accepted logins ([`GrantTable::grant`]) from the daemon.
 //! Produces: the set of live addresses, with a generation number that
 //! changes whenever the set changes ([`GrantTable::subscribe`]), for the
-//! sinks; and one log line per expiry.
+//! sinks; every change, in order, to each change subscriber
+//! ([`GrantTable::add_hook`]); and one log line per expiry.
+//!
+//! A grant covers a block ([`Cidr`]): one address, or the IPv6 prefix of
+//! the login's address (`--ipv6-prefix`). [`GrantTable::lookup`] finds the
+//! grant covering a client address.
 //! Trusts: its callers; every address reaching it has passed the matchers
 //! and the never-grant rules.
 //!
@@ -20,12 +25,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::addr::Cidr;
 use crate::logging::escape;
 use crate::matcher::Service;
 use crate::stats::Stats;
@@ -47,19 +53,30 @@ pub struct Grant {
     pub host: Arc<str>,
 }
 
-/// A change of the table, as the state file records it.
+/// A change of the table, as the state file and the memcached sink
+/// follow it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// An address was granted, or its grant renewed.
-    Grant(IpAddr, Grant),
-    /// A grant was revoked.
-    Revoke(IpAddr),
+    /// A block was granted, or its grant renewed or moved.
+    Grant(Cidr, Grant),
+    /// A grant was revoked (by `revoke`, or a reload's never-grant rules).
+    Revoke(Cidr),
+    /// A grant's window closed.
+    Expire(Cidr),
 }
 
-/// Receives every grant, renewal and revocation, in the order the table
-/// applied them (it is called under the table's lock, so it must be quick:
-/// hand the change over, do not write it). Expiries are not reported:
-/// whoever reads the record drops expired grants itself.
+impl Change {
+    /// The block the change is about.
+    pub fn key(&self) -> Cidr {
+        match self {
+            Change::Grant(c, _) | Change::Revoke(c) | Change::Expire(c) => *c,
+        }
+    }
+}
+
+/// Receives every grant, renewal, revocation and expiry, in the order the
+/// table applied them (it is called under the table's lock, so it must be
+/// quick: hand the change over, do not write it).
 pub type ChangeHook = Box<dyn Fn(Change) + Send + Sync>;
 
 /// Names (servers, reporters, host names) shared by the grants that carry
@@ -104,12 +121,39 @@ pub enum GrantResult {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Live grants by address.
-    grants: HashMap<IpAddr, Grant>,
+    /// Live grants by block.
+    grants: HashMap<Cidr, Grant>,
     /// The same grants ordered by expiry, for the purge task.
-    expiries: BTreeSet<(Instant, IpAddr)>,
+    expiries: BTreeSet<(Instant, Cidr)>,
     /// Bumped whenever the set of addresses changes.
     generation: u64,
+    /// How many live grants are IPv6 prefixes of each length (not single
+    /// addresses), so that a lookup tries only the lengths in use.
+    prefixes: std::collections::BTreeMap<u8, usize>,
+}
+
+impl Inner {
+    fn count_prefix(&mut self, key: Cidr, added: bool) {
+        if key.is_host() {
+            return;
+        }
+        let n = self.prefixes.entry(key.prefix()).or_insert(0);
+        if added {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.prefixes.remove(&key.prefix());
+            }
+        }
+    }
+
+    fn remove(&mut self, key: Cidr) -> Option<Grant> {
+        let old = self.grants.remove(&key)?;
+        self.expiries.remove(&(old.expires, key));
+        self.count_prefix(key, false);
+        Some(old)
+    }
 }
 
 /// The table of live grants. Cheap to share: wrap it in an `Arc`.
@@ -122,8 +166,8 @@ pub struct GrantTable {
     purge_wake: Notify,
     /// Most live grants; new addresses are refused beyond it.
     max_grants: AtomicUsize,
-    /// Told of every change, once set.
-    hook: OnceLock<ChangeHook>,
+    /// Told of every change, in the order they were added.
+    hooks: std::sync::RwLock<Vec<ChangeHook>>,
 }
 
 impl std::fmt::Debug for GrantTable {
@@ -154,7 +198,7 @@ impl GrantTable {
             generation_tx: watch::Sender::new(0),
             purge_wake: Notify::new(),
             max_grants: AtomicUsize::new(max_grants),
-            hook: OnceLock::new(),
+            hooks: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -169,17 +213,48 @@ impl GrantTable {
         self.max_grants.load(Ordering::Relaxed)
     }
 
-    /// Sets the hook told of every change from now on; only the first call
-    /// has an effect.
-    pub fn set_hook(&self, hook: ChangeHook) {
-        let _ = self.hook.set(hook);
+    /// Adds a hook told of every change from now on (the state file, a
+    /// memcached sink); any number may be added.
+    pub fn add_hook(&self, hook: ChangeHook) {
+        // Under the table's lock, so that no change is told to some hooks
+        // and not to this one.
+        let _inner = self.lock();
+        match self.hooks.write() {
+            Ok(mut h) => h.push(hook),
+            Err(p) => p.into_inner().push(hook),
+        }
     }
 
-    /// Tells the hook, if any, of a change (called under the lock).
+    /// The same as [`GrantTable::add_hook`], kept for its callers.
+    pub fn set_hook(&self, hook: ChangeHook) {
+        self.add_hook(hook);
+    }
+
+    /// Tells every hook of a change (called under the lock).
     fn tell(&self, change: impl FnOnce() -> Change) {
-        if let Some(hook) = self.hook.get() {
-            hook(change());
+        let hooks = match self.hooks.read() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((last, rest)) = hooks.split_last() {
+            let change = change();
+            for hook in rest {
+                hook(change.clone());
+            }
+            last(change);
         }
+    }
+
+    /// Runs `f` with the live grants under the table's lock, so that no
+    /// change can come between what `f` sees and the changes the hooks
+    /// are told after it (a sink's refill).
+    pub fn with_snapshot<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = (Cidr, &Grant)>) -> T,
+    ) -> T {
+        let inner = self.lock();
+        let mut it = inner.grants.iter().map(|(k, g)| (*k, g));
+        f(&mut it)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -192,28 +267,35 @@ impl GrantTable {
         }
     }
 
-    /// Grants `ip` until `now + window`, or renews its grant.
+    /// Grants `ip` until `grant.expires`, or renews its grant.
     pub fn grant(&self, ip: IpAddr, grant: Grant) -> GrantResult {
+        self.grant_block(Cidr::host(ip), grant)
+    }
+
+    /// Grants block `key` (one address or an IPv6 prefix) until
+    /// `grant.expires`, or renews its grant.
+    pub fn grant_block(&self, key: Cidr, grant: Grant) -> GrantResult {
         let expires = grant.expires;
         let mut inner = self.lock();
         if inner.grants.len() >= self.max_grants.load(Ordering::Relaxed)
-            && !inner.grants.contains_key(&ip)
+            && !inner.grants.contains_key(&key)
         {
             return GrantResult::Full;
         }
-        self.tell(|| Change::Grant(ip, grant.clone()));
+        self.tell(|| Change::Grant(key, grant.clone()));
         let earliest_before = inner.expiries.first().map(|(t, _)| *t);
-        let result = match inner.grants.insert(ip, grant) {
+        let result = match inner.grants.insert(key, grant) {
             Some(old) => {
-                inner.expiries.remove(&(old.expires, ip));
+                inner.expiries.remove(&(old.expires, key));
                 GrantResult::Renewed
             }
             None => {
+                inner.count_prefix(key, true);
                 inner.generation += 1;
                 GrantResult::New
             }
         };
-        inner.expiries.insert((expires, ip));
+        inner.expiries.insert((expires, key));
         let generation = inner.generation;
         drop(inner);
         if result == GrantResult::New {
@@ -225,21 +307,26 @@ impl GrantTable {
         result
     }
 
-    /// Moves the expiry of a live grant to `expires` (earlier or later),
-    /// keeping the rest of it; false when `ip` has no grant. The change
-    /// hook is told, as for a renewal.
+    /// Moves the expiry of the live grant of address `ip` to `expires`
+    /// (earlier or later), keeping the rest of it; false when `ip` has no
+    /// grant. The change hooks are told, as for a renewal.
     pub fn set_expiry(&self, ip: IpAddr, expires: Instant) -> bool {
+        self.set_block_expiry(Cidr::host(ip), expires)
+    }
+
+    /// [`GrantTable::set_expiry`] for the grant of block `key`.
+    pub fn set_block_expiry(&self, key: Cidr, expires: Instant) -> bool {
         let mut inner = self.lock();
         let earliest_before = inner.expiries.first().map(|(t, _)| *t);
-        let Some(g) = inner.grants.get_mut(&ip) else {
+        let Some(g) = inner.grants.get_mut(&key) else {
             return false;
         };
         let old = g.expires;
         g.expires = expires;
         let g = g.clone();
-        self.tell(|| Change::Grant(ip, g));
-        inner.expiries.remove(&(old, ip));
-        inner.expiries.insert((expires, ip));
+        self.tell(|| Change::Grant(key, g));
+        inner.expiries.remove(&(old, key));
+        inner.expiries.insert((expires, key));
         drop(inner);
         if earliest_before.is_none_or(|t| expires < t) {
             self.purge_wake.notify_one();
@@ -247,12 +334,18 @@ impl GrantTable {
         true
     }
 
-    /// Removes a grant at once; returns it if there was one.
+    /// Removes the grant of address `ip` at once; returns it if there was
+    /// one.
     pub fn revoke(&self, ip: IpAddr) -> Option<Grant> {
+        self.revoke_block(Cidr::host(ip))
+    }
+
+    /// Removes the grant of block `key` at once; returns it if there was
+    /// one.
+    pub fn revoke_block(&self, key: Cidr) -> Option<Grant> {
         let mut inner = self.lock();
-        let old = inner.grants.remove(&ip)?;
-        inner.expiries.remove(&(old.expires, ip));
-        self.tell(|| Change::Revoke(ip));
+        let old = inner.remove(key)?;
+        self.tell(|| Change::Revoke(key));
         inner.generation += 1;
         let generation = inner.generation;
         drop(inner);
@@ -260,18 +353,60 @@ impl GrantTable {
         Some(old)
     }
 
+    /// Removes every grant that lets `ip` relay (its own, and the prefix
+    /// grants covering it); returns the blocks removed, with their grants.
+    pub fn revoke_covering(&self, ip: IpAddr) -> Vec<(Cidr, Grant)> {
+        let keys: Vec<Cidr> = {
+            let inner = self.lock();
+            Self::covering(&inner, ip).collect()
+        };
+        keys.into_iter()
+            .filter_map(|k| self.revoke_block(k).map(|g| (k, g)))
+            .collect()
+    }
+
+    /// The live blocks that contain `ip`, most specific first.
+    fn covering<'a>(inner: &'a Inner, ip: IpAddr) -> impl Iterator<Item = Cidr> + 'a {
+        let host = Cidr::host(ip);
+        let prefixes = inner
+            .prefixes
+            .keys()
+            .rev()
+            .filter(move |_| ip.is_ipv6())
+            .map(move |&len| Cidr::new(ip, len));
+        std::iter::once(host)
+            .chain(prefixes)
+            .filter(|k| inner.grants.contains_key(k))
+    }
+
+    /// The grant that lets `ip` relay, if any: its own, or the IPv6 prefix
+    /// grant covering it. What the policy service and socketmap answer.
+    pub fn lookup(&self, ip: IpAddr) -> Option<(Cidr, Grant)> {
+        let inner = self.lock();
+        let key = Self::covering(&inner, ip).next()?;
+        inner.grants.get(&key).map(|g| (key, g.clone()))
+    }
+
     /// Removes every grant whose window has closed by `now`. Returns them and
     /// the next expiry, if any.
     pub fn purge(&self, now: Instant) -> (Vec<(IpAddr, Grant)>, Option<Instant>) {
+        let (gone, next) = self.purge_blocks(now);
+        (gone.into_iter().map(|(k, g)| (k.addr(), g)).collect(), next)
+    }
+
+    /// [`GrantTable::purge`], naming the blocks.
+    pub fn purge_blocks(&self, now: Instant) -> (Vec<(Cidr, Grant)>, Option<Instant>) {
         let mut inner = self.lock();
         let mut gone = Vec::new();
-        while let Some(&(t, ip)) = inner.expiries.first() {
+        while let Some(&(t, key)) = inner.expiries.first() {
             if t > now {
                 break;
             }
-            inner.expiries.pop_first();
-            if let Some(g) = inner.grants.remove(&ip) {
-                gone.push((ip, g));
+            if let Some(g) = inner.remove(key) {
+                self.tell(|| Change::Expire(key));
+                gone.push((key, g));
+            } else {
+                inner.expiries.pop_first();
             }
         }
         if !gone.is_empty() {
@@ -286,34 +421,51 @@ impl GrantTable {
         (gone, next)
     }
 
-    /// The generation and the live addresses, sorted, taken together so a
-    /// sink knows exactly which state it wrote.
+    /// The generation and the live addresses (each block's network
+    /// address), sorted, taken together so a sink knows exactly which
+    /// state it wrote.
     pub fn addresses(&self) -> (u64, Vec<IpAddr>) {
+        let (generation, keys) = self.blocks();
+        (generation, keys.into_iter().map(|k| k.addr()).collect())
+    }
+
+    /// The generation and the live blocks, sorted (IPv4 before IPv6, then
+    /// by address, then by prefix length).
+    pub fn blocks(&self) -> (u64, Vec<Cidr>) {
         let inner = self.lock();
-        let mut v: Vec<IpAddr> = inner.grants.keys().copied().collect();
+        let mut v: Vec<Cidr> = inner.grants.keys().copied().collect();
         let generation = inner.generation;
         drop(inner);
-        // The same order as sorting IpAddr (IPv4 before IPv6, then by
-        // value), by a plain integer key, which sorts several times faster.
-        v.sort_unstable_by_key(|ip| match ip {
-            IpAddr::V4(a) => (0u8, u128::from(a.to_bits())),
-            IpAddr::V6(a) => (1u8, a.to_bits()),
+        // The same order as sorting Cidr, by a plain integer key, which
+        // sorts several times faster.
+        v.sort_unstable_by_key(|c| match c.addr() {
+            IpAddr::V4(a) => (0u8, u128::from(a.to_bits()), c.prefix()),
+            IpAddr::V6(a) => (1u8, a.to_bits(), c.prefix()),
         });
         (generation, v)
     }
 
-    /// A copy of one grant.
+    /// A copy of the grant of address `ip` (not of a prefix covering it:
+    /// see [`GrantTable::lookup`]).
     pub fn get(&self, ip: IpAddr) -> Option<Grant> {
-        self.lock().grants.get(&ip).cloned()
+        self.lock().grants.get(&Cidr::host(ip)).cloned()
+    }
+
+    /// A copy of every grant, ordered by expiry, by network address.
+    pub fn list(&self) -> Vec<(IpAddr, Grant)> {
+        self.list_blocks()
+            .into_iter()
+            .map(|(k, g)| (k.addr(), g))
+            .collect()
     }
 
     /// A copy of every grant, ordered by expiry.
-    pub fn list(&self) -> Vec<(IpAddr, Grant)> {
+    pub fn list_blocks(&self) -> Vec<(Cidr, Grant)> {
         let inner = self.lock();
         inner
             .expiries
             .iter()
-            .filter_map(|(_, ip)| inner.grants.get(ip).map(|g| (*ip, g.clone())))
+            .filter_map(|(_, k)| inner.grants.get(k).map(|g| (*k, g.clone())))
             .collect()
     }
 
@@ -338,11 +490,12 @@ impl GrantTable {
     /// Never returns; cancel it by dropping its task.
     pub async fn run_purge(self: Arc<Self>, stats: Arc<Stats>) {
         loop {
-            let (gone, next) = self.purge(Instant::now());
-            for (ip, g) in gone {
+            let (gone, next) = self.purge_blocks(Instant::now());
+            for (key, g) in gone {
                 Stats::bump(&stats.expired);
                 crate::log_info!(
-                    "expire {ip}: window over (last login: {} {} user \"{}\", reported by {})",
+                    "expire {}: window over (last login: {} {} user \"{}\", reported by {})",
+                    key.shown(),
                     g.server,
                     g.service,
                     escape(&g.user),
@@ -455,9 +608,45 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(table.is_empty());
         assert!(!table.set_expiry(a, expiry(Duration::from_secs(3))));
-        // The state file heard of each move.
-        assert_eq!(changes.lock().unwrap().len(), 3);
+        // The hooks heard of each move, and of the expiry.
+        let heard = changes.lock().unwrap().clone();
+        assert_eq!(heard.len(), 4);
+        assert_eq!(heard[3], Change::Expire(Cidr::host(a)));
         purge.abort();
+    }
+
+    #[test]
+    fn prefix_grants_cover_their_block_and_every_hook_hears() {
+        let table = GrantTable::with_limit(2);
+        let (h1, h2) = (
+            Arc::new(std::sync::Mutex::new(Vec::new())),
+            Arc::new(std::sync::Mutex::new(Vec::new())),
+        );
+        for h in [&h1, &h2] {
+            let h = h.clone();
+            table.add_hook(Box::new(move |c| h.lock().unwrap().push(c)));
+        }
+        let net: Cidr = "2001:db8:1:2::/64".parse().unwrap();
+        let now = Instant::now();
+        table.grant_block(net, g(now + Duration::from_secs(60)));
+        table.grant(ip("192.0.2.7"), g(now + Duration::from_secs(60)));
+        assert_eq!(
+            table.lookup(ip("2001:db8:1:2:aaaa::1")).map(|l| l.0),
+            Some(net)
+        );
+        assert!(table.lookup(ip("2001:db8:1:3::1")).is_none());
+        assert!(table.get(ip("2001:db8:1:2:aaaa::1")).is_none());
+        // Counted per prefix: the table of two is full.
+        assert_eq!(
+            table.grant_block("2001:db8:9::/64".parse().unwrap(), g(now)),
+            GrantResult::Full
+        );
+        let gone = table.revoke_covering(ip("2001:db8:1:2::77"));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0, net);
+        assert!(table.lookup(ip("2001:db8:1:2::5")).is_none());
+        assert_eq!(h1.lock().unwrap().len(), 3);
+        assert_eq!(*h1.lock().unwrap(), *h2.lock().unwrap());
     }
 
     #[test]

@@ -28,6 +28,10 @@
 //! - [`hold`]: sessions still open, which hold their address's grant
 //!   (`--hold-while-connected`).
 //! - [`sink`]: keeps the Postfix access map in step with the table.
+//! - [`follow`]: the [`follow::Sink`] trait and the loop that keeps a sink
+//!   in step with the table change by change (refill, retries, backoff).
+//! - [`memcache`]: the memcached sink, which Postfix reads through
+//!   `memcache:` (several relays, one truth).
 //! - [`policy`], [`socketmap`]: the table served to Postfix directly
 //!   (policy delegation, socketmap), with no map file.
 //! - [`state`]: the state file that keeps grants across restarts.
@@ -36,6 +40,8 @@
 //! - [`systemd`]: readiness notification and socket activation.
 //! - [`swap`]: the settings a reload (SIGHUP) replaces.
 //! - [`config`]: command line and configuration file, validated.
+//! - [`postfix_config`]: the main.cf line and memcache_table(5) file that
+//!   go with the daemon's configuration (`postfix-config`).
 //! - [`privilege`]: switching to an unprivileged user after binding.
 //! - [`pipeline`]: the per-datagram stage: parse, match, attest, check,
 //!   grant (with the two-line memory and the open sessions).
@@ -49,14 +55,17 @@ pub mod attest;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod follow;
 pub mod grants;
 pub mod hold;
 pub mod logging;
 pub mod matcher;
+pub mod memcache;
 pub mod metrics;
 pub mod net;
 pub mod pipeline;
 pub mod policy;
+pub mod postfix_config;
 pub mod privilege;
 pub mod receiver;
 pub mod record;

@@ -53,7 +53,10 @@ impl Settings {
     pub fn of(config: &Config) -> Settings {
         Settings {
             matchers: config.matchers.clone(),
-            policy: AddressPolicy::new(config.never.clone()),
+            policy: AddressPolicy::new(config.never.clone()).with_ipv6_prefix(
+                config.ipv6_prefix,
+                config.map.is_some() || !config.memcache.is_empty(),
+            ),
             window: config.window,
             require_attestation: config.require_attestation,
             trust_attestation_from: config.trust_attestation_from.clone(),
@@ -418,6 +421,10 @@ impl Pipeline {
                 return;
             }
         };
+        // The block the login grants (its IPv6 prefix, --ipv6-prefix); the
+        // open sessions are held by the block's network address.
+        let (key, narrowed) = s.policy.scope(ip);
+        let (login_ip, ip) = (ip, key.addr());
         let reporter = self.shared(&peer.to_string());
         let host = rec.hostname.unwrap_or("-");
         let mut expires = now + s.window;
@@ -465,7 +472,7 @@ impl Pipeline {
             reporter: reporter.clone(),
             host: self.shared(host),
         };
-        let verb = match self.table.grant(ip, grant) {
+        let verb = match self.table.grant_block(key, grant) {
             GrantResult::New => {
                 Stats::bump(&self.stats.granted);
                 "grant"
@@ -482,7 +489,8 @@ impl Pipeline {
                 }
                 crate::log_warning_limited!(
                     REFUSAL_WARNINGS,
-                    "refuse {ip}: the table is full ({} grants, --max-grants) ({})",
+                    "refuse {}: the table is full ({} grants, --max-grants) ({})",
+                    key.shown(),
                     self.table.len(),
                     About(&login, peer)
                 );
@@ -500,8 +508,13 @@ impl Pipeline {
         } else {
             format_duration(s.window)
         };
+        let what = match &narrowed {
+            Some(why) => format!("{login_ip} alone ({why})"),
+            None if !key.is_host() => format!("{} (login from {login_ip})", key.shown()),
+            None => login_ip.to_string(),
+        };
         crate::log_info!(
-            "{verb} {ip} for {how_long}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
+            "{verb} {what} for {how_long}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
             login.server,
             login.service,
             escape(&login.user),
@@ -532,7 +545,12 @@ impl Pipeline {
         pattern: &str,
         now: tokio::time::Instant,
     ) {
-        let ip = ip.and_then(|ip| s.policy.check(ip).ok());
+        let ip = ip.and_then(|ip| {
+            s.policy
+                .check(ip)
+                .ok()
+                .map(|ip| s.policy.scope(ip).0.addr())
+        });
         let closed = match session {
             None => Closed::Unknown,
             Some(id) => {
@@ -562,7 +580,10 @@ impl Pipeline {
             }
             Closed::Last(ip) => {
                 Stats::bump(&self.stats.holds_closed);
-                if self.table.set_expiry(ip, now + s.window) {
+                if self
+                    .table
+                    .set_block_expiry(s.policy.scope(ip).0, now + s.window)
+                {
                     crate::log_info!(
                         "logout from {ip} of user \"{}\": last session closed, grant ends in {} (pattern {pattern}, reported by {peer})",
                         escape(user),

@@ -88,7 +88,7 @@ pub fn decide(req: &Request, table: &GrantTable) -> &'static str {
     else {
         return "DUNNO";
     };
-    if table.get(canonical(ip)).is_some() {
+    if table.lookup(canonical(ip)).is_some() {
         "OK"
     } else {
         "DUNNO"

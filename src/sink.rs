@@ -31,6 +31,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::addr::Cidr;
 use crate::grants::GrantTable;
 use crate::stats::Stats;
 
@@ -163,42 +164,50 @@ impl PostfixMap {
             .with_file_name(format!(".{name}.smtp-after-popd.tmp"))
     }
 
-    /// `ADDRESS OK` lines for these addresses, without the header.
-    fn render_entries(addrs: &[IpAddr]) -> String {
-        let mut s = String::with_capacity(addrs.len() * 20);
-        for ip in addrs {
-            push_entry(&mut s, ip);
+    /// `KEY OK` lines for these blocks, without the header.
+    fn render_entries(blocks: &[Cidr]) -> String {
+        let mut s = String::with_capacity(blocks.len() * 20);
+        for b in blocks {
+            push_block(&mut s, b);
         }
         s
     }
 
     /// The map's source text for these addresses.
     pub fn render(addrs: &[IpAddr]) -> String {
-        let mut s = String::with_capacity(64 + addrs.len() * 20);
+        let blocks: Vec<Cidr> = addrs.iter().map(|a| Cidr::host(*a)).collect();
+        Self::render_blocks(&blocks)
+    }
+
+    /// The map's source text for these blocks: one `KEY OK` line for each
+    /// key Postfix tries for a block ([`crate::addr::postfix_keys`]).
+    pub fn render_blocks(blocks: &[Cidr]) -> String {
+        let mut s = String::with_capacity(64 + blocks.len() * 20);
         s.push_str("# Written by smtp-after-popd; do not edit: changes are overwritten.\n");
-        for ip in addrs {
-            push_entry(&mut s, ip);
+        for b in blocks {
+            push_block(&mut s, b);
         }
         s
     }
 
     /// Rewrites the map atomically with exactly these addresses.
     pub async fn write(&self, addrs: &[IpAddr]) -> Result<(), SinkError> {
-        self.write_with(addrs, None).await
+        let blocks: Vec<Cidr> = addrs.iter().map(|a| Cidr::host(*a)).collect();
+        self.write_with(&blocks, None).await
     }
 
-    /// Rewrites the map atomically with exactly `addrs`, by applying
+    /// Rewrites the map atomically with exactly `blocks`, by applying
     /// `delta` (added, removed) to a copy of the current database when
     /// given, else by building the database afresh. Either way the new
     /// database and source are built aside and renamed into place.
     pub async fn write_with(
         &self,
-        addrs: &[IpAddr],
-        delta: Option<(&[IpAddr], &[IpAddr])>,
+        blocks: &[Cidr],
+        delta: Option<(&[Cidr], &[Cidr])>,
     ) -> Result<(), SinkError> {
         let tmp = self.temp_path();
         let tmp_db = with_suffix(&tmp, self.map_type.suffix());
-        let text = Self::render(addrs);
+        let text = Self::render_blocks(blocks);
         let result = self.build(&tmp, &tmp_db, text, delta).await;
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -273,7 +282,7 @@ impl PostfixMap {
         tmp: &Path,
         tmp_db: &Path,
         text: String,
-        delta: Option<(&[IpAddr], &[IpAddr])>,
+        delta: Option<(&[Cidr], &[Cidr])>,
     ) -> Result<(), SinkError> {
         let tmp_owned = tmp.to_path_buf();
         tokio::task::spawn_blocking(move || write_synced(&tmp_owned, text.as_bytes()))
@@ -308,7 +317,11 @@ impl PostfixMap {
                         .await?;
                 }
                 if !removed.is_empty() {
-                    let keys: String = removed.iter().map(|ip| format!("{ip}\n")).collect();
+                    let keys: String = removed
+                        .iter()
+                        .flat_map(|b| crate::addr::postfix_keys(b).unwrap_or_default())
+                        .map(|k| k + "\n")
+                        .collect();
                     self.postmap(&["-d", "-", &arg], Some(keys)).await?;
                 }
             }
@@ -370,11 +383,11 @@ impl PostfixMap {
         let mut changes = table.subscribe();
         let mut written: Option<u64> = None;
         // What the database holds, when we wrote it and know it.
-        let mut in_db: Option<Vec<IpAddr>> = None;
+        let mut in_db: Option<Vec<Cidr>> = None;
         let mut backoff = Duration::from_secs(1);
         let mut first_write = first_write;
         loop {
-            let (generation, addrs) = table.addresses();
+            let (generation, addrs) = table.blocks();
             if written != Some(generation) {
                 let started = tokio::time::Instant::now();
                 // A small change is applied to a copy of the database
@@ -395,7 +408,7 @@ impl PostfixMap {
                 };
                 let result = match &delta {
                     Some((a, r)) => self.write_with(&addrs, Some((a, r))).await,
-                    None => self.write(&addrs).await,
+                    None => self.write_with(&addrs, None).await,
                 };
                 match result {
                     Ok(()) => {
@@ -456,6 +469,17 @@ impl PostfixMap {
     }
 }
 
+/// Appends a `KEY OK` line for each key of a block: the address for one
+/// address, the keys Postfix tries for a prefix (none when it has none).
+fn push_block(s: &mut String, b: &Cidr) {
+    if b.is_host() {
+        return push_entry(s, &b.addr());
+    }
+    for key in crate::addr::postfix_keys(b).unwrap_or_default() {
+        let _ = writeln!(s, "{key} OK");
+    }
+}
+
 /// Appends `ADDRESS OK` and a newline. IPv4 addresses, nearly all of a
 /// large map, are formatted by hand: the map is rewritten often, and the
 /// general formatter was a third of an incremental update's time.
@@ -488,7 +512,7 @@ fn push_entry(s: &mut String, ip: &IpAddr) {
 const INCREMENTAL_MAX: usize = 10_000;
 
 /// What to add to and remove from sorted `old` to get sorted `new`.
-fn diff(old: &[IpAddr], new: &[IpAddr]) -> (Vec<IpAddr>, Vec<IpAddr>) {
+fn diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     let (mut i, mut j) = (0, 0);
     while i < old.len() || j < new.len() {
@@ -612,7 +636,7 @@ mod tests {
         let (a, r) = diff(&old, &new);
         assert_eq!(a, [ip("192.0.2.3"), ip("192.0.2.5")]);
         assert_eq!(r, [ip("192.0.2.1")]);
-        assert_eq!(diff(&[], &[]), (vec![], vec![]));
+        assert_eq!(diff::<IpAddr>(&[], &[]), (vec![], vec![]));
     }
 
     #[test]

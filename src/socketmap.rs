@@ -50,7 +50,7 @@ pub fn answer(req: &[u8], table: &GrantTable) -> String {
         return format!("PERM unknown map name {shown}: this daemon serves {MAP_NAME}");
     }
     match key.parse::<IpAddr>() {
-        Ok(ip) if table.get(canonical(ip)).is_some() => "OK OK".into(),
+        Ok(ip) if table.lookup(canonical(ip)).is_some() => "OK OK".into(),
         _ => "NOTFOUND ".into(),
     }
 }

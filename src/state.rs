@@ -20,7 +20,8 @@
 //! ```
 //!
 //! `grant IP EXPIRES SERVER SERVICE REPORTER HOST USER`, EXPIRES in
-//! milliseconds since the Unix epoch; text fields are percent-encoded
+//! milliseconds since the Unix epoch (IP is `ADDR/PREFIX` for an IPv6
+//! prefix grant, `--ipv6-prefix`); text fields are percent-encoded
 //! (anything but printable ASCII, and `%`). Later lines win.
 //!
 //! # Cost and safety
@@ -48,7 +49,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::addr::AddressPolicy;
+use crate::addr::{AddressPolicy, Cidr};
 use crate::grants::{Change, Grant, GrantTable, Names};
 use crate::matcher::Service;
 
@@ -80,8 +81,8 @@ pub struct Entry {
 /// What [`load`] found.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// The grants, by address (later lines won).
-    pub grants: HashMap<IpAddr, Entry>,
+    /// The grants, by block (later lines won).
+    pub grants: HashMap<Cidr, Entry>,
     /// Lines skipped, with their messages (`FILE, line N: ...`).
     pub bad_lines: Vec<String>,
 }
@@ -135,8 +136,8 @@ fn decode(s: &str) -> Option<String> {
 }
 
 /// Formats one grant line (with its newline).
-fn grant_line(out: &mut String, ip: IpAddr, expires_ms: u64, g: &Grant) {
-    let _ = write!(out, "grant {ip} {expires_ms} ");
+fn grant_line(out: &mut String, key: Cidr, expires_ms: u64, g: &Grant) {
+    let _ = write!(out, "grant {} {expires_ms} ", key.shown());
     encode(out, &g.server);
     let _ = write!(out, " {} ", g.service);
     encode(out, &g.reporter);
@@ -147,11 +148,15 @@ fn grant_line(out: &mut String, ip: IpAddr, expires_ms: u64, g: &Grant) {
     out.push('\n');
 }
 
-fn parse_line(line: &str) -> Result<(IpAddr, Option<Entry>), String> {
+fn parse_line(line: &str) -> Result<(Cidr, Option<Entry>), String> {
     let f: Vec<&str> = line.split(' ').collect();
-    let ip = |s: &str| {
-        s.parse::<IpAddr>()
-            .map_err(|_| format!("\"{}\" is not an IP address", crate::logging::escape(s)))
+    let ip = |s: &str| match s.parse::<IpAddr>() {
+        Ok(a) => Ok(Cidr::host(a)),
+        Err(_) => s
+            .parse::<Cidr>()
+            .ok()
+            .filter(|c| c.addr().is_ipv6())
+            .ok_or_else(|| format!("\"{}\" is not an IP address", crate::logging::escape(s))),
     };
     match f.as_slice() {
         ["revoke", a] => Ok((ip(a)?, None)),
@@ -261,12 +266,13 @@ pub fn restore(
     let (mut restored, mut expired, mut refused) = (0, 0, 0);
     let names = Names::default();
     let intern = |s: &str| names.get(s);
-    for (ip, e) in &loaded.grants {
+    for (key, e) in &loaded.grants {
         if e.expires_ms <= now_ms {
             expired += 1;
             continue;
         }
-        let ip = match policy.check(*ip) {
+        let ip = key.addr();
+        let ip = match policy.check(ip) {
             Ok(ip) => ip,
             Err(why) => {
                 crate::log_info!("state: not restoring {ip}: {why}");
@@ -275,8 +281,14 @@ pub fn restore(
             }
         };
         let left = Duration::from_millis(e.expires_ms - now_ms).min(window);
-        let result = table.grant(
-            ip,
+        // A prefix grant comes back as wide as the rules in force allow.
+        let key = if key.is_host() {
+            Cidr::host(ip)
+        } else {
+            policy.scope(ip).0
+        };
+        let result = table.grant_block(
+            key,
             Grant {
                 expires: now + left,
                 server: intern(&e.server),
@@ -287,7 +299,10 @@ pub fn restore(
             },
         );
         if result == crate::grants::GrantResult::Full {
-            crate::log_warning!("state: not restoring {ip}: the table is full (--max-grants)");
+            crate::log_warning!(
+                "state: not restoring {}: the table is full (--max-grants)",
+                key.shown()
+            );
             refused += 1;
             continue;
         }
@@ -321,13 +336,13 @@ struct Writer {
 impl Writer {
     /// Rewrites the whole file from the table, atomically.
     fn compact(&mut self) -> std::io::Result<()> {
-        let grants = self.table.list();
+        let grants = self.table.list_blocks();
         let (now, now_ms) = (Instant::now(), now_ms());
         let mut text = String::with_capacity(64 + grants.len() * 96);
         text.push_str(HEADER);
         text.push('\n');
-        for (ip, g) in &grants {
-            grant_line(&mut text, *ip, wall_ms(g.expires, now, now_ms), g);
+        for (key, g) in &grants {
+            grant_line(&mut text, *key, wall_ms(g.expires, now, now_ms), g);
         }
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -360,9 +375,11 @@ impl Writer {
                 Change::Grant(ip, g) => {
                     grant_line(&mut text, *ip, wall_ms(g.expires, now, now_ms), g)
                 }
-                Change::Revoke(ip) => {
-                    let _ = writeln!(text, "revoke {ip}");
+                Change::Revoke(key) => {
+                    let _ = writeln!(text, "revoke {}", key.shown());
                 }
+                // Whoever reads the file drops expired grants itself.
+                Change::Expire(_) => {}
             }
         }
         self.file.write_all(text.as_bytes())?;
@@ -473,7 +490,10 @@ impl StateWriter {
             .map_err(|e| format!("--state {}: cannot write it: {e}", path.display()))?;
         let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
         let hook_tx = tx.clone();
-        table.set_hook(Box::new(move |change| {
+        table.add_hook(Box::new(move |change| {
+            if matches!(change, Change::Expire(_)) {
+                return;
+            }
             if let Err(TrySendError::Full(_)) = hook_tx.try_send(Msg::Change(change)) {
                 lost.store(true, Ordering::Relaxed);
             }
@@ -545,11 +565,22 @@ mod tests {
             host: "mail".into(),
         };
         let mut line = String::new();
-        grant_line(&mut line, "192.0.2.7".parse().unwrap(), 1234, &g);
+        grant_line(
+            &mut line,
+            Cidr::host("192.0.2.7".parse().unwrap()),
+            1234,
+            &g,
+        );
         let (ip, e) = parse_line(line.trim_end_matches('\n')).unwrap();
-        assert_eq!(ip.to_string(), "192.0.2.7");
+        assert_eq!(ip.shown(), "192.0.2.7");
         let e = e.unwrap();
         assert_eq!((e.expires_ms, e.user.as_str()), (1234, "a b\n"));
+        // An IPv6 prefix grant keeps its prefix; an IPv4 block is not one.
+        let mut line = String::new();
+        grant_line(&mut line, "2001:db8:1:2::/64".parse().unwrap(), 1, &g);
+        let (key, _) = parse_line(line.trim_end_matches('\n')).unwrap();
+        assert_eq!(key.shown(), "2001:db8:1:2::/64");
+        assert!(parse_line("grant 192.0.2.0/24 1 dovecot imap r h u").is_err());
         assert!(parse_line("grant 192.0.2.7 x dovecot imap r h u").is_err());
         assert!(parse_line("grant 192.0.2.7 1 dovecot imap r h").is_err());
         assert!(parse_line("revoke nonsense").is_err());

@@ -87,6 +87,13 @@ counters! {
     map_updates,
     /// Map rebuilds that failed (and were retried).
     map_failures,
+    /// Keys set or deleted in memcached (--memcache), all servers.
+    memcache_writes,
+    /// Writes to memcached that failed (and were retried, with a refill).
+    memcache_failures,
+    /// Times a memcached was filled with every live grant: at start, after
+    /// a reconnection, a restart, a flush or a failure.
+    memcache_refills,
     /// Grants removed by `smtp-after-popd revoke`.
     revoked,
     /// Configuration reloads that took effect.

@@ -999,7 +999,7 @@ fn policy_service_over_tcp_answers_allowed_peers_only() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains(
-        "--map \"none\": with no map file, Postfix needs --policy or --socketmap to ask"
+        "--map \"none\": with no map file, Postfix needs --policy, --socketmap or --memcache to ask"
     ));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-after-popd"))
         .args(["--map", "none", "--socketmap", "tcp://127.0.0.1:1"])
@@ -1069,7 +1069,14 @@ fn small_changes_update_the_map_incrementally() {
         "{}",
         d.log_text()
     );
-    assert!(d.log_text().contains("to 0 addresses"), "{}", d.log_text());
+    // The line is logged just after the map is renamed into place.
+    assert!(
+        wait_for(Duration::from_secs(5), || d
+            .log_text()
+            .contains("to 0 addresses")),
+        "{}",
+        d.log_text()
+    );
     for i in [0, 150, 300] {
         let ip = format!("10.0.{}.{}", i / 200, i % 200 + 1);
         assert_eq!(s.postmap_q(&ip), None, "{ip}");

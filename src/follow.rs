@@ -1,0 +1,337 @@
+//! The follow loop: one shape for every sink that follows the grant table
+//! change by change (the first step of issue 15's "one `Sink` trait"; the
+//! memcached sink is its first implementation).
+//!
+//! Consumes: the table's changes, through a bounded queue that a change
+//! hook fills under the table's lock ([`Feed`]); and the table itself, for
+//! a full refill.
+//! Produces: calls to a [`Sink`]: [`Sink::refill`] with every live grant
+//! (at the first write, after a failure, after the queue overflowed, and
+//! whenever the sink finds that its store lost what it was given), then
+//! [`Sink::apply`] with the changes since, in order; the sink's counters
+//! (writes, failures, refills) and log lines.
+//! Trusts: the table, and the sink to say truthfully whether a write
+//! worked.
+//!
+//! The loop owns what every such sink needs: the first write (reported
+//! through a oneshot, so that start-up can wait for it), the refill after
+//! anything that may have lost a change, and retries with backoff (250 ms
+//! doubling to 30 s) with the failure logged once, then at most once a
+//! minute while it lasts, and its end logged. A failing sink never holds up
+//! the receivers or the other sinks: the hook only queues, and on overflow
+//! ([`QUEUE`] changes waiting) the queue is dropped and the sink refilled
+//! from the table instead, so no change is lost, only coalesced.
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::addr::Cidr;
+use crate::grants::{Change, GrantTable};
+use crate::stats::Stats;
+
+/// Most changes waiting for one sink; beyond it the sink is refilled from
+/// the table instead.
+pub const QUEUE: usize = 262_144;
+/// The first pause after a failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest pause between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a failure that goes on is logged again.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A failed write, ready to print.
+#[derive(Debug)]
+pub struct SinkError(pub String);
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One live grant, as a refill writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Live {
+    /// The block granted.
+    pub key: Cidr,
+    /// When its window closes.
+    pub expires: Instant,
+}
+
+/// A store the table is copied to, change by change.
+pub trait Sink: Send + 'static {
+    /// The sink as the log names it, e.g. `memcache inet:127.0.0.1:11211`.
+    fn name(&self) -> String;
+
+    /// Makes the store hold exactly `live` (nothing else of ours); returns
+    /// the number of writes it made.
+    fn refill(&mut self, live: &[Live]) -> impl Future<Output = Result<u64, SinkError>> + Send;
+
+    /// Applies `changes`, in order; returns the number of writes.
+    fn apply(&mut self, changes: &[Change]) -> impl Future<Output = Result<u64, SinkError>> + Send;
+
+    /// Whether the store still holds what it was given (false: it was
+    /// restarted or flushed, and needs a refill). Asked every
+    /// [`Sink::check_every`].
+    fn intact(&mut self) -> impl Future<Output = Result<bool, SinkError>> + Send;
+
+    /// How often to ask [`Sink::intact`]; `None`: never.
+    fn check_every(&self) -> Option<Duration>;
+}
+
+/// Which of the daemon's counters a sink's follow loop bumps.
+#[derive(Clone)]
+pub struct Counters {
+    /// The counters.
+    pub stats: Arc<Stats>,
+    /// Writes made (one per key set or deleted).
+    pub writes: fn(&Stats) -> &AtomicU64,
+    /// Failed tries (each retried).
+    pub failures: fn(&Stats) -> &AtomicU64,
+    /// Full refills.
+    pub refills: fn(&Stats) -> &AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Changes not yet taken, in order.
+    changes: Vec<Change>,
+    /// Whether changes were dropped since the last take.
+    overflowed: bool,
+    /// Changes queued since the feed began (dropped ones too).
+    seq: u64,
+}
+
+/// The changes waiting for one sink, filled by a hook on the table.
+pub struct Feed {
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+impl Feed {
+    /// A feed told of every change of `table` from now on.
+    pub fn subscribe(table: &GrantTable) -> Arc<Feed> {
+        let feed = Arc::new(Feed {
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+        });
+        let f = feed.clone();
+        table.add_hook(Box::new(move |change| f.push(change)));
+        feed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        match self.queue.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Called under the table's lock: queues, or drops the queue when it
+    /// is full (a refill follows).
+    fn push(&self, change: Change) {
+        let mut q = self.lock();
+        q.seq += 1;
+        if q.changes.len() >= QUEUE {
+            q.changes = Vec::new();
+            q.overflowed = true;
+        } else if !q.overflowed {
+            q.changes.push(change);
+        }
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Takes what is waiting: the changes, whether some were dropped, and
+    /// the sequence number of the last change they reach.
+    fn take(&self) -> (Vec<Change>, bool, u64) {
+        let mut q = self.lock();
+        let overflowed = std::mem::take(&mut q.overflowed);
+        (std::mem::take(&mut q.changes), overflowed, q.seq)
+    }
+
+    /// The live grants, with the queue emptied at the same instant (under
+    /// the table's lock), so that what follows the snapshot is exactly
+    /// the changes made after it.
+    fn snapshot(&self, table: &GrantTable) -> (Vec<Live>, u64) {
+        table.with_snapshot(|grants| {
+            let mut q = self.lock();
+            q.changes.clear();
+            q.overflowed = false;
+            let live = grants
+                .map(|(key, g)| Live {
+                    key,
+                    expires: g.expires,
+                })
+                .collect();
+            (live, q.seq)
+        })
+    }
+}
+
+/// How a sink is doing, for its log lines.
+struct Health {
+    name: String,
+    backoff: Duration,
+    /// Since when it fails, and when that was last logged.
+    failing: Option<(Instant, Instant)>,
+    counters: Counters,
+}
+
+impl Health {
+    fn ok(&mut self) {
+        if let Some((since, _)) = self.failing.take() {
+            crate::log_info!(
+                "{}: written again after {} s of failures",
+                self.name,
+                since.elapsed().as_secs()
+            );
+        }
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// Counts and logs a failure (once, then once a minute), and waits
+    /// before the next try.
+    async fn failed(&mut self, e: SinkError) {
+        Stats::bump((self.counters.failures)(&self.counters.stats));
+        let now = Instant::now();
+        match &mut self.failing {
+            None => {
+                crate::log_error!(
+                    "{}: {e}; the grants are kept, retrying (every {} ms at first, at most every {} s)",
+                    self.name,
+                    self.backoff.as_millis(),
+                    MAX_BACKOFF.as_secs()
+                );
+                self.failing = Some((now, now));
+            }
+            Some((since, logged)) if now.duration_since(*logged) >= FAILURE_LOG_EVERY => {
+                crate::log_error!(
+                    "{}: still failing after {} s: {e}",
+                    self.name,
+                    now.duration_since(*since).as_secs()
+                );
+                *logged = now;
+            }
+            Some(_) => {}
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Optional reports of a follow loop, for start-up, benchmarks and tests.
+#[derive(Default)]
+pub struct Reports {
+    /// Told once whether the first refill worked.
+    pub first_write: Option<oneshot::Sender<bool>>,
+    /// The sequence number of the last change the store holds (see
+    /// [`Feed`]), published after each successful write.
+    pub visible: Option<watch::Sender<u64>>,
+}
+
+/// Keeps `sink` in step with `table` for ever (cancel by dropping the
+/// task): a refill first, then the changes as they come.
+pub async fn follow<S: Sink>(
+    mut sink: S,
+    table: Arc<GrantTable>,
+    feed: Arc<Feed>,
+    counters: Counters,
+    mut reports: Reports,
+) {
+    let mut health = Health {
+        name: sink.name(),
+        backoff: FIRST_BACKOFF,
+        failing: None,
+        counters: counters.clone(),
+    };
+    let writes = |n: u64| {
+        (counters.writes)(&counters.stats).fetch_add(n, std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut need_refill = true;
+    let mut next_check = sink.check_every().map(|d| Instant::now() + d);
+    loop {
+        if need_refill {
+            let started = Instant::now();
+            let (live, seq) = feed.snapshot(&table);
+            match sink.refill(&live).await {
+                Ok(n) => {
+                    writes(n);
+                    Stats::bump((counters.refills)(&counters.stats));
+                    crate::log_info!(
+                        "{}: filled with {} live grant{} in {} ms",
+                        health.name,
+                        live.len(),
+                        if live.len() == 1 { "" } else { "s" },
+                        started.elapsed().as_millis()
+                    );
+                    health.ok();
+                    need_refill = false;
+                    publish(&mut reports, true, seq);
+                }
+                Err(e) => {
+                    publish(&mut reports, false, 0);
+                    health.failed(e).await;
+                    continue;
+                }
+            }
+        }
+        let check = async {
+            match next_check {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = feed.wake.notified() => {}
+            _ = check => {
+                next_check = sink.check_every().map(|d| Instant::now() + d);
+                // A failed check is followed by a refill at once (which
+                // reconnects, and is retried with backoff if it fails).
+                if !matches!(sink.intact().await, Ok(true)) {
+                    need_refill = true;
+                }
+                continue;
+            }
+        }
+        let (changes, overflowed, seq) = feed.take();
+        if overflowed {
+            crate::log_warning!(
+                "{}: more than {QUEUE} changes waited; refilling from the table instead",
+                health.name
+            );
+            need_refill = true;
+            continue;
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        match sink.apply(&changes).await {
+            Ok(n) => {
+                writes(n);
+                health.ok();
+                publish(&mut reports, true, seq);
+            }
+            Err(e) => {
+                // What the store holds is unknown now: only a refill is
+                // sure to put it right.
+                need_refill = true;
+                health.failed(e).await;
+            }
+        }
+    }
+}
+
+fn publish(reports: &mut Reports, ok: bool, seq: u64) {
+    if let Some(tx) = reports.first_write.take() {
+        let _ = tx.send(ok);
+    }
+    if ok && let Some(v) = &reports.visible {
+        v.send_replace(seq);
+    }
+}

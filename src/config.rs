@@ -1440,7 +1440,10 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.attested, ["unix:///run/a.sock"]);
-        assert_eq!(c.listen[0], ListenSpec::Unix("/run/a.sock".into()));
+        assert_eq!(
+            c.listen[0],
+            ListenSpec::Unix("/run/a.sock".into(), Access::default())
+        );
         // Nothing could ever be granted.
         let e =
             Config::from_args(&args(&["--map", "/tmp/m", "--require-attestation"])).unwrap_err();

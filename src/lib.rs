@@ -51,6 +51,7 @@ pub mod control;
 pub mod daemon;
 pub mod grants;
 pub mod hold;
+pub mod http;
 pub mod logging;
 pub mod matcher;
 pub mod metrics;

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -63,8 +63,11 @@ pub enum BodyError {
 }
 
 /// Reads a request body of at most `max` bytes.
-pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, BodyError> {
-    use hyper::body::Body as _;
+pub async fn read_body<B>(body: B, max: usize) -> Result<Bytes, BodyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if body.size_hint().lower() > max as u64 {
         return Err(BodyError::TooLarge);
     }

@@ -151,12 +151,12 @@ fn post(port: u16, auth: Option<&str>, body: &str) -> String {
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = auth.map_or(String::new(), |a| format!("Authorization: Basic {a}\r\n"));
-    write!(
+    // A peer refused by the allow-list may find the connection closed.
+    let _ = write!(
         c,
         "POST /?command=report HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    );
     let mut r = String::new();
     let _ = c.read_to_string(&mut r);
     r.lines().next().unwrap_or("").to_string()
@@ -344,5 +344,79 @@ fn checks_before_and_after_auth_are_allowed_at_once() {
         !log.contains("Policy server"),
         "{}",
         log.text.lock().unwrap()
+    );
+}
+
+#[test]
+fn a_secret_file_others_may_read_stops_the_daemon_with_the_chmod_to_run() {
+    let s = Scratch::new();
+    let secret = s.path("auth-policy.secret");
+    std::fs::write(&secret, format!("{CREDENTIALS}\n")).expect("secret");
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o640);
+    std::fs::set_permissions(&secret, mode).expect("chmod");
+    let policy = format!("tcp://127.0.0.1:{}", free_tcp_port());
+    let map = s.map();
+    let (status, log) = Daemon::run_as(
+        &s,
+        &[],
+        &[
+            "--listen",
+            &format!("udp://127.0.0.1:{}", free_udp_port()),
+            "--map",
+            map.to_str().unwrap(),
+            "--auth-policy",
+            &policy,
+            "--auth-policy-secret",
+            secret.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(status, Some(78), "{log}");
+    let want = format!(
+        "--auth-policy-secret {}: mode 0640 lets its group read it, and whoever knows the secret can grant relay access: run chmod 600 {}",
+        secret.display(),
+        secret.display()
+    );
+    assert!(log.contains(&want), "{log}");
+    assert!(!log.contains("s3cret"), "the secret is never logged: {log}");
+}
+
+#[test]
+fn peers_outside_the_listeners_allow_list_are_not_answered() {
+    let s = Scratch::new();
+    let secret = s.path("auth-policy.secret");
+    std::fs::write(&secret, format!("{CREDENTIALS}\n")).expect("secret");
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&secret, mode).expect("chmod");
+    let (open, closed) = (free_tcp_port(), free_tcp_port());
+    let map = s.map();
+    let d = Daemon::start(
+        &s,
+        &[
+            "--listen",
+            &format!("udp://127.0.0.1:{}", free_udp_port()),
+            "--map",
+            map.to_str().unwrap(),
+            "--never",
+            "none",
+            "--auth-policy",
+            &format!("tcp://127.0.0.1:{open}"),
+            "--auth-policy",
+            &format!("tcp://127.0.0.1:{closed}?allow=192.0.2.0/24"),
+            "--auth-policy-secret",
+            secret.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(post(closed, Some(BASIC), &report("192.0.2.61", "pop3")), "");
+    assert!(post(open, Some(BASIC), &report("192.0.2.62", "pop3")).starts_with("HTTP/1.1 200"));
+    assert!(wait_for(Duration::from_secs(10), || s
+        .postmap_q("192.0.2.62")
+        .is_some()));
+    assert!(s.postmap_q("192.0.2.61").is_none());
+    assert!(
+        d.log_text().contains(&format!(
+            "auth-policy tcp://127.0.0.1:{closed}: connection from 127.0.0.1:"
+        )),
+        "{}",
+        d.log_text()
     );
 }

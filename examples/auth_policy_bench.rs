@@ -19,7 +19,6 @@
 //! ```
 
 #[path = "../tests/stack/mod.rs"]
-#[allow(dead_code)]
 mod stack;
 
 /// What `tests/stack` takes from the tests' common module.

@@ -100,8 +100,15 @@ impl Secret {
         use std::os::unix::fs::MetadataExt as _;
         let shown = path.display();
         let what = format!("--auth-policy-secret {shown}");
-        let file = std::fs::File::open(path).map_err(|e| {
-            format!("{what}: cannot open it: {e}; create it with one line USER:PASSWORD and mode 0600 (see the README)")
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => format!(
+                "{what}: cannot open it: {e}; the daemon reads it as uid {euid}: give it the file (chown; under the packaged unit, chown smtp-after-popd: {shown}), mode 0600"
+            ),
+            _ => format!(
+                "{what}: cannot open it: {e}; create it with one line USER:PASSWORD and mode 0600 (see the README)"
+            ),
         })?;
         let meta = file
             .metadata()
@@ -126,8 +133,6 @@ impl Secret {
                 crate::net::mode_text(mode)
             ));
         }
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
         if meta.uid() != 0 && meta.uid() != euid {
             return Err(format!(
                 "{what}: owned by uid {}, who may read and change it: run chown root {shown} (or give it to the user the daemon starts as)",
@@ -572,6 +577,16 @@ mod tests {
                     "/?command=report",
                     Some(HEADER),
                     &REPORT.replace("true", "\"true\""),
+                ),
+                400,
+            ),
+            // A second remote, as a broken escape of the user name would
+            // give: serde refuses the duplicate field.
+            (
+                post(
+                    "/?command=report",
+                    Some(HEADER),
+                    &REPORT.replace(r#""pwhash""#, r#""remote":"203.0.113.9","pwhash""#),
                 ),
                 400,
             ),

@@ -172,6 +172,28 @@ fn relays_within(src: &str, port: u16) -> bool {
     wait_for(Duration::from_secs(10), || may_relay(src, port))
 }
 
+/// Dovecot reporting to `port`, with the README's lines in a file of their
+/// own, readable by root and Dovecot only, as the README says (the header
+/// holds the secret).
+fn reporting_dovecot(s: &Scratch, log: &DovecotLog, port: u16) -> Dovecot {
+    let include = s.path("95-smtp-after-popd.conf");
+    std::fs::write(&include, readme_dovecot_lines(port, "no")).expect("include");
+    let st = std::process::Command::new("chgrp")
+        .arg("dovecot")
+        .arg(&include)
+        .status()
+        .expect("chgrp");
+    assert!(st.success());
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o640);
+    std::fs::set_permissions(&include, mode).expect("chmod");
+    Dovecot::start(
+        &s.path("dovecot"),
+        &log.path,
+        &["alice"],
+        &format!("!include {}", include.display()),
+    )
+}
+
 #[test]
 fn dovecot_reports_logins_and_postfix_relays_for_them_only() {
     require_root!();
@@ -179,12 +201,7 @@ fn dovecot_reports_logins_and_postfix_relays_for_them_only() {
     let port = free_tcp_port();
     let mut d = report_daemon(&s, port);
     let log = DovecotLog::start(s.path("dovecot-log.sock"));
-    let dovecot = Dovecot::start(
-        &s.path("dovecot"),
-        &log.path,
-        &["alice"],
-        &readme_dovecot_lines(port, "no"),
-    );
+    let dovecot = reporting_dovecot(&s, &log, port);
     let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&s.map()), "");
     assert!(rcpt("127.0.0.41", pf.port).contains("Relay access denied"));
 

@@ -169,7 +169,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
-    fn start(limits: Limits, keep_alive: bool) -> (tempfile::TempDir, std::path::PathBuf) {
+    fn start(
+        limits: Limits,
+        keep_alive: bool,
+        max: usize,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.sock");
         let l = StreamListener::bind_unix(&path, &Access::default(), "test").unwrap();
@@ -178,8 +182,15 @@ mod tests {
             limits,
             Arc::new(Stats::default()),
             move |conn, io| {
-                serve(conn, io, keep_alive, |_, req| async move {
-                    let body = read_body(req.into_body(), 16).await;
+                serve(conn, io, keep_alive, move |_, req| async move {
+                    let body = read_body(req.into_body(), max).await;
+                    let body = body.map(|b| {
+                        if b.len() > 20 {
+                            format!("{} bytes", b.len()).into()
+                        } else {
+                            b
+                        }
+                    });
                     text(StatusCode::OK, format!("{body:?}\n"))
                 })
             },
@@ -215,7 +226,7 @@ mod tests {
             idle: Duration::from_secs(30),
             lifetime: None,
         };
-        let (_dir, path) = start(limits, true);
+        let (_dir, path) = start(limits, true, 16);
         let mut s = UnixStream::connect(&path).await.unwrap();
         let post = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
         let a = ask(&mut s, post).await;
@@ -235,7 +246,7 @@ mod tests {
             idle: Duration::from_secs(5),
             lifetime: None,
         };
-        let (_dir, path) = start(limits, false);
+        let (_dir, path) = start(limits, false, 16);
         let mut s = UnixStream::connect(&path).await.unwrap();
         let big = format!(
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n{}",
@@ -251,5 +262,33 @@ mod tests {
         let mut s = UnixStream::connect(&path).await.unwrap();
         let chunked = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n11\r\nxxxxxxxxxxxxxxxxx\r\n0\r\n\r\n";
         assert!(ask(&mut s, chunked).await.ends_with("Err(TooLarge)\n"));
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_header_buffer_is_read_whole() {
+        let limits = Limits {
+            total: 4,
+            per_peer: 4,
+            request: Duration::from_secs(5),
+            idle: Duration::from_secs(5),
+            lifetime: None,
+        };
+        let (_dir, path) = start(limits, true, 16 * 1024);
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let n = 3 * MAX_HEADER / 2;
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n{}",
+            "x".repeat(n)
+        );
+        let a = ask(&mut s, &req).await;
+        assert!(a.ends_with(&format!("Ok(b\"{n} bytes\")\n")), "{a}");
+        // A header over MAX_HEADER is refused by hyper.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let big = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nContent-Length: 0\r\n\r\n",
+            "y".repeat(MAX_HEADER)
+        );
+        let a = ask(&mut s, &big).await;
+        assert!(a.starts_with("HTTP/1.1 431"), "{a}");
     }
 }

@@ -280,6 +280,26 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "URL")]
     pub socketmap: Vec<String>,
 
+    /// Receive Dovecot's auth-policy reports on tcp://ADDR:PORT (peers
+    /// allow-listed like --allow-from, or by ?allow=): a report of a
+    /// successful IMAP or POP3 login grants its client address, with no
+    /// log line in between. Requests must carry --auth-policy-secret;
+    /// Dovecot's checks before and after authentication are answered
+    /// "allow" at once, so a login is never delayed or refused. For TLS,
+    /// put stunnel or a reverse proxy in front. Repeatable.
+    /// [default: none]
+    #[arg(long, value_name = "URL")]
+    pub auth_policy: Vec<String>,
+
+    /// The file holding USER:PASSWORD, the HTTP Basic credentials that
+    /// every auth-policy request must carry (Dovecot's
+    /// auth_policy_server_api_header); read at start, before --user takes
+    /// effect. The daemon refuses to start if group or others may read or
+    /// write it (chmod 600), or if a user other than root or the daemon's
+    /// own owns it. [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub auth_policy_secret: Option<String>,
+
     /// Believe the attestation in records from these network peers (their
     /// rsyslog forwarding with the attested rule) on UDP and TCP listeners
     /// declared ?attested=yes. On a unix socket declared attested, its file
@@ -443,6 +463,11 @@ pub struct Config {
     pub policy: Vec<ListenSpec>,
     /// Socketmap listeners (unix only).
     pub socketmap: Vec<ListenSpec>,
+    /// Auth-policy listeners (TCP only).
+    pub auth_policy: Vec<ListenSpec>,
+    /// The file of the auth-policy credentials (read by the daemon at
+    /// start: [`crate::authpolicy::Secret::read`]).
+    pub auth_policy_secret: Option<PathBuf>,
     /// Deprecated `--socket-mode`: the default mode of the policy and
     /// socketmap sockets, if set.
     pub socket_mode: Option<u32>,
@@ -523,6 +548,8 @@ struct FileConfig {
     trusted_proxy: Option<Spanned<Vec<String>>>,
     policy: Option<Spanned<Vec<String>>>,
     socketmap: Option<Spanned<Vec<String>>>,
+    auth_policy: Option<Spanned<Vec<String>>>,
+    auth_policy_secret: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
@@ -1027,6 +1054,7 @@ impl Config {
         }
         let (memcache, memcache_prefix, ipv6_prefix) =
             sink_group(args, &file, path, source, map.is_some())?;
+        let (auth_policy, auth_policy_secret) = auth_policy(args, &file, path, source)?;
         if map.is_none() && policy.is_empty() && socketmap.is_empty() && memcache.is_empty() {
             let origin = if args.map.is_some() {
                 Origin::Flag
@@ -1129,6 +1157,8 @@ impl Config {
             map,
             policy,
             socketmap,
+            auth_policy,
+            auth_policy_secret,
             socket_mode,
             receive_buffer,
             log_level,
@@ -1204,6 +1234,57 @@ fn sink_group(
         ));
     }
     Ok((servers, prefix.to_string(), bits))
+}
+
+/// The auth-policy listeners (TCP only) and the file of their secret:
+/// both, or neither.
+fn auth_policy(
+    args: &DaemonArgs,
+    file: &FileConfig,
+    path: &Path,
+    source: &str,
+) -> Result<(Vec<ListenSpec>, Option<PathBuf>), ConfigError> {
+    let mut specs = Vec::new();
+    let mut first = None;
+    for (v, origin) in pick_list(&args.auth_policy, &file.auth_policy, &[], path, source) {
+        match parse_listen(v) {
+            Ok(spec @ ListenSpec::Tcp(..)) => specs.push(spec),
+            _ => {
+                return Err(origin.error(
+                    "auth-policy",
+                    v,
+                    "expected tcp://ADDR:PORT, optionally followed by ?allow=CIDR,CIDR (e.g. tcp://127.0.0.1:12999): Dovecot's auth-policy client speaks HTTP over TCP",
+                ));
+            }
+        }
+        first.get_or_insert((v, origin));
+    }
+    let (secret, origin) = pick(
+        &args.auth_policy_secret,
+        &file.auth_policy_secret,
+        "",
+        path,
+        source,
+    );
+    match (first, secret) {
+        (Some((v, origin)), "") => Err(origin.error(
+            "auth-policy",
+            v,
+            "needs --auth-policy-secret FILE, a file of mode 0600 holding USER:PASSWORD, the credentials Dovecot sends (see the README, \"Dovecot's auth-policy reports\")",
+        )),
+        (None, "") => Ok((specs, None)),
+        (None, v) => Err(origin.error(
+            "auth-policy-secret",
+            v,
+            "no --auth-policy listener uses it: add one (tcp://ADDR:PORT) or remove the secret",
+        )),
+        (Some(_), v) if v.ends_with('/') => Err(origin.error(
+            "auth-policy-secret",
+            v,
+            "expected the path of a file holding USER:PASSWORD, e.g. /etc/smtp-after-popd/auth-policy.secret",
+        )),
+        (Some(_), v) => Ok((specs, Some(PathBuf::from(v)))),
+    }
 }
 
 /// The built-in patterns plus the file's `[[pattern]]` tables.
@@ -1933,5 +2014,64 @@ mod tests {
         std::fs::write(&path, "map = \"/tmp/m\"\n[[pattern]]\nserver = \"x\"\nprogram = [\"x\"]\nservice = \"imap\"\nregex = 'from (?P<addr>.*)'\n").unwrap();
         let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
         assert!(e.0.contains("line 6: pattern \"x-"), "{e}");
+    }
+
+    #[test]
+    fn auth_policy_listeners_are_tcp_and_need_their_secret() {
+        let ok = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--auth-policy",
+            "tcp://127.0.0.1:12999?allow=192.0.2.0/24",
+            "--auth-policy",
+            "tcp://[::1]:12999",
+            "--auth-policy-secret",
+            "/etc/smtp-after-popd/auth-policy.secret",
+        ]))
+        .unwrap();
+        assert_eq!(ok.auth_policy.len(), 2);
+        assert_eq!(
+            ok.auth_policy[0].own_allow().map(|a| a.len()),
+            Some(1),
+            "its own allow-list"
+        );
+        let no_secret = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--auth-policy",
+            "tcp://127.0.0.1:12999",
+        ]))
+        .unwrap_err()
+        .0;
+        assert!(
+            no_secret.starts_with(
+                "--auth-policy \"tcp://127.0.0.1:12999\": needs --auth-policy-secret FILE"
+            ),
+            "{no_secret}"
+        );
+        let unused = Config::from_args(&args(&["--map", "/tmp/m", "--auth-policy-secret", "/x"]))
+            .unwrap_err()
+            .0;
+        assert!(
+            unused.contains("no --auth-policy listener uses it"),
+            "{unused}"
+        );
+        for bad in [
+            "udp://127.0.0.1:12999",
+            "unix:///run/a.sock",
+            "127.0.0.1:12999",
+        ] {
+            let e = Config::from_args(&args(&[
+                "--map",
+                "/tmp/m",
+                "--auth-policy",
+                bad,
+                "--auth-policy-secret",
+                "/x",
+            ]))
+            .unwrap_err()
+            .0;
+            assert!(e.contains("expected tcp://ADDR:PORT"), "{e}");
+        }
     }
 }

@@ -131,6 +131,7 @@ fn allow_for(config: &Config, address: &str) -> Vec<Cidr> {
         .listen
         .iter()
         .chain(&config.policy)
+        .chain(&config.auth_policy)
         .chain(config.metrics.iter())
         .find(|s| s.address() == address)
         .and_then(ListenSpec::own_allow)
@@ -159,6 +160,9 @@ struct Sockets {
     services: Vec<(&'static str, StreamListener)>,
     control: Option<StreamListener>,
     metrics: Option<StreamListener>,
+    /// Auth-policy listeners, and the secret their requests must carry.
+    auth_policy: Vec<StreamListener>,
+    auth_secret: Option<crate::authpolicy::Secret>,
     /// The allow-lists a reload replaces.
     slots: Vec<AllowSlot>,
 }
@@ -189,6 +193,7 @@ fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, F
     }
     bind_listeners(config, &mut sockets)?;
     bind_services(config, &mut sockets)?;
+    bind_auth_policy(config, &mut sockets)?;
     for a in others {
         adopt_service(config, a, &mut sockets)?;
     }
@@ -353,6 +358,31 @@ fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// The auth-policy listeners, and their secret, read now (before --user
+/// takes effect, so the file may be root's alone).
+fn bind_auth_policy(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
+    let Some(path) = &config.auth_policy_secret else {
+        return Ok(());
+    };
+    sockets.auth_secret = Some(crate::authpolicy::Secret::read(path).map_err(|e| (EX_CONFIG, e))?);
+    for spec in &config.auth_policy {
+        let ListenSpec::Tcp(addr, own) = spec else {
+            continue;
+        };
+        let allow = own.clone().unwrap_or_else(|| config.allow_from.clone());
+        let l = net::bind_tcp(*addr, None, &format!("--auth-policy {spec}"))
+            .map_err(|e| (EX_OSERR, e))?;
+        let l = StreamListener::tcp(
+            l,
+            format!("auth-policy {}", spec.address()),
+            Arc::new(Swap::new(allow)),
+        );
+        AllowSlot::keep(&mut sockets.slots, spec, l.allow());
+        sockets.auth_policy.push(l);
+    }
+    Ok(())
+}
+
 /// The control socket, unless systemd passed one: mode 0660, the daemon's
 /// group. With the default path, a missing directory or a socket in use
 /// (an installed daemon's) means no control socket, not a failed start.
@@ -397,6 +427,7 @@ fn warn_few_descriptors(config: &Config) {
         + tcp_syslog * crate::tcp::LIMITS.total
         + services * policy::LIMITS.total
         + config.metrics.iter().count() * metrics::LIMITS.total
+        + config.auth_policy.len() * crate::authpolicy::LIMITS.total
         + control::LIMITS.total;
     let have = net::raise_fd_limit(16384);
     if have < needed as u64 {
@@ -438,6 +469,8 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         services,
         control,
         metrics,
+        auth_policy,
+        auth_secret,
         slots,
     } = match bind_sockets(&config, activated) {
         Ok(s) => s,
@@ -588,6 +621,21 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     }
 
     let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
+    if let Some(secret) = auth_secret {
+        let service = Arc::new(crate::authpolicy::AuthPolicy {
+            secret,
+            pipeline: pipeline.clone(),
+        });
+        for l in auth_policy {
+            let service = service.clone();
+            tasks.spawn(net::serve_stream(
+                l,
+                crate::authpolicy::LIMITS,
+                stats.clone(),
+                move |conn, io| service.clone().session(conn, io),
+            ));
+        }
+    }
     // Not rate-limited with the refusals it sums up.
     tasks.spawn(
         pipeline
@@ -614,6 +662,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             join(&config.socketmap),
             crate::socketmap::MAP_NAME
         ));
+    }
+    if !config.auth_policy.is_empty() {
+        serving.push_str(&format!("; auth-policy {}", join(&config.auth_policy)));
     }
     if let Some(c) = control_desc {
         serving.push_str(&c);
@@ -793,6 +844,11 @@ fn reload(r: &mut Running) {
     }
     if strip(&old.socketmap) != strip(&new.socketmap) {
         restart.push("socketmap");
+    }
+    if strip(&old.auth_policy) != strip(&new.auth_policy)
+        || old.auth_policy_secret != new.auth_policy_secret
+    {
+        restart.push("auth-policy or auth-policy-secret");
     }
     if old.state != new.state {
         restart.push("state");

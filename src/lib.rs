@@ -18,6 +18,11 @@
 //!   deadlines and shedding.
 //! - [`receiver`]: the syslog listeners (UDP, TCP, unix datagram) and their
 //!   peers (`--allow-from`).
+//! - [`authpolicy`]: the other input: Dovecot's auth-policy reports over
+//!   HTTP (`--auth-policy`), with a shared secret; a reported login joins
+//!   the pipeline at the address rules ([`pipeline::Pipeline::reported`]).
+//! - [`http`]: the one HTTP server (hyper) under the auth-policy listener
+//!   and the metrics endpoint.
 //! - [`tcp`]: the TCP listener's RFC 6587 framing and bounds.
 //! - [`record`]: parses one datagram into a syslog [`record::Record`].
 //! - [`matcher`]: recognises successful logins ([`matcher::Login`]).
@@ -52,12 +57,14 @@
 
 pub mod addr;
 pub mod attest;
+pub mod authpolicy;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod follow;
 pub mod grants;
 pub mod hold;
+pub mod http;
 pub mod logging;
 pub mod matcher;
 pub mod memcache;

@@ -1,25 +1,25 @@
 //! The Prometheus endpoint (`--metrics ADDR:PORT`): the counters of
 //! `smtp-after-popd stats` at `http://ADDR:PORT/metrics`.
 //!
-//! Consumes: HTTP GET requests on a TCP listener, each connection accepted
-//! by [`crate::net::serve_stream`] within [`LIMITS`].
+//! Consumes: HTTP requests on a TCP listener, each connection accepted by
+//! [`crate::net::serve_stream`] within [`LIMITS`] and served by
+//! [`crate::http::serve`] (one request per connection).
 //! Produces: the text exposition format (version 0.0.4) of
-//! [`crate::control::Status::prometheus`]; 404 for any other path.
+//! [`crate::control::Status::prometheus`] for `GET /metrics`; 404 for any
+//! other path, 400 for any other method.
 //! Trusts: peers in the listener's allow-list (`?allow=`, else
 //! `--allow-from`), checked before a byte is read; nothing in the request
-//! beyond its first line, which is bounded (8 KiB header, 10 s for the
-//! request and its answer; one request per connection).
+//! beyond its method and path, with the header bounded (8 KiB) and 10 s
+//! for the request and its answer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hyper::{Method, Request, StatusCode};
 
 use crate::control::Status;
+use crate::http::{self, Answer};
 use crate::net::{Connection, Io, Limits};
-
-/// Longest request header read.
-const MAX_HEADER: usize = 8192;
 
 /// The bounds of the metrics endpoint: a scraper asks once in a while.
 pub const LIMITS: Limits = Limits {
@@ -31,46 +31,26 @@ pub const LIMITS: Limits = Limits {
 };
 
 /// Answers one HTTP connection.
-pub async fn session(conn: Connection, mut io: Box<dyn Io>, status: Arc<Status>) {
-    let _ = async {
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-            let n = io.read(&mut chunk).await?;
-            if n == 0 || buf.len() + n > MAX_HEADER {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let first = buf.split(|&b| b == b'\n').next().unwrap_or(&[]);
-        let mut words = first.split(|&b| b == b' ');
-        let (method, target) = (words.next(), words.next());
-        let (code, kind, body) = match (method, target) {
-            (Some(b"GET"), Some(b"/metrics")) => (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                status.prometheus(),
-            ),
-            (Some(b"GET"), Some(_)) => (
-                "404 Not Found",
-                "text/plain; charset=utf-8",
-                "not found: the counters are at /metrics\n".to_string(),
-            ),
-            _ => (
-                "400 Bad Request",
-                "text/plain; charset=utf-8",
-                "expected GET /metrics\n".to_string(),
-            ),
-        };
-        let head = format!(
-            "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        io.write_all(head.as_bytes()).await?;
-        io.write_all(body.as_bytes()).await?;
-        io.shutdown().await?;
-        conn.completed();
-        Ok::<(), std::io::Error>(())
-    }
+pub async fn session(conn: Connection, io: Box<dyn Io>, status: Arc<Status>) {
+    http::serve(conn, io, false, move |_, req| {
+        let status = status.clone();
+        async move { answer(&req, &status) }
+    })
     .await;
+}
+
+/// The answer to one request.
+fn answer<B>(req: &Request<B>, status: &Status) -> Answer {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => http::answer(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            status.prometheus(),
+        ),
+        (&Method::GET, _) => http::text(
+            StatusCode::NOT_FOUND,
+            "not found: the counters are at /metrics\n",
+        ),
+        _ => http::text(StatusCode::BAD_REQUEST, "expected GET /metrics\n"),
+    }
 }

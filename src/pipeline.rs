@@ -1,6 +1,8 @@
 //! The per-datagram stage: parse, match, attest, check the address, grant.
 //!
-//! Consumes: one datagram's bytes and the [`Peer`] the kernel reported.
+//! Consumes: one datagram's bytes and the [`Peer`] the kernel reported;
+//! or a login another input reported, already typed ([`Reported`], from
+//! [`crate::authpolicy`]), which joins at the address rules.
 //! Produces: a grant, renewal or hold in the table, or a counted and logged
 //! refusal; one log line per decision.
 //! Trusts: what each stage's module doc says it trusts (the attestation is
@@ -395,6 +397,46 @@ impl Pipeline {
                 return;
             }
         }
+        let host = rec.hostname.unwrap_or("-");
+        self.admit(s, login, By::Record(peer), host, now);
+    }
+
+    /// A login reported by an input other than a syslog record (Dovecot's
+    /// auth-policy client, [`crate::authpolicy`]): typed, so nothing is
+    /// parsed or attested here; it goes through the same address rules,
+    /// table and log line as a logged login, and the same login from both
+    /// inputs is one grant (the second renews it).
+    pub fn reported(&self, r: &Reported<'_>) {
+        let settings = self.settings.load();
+        Stats::bump(&self.stats.logins);
+        let login = Login {
+            ip: r.ip,
+            server: self.shared(r.server),
+            service: r.service,
+            user: r.user.to_string(),
+            pattern: self.shared(r.input),
+            speakers: Default::default(),
+            // Logout lines pair with the sessions syslog opened; a report
+            // opens none, and does not cut one short.
+            session: None,
+            address_pattern: None,
+            via: None,
+        };
+        let by = By::Input(r.input, r.peer);
+        self.admit(&settings, login, by, "-", tokio::time::Instant::now());
+    }
+
+    /// The address rules (trusted proxies, never-grant), then the table
+    /// and the log line: what every login goes through, whichever input
+    /// reported it.
+    fn admit(
+        &self,
+        s: &Settings,
+        login: Login,
+        peer: By<'_>,
+        host: &str,
+        now: tokio::time::Instant,
+    ) {
         if let Some(via) = login.via {
             let via = crate::addr::canonical(via);
             if !s.trusted_proxy.iter().any(|c| c.contains(via)) {
@@ -403,7 +445,7 @@ impl Pipeline {
                     REFUSAL_WARNINGS,
                     "refuse {}: the address was reported by the proxy {via}, which is not a --trusted-proxy ({}); add the proxy's address to trusted-proxy if it is yours",
                     login.ip,
-                    About(&login, peer)
+                    About(&login, &peer)
                 );
                 return;
             }
@@ -416,7 +458,7 @@ impl Pipeline {
                     REFUSAL_WARNINGS,
                     "refuse {}: {why} ({})",
                     login.ip,
-                    About(&login, peer)
+                    About(&login, &peer)
                 );
                 return;
             }
@@ -426,14 +468,86 @@ impl Pipeline {
         let (key, narrowed) = s.policy.scope(ip);
         let (login_ip, ip) = (ip, key.addr());
         let reporter = self.shared(&peer.to_string());
-        let host = rec.hostname.unwrap_or("-");
+        let (expires, held) = self.hold(s, &login, ip, &peer, host, now);
+        let grant = Grant {
+            expires,
+            server: login.server.clone(),
+            service: login.service,
+            user: login.user.as_str().into(),
+            reporter: reporter.clone(),
+            host: self.shared(host),
+        };
+        let verb = match self.table.grant_block(key, grant) {
+            GrantResult::New => {
+                Stats::bump(&self.stats.granted);
+                "grant"
+            }
+            GrantResult::Renewed => {
+                Stats::bump(&self.stats.renewed);
+                "renew"
+            }
+            GrantResult::Full => {
+                Stats::bump(&self.stats.refused_full);
+                self.refused_full.fetch_add(1, Ordering::Relaxed);
+                if let Some(key) = held {
+                    self.holds.close(&key, Some(ip), now, s.hold_max);
+                }
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "refuse {}: the table is full ({} grants, --max-grants) ({})",
+                    key.shown(),
+                    self.table.len(),
+                    About(&login, &peer)
+                );
+                return;
+            }
+        };
+        let how_long = if held.is_some() {
+            format!(
+                "{} after the session ends (held while it is open, at most {})",
+                format_duration(s.window),
+                format_duration(s.hold_max)
+            )
+        } else if expires > now + s.window {
+            format!("{} (held by open sessions)", format_duration(s.window))
+        } else {
+            format_duration(s.window)
+        };
+        let what = match &narrowed {
+            Some(why) => format!("{login_ip} alone ({why})"),
+            None if !key.is_host() => format!("{} (login from {login_ip})", key.shown()),
+            None => login_ip.to_string(),
+        };
+        crate::log_info!(
+            "{verb} {what} for {how_long}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
+            login.server,
+            login.service,
+            escape(&login.user),
+            login.pattern,
+            escape(host)
+        );
+    }
+
+    /// When a grant for `login` ends, and the session it holds
+    /// (`--hold-while-connected`): a login with a session id holds its
+    /// address while the session is open; one without does not cut short
+    /// a hold that another session has.
+    fn hold(
+        &self,
+        s: &Settings,
+        login: &Login,
+        ip: std::net::IpAddr,
+        peer: &By<'_>,
+        host: &str,
+        now: tokio::time::Instant,
+    ) -> (tokio::time::Instant, Option<SessionKey>) {
         let mut expires = now + s.window;
         let mut held = None;
         if s.hold_while_connected {
             let until = match &login.session {
                 Some(id) => {
                     let key = SessionKey {
-                        reporter: self.shared(&sender_of(peer)),
+                        reporter: self.shared(&peer.sender()),
                         host: host.to_string(),
                         server: login.server.clone(),
                         id: id.clone(),
@@ -464,63 +578,7 @@ impl Pipeline {
                 expires = expires.max(t);
             }
         }
-        let grant = Grant {
-            expires,
-            server: login.server.clone(),
-            service: login.service,
-            user: login.user.as_str().into(),
-            reporter: reporter.clone(),
-            host: self.shared(host),
-        };
-        let verb = match self.table.grant_block(key, grant) {
-            GrantResult::New => {
-                Stats::bump(&self.stats.granted);
-                "grant"
-            }
-            GrantResult::Renewed => {
-                Stats::bump(&self.stats.renewed);
-                "renew"
-            }
-            GrantResult::Full => {
-                Stats::bump(&self.stats.refused_full);
-                self.refused_full.fetch_add(1, Ordering::Relaxed);
-                if let Some(key) = held {
-                    self.holds.close(&key, Some(ip), now, s.hold_max);
-                }
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "refuse {}: the table is full ({} grants, --max-grants) ({})",
-                    key.shown(),
-                    self.table.len(),
-                    About(&login, peer)
-                );
-                return;
-            }
-        };
-        let how_long = if held.is_some() {
-            format!(
-                "{} after the session ends (held while it is open, at most {})",
-                format_duration(s.window),
-                format_duration(s.hold_max)
-            )
-        } else if expires > now + s.window {
-            format!("{} (held by open sessions)", format_duration(s.window))
-        } else {
-            format_duration(s.window)
-        };
-        let what = match &narrowed {
-            Some(why) => format!("{login_ip} alone ({why})"),
-            None if !key.is_host() => format!("{} (login from {login_ip})", key.shown()),
-            None => login_ip.to_string(),
-        };
-        crate::log_info!(
-            "{verb} {what} for {how_long}: {} {} login of user \"{}\" (pattern {}, host {}, reported by {peer})",
-            login.server,
-            login.service,
-            escape(&login.user),
-            login.pattern,
-            escape(host)
-        );
+        (expires, held)
     }
 
     /// The process a record comes from, for pairing the lines of a
@@ -595,9 +653,54 @@ impl Pipeline {
     }
 }
 
+/// A login reported by an input other than a syslog record
+/// ([`Pipeline::reported`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Reported<'a> {
+    /// The client address, as the input gave it.
+    pub ip: std::net::IpAddr,
+    /// The server software, e.g. `dovecot`.
+    pub server: &'a str,
+    /// POP3 or IMAP.
+    pub service: crate::matcher::Service,
+    /// The user name (untrusted text).
+    pub user: &'a str,
+    /// The input, as the log names it: `auth-policy`.
+    pub input: &'static str,
+    /// Its peer, as the network layer names it (`tcp:192.0.2.1:40000`).
+    pub peer: &'a str,
+}
+
+/// Who reported a login: a syslog record's sender, or another input and
+/// its peer.
+#[derive(Clone, Copy)]
+enum By<'a> {
+    Record(&'a Peer),
+    Input(&'static str, &'a str),
+}
+
+impl By<'_> {
+    /// Who sent it, for pairing a session with its logout line.
+    fn sender(&self) -> String {
+        match self {
+            By::Record(peer) => sender_of(peer),
+            By::Input(..) => self.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for By<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            By::Record(peer) => write!(f, "{peer}"),
+            By::Input(input, peer) => write!(f, "{input} {peer}"),
+        }
+    }
+}
+
 /// A login as refusal lines describe it: `dovecot imap login of user
 /// "alice", pattern dovecot-login, reported by unix:/run/...`.
-struct About<'a>(&'a Login, &'a Peer);
+struct About<'a>(&'a Login, &'a dyn std::fmt::Display);
 
 impl std::fmt::Display for About<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -121,6 +121,20 @@ counters! {
     holds_refused,
     /// Logout lines that closed no held session.
     logouts_unpaired,
+    /// Auth-policy reports of a successful IMAP or POP3 login (each then
+    /// granted, renewed or refused by the address rules, as a logged login
+    /// is).
+    auth_policy_reports,
+    /// Auth-policy reports that grant nothing by design: a failed or
+    /// policy-rejected login, or another protocol (smtp, submission,
+    /// sieve...).
+    auth_policy_ignored,
+    /// Auth-policy checks before or after authentication, answered allow.
+    auth_policy_checks,
+    /// Auth-policy requests refused with an HTTP error: no or wrong
+    /// secret, a body too large, bad JSON, a field missing, another method
+    /// or command.
+    auth_policy_refused,
 }
 
 /// Datagrams received by each listener, by name.

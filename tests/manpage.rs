@@ -84,6 +84,10 @@ fn render() -> Vec<u8> {
                 "The policy socket inside Postfix's chroot, group postfix, mode 0660 (check_policy_service unix:smtp-after-popd/policy); under the packaged unit it needs the drop-in /usr/share/doc/smtp-after-popd/systemd/postfix-policy.conf in /etc/systemd/system/smtp-after-popd.service.d/.",
             ),
             (
+                "/etc/smtp-after-popd/auth-policy.secret",
+                "With --auth-policy: USER:PASSWORD, the HTTP Basic credentials of Dovecot's auth-policy requests (auth_policy_server_api_header); mode 0600, owned by root or the daemon's user, or the daemon refuses to start.",
+            ),
+            (
                 "/run/smtp-after-popd/control",
                 "The control socket of list, revoke and stats; mode 0660, root and the daemon's group.",
             ),
@@ -97,7 +101,7 @@ fn render() -> Vec<u8> {
         &mut r,
         "SIGNALS",
         &[
-            "SIGHUP re-reads the configuration. Patterns, window, never-grant rules, allow-lists, attestation, hold-while-connected, max-grants and logging change at once and live grants stay, except those the new never-grant rules refuse, which end at once; a configuration that does not validate is refused with a log line naming the file, line and value, and the old one stays in force. Settings that need sockets or files opened again (listen, map, policy, socketmap, a socket's owner=, group= or mode=, state, control, metrics, user) are reported and wait for a restart. SIGTERM and SIGINT write the state file and stop within a second.",
+            "SIGHUP re-reads the configuration. Patterns, window, never-grant rules, allow-lists, attestation, hold-while-connected, max-grants and logging change at once and live grants stay, except those the new never-grant rules refuse, which end at once; a configuration that does not validate is refused with a log line naming the file, line and value, and the old one stays in force. Settings that need sockets or files opened again (listen, map, policy, socketmap, auth-policy, auth-policy-secret, a socket's owner=, group= or mode=, state, control, metrics, user) are reported and wait for a restart. SIGTERM and SIGINT write the state file and stop within a second.",
         ],
     );
     section(
@@ -105,6 +109,7 @@ fn render() -> Vec<u8> {
         "SECURITY",
         &[
             "Every syslog record is hostile until proven otherwise. Trust comes from the transport: a peer outside --allow-from (or the listener's ?allow=) is dropped before parsing; a unix socket is trusted as far as its owner, group and mode reach, each socket its own (a syslog socket is writable by root alone unless its URL names a group, never by every user). No peer can shut out another: each stream service bounds the connections of one peer (a local one by its uid) and of a listener, closing the one that has waited longest without completing a request to make room, and cuts requests that take longer than Postfix's own policy client allows. With --require-attestation, a login is granted only when rsyslog attests (imuxsock's trusted properties, forwarded in the attest@32473 element by the attested rule) that the pattern's own uid (the credential) and executable sent it, so a local user's logger(1), or a server binary a user runs with LD_PRELOAD, cannot forge a login; attestation is believed only on listeners declared ?attested=yes, from unix sockets and --trust-attestation-from peers, in the attested rule's exact form, and an attestation element anywhere else is a forgery. A line whose user name or other client text could stand for a field the server writes is refused as ambiguous.",
+            "Dovecot's auth-policy reports (--auth-policy) are no log lines: they come over HTTP from allow-listed peers, and only with the shared secret of --auth-policy-secret (compared in constant time; the file must be readable by its owner alone). No local user can forge one as a log line can be forged; whoever can read the secret file, or Dovecot's configuration holding its base64, can. Across networks, put TLS in front of the listener (stunnel, a reverse proxy, Dovecot's https:// URL).",
             "Addresses are taken only from text the server writes, never from inside a user name; every pattern ships with injection samples that must not grant. Loopback and --never networks, unspecified, multicast and broadcast addresses are never granted. The table is bounded by --max-grants, TCP connections and frames are bounded, and bad input is counted and logged at a limited rate, never fatal.",
             "The map Postfix reads is never empty or half-written: postmap builds a copy that is renamed into place, and the file's modification time is moved to a new second so smtpd notices. Run the daemon as its own user (the packaged unit does); see SECURITY.md in the documentation for the threat model and the test of each claim.",
         ],
@@ -128,6 +133,21 @@ fn render() -> Vec<u8> {
             "    permit_sasl_authenticated,",
             "    check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips,",
             "    reject_unauth_destination",
+        ],
+    );
+    example(
+        &mut r,
+        "Dovecot reporting its logins itself (auth-policy), with the lines Dovecot needs (BASE64: the base64 of the secret file's USER:PASSWORD; NONCE: from openssl rand -hex 16):",
+        &[
+            "smtp-after-popd --auth-policy tcp://127.0.0.1:12999 \\",
+            "    --auth-policy-secret /etc/smtp-after-popd/auth-policy.secret ...",
+            "",
+            "auth_policy_server_url = http://127.0.0.1:12999/",
+            "auth_policy_server_api_header = Authorization: Basic BASE64",
+            "auth_policy_hash_nonce = NONCE",
+            "auth_policy_check_before_auth = no",
+            "auth_policy_check_after_auth = no",
+            "auth_policy_report_after_auth = yes",
         ],
     );
     example(

@@ -26,6 +26,7 @@ use crate::matcher::{AddressMemory, Outcome, ProcessKey};
 use crate::privilege;
 use crate::receiver::{self, AllowList};
 use crate::record;
+use crate::startup;
 use crate::state::StateWriter;
 use crate::stats::{ListenerCounts, Stats};
 use crate::swap::Swap;
@@ -148,6 +149,11 @@ fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
 async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
     crate::logging::set_level(config.log_level);
     crate::logging::set_format(config.log_format);
+    // Without systemd nobody made the runtime and state directories: make
+    // them as the unit would, before the first socket is bound there.
+    if let Err(e) = startup::make_dirs(&config) {
+        return fatal(EX_CONFIG, e);
+    }
     let allow: AllowList = Arc::new(Swap::new(config.allow_from.clone()));
     let listener_counts = Arc::new(ListenerCounts::default());
     let mut slots = Vec::new();
@@ -192,7 +198,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                     AllowSlot::keep(&mut slots, spec, l.allow());
                     listeners.push((l, spec.address()));
                 }
-                Err(e) => return fatal(EX_OSERR, e),
+                Err(e) => return fatal(EX_OSERR, startup::bind_hint(spec, &e)),
             }
         }
     }
@@ -206,7 +212,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                     AllowSlot::keep(&mut slots, spec, l.allow());
                     services.push((what, l));
                 }
-                Err(e) => return fatal(EX_OSERR, e),
+                Err(e) => return fatal(EX_OSERR, startup::bind_hint(spec, &e)),
             }
         }
     }
@@ -258,7 +264,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 Err(e) if *is_default => crate::log_warning!(
                     "no control socket: {e}; list, revoke and stats will not reach this daemon (set --control)"
                 ),
-                Err(e) => return fatal(EX_OSERR, e),
+                Err(e) => {
+                    return fatal(
+                        EX_OSERR,
+                        startup::bind_hint(&ListenSpec::Unix(path.clone()), &e),
+                    );
+                }
             }
         }
     }
@@ -270,7 +281,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 AllowSlot::keep(&mut slots, spec, l.allow());
                 metrics = Some(l);
             }
-            Err(e) => return fatal(EX_OSERR, e),
+            Err(e) => return fatal(EX_OSERR, startup::bind_hint(spec, &e)),
         }
     }
 
@@ -308,27 +319,6 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 ),
             );
         }
-        let mut dirs = Vec::new();
-        if let Some(map) = &config.map {
-            dirs.push(("--map", map.path.clone()));
-        }
-        if let Some(state) = &config.state {
-            dirs.push(("--state", state.clone()));
-        }
-        for (key, file) in dirs {
-            let dir = crate::config::dir_of(&file);
-            if !privilege::can_write(&dir) {
-                return fatal(
-                    EX_CONFIG,
-                    format_args!(
-                        "{key} {}: user {} may not create files in {}: give the directory to that user (chown) or choose a file in a directory it owns",
-                        file.display(),
-                        user.name,
-                        dir.display()
-                    ),
-                );
-            }
-        }
         crate::log_info!(
             "running as user {} (uid {}), group {} (gid {})",
             user.name,
@@ -337,15 +327,28 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             group.gid
         );
     }
+    if let Err(e) = startup::check_writable(&config) {
+        return fatal(EX_CONFIG, e);
+    }
     if let Some(map) = config.map.as_mut() {
-        match map.use_defaults_without_main_cf() {
-            Ok(Some(dir)) => crate::log_info!(
+        match map.use_own_mail_config() {
+            Ok(Some((dir, true))) => crate::log_info!(
                 "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
                 dir.display()
             ),
+            Ok(Some((dir, false))) => crate::log_debug!(
+                "postmap runs with MAIL_CONFIG={} (its main.cf links to /etc/postfix/main.cf)",
+                dir.display()
+            ),
             Ok(None) => {}
-            Err(e) => crate::log_warning!(
-                "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+            Err(e) if !std::path::Path::new("/etc/postfix/main.cf").exists() => {
+                crate::log_warning!(
+                    "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+                    map.path.display()
+                )
+            }
+            Err(e) => crate::log_debug!(
+                "postmap runs with /etc/postfix: cannot make its own configuration directory next to {}: {e}",
                 map.path.display()
             ),
         }
@@ -368,8 +371,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         let (restored, expired, refused) =
             crate::state::restore(&loaded, &table, &settings.policy, settings.window);
         crate::log_info!(
-            "state {}: restored {restored} grants ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
-            path.display()
+            "state {}: restored {} ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
+            path.display(),
+            startup::count(restored, "grant", "grants")
         );
         match StateWriter::start(path.clone(), table.clone()) {
             Ok(w) => state_writer = Some(w),
@@ -382,10 +386,49 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
 
     if let Some(map) = config.map.clone() {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let shown = format!("{}:{}", map.map_type.name(), map.path.display());
         tasks.spawn(map.run(table.clone(), stats.clone(), Some(first_tx)));
-        // Postfix fails every lookup of a missing map, so write it before
-        // accepting logins; if postmap fails, the sink keeps retrying.
-        let _ = first_rx.await;
+        // Postfix fails every lookup of a missing map, so the map is
+        // written before the daemon says it is ready; one that cannot be
+        // built at all (a map type Postfix lacks, no postmap, a directory
+        // the daemon may not write) stops the start with what to do, since
+        // retrying would not help. Later failures are retried.
+        match first_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if let Some(w) = state_writer {
+                    w.stop(Duration::from_millis(800));
+                }
+                return fatal(
+                    EX_CONFIG,
+                    format_args!("map {shown} cannot be built, so the daemon does not start: {e}"),
+                );
+            }
+            Err(_) => return fatal(EX_OSERR, format_args!("map {shown}: the map task ended")),
+        }
+    }
+    // What Postfix's own configuration looks up, against what is served.
+    let served = crate::postfix::Served {
+        map: config.map.as_ref(),
+        socketmaps: config
+            .socketmap
+            .iter()
+            .filter_map(|s| match s {
+                ListenSpec::Unix(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect(),
+    };
+    for f in crate::postfix::check(&served).await {
+        match f.level {
+            crate::postfix::Level::Warning => crate::log_warning!("{}", f.text),
+            crate::postfix::Level::Notice => crate::log_info!("{}", f.text),
+        }
+    }
+    if let Some(p) = &config.pid_file
+        && let Err(e) = startup::write_pid_file(p)
+    {
+        return fatal(EX_CONFIG, e);
     }
     for (what, l) in services {
         let (table, stats) = (table.clone(), stats.clone());
@@ -441,6 +484,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     if let Some(s) = &config.state {
         serving.push_str(&format!("; state {}", s.display()));
     }
+    if let Some(p) = &config.pid_file {
+        serving.push_str(&format!("; pid file {}", p.display()));
+    }
     let names: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}{}; {serving}",
@@ -479,6 +525,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         table.len()
     ));
 
+    let pid_file = config.pid_file.clone();
     let mut running = Running {
         args,
         config,
@@ -491,12 +538,20 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     crate::systemd::notify("STOPPING=1");
     // Read the kernel's count while the sockets are still open.
     let kernel_dropped = receiver::kernel_drops(&udp_inodes);
+    // Senders are told to stop sending here, and what they sent before is
+    // handled (for at most half a second), so that those that retry send
+    // the rest to the next daemon rather than into closing sockets.
+    crate::shutdown::begin();
+    crate::shutdown::drained(crate::shutdown::DRAIN).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(w) = state_writer
         && !w.stop(Duration::from_millis(800))
     {
         crate::log_error!("state: the last changes could not be written within 0.8 s");
+    }
+    if let Some(p) = &pid_file {
+        startup::remove_pid_file(p);
     }
     crate::log_info!(
         "stopped: {} kernel_dropped={kernel_dropped}",
@@ -547,6 +602,9 @@ fn reload(r: &mut Running) {
     }
     if old.state != new.state {
         restart.push("state");
+    }
+    if old.pid_file != new.pid_file {
+        restart.push("pid-file");
     }
     if old.control != new.control {
         restart.push("control");

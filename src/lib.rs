@@ -31,6 +31,11 @@
 //! - [`swap`]: the settings a reload (SIGHUP) replaces.
 //! - [`config`]: command line and configuration file, validated.
 //! - [`privilege`]: switching to an unprivileged user after binding.
+//! - [`shutdown`]: receivers that finish what senders sent before a stop.
+//! - [`startup`]: the directories and pid file made at start-up, and hints
+//!   for start-up failures.
+//! - [`postfix`]: Postfix's main.cf and master.cf compared with the map and
+//!   socketmaps served, at start-up.
 //! - [`pipeline`]: the per-datagram stage: parse, match, attest, check,
 //!   grant (with the two-line memory and the open sessions).
 //! - [`daemon`]: binds the sockets, wires the stages together and runs
@@ -50,12 +55,15 @@ pub mod matcher;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod postfix;
 pub mod privilege;
 pub mod receiver;
 pub mod record;
 pub mod serve;
+pub mod shutdown;
 pub mod sink;
 pub mod socketmap;
+pub mod startup;
 pub mod state;
 pub mod stats;
 pub mod swap;

@@ -101,10 +101,69 @@ pub fn group(name: &str) -> Result<Group, String> {
     Err("no such group: create it or name another".into())
 }
 
+/// The name of group `gid`, if the group database has one.
+pub fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: group is plain old data; getgrgid_r writes into it and buf.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || gr.gr_name.is_null() {
+        return None;
+    }
+    // SAFETY: gr_name points at a NUL-terminated string inside buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(gr.gr_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The name of user `uid`, if the user database has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is plain old data; getpwuid_r writes into it and buf.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || pw.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: pw_name points at a NUL-terminated string inside buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// `group GID (NAME)`, or `group GID` when the group has no name.
+pub fn describe_group(gid: u32) -> String {
+    match group_name(gid) {
+        Some(n) => format!("group {gid} ({n})"),
+        None => format!("group {gid}"),
+    }
+}
+
+/// `user UID (NAME)`, or `user UID` when the user has no name.
+pub fn describe_user(uid: u32) -> String {
+    match user_name(uid) {
+        Some(n) => format!("user {uid} ({n})"),
+        None => format!("user {uid}"),
+    }
+}
+
 /// Gives a socket file its group (the mode is set when it is bound).
 pub fn chgrp(path: &Path, gid: u32) -> Result<(), String> {
-    std::os::unix::fs::chown(path, None, Some(gid))
-        .map_err(|e| format!("cannot give {} the group {gid}: {e}", path.display()))
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+        format!(
+            "cannot give {} the {}: {e}",
+            path.display(),
+            describe_group(gid)
+        )
+    })
+}
+
+/// The current effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 /// Switches the whole process to `uid` and `gid` (no supplementary
@@ -160,5 +219,9 @@ mod tests {
         assert_eq!(user("4242").unwrap().uid, 4242);
         assert!(user("no-such-user-smtp-after-popd").is_err());
         assert!(group("no-such-group-smtp-after-popd").is_err());
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+        assert_eq!(describe_group(0), "group 0 (root)");
+        assert_eq!(describe_user(0), "user 0 (root)");
+        assert_eq!(describe_group(4_000_000_000), "group 4000000000");
     }
 }

@@ -361,13 +361,39 @@ impl Listener {
             }
             Listener::Unix { socket, guard } => {
                 let peer = Peer::Unix(guard.0.to_string_lossy().into());
+                // A socket we bound ourselves dies with us: at a stop, its
+                // senders are refused (EPIPE; syslog-ng then keeps the
+                // record and sends it to the next daemon) and what they
+                // sent before is read to the end. One systemd passed
+                // outlives us, and what waits in it is the next daemon's.
+                let owned = guard.1;
+                let _draining = owned.then(crate::shutdown::Draining::enter);
+                let stop = async {
+                    if owned {
+                        crate::shutdown::stopping().await
+                    } else {
+                        std::future::pending().await
+                    }
+                };
+                tokio::pin!(stop);
                 loop {
-                    let n = match socket.recv(&mut buf).await {
-                        Ok(n) => n,
-                        Err(e) => {
-                            crate::log_error!("{peer}: receive failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
+                    let n = tokio::select! {
+                        r = socket.recv(&mut buf) => match r {
+                            Ok(n) => n,
+                            Err(e) => {
+                                crate::log_error!("{peer}: receive failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        },
+                        () = &mut stop => {
+                            let _ = SockRef::from(&socket).shutdown(std::net::Shutdown::Read);
+                            while let Ok(n) = socket.try_recv(&mut buf) {
+                                Stats::bump(&stats.received);
+                                Stats::bump(&received);
+                                handle(&buf[..n], &peer);
+                            }
+                            return;
                         }
                     };
                     Stats::bump(&stats.received);

@@ -71,8 +71,17 @@ pub async fn serve<F>(
         .local_addr()
         .map_or_else(|_| "tcp".to_string(), |a| format!("tcp://{a}"));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let stop = crate::shutdown::stopping();
+    tokio::pin!(stop);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        // At a stop, accept no more: a listener we bound closes (senders
+        // are refused and retry later), and a connection waiting in one
+        // that systemd holds is the next daemon's.
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut stop => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 crate::log_error!("{local}: accept failed: {e}");
@@ -102,8 +111,11 @@ pub async fn serve<F>(
         let received = received.clone();
         let handle = handle.clone();
         let local = local.clone();
+        // Counted from here, so that a stop waits for it to be read.
+        let draining = crate::shutdown::Draining::enter();
         tokio::spawn(async move {
             let _permit = permit;
+            let _draining = draining;
             connection(stream, &local, peer, &stats, &received, &*handle).await;
         });
     }
@@ -120,7 +132,17 @@ async fn connection<F>(
 ) where
     F: Fn(&[u8], &Peer),
 {
-    let mut reader = BufReader::with_capacity(16 * 1024, stream);
+    // At a stop, our FIN tells the sender to send no more here (rsyslog
+    // checks for it before each send, then reconnects to the next daemon);
+    // what it sent before is read until it closes its side.
+    let (read, write) = stream.into_split();
+    let fin = tokio::spawn(async move {
+        crate::shutdown::stopping().await;
+        // Dropping the write half shuts it down.
+        drop(write);
+    });
+    let _fin = AbortOnDrop(fin);
+    let mut reader = BufReader::with_capacity(16 * 1024, read);
     let mut frame = Vec::with_capacity(1024);
     let who = Peer::Tcp(peer);
     loop {
@@ -156,6 +178,15 @@ async fn connection<F>(
                 return;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -23,12 +23,13 @@ pub const SERVICE_USER: &str = "smtp-after-popd";
 #[derive(Debug, PartialEq, Eq)]
 struct Needed {
     dir: PathBuf,
-    /// 0755 for the map's, the state file's and the pid file's (Postfix
-    /// reads the map), 0750 for one that holds only sockets.
+    /// 0755 for the map's and the state file's (Postfix reads the map),
+    /// 0750 for a runtime directory (sockets, pid file), as the unit has.
     mode: u32,
     /// Which settings need it (`--map`, `--listen`...).
     what: Vec<&'static str>,
-    /// Only sockets live there: it gets the socket group, if one is set.
+    /// Only sockets (and the pid file) live there: it gets the socket
+    /// group, if one is set.
     sockets_only: bool,
 }
 
@@ -40,10 +41,10 @@ fn needed(config: &Config) -> Vec<Needed> {
     if let Some(s) = &config.state {
         files.push(("--state", s.clone()));
     }
-    if let Some(p) = &config.pid_file {
-        files.push(("--pid-file", p.clone()));
-    }
     let mut sockets: Vec<(&'static str, PathBuf)> = Vec::new();
+    if let Some(p) = &config.pid_file {
+        sockets.push(("--pid-file", p.clone()));
+    }
     for (what, specs) in [
         ("--listen", &config.listen),
         ("--policy", &config.policy),
@@ -92,7 +93,7 @@ fn needed(config: &Config) -> Vec<Needed> {
 /// Creates the missing directories of the files and sockets the daemon is
 /// configured to write, when they are its own (named smtp-after-popd, in
 /// an existing parent: [`crate::config::is_own_dir`]),
-/// with mode 0755 (0750 for sockets only), owned by `--user` and its group
+/// with mode 0755 (0750 for sockets and the pid file), owned by `--user` and its group
 /// when the daemon starts as root to switch to it. Returns a message to
 /// stop with when one cannot be made.
 pub fn make_dirs(config: &Config) -> Result<(), String> {
@@ -170,10 +171,8 @@ pub fn check_writable(config: &Config) -> Result<(), String> {
         let dir = dir_of(file);
         if !privilege::can_write(&dir) {
             let uid = privilege::euid();
-            let (me, name) = match privilege::user_name(uid) {
-                Some(n) => (format!("user {n}"), n),
-                None => (format!("uid {uid}"), uid.to_string()),
-            };
+            let me = current_user();
+            let name = privilege::user_name(uid).unwrap_or_else(|| uid.to_string());
             return Err(format!(
                 "{key} {}: {me} may not create files in {}{}: give the directory to that user (chown {name} {}), {}, or choose a file in a directory it may write",
                 file.display(),
@@ -185,6 +184,15 @@ pub fn check_writable(config: &Config) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `user NAME` for the current user (`uid N` without a name).
+fn current_user() -> String {
+    let uid = privilege::euid();
+    match privilege::user_name(uid) {
+        Some(n) => format!("user {n}"),
+        None => format!("uid {uid}"),
+    }
 }
 
 /// `(owner NAME, group NAME, mode 0755)` of a directory, or nothing.
@@ -263,7 +271,7 @@ pub fn bind_hint(spec: &ListenSpec, error: &str) -> String {
                 let dir = dir_of(path);
                 out.push_str(&format!(
                     "; {} may not create sockets in {}{}: {}",
-                    privilege::describe_user(privilege::euid()),
+                    current_user(),
                     dir.display(),
                     owner_and_mode(&dir),
                     who_should_run(&dir)

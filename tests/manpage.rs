@@ -131,12 +131,16 @@ fn render() -> Vec<u8> {
                 "The unix datagram socket rsyslog forwards to (/usr/share/doc/smtp-after-popd/rsyslog/).",
             ),
             (
+                "/run/smtp-after-popd/smtp-after-popd.pid",
+                "A pid file, when --pid-file names it (for init systems other than systemd). Without systemd, the daemon creates /run/smtp-after-popd and /var/lib/smtp-after-popd when they are missing, for --user when it starts as root.",
+            ),
+            (
                 "/run/smtp-after-popd/control",
                 "The control socket of list, revoke and stats; mode 0660, root and the daemon's group.",
             ),
             (
-                "/lib/systemd/system/smtp-after-popd.service, smtp-after-popd.socket",
-                "The hardened service (Type=notify, reload with SIGHUP) and the optional socket activation unit.",
+                "/usr/lib/systemd/system/smtp-after-popd.service, smtp-after-popd.socket",
+                "The hardened service (Type=notify, reload with SIGHUP) and the socket unit that holds the syslog socket across restarts of the service, so that nothing rsyslog forwards meanwhile is lost; the package enables both.",
             ),
         ],
     );

@@ -474,15 +474,13 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     );
 }
 
-/// The quick start on a fresh machine: postfix installed without a
-/// configuration, no MAIL_CONFIG. The daemon gives postmap an empty
-/// configuration of its own and says so.
+/// Without MAIL_CONFIG, postmap runs with the daemon's own configuration
+/// directory next to the map (a link to /etc/postfix/main.cf, or an empty
+/// main.cf on a fresh machine), and the README's lookup through it works
+/// on either kind of host. (tests/deploy.rs runs both kinds of host in
+/// mount namespaces.)
 #[test]
-fn without_a_postfix_configuration_postmap_runs_with_defaults() {
-    if std::path::Path::new("/etc/postfix/main.cf").exists() {
-        eprintln!("skipped: this host has /etc/postfix/main.cf");
-        return;
-    }
+fn without_mail_config_postmap_runs_with_the_daemons_own_configuration() {
     let s = Scratch::new();
     let port = free_udp_port();
     let listen = format!("udp://127.0.0.1:{port}");
@@ -493,14 +491,7 @@ fn without_a_postfix_configuration_postmap_runs_with_defaults() {
         None,
     );
     let private = s.path(".smtp-after-popd-postfix");
-    assert!(
-        d.log_text().contains(&format!(
-            "postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
-            private.display()
-        )),
-        "{}",
-        d.log_text()
-    );
+    assert!(private.join("main.cf").exists(), "{}", d.log_text());
     send_udp(
         port,
         "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<Vb0F8x8s4NzAAAAB>",

@@ -57,6 +57,10 @@ pub fn user(name: &str) -> Result<User, String> {
         });
     }
     if let Ok(uid) = name.parse::<u32>() {
+        // A number: the user of that uid, if there is one, by its name.
+        if let Some((name, gid)) = passwd_of(uid) {
+            return Ok(User { name, uid, gid });
+        }
         return Ok(User {
             name: name.to_string(),
             uid,
@@ -94,7 +98,7 @@ pub fn group(name: &str) -> Result<Group, String> {
     }
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(Group {
-            name: name.to_string(),
+            name: group_name(gid).unwrap_or_else(|| name.to_string()),
             gid,
         });
     }
@@ -119,6 +123,11 @@ pub fn group_name(gid: u32) -> Option<String> {
 
 /// The name of user `uid`, if the user database has one.
 pub fn user_name(uid: u32) -> Option<String> {
+    passwd_of(uid).map(|(name, _)| name)
+}
+
+/// The name and primary group of user `uid`, if the user database has it.
+fn passwd_of(uid: u32) -> Option<(String, u32)> {
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: passwd is plain old data; getpwuid_r writes into it and buf.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
@@ -130,7 +139,7 @@ pub fn user_name(uid: u32) -> Option<String> {
     }
     // SAFETY: pw_name points at a NUL-terminated string inside buf.
     let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
-    Some(name.to_string_lossy().into_owned())
+    Some((name.to_string_lossy().into_owned(), pw.pw_gid))
 }
 
 /// `group GID (NAME)`, or `group GID` when the group has no name.
@@ -223,5 +232,8 @@ mod tests {
         assert_eq!(describe_group(0), "group 0 (root)");
         assert_eq!(describe_user(0), "user 0 (root)");
         assert_eq!(describe_group(4_000_000_000), "group 4000000000");
+        // Numbers are named when the databases know them.
+        assert_eq!(group("0").unwrap().name, "root");
+        assert_eq!(user("0").unwrap().name, "root");
     }
 }

@@ -83,7 +83,7 @@ impl MapType {
 /// The Postfix access map and how to build it.
 #[derive(Clone, Debug)]
 pub struct PostfixMap {
-    /// The source file, e.g. `/etc/postfix/authenticated_ips`.
+    /// The source file, e.g. `/var/lib/smtp-after-popd/authenticated_ips`.
     pub path: PathBuf,
     /// The database type.
     pub map_type: MapType,

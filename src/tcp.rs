@@ -73,22 +73,7 @@ pub async fn serve<F>(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let stop = crate::shutdown::stopping();
     tokio::pin!(stop);
-    loop {
-        // At a stop, accept no more: a listener we bound closes (senders
-        // are refused and retry later), and a connection waiting in one
-        // that systemd holds is the next daemon's.
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = &mut stop => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                crate::log_error!("{local}: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let admit = |stream: TcpStream, peer: SocketAddr| {
         let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
         if !allowed(&allow.load(), peer.ip()) {
             Stats::bump(&stats.dropped_peer);
@@ -96,7 +81,7 @@ pub async fn serve<F>(
                 PEER_WARNINGS,
                 "{local}: connection from {peer} refused: peer not in allow-from"
             );
-            continue;
+            return;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             Stats::bump(&stats.dropped_connections);
@@ -104,7 +89,7 @@ pub async fn serve<F>(
                 PEER_WARNINGS,
                 "{local}: connection from {peer} refused: {MAX_CONNECTIONS} connections already open"
             );
-            continue;
+            return;
         };
         Stats::bump(&stats.tcp_connections);
         let stats = stats.clone();
@@ -118,6 +103,34 @@ pub async fn serve<F>(
             let _draining = draining;
             connection(stream, &local, peer, &stats, &received, &*handle).await;
         });
+    };
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut stop => {
+                // At a stop, accept no more: the listener closes, and
+                // senders are refused and retry later (or, when systemd
+                // holds it, wait for the next daemon). Connections already
+                // made but not yet accepted would be reset with what their
+                // senders sent: they are taken and read to the end too.
+                while let Ok((socket, _)) = socket2::SockRef::from(&listener).accept() {
+                    let stream = std::net::TcpStream::from(socket);
+                    if let (Ok(()), Ok(peer)) = (stream.set_nonblocking(true), stream.peer_addr())
+                        && let Ok(stream) = TcpStream::from_std(stream)
+                    {
+                        admit(stream, peer);
+                    }
+                }
+                return;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(stream, peer),
+            Err(e) => {
+                crate::log_error!("{local}: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 

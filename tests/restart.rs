@@ -194,7 +194,13 @@ fn stream(log_socket: PathBuf, sent: Arc<AtomicUsize>) -> std::thread::JoinHandl
 /// Runs the stream through a syslog daemon whose socket is `log_socket`,
 /// restarting the daemon twice in the middle of it, and checks that every
 /// login was granted.
-fn restart_during_stream(s: &Scratch, log_socket: &Path, held: Option<&Held>, args: &[String]) {
+fn restart_during_stream(
+    s: &Scratch,
+    log_socket: &Path,
+    held: Option<&Held>,
+    args: &[String],
+    syslog_log: &Path,
+) {
     let map = s.map();
     let mut daemon = start(s, 0, held, args);
     let sent = Arc::new(AtomicUsize::new(0));
@@ -217,11 +223,31 @@ fn restart_during_stream(s: &Scratch, log_socket: &Path, held: Option<&Held>, ar
     let have = granted(&map);
     let missing: Vec<&String> = want.iter().filter(|a| !have.contains(*a)).collect();
     logs.push(daemon.log_text());
+    // What the syslog daemon said about itself (suspensions, errors), and
+    // whether it received the logins that did not arrive.
+    let text = std::fs::read_to_string(syslog_log).unwrap_or_default();
+    let mut own: Vec<String> = text
+        .lines()
+        .filter(|l| !l.contains("sapflow"))
+        .map(str::to_string)
+        .collect();
+    for m in &missing {
+        let seen = text.lines().any(|l| l.ends_with(&format!(" from {m}")));
+        own.push(format!(
+            "{m}: {}",
+            if seen {
+                "received by the syslog daemon"
+            } else {
+                "not in the syslog daemon's log"
+            }
+        ));
+    }
     assert!(
         all,
-        "{} of {LOGINS} logins lost across the restarts: {missing:?}\n{}",
+        "{} of {LOGINS} logins lost across the restarts: {missing:?}\n{}\n----- the syslog daemon's own lines -----\n{}",
         missing.len(),
-        logs.join("\n----- next daemon -----\n")
+        logs.join("\n----- next daemon -----\n"),
+        own.join("\n")
     );
     daemon.stop();
 }
@@ -270,7 +296,7 @@ fn rsyslog_local_rule_loses_nothing_across_restarts() {
     );
     let rs = Rsyslog::start(&s.path("rsyslog"), &rule);
     let args = daemon_args(&s, &[]);
-    restart_during_stream(&s, &rs.socket, Some(&held), &args);
+    restart_during_stream(&s, &rs.socket, Some(&held), &args, &rs.all_log);
 }
 
 #[test]
@@ -287,7 +313,7 @@ fn rsyslog_attested_rule_loses_nothing_across_restarts() {
     );
     let rs = Rsyslog::start(&s.path("rsyslog"), &rule);
     let args = daemon_args(&s, &["--require-attestation"]);
-    restart_during_stream(&s, &rs.socket, Some(&held), &args);
+    restart_during_stream(&s, &rs.socket, Some(&held), &args, &rs.all_log);
 }
 
 #[test]
@@ -305,7 +331,7 @@ fn rsyslog_remote_rule_over_udp_loses_nothing_across_restarts() {
     );
     let rs = Rsyslog::start(&s.path("rsyslog"), &rule);
     let args = daemon_args(&s, &[]);
-    restart_during_stream(&s, &rs.socket, Some(&Held::Udp(udp)), &args);
+    restart_during_stream(&s, &rs.socket, Some(&Held::Udp(udp)), &args, &rs.all_log);
 }
 
 /// TCP, as the remote rule's comment says to switch it: the daemon binds
@@ -327,7 +353,7 @@ fn rsyslog_remote_rule_over_tcp_loses_nothing_across_restarts() {
     let rs = Rsyslog::start(&s.path("rsyslog"), &rule);
     let listen = format!("tcp://127.0.0.1:{port}");
     let args = daemon_args(&s, &["--listen", &listen]);
-    restart_during_stream(&s, &rs.socket, None, &args);
+    restart_during_stream(&s, &rs.socket, None, &args, &rs.all_log);
 }
 
 /// The same over a TCP socket systemd holds (ListenStream=).
@@ -347,7 +373,7 @@ fn rsyslog_remote_rule_over_held_tcp_loses_nothing_across_restarts() {
     );
     let rs = Rsyslog::start(&s.path("rsyslog"), &rule);
     let args = daemon_args(&s, &[]);
-    restart_during_stream(&s, &rs.socket, Some(&Held::Tcp(tcp)), &args);
+    restart_during_stream(&s, &rs.socket, Some(&Held::Tcp(tcp)), &args, &rs.all_log);
 }
 
 #[test]
@@ -364,5 +390,11 @@ fn syslog_ng_local_rule_loses_nothing_across_restarts() {
     );
     let ng = SyslogNg::start(&s.path("syslog-ng"), &rule);
     let args = daemon_args(&s, &[]);
-    restart_during_stream(&s, &ng.socket, Some(&held), &args);
+    restart_during_stream(
+        &s,
+        &ng.socket,
+        Some(&held),
+        &args,
+        &ng.dir.join("syslog-ng.out"),
+    );
 }

@@ -520,9 +520,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         }));
     }
     crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=listening on {}; {} grants",
+        "READY=1\nSTATUS=listening on {}; {}",
         names.join(", "),
-        table.len()
+        startup::count(table.len(), "grant", "grants")
     ));
 
     let pid_file = config.pid_file.clone();
@@ -645,8 +645,8 @@ fn reload(r: &mut Running) {
             }
         }
         crate::log_info!(
-            "hold-while-connected turned off: {} held addresses get the window from now",
-            ips.len()
+            "hold-while-connected turned off: {} get the window from now",
+            startup::count(ips.len(), "held address", "held addresses")
         );
     }
     // "Never" means never: live grants the new rules refuse end now.
@@ -663,7 +663,7 @@ fn reload(r: &mut Running) {
     }
     Stats::bump(&r.stats.reloads);
     crate::log_info!(
-        "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} live grants kept",
+        "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} kept",
         format_duration(new.window),
         join(&new.allow_from),
         join_or_none(&new.never),
@@ -675,7 +675,7 @@ fn reload(r: &mut Running) {
             "no".to_string()
         },
         new.max_grants,
-        r.table.len()
+        startup::count(r.table.len(), "live grant", "live grants")
     );
     if !restart.is_empty() {
         crate::log_warning!(
@@ -686,8 +686,8 @@ fn reload(r: &mut Running) {
     // What is in force now, for the next comparison.
     r.config = new;
     crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=reloaded; {} grants",
-        r.table.len()
+        "READY=1\nSTATUS=reloaded; {}",
+        startup::count(r.table.len(), "grant", "grants")
     ));
 }
 

@@ -147,6 +147,7 @@ fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
 }
 
 async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
+    let signals = catch_signals();
     crate::logging::set_level(config.log_level);
     crate::logging::set_format(config.log_format);
     // Without systemd nobody made the runtime and state directories: make
@@ -534,7 +535,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         stats: stats.clone(),
         slots,
     };
-    let status = wait_for_signal(&mut running).await;
+    let status = wait_for_signal(&mut running, signals).await;
     crate::systemd::notify("STOPPING=1");
     // Read the kernel's count while the sockets are still open.
     let kernel_dropped = receiver::kernel_drops(&udp_inodes);
@@ -710,13 +711,31 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
 
 /// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
 /// status.
-async fn wait_for_signal(r: &mut Running) -> i32 {
+/// The signals the daemon handles, caught from the start of `run`: one
+/// that arrives while the daemon is still starting (systemd stopping it
+/// then, or a quick restart) waits here instead of killing the process
+/// with the default action, before the state is written and the senders
+/// are drained.
+type Signals = Option<(
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+)>;
+
+fn catch_signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
-    ) else {
+    ) {
+        (Ok(term), Ok(int), Ok(hup)) => Some((term, int, hup)),
+        _ => None,
+    }
+}
+
+async fn wait_for_signal(r: &mut Running, signals: Signals) -> i32 {
+    let Some((mut term, mut int, mut hup)) = signals else {
         crate::log_error!("cannot install signal handlers; stop the daemon with SIGKILL");
         std::future::pending::<()>().await;
         return 0;

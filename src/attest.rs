@@ -118,6 +118,11 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
         }
     };
     let exe = get("exe")?;
+    if exe.is_empty() || exe == "0" {
+        return Err(format!(
+            "the attested executable is \"{exe}\": the sending process had exited before rsyslog looked up its executable (as a short-lived logger(1) does), so nothing says who sent it; a mail server's logging process lives on and is named"
+        ));
+    }
     if !exe.starts_with('/')
         || !exe
             .bytes()

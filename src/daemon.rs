@@ -596,6 +596,8 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 _ => None,
             })
             .collect(),
+        memcache: &config.memcache,
+        memcache_prefix: &config.memcache_prefix,
     };
     for f in crate::postfix::check(&served).await {
         match f.level {

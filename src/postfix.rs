@@ -7,11 +7,16 @@
 //! Consumes: `postconf -n -x` (main.cf, `$name` expanded) and `postconf -P
 //! -x` (master.cf `-o` overrides) of the Postfix configuration in
 //! `MAIL_CONFIG`, else `/etc/postfix`; the text of main.cf and master.cf,
-//! only to name the line; the map and socketmaps this daemon serves.
+//! only to name the line; the memcache_table(5) files that main.cf names;
+//! the map, socketmaps and memcached servers this daemon serves.
 //! Produces: findings to log: a warning for each lookup of a map named
 //! like ours (`authenticated_ips`, or our map's file name) that this
-//! daemon does not keep, or keeps with another type; a notice when
-//! Postfix does not consult our map at all.
+//! daemon does not keep, or keeps with another type; for a `memcache:`
+//! table of ours (its file or its keys named smtp-after-popd, or its
+//! server one the daemon writes), a warning when its `key_format` is not
+//! the daemon's keys or it sets `domain` or `backup`, and a notice when
+//! the daemon does not write its server; a notice when Postfix consults
+//! neither our map nor one of our memcached tables.
 //! Trusts: Postfix's configuration, which is the administrator's. No
 //! postconf, or no main.cf, means there is nothing to check: not an error.
 
@@ -47,6 +52,10 @@ pub struct Served<'a> {
     pub map: Option<&'a PostfixMap>,
     /// The socketmap sockets.
     pub socketmaps: Vec<PathBuf>,
+    /// The memcached servers written (`--memcache`).
+    pub memcache: &'a [crate::memcache::Server],
+    /// Their key prefix (`--memcache-prefix`).
+    pub memcache_prefix: &'a str,
 }
 
 /// Postfix's configuration directory as Postfix programs find it.
@@ -94,6 +103,18 @@ pub async fn check(served: &Served<'_>) -> Vec<Finding> {
     let raw = postconf(&["-n"]).await.unwrap_or_default();
     let master = postconf(&["-P", "-x"]).await.unwrap_or_default();
     let master_text = std::fs::read_to_string(dir.join("master.cf")).unwrap_or_default();
+    // The memcache_table(5) files the lookups name (read before chroot by
+    // Postfix, so absolute paths), None for one that cannot be read.
+    let mut memcache_files = Vec::new();
+    for (_, value) in params(&main).into_iter().chain(params(&master)) {
+        for (_, lookup) in lookups(value) {
+            if let Lookup::Memcache(path) = lookup
+                && !memcache_files.iter().any(|(p, _)| p == path)
+            {
+                memcache_files.push((path.to_string(), std::fs::read_to_string(path).ok()));
+            }
+        }
+    }
     findings(
         &Conf {
             dir: &dir,
@@ -102,6 +123,7 @@ pub async fn check(served: &Served<'_>) -> Vec<Finding> {
             raw: &raw,
             master: &master,
             master_text: &master_text,
+            memcache_files: &memcache_files,
         },
         served,
     )
@@ -121,6 +143,9 @@ pub struct Conf<'a> {
     pub master: &'a str,
     /// master.cf's text (for line numbers).
     pub master_text: &'a str,
+    /// The memcache_table(5) files named by `memcache:` lookups, with
+    /// their text (None: it cannot be read).
+    pub memcache_files: &'a [(String, Option<String>)],
 }
 
 /// `name = value` lines as postconf prints them.
@@ -141,6 +166,8 @@ enum Lookup<'a> {
     File(&'a str, &'a str),
     /// `socketmap:unix:PATH:NAME`.
     Socketmap(&'a str, &'a str),
+    /// `memcache:PATH`, a memcache_table(5) file.
+    Memcache(&'a str),
 }
 
 fn lookups(value: &str) -> Vec<(&str, Lookup<'_>)> {
@@ -155,6 +182,12 @@ fn lookups(value: &str) -> Vec<(&str, Lookup<'_>)> {
             && let Some((path, name)) = rest.rsplit_once(':')
         {
             out.push((token, Lookup::Socketmap(path, name)));
+            continue;
+        }
+        if let Some(path) = t.strip_prefix("memcache:")
+            && !path.is_empty()
+        {
+            out.push((token, Lookup::Memcache(path)));
             continue;
         }
         if let Some((ty, path)) = t.split_once(':')
@@ -239,7 +272,7 @@ pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
                 Lookup::File(_, p) => Path::new(p)
                     .file_name()
                     .is_some_and(|f| written.contains(&*f.to_string_lossy())),
-                Lookup::Socketmap(p, _) => written.contains(p),
+                Lookup::Socketmap(p, _) | Lookup::Memcache(p) => written.contains(p),
             };
             if name_in_raw {
                 places.push((at.clone(), token));
@@ -267,6 +300,7 @@ pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
 
     let mut out = Vec::new();
     let mut consulted = false;
+    let mut memcache_consulted = false;
     for (at, token) in places {
         let Some((_, lookup)) = lookups(token).into_iter().next() else {
             continue;
@@ -337,9 +371,17 @@ pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
                     ),
                 });
             }
+            Lookup::Memcache(path) => {
+                let text = conf
+                    .memcache_files
+                    .iter()
+                    .find(|(p, _)| p == path)
+                    .and_then(|(_, t)| t.as_deref());
+                memcache_consulted |= memcache_table(&at, token, path, text, served, &mut out);
+            }
         }
     }
-    if let (false, Some(text)) = (consulted, &ours_text) {
+    if let (false, false, Some(text)) = (consulted, memcache_consulted, &ours_text) {
         out.push(Finding {
             level: Level::Notice,
             text: format!(
@@ -349,6 +391,138 @@ pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
         });
     }
     out
+}
+
+/// A memcache_table(5) file's settings (`name = value`, continued on
+/// indented lines, `#` comments).
+fn cf_settings(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if line.starts_with(char::is_whitespace) {
+            if let Some((_, v)) = out.last_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if let Some((n, v)) = line.split_once('=') {
+            out.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Whether the server a memcache_table(5) file names (`memcache = ...`,
+/// Postfix's default `inet:localhost:11211`) is `ours`.
+fn same_server(theirs: &str, ours: &crate::memcache::Server) -> bool {
+    use crate::memcache::Server;
+    let Ok(theirs) = Server::parse(theirs) else {
+        return false;
+    };
+    let local = |h: &str| matches!(h, "localhost" | "127.0.0.1" | "::1");
+    match (&theirs, ours) {
+        (Server::Inet(a, p), Server::Inet(b, q)) => p == q && (a == b || (local(a) && local(b))),
+        (Server::Unix(a), Server::Unix(b)) => resolved(a) == resolved(b),
+        _ => false,
+    }
+}
+
+/// Adds to `out` the findings for one `memcache:PATH` lookup at `at`,
+/// given the file's text (None: it cannot be read); returns whether it is
+/// a table this daemon writes, with its keys (so that Postfix sees the
+/// grants).
+fn memcache_table(
+    at: &str,
+    token: &str,
+    path: &str,
+    text: Option<&str>,
+    served: &Served<'_>,
+    out: &mut Vec<Finding>,
+) -> bool {
+    let named_ours = Path::new(path)
+        .file_name()
+        .is_some_and(|f| f.to_string_lossy().contains("smtp-after-popd"));
+    let mut say = |level, text| out.push(Finding { level, text });
+    let Some(text) = text else {
+        // Postfix fails every lookup of a table that does not exist.
+        if named_ours && !Path::new(path).exists() {
+            say(
+                Level::Warning,
+                format!(
+                    "Postfix's {at} looks up {token}, but {path} does not exist, so every lookup fails (451): write it (smtp-after-popd postfix-config prints it), then postfix reload"
+                ),
+            );
+        }
+        return false;
+    };
+    let settings = cf_settings(text);
+    let get = |name: &str| {
+        settings
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let server = get("memcache").unwrap_or("inet:localhost:11211");
+    let key_format = get("key_format").unwrap_or("%s");
+    let written = served.memcache.iter().any(|s| same_server(server, s));
+    if !(named_ours || written || key_format.contains("smtp-after-popd")) {
+        return false;
+    }
+    if served.memcache.is_empty() {
+        say(
+            Level::Notice,
+            format!(
+                "Postfix's {at} looks up {token} (memcached {server}), but this daemon writes to no memcached: unless another daemon writes the grants there, start this one with --memcache {server}, or remove that lookup"
+            ),
+        );
+        return false;
+    }
+    for (name, why) in [
+        (
+            "domain",
+            "it skips every key without @, which is every address, so nothing is ever granted",
+        ),
+        (
+            "backup",
+            "grants that expired in memcached would come back from it",
+        ),
+    ] {
+        if get(name).is_some_and(|v| !v.is_empty()) {
+            say(
+                Level::Warning,
+                format!(
+                    "Postfix's {at} looks up {token}, whose {path} sets {name}: {why}; remove {name} from it, then postfix reload"
+                ),
+            );
+        }
+    }
+    let want = format!("{}%s", served.memcache_prefix);
+    if key_format != want {
+        say(
+            Level::Warning,
+            format!(
+                "Postfix's {at} looks up {token}, whose {path} has key_format = {key_format}, but this daemon writes keys {}ADDRESS, so no grant is found: set key_format = {want} there (smtp-after-popd postfix-config prints the file), then postfix reload",
+                served.memcache_prefix
+            ),
+        );
+        return false;
+    }
+    if !written {
+        let list: Vec<String> = served.memcache.iter().map(ToString::to_string).collect();
+        say(
+            Level::Notice,
+            format!(
+                "Postfix's {at} looks up {token}, which reads memcached {server}, but this daemon writes {}: unless another daemon writes {server}, make the two agree",
+                list.join(", ")
+            ),
+        );
+        return false;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -367,6 +541,17 @@ mod tests {
     }
 
     fn run(main_text: &str, main: &str, raw: &str, master: &str, served: &Served) -> Vec<Finding> {
+        run_with(main_text, main, raw, master, &[], served)
+    }
+
+    fn run_with(
+        main_text: &str,
+        main: &str,
+        raw: &str,
+        master: &str,
+        memcache_files: &[(String, Option<String>)],
+        served: &Served,
+    ) -> Vec<Finding> {
         findings(
             &Conf {
                 dir: Path::new("/etc/postfix"),
@@ -375,6 +560,7 @@ mod tests {
                 raw,
                 master,
                 master_text: "smtp inet n - y - - smtpd\nsubmission inet n - y - - smtpd\n  -o x=y\n",
+                memcache_files,
             },
             served,
         )
@@ -386,6 +572,8 @@ mod tests {
         let served = Served {
             map: Some(&m),
             socketmaps: vec![],
+            memcache: &[],
+            memcache_prefix: "smtp-after-popd:",
         };
         let text = "# comment\nsmtpd_relay_restrictions = permit_mynetworks,\n    check_client_access hash:/etc/postfix/authenticated_ips,\n    reject_unauth_destination\n";
         let value = "permit_mynetworks, check_client_access hash:/etc/postfix/authenticated_ips, reject_unauth_destination";
@@ -407,6 +595,8 @@ mod tests {
         let served = Served {
             map: Some(&m),
             socketmaps: vec![],
+            memcache: &[],
+            memcache_prefix: "smtp-after-popd:",
         };
         let good = "smtpd_relay_restrictions = permit_mynetworks, check_client_access proxy:hash:/nonexistent-sap/authenticated_ips, reject_unauth_destination\n";
         assert!(run(good, good, good, "", &served).is_empty());
@@ -427,6 +617,8 @@ mod tests {
         let served = Served {
             map: None,
             socketmaps: vec!["/nonexistent-sap/socketmap.sock".into()],
+            memcache: &[],
+            memcache_prefix: "smtp-after-popd:",
         };
         let master = "submission/inet/smtpd_relay_restrictions = check_client_access,hash:/etc/postfix/authenticated_ips\n";
         let main = "smtpd_relay_restrictions = check_client_access socketmap:unix:/elsewhere.sock:authenticated_ips, check_client_access socketmap:unix:/nonexistent-sap/socketmap.sock:authenticated_ips\n";
@@ -438,5 +630,110 @@ mod tests {
             "{}",
             f[1].text
         );
+    }
+
+    #[test]
+    fn memcache_tables_are_recognised_and_checked() {
+        use crate::memcache::Server;
+        let servers = [Server::Inet("127.0.0.1".into(), 11211)];
+        let cf = "/etc/postfix/smtp-after-popd-memcache.cf".to_string();
+        let good = crate::postfix_config::memcache_cf(&servers[0], "smtp-after-popd:");
+        let main = format!(
+            "smtpd_relay_restrictions = permit_mynetworks, permit_auth_destination, check_client_access memcache:{cf}, reject_unauth_destination\n"
+        );
+        // The daemon writes memcached only (--map none), as postfix-config
+        // says: nothing to report, and no notice that Postfix does not
+        // look up a map.
+        let memcache_only = Served {
+            map: None,
+            socketmaps: vec![],
+            memcache: &servers,
+            memcache_prefix: "smtp-after-popd:",
+        };
+        let files = [(cf.clone(), Some(good.clone()))];
+        let f = run_with(&main, &main, &main, "", &files, &memcache_only);
+        assert!(f.is_empty(), "{f:?}");
+        // With a map too: Postfix sees the grants through memcached.
+        let m = map("/nonexistent-sap/authenticated_ips");
+        let both = Served {
+            map: Some(&m),
+            socketmaps: vec![],
+            ..memcache_only
+        };
+        assert!(run_with(&main, &main, &main, "", &files, &both).is_empty());
+        // Keys that are not the daemon's, domain and backup.
+        let bad = "memcache = inet:localhost:11211\nkey_format = other:%s\ndomain = example.com\nbackup = inet:127.0.0.1:11212\n";
+        let files = [(cf.clone(), Some(bad.to_string()))];
+        let f = run_with(&main, &main, &main, "", &files, &memcache_only);
+        let text: Vec<&str> = f.iter().map(|f| f.text.as_str()).collect();
+        assert_eq!(f.len(), 3, "{text:?}");
+        assert!(
+            text[0].contains("sets domain: it skips every key without @"),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[1].contains("sets backup: grants that expired"),
+            "{}",
+            text[1]
+        );
+        assert!(
+            text[2].contains("has key_format = other:%s, but this daemon writes keys smtp-after-popd:ADDRESS, so no grant is found: set key_format = smtp-after-popd:%s there"),
+            "{}",
+            text[2]
+        );
+        assert!(f.iter().all(|f| f.level == Level::Warning));
+        // A table of ours while the daemon writes no memcached: a notice
+        // (another daemon may write it), beside the map's own check.
+        let map_only = Served {
+            map: Some(&m),
+            socketmaps: vec![],
+            memcache: &[],
+            memcache_prefix: "smtp-after-popd:",
+        };
+        let files = [(cf.clone(), Some(good.clone()))];
+        let f = run_with(&main, &main, &main, "", &files, &map_only);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0].level, Level::Notice);
+        assert!(
+            f[0].text.contains("but this daemon writes to no memcached"),
+            "{}",
+            f[0].text
+        );
+        // Another memcached than the daemon's: a notice.
+        let elsewhere = "memcache = inet:192.0.2.5:11211\nkey_format = smtp-after-popd:%s\n";
+        let files = [(cf.clone(), Some(elsewhere.to_string()))];
+        let f = run_with(&main, &main, &main, "", &files, &memcache_only);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].level, Level::Notice);
+        assert!(
+            f[0].text.contains(
+                "reads memcached inet:192.0.2.5:11211, but this daemon writes inet:127.0.0.1:11211"
+            ),
+            "{}",
+            f[0].text
+        );
+        // A missing file of ours fails every lookup; a table of someone
+        // else's is none of our business.
+        let missing = "/nonexistent-sap/smtp-after-popd-memcache.cf";
+        let main_missing = main.replace(&cf, missing);
+        let files = [(missing.to_string(), None)];
+        let f = run_with(
+            &main_missing,
+            &main_missing,
+            &main_missing,
+            "",
+            &files,
+            &memcache_only,
+        );
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].text.contains("/nonexistent-sap/smtp-after-popd-memcache.cf does not exist, so every lookup fails (451)"), "{}", f[0].text);
+        let theirs =
+            "smtpd_relay_restrictions = check_client_access memcache:/etc/postfix/greylist.cf\n";
+        let files = [(
+            "/etc/postfix/greylist.cf".to_string(),
+            Some("memcache = inet:192.0.2.9:11211\n".to_string()),
+        )];
+        assert!(run_with(theirs, theirs, theirs, "", &files, &memcache_only).is_empty());
     }
 }

@@ -28,31 +28,52 @@ struct Needed {
     mode: u32,
     /// Which settings need it (`--map`, `--listen`...).
     what: Vec<&'static str>,
-    /// Only sockets (and the pid file) live there: it gets the socket
-    /// group, if one is set.
-    sockets_only: bool,
+    /// Only Postfix's sockets (policy, socketmap) live there, all of this
+    /// group: the directory gets it too, so that Postfix may enter it (as
+    /// doc/systemd/postfix-policy.conf makes the chroot's directory). Any
+    /// other directory gets the daemon's group.
+    group: Option<u32>,
+}
+
+/// What kind of file a directory holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    /// The map or the state file.
+    Files,
+    /// The daemon's own sockets and pid file.
+    Runtime,
+    /// A socket Postfix connects to, and the group it gives Postfix.
+    Postfix(Option<u32>),
 }
 
 fn needed(config: &Config) -> Vec<Needed> {
-    let mut files: Vec<(&'static str, PathBuf)> = Vec::new();
+    let mut paths: Vec<(&'static str, PathBuf, Holds)> = Vec::new();
     if let Some(m) = &config.map {
-        files.push(("--map", m.path.clone()));
+        paths.push(("--map", m.path.clone(), Holds::Files));
     }
     if let Some(s) = &config.state {
-        files.push(("--state", s.clone()));
+        paths.push(("--state", s.clone(), Holds::Files));
     }
-    let mut sockets: Vec<(&'static str, PathBuf)> = Vec::new();
     if let Some(p) = &config.pid_file {
-        sockets.push(("--pid-file", p.clone()));
+        paths.push(("--pid-file", p.clone(), Holds::Runtime));
+    }
+    for spec in &config.listen {
+        if let ListenSpec::Unix(p, _) = spec {
+            paths.push(("--listen", p.clone(), Holds::Runtime));
+        }
     }
     for (what, specs) in [
-        ("--listen", &config.listen),
         ("--policy", &config.policy),
         ("--socketmap", &config.socketmap),
     ] {
         for spec in specs {
-            if let ListenSpec::Unix(p, _) = spec {
-                sockets.push((what, p.clone()));
+            if let ListenSpec::Unix(p, access) = spec {
+                let group = access
+                    .group
+                    .as_ref()
+                    .or(config.socket_group.as_ref())
+                    .map(|g| g.gid);
+                paths.push((what, p.clone(), Holds::Postfix(group)));
             }
         }
     }
@@ -60,34 +81,43 @@ fn needed(config: &Config) -> Vec<Needed> {
     // daemon runs without one (a daemon started by hand next to a
     // packaged one, or the quick start).
     if let Some((path, false)) = &config.control {
-        sockets.push(("--control", path.clone()));
+        paths.push(("--control", path.clone(), Holds::Runtime));
     }
-    let mut out: Vec<Needed> = Vec::new();
-    for (is_file, (what, path)) in files
-        .into_iter()
-        .map(|f| (true, f))
-        .chain(sockets.into_iter().map(|s| (false, s)))
-    {
+    let mut out: Vec<(Needed, Holds)> = Vec::new();
+    for (what, path, holds) in paths {
         let dir = dir_of(&path);
-        match out.iter_mut().find(|n| n.dir == dir) {
-            Some(n) => {
+        match out.iter_mut().find(|(n, _)| n.dir == dir) {
+            Some((n, h)) => {
                 if !n.what.contains(&what) {
                     n.what.push(what);
                 }
-                if is_file {
-                    n.mode = 0o755;
-                    n.sockets_only = false;
-                }
+                *h = match (*h, holds) {
+                    (Holds::Files, _) | (_, Holds::Files) => Holds::Files,
+                    (Holds::Postfix(a), Holds::Postfix(b)) if a == b => Holds::Postfix(a),
+                    _ => Holds::Runtime,
+                };
             }
-            None => out.push(Needed {
-                dir,
-                mode: if is_file { 0o755 } else { 0o750 },
-                what: vec![what],
-                sockets_only: !is_file,
-            }),
+            None => out.push((
+                Needed {
+                    dir,
+                    mode: 0,
+                    what: vec![what],
+                    group: None,
+                },
+                holds,
+            )),
         }
     }
-    out
+    out.into_iter()
+        .map(|(mut n, holds)| {
+            n.mode = if holds == Holds::Files { 0o755 } else { 0o750 };
+            n.group = match holds {
+                Holds::Postfix(g) => g,
+                _ => None,
+            };
+            n
+        })
+        .collect()
 }
 
 /// Creates the missing directories of the files and sockets the daemon is
@@ -125,13 +155,7 @@ pub fn make_dirs(config: &Config) -> Result<(), String> {
         // The umask may have taken bits away.
         let _ = std::fs::set_permissions(&n.dir, std::fs::Permissions::from_mode(n.mode));
         let (uid, gid) = match &config.run_as {
-            Some((u, g)) if root => {
-                let gid = match (&config.socket_group, n.sockets_only) {
-                    (Some(sg), true) => sg.gid,
-                    _ => g.gid,
-                };
-                (Some(u.uid), Some(gid))
-            }
+            Some((u, g)) if root => (Some(u.uid), Some(n.group.unwrap_or(g.gid))),
             _ => (None, None),
         };
         if (uid, gid) != (None, None)
@@ -376,5 +400,46 @@ mod tests {
         .daemon;
         let e = Config::from_args(&args).unwrap_err();
         assert!(e.0.contains("does not exist: create it"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_of_postfix_sockets_gets_their_group() {
+        if privilege::effective_uid() != 0 {
+            eprintln!("SKIPPED: needs root (chown)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["run", "spool"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let run = dir.path().join("run/smtp-after-popd");
+        let spool = dir.path().join("spool/smtp-after-popd");
+        use clap::Parser;
+        let args = crate::config::Cli::try_parse_from([
+            "smtp-after-popd",
+            "--map",
+            "none",
+            "--listen",
+            &format!("unix://{}/syslog.sock", run.display()),
+            "--policy",
+            &format!("unix://{}/policy?group=root&mode=0660", spool.display()),
+            "--control",
+            "none",
+            "--user",
+            "nobody",
+        ])
+        .unwrap()
+        .daemon;
+        let config = Config::from_args(&args).unwrap();
+        make_dirs(&config).unwrap();
+        let owner = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.uid(), m.gid(), m.mode() & 0o7777)
+        };
+        let nobody = privilege::user("nobody").unwrap();
+        // The policy socket's group may enter its directory (Postfix, in
+        // the README's recipe); the syslog socket's is the daemon's alone.
+        assert_eq!(owner(&spool), (nobody.uid, 0, 0o750));
+        assert_eq!(owner(&run), (nobody.uid, nobody.gid, 0o750));
     }
 }

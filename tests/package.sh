@@ -71,6 +71,14 @@ tr -d '\r' <"$work/install.raw" >"$work/install"
 # could not start the service.
 grep -q "^    check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips$" "$work/install" \
     || { cat "$work/install"; fail "postinst did not print the main.cf line"; }
+# ... and the whole smtpd_relay_restrictions line as postfix-config prints
+# it for the installed configuration (the map path the same in both).
+/usr/sbin/smtp-after-popd postfix-config --config /etc/smtp-after-popd/smtp-after-popd.toml \
+    | sed -n '/^smtpd_relay_restrictions/,/reject_unauth_destination$/p' | sed 's/^/    /' >"$work/relay"
+grep -q "check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips,$" "$work/relay" \
+    || { cat "$work/relay"; fail "postfix-config does not name the packaged map"; }
+grep -qxFf "$work/relay" "$work/install" && [ "$(grep -cxFf "$work/relay" "$work/install")" -ge "$(wc -l <"$work/relay")" ] \
+    || { cat "$work/install" "$work/relay"; fail "postinst's main.cf line is not postfix-config's"; }
 if [ ! -d /run/systemd/system ]; then
     grep -q "systemd is not running here, so the service was not started" "$work/install" \
         || { cat "$work/install"; fail "postinst did not say the service was not started"; }

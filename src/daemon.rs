@@ -365,8 +365,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         for bad in &loaded.bad_lines {
             crate::log_warning!("state {bad}");
         }
-        let (restored, expired, refused) =
-            crate::state::restore(&loaded, &table, &settings.policy, settings.window);
+        let (restored, expired, refused) = crate::state::restore(
+            &loaded,
+            &table,
+            &AddressPolicy::new(never_and_proxies(&config)),
+            settings.window,
+        );
         crate::log_info!(
             "state {}: restored {restored} grants ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
             path.display()
@@ -591,8 +595,10 @@ fn reload(r: &mut Running) {
             ips.len()
         );
     }
-    // "Never" means never: live grants the new rules refuse end now.
-    let policy = AddressPolicy::new(new.never.clone());
+    // "Never" means never: live grants the new rules refuse end now, and
+    // so do grants of addresses now named as trusted proxies (a proxy's
+    // own connection is never a client's).
+    let policy = AddressPolicy::new(never_and_proxies(&new));
     for (ip, _) in r.table.list() {
         if let Err(why) = policy.check(ip)
             && r.table.revoke(ip).is_some()
@@ -631,6 +637,15 @@ fn reload(r: &mut Running) {
         "READY=1\nSTATUS=reloaded; {} grants",
         r.table.len()
     ));
+}
+
+/// The networks a restored or kept grant may not be in: the never-grant
+/// rules and the trusted proxies (whose own connections are never a
+/// client's).
+fn never_and_proxies(config: &Config) -> Vec<Cidr> {
+    let mut v = config.never.clone();
+    v.extend(config.trusted_proxy.iter().copied());
+    v
 }
 
 /// The items joined, or `none`.

@@ -262,6 +262,20 @@ impl Pipeline {
                 return;
             }
         }
+        // A login from one of our own proxies (perdition, a Dovecot proxy
+        // that does not pass the client on, nginx in front of Zimbra) is
+        // the proxy's own connection: granting it would open the relay to
+        // everyone the proxy serves.
+        let client = crate::addr::canonical(login.ip);
+        if let Some(proxy) = s.trusted_proxy.iter().find(|c| c.contains(client)) {
+            Stats::bump(&self.stats.refused_proxy_own);
+            crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {client}: it is a --trusted-proxy ({proxy}): this is the proxy's own connection, which names none of the clients behind it ({})",
+                About(&login, peer)
+            );
+            return;
+        }
         let ip = match s.policy.check(login.ip) {
             Ok(ip) => ip,
             Err(why) => {
@@ -671,5 +685,28 @@ mod tests {
             .store(settings(false, false, &["203.0.113.0/24"]));
         p.handle(line.replace("192.0.2.10", "192.0.2.11").as_bytes(), &peer());
         assert!(p.table.get("192.0.2.11".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_login_from_a_trusted_proxy_is_the_proxys_own_connection() {
+        // A Dovecot back end behind perdition logs the proxy as rip=.
+        let line = "<22>Nov 24 15:36:30 vm dovecot: pop3-login: Login: user=<bob>, method=PLAIN, rip=198.51.100.1, lip=198.51.100.2, mpid=116, session=<SIu/WZhhgKTGM2QB>";
+        let p = pipeline(false);
+        p.settings.store(settings(false, false, &["198.51.100.1"]));
+        p.handle(line.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "a proxy's own address is never granted");
+        assert_eq!(count(&p.stats.refused_proxy_own), 1);
+        assert_eq!(count(&p.stats.refused), 0);
+        // Its clients, when a proxy passes them on, are.
+        p.handle(
+            line.replace("rip=198.51.100.1", "rip=192.0.2.50")
+                .as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.50".parse().unwrap()).is_some());
+        // A Zimbra client that is itself a trusted proxy: refused too.
+        let z = "<22>Sep 18 00:21:21 mailstore21 mailbox: INFO  [Pop3Server-7] [name=carol@example.org;ip=198.51.100.1;oip=198.51.100.1;] pop - user carol@example.org authenticated, mechanism=LOGIN ";
+        p.handle(z.as_bytes(), &peer());
+        assert_eq!(count(&p.stats.refused_proxy_own), 2);
     }
 }

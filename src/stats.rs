@@ -58,6 +58,10 @@ counters! {
     /// Logins whose address a proxy reported (Zimbra oip=) refused because
     /// the proxy is not a --trusted-proxy.
     refused_proxy,
+    /// Logins whose client address is itself a --trusted-proxy: the
+    /// proxy's own connection to the server (a proxy that did not pass
+    /// the client's address on), never a client's.
+    refused_proxy_own,
     /// Logins from new addresses refused because the table was full.
     refused_full,
     /// New grants.

@@ -22,7 +22,7 @@ use crate::config::{
 use crate::control::Status;
 use crate::grants::GrantTable;
 use crate::logging::escape;
-use crate::matcher::{AddressMemory, Outcome, ProcessKey};
+use crate::matcher::{AddressMemory, CutKey, CutLines, Outcome, ProcessKey};
 use crate::privilege;
 use crate::receiver::{self, AllowList};
 use crate::record;
@@ -705,6 +705,7 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut status = 0;
     let memory = AddressMemory::new();
+    let cut = CutLines::new();
     let mut scan = |reader: &mut dyn BufRead| -> std::io::Result<()> {
         let mut line = Vec::new();
         loop {
@@ -715,6 +716,17 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
             let Ok(rec) = record::parse(&line) else {
                 continue;
             };
+            // The rest of a line its logger cut is not a line of its own.
+            if let Some(limit) = matchers.line_limit(rec.program) {
+                let key = CutKey {
+                    reporter: "-".to_string(),
+                    host: rec.hostname.unwrap_or("-").to_string(),
+                    program: rec.program.to_string(),
+                };
+                if cut.continues(key, rec.message.len() >= limit) {
+                    continue;
+                }
+            }
             let outcome = matchers.match_record(&rec);
             let key = ProcessKey::of("-".to_string(), &rec, rec.pid);
             // Lines of a file carry no receive time: pair by order only.

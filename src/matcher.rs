@@ -193,6 +193,13 @@ pub struct PatternSpec {
     /// logins of this pattern are never held.
     #[serde(default)]
     pub hold: Option<String>,
+    /// For servers whose logger cuts long lines into several records
+    /// (courierlogger: a 512-byte buffer): a record of one of this
+    /// pattern's programs at least this many bytes long is taken to be
+    /// cut, and the record after it from the same reporter, host and
+    /// program, which continues it, is believed in no way.
+    #[serde(default)]
+    pub line_limit: Option<usize>,
 }
 
 /// Patterns in a configuration file, for deserialising `[[pattern]]`.
@@ -222,6 +229,8 @@ pub struct Matchers {
     /// Matches any of the program names: a record whose bytes hold none of
     /// them cannot be a login, and is not even parsed.
     prefilter: Option<regex::bytes::Regex>,
+    /// Program name to the length at which its logger cuts lines.
+    line_limits: HashMap<String, usize>,
 }
 
 /// The result of trying a record against the patterns.
@@ -352,6 +361,7 @@ impl Matchers {
             patterns: Vec::new(),
             by_program: HashMap::new(),
             prefilter: None,
+            line_limits: HashMap::new(),
         };
         for spec in &builtin.pattern {
             m.add(spec, BUILTIN_PATTERNS).map_err(|e| (true, e))?;
@@ -498,6 +508,11 @@ impl Matchers {
                 "pattern \"{id}\": executables = [\"{e}\"]: expected absolute paths, e.g. \"/usr/lib/dovecot/log\""
             )));
         }
+        if spec.line_limit == Some(0) {
+            return Err(err(format!(
+                "pattern \"{id}\": line_limit = 0: give the length in bytes at which the server's logger cuts a line, e.g. line_limit = 500"
+            )));
+        }
         let index = self.patterns.len();
         self.patterns.push(Pattern {
             id,
@@ -513,6 +528,12 @@ impl Matchers {
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
+        }
+        if let Some(limit) = spec.line_limit {
+            for p in &spec.program {
+                let l = self.line_limits.entry(p.clone()).or_insert(limit);
+                *l = (*l).min(limit);
+            }
         }
         Ok(())
     }
@@ -644,6 +665,17 @@ impl Matchers {
     /// match (its tag holds the program name).
     pub fn may_match(&self, bytes: &[u8]) -> bool {
         self.prefilter.as_ref().is_none_or(|p| p.is_match(bytes))
+    }
+
+    /// The length at which the logger of `program` cuts lines, if a
+    /// pattern says it does (looked up like the patterns: the whole tag,
+    /// then the part after the last "/").
+    pub fn line_limit(&self, program: &str) -> Option<usize> {
+        self.line_limits.get(program).copied().or_else(|| {
+            program
+                .rsplit_once('/')
+                .and_then(|(_, base)| self.line_limits.get(base).copied())
+        })
     }
 
     /// Tries every pattern on the record whatever its program: the naive
@@ -874,6 +906,60 @@ impl AddressMemory {
 /// IPv6 in any case, IPv4-mapped IPv6 kept (the address policy folds it).
 fn parse_ip(text: &str) -> Result<IpAddr, std::net::AddrParseError> {
     text.trim_start_matches('[').trim_end_matches(']').parse()
+}
+
+/// Where a continuation record is looked for: who reported it, the host
+/// name in the record and the syslog tag (no process id: courierlogger's
+/// lines carry none in the tag, and one logger serves every session).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CutKey {
+    /// The reporting peer (socket path or address).
+    pub reporter: String,
+    /// The host name in the record (`-` when it has none).
+    pub host: String,
+    /// The syslog tag.
+    pub program: String,
+}
+
+/// The most loggers with a cut line waiting for its continuation; when
+/// full, every record of a program whose logger cuts lines is taken as a
+/// continuation (nothing believed) until the waiting ones are seen.
+pub const CUT_ENTRIES: usize = 4096;
+
+/// Lines a server's logger cut. courierlogger reads a daemon's standard
+/// error into a 512-byte buffer and logs a longer line as several records,
+/// one after the other: the later ones begin wherever the cut fell, in the
+/// middle of the user's text, so a failed login's user name can be made to
+/// continue as "LOGIN, user=a" followed by the server's real
+/// ", ip=[CLIENT], port=[P]": a success line that no server wrote. A
+/// record that comes after a cut one from the same logger continues it,
+/// and nothing in it is believed.
+#[derive(Debug, Default)]
+pub struct CutLines {
+    waiting: Mutex<std::collections::HashSet<CutKey>>,
+}
+
+impl CutLines {
+    /// An empty set.
+    pub fn new() -> CutLines {
+        CutLines::default()
+    }
+
+    /// Notes a record of a program whose logger cuts lines, `cut` when it
+    /// is as long as the cut; returns true when it continues a cut line
+    /// (the logger's last record was cut).
+    pub fn continues(&self, key: CutKey, cut: bool) -> bool {
+        let mut w = match self.waiting.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let was_cut = w.remove(&key);
+        let full = w.len() >= CUT_ENTRIES;
+        if cut && !full {
+            w.insert(key);
+        }
+        was_cut || full
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::config::{Config, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable, Names};
 use crate::hold::{Closed, Holds, SessionKey};
 use crate::logging::{RateLimit, escape};
-use crate::matcher::{AddressMemory, Login, Matchers, Outcome, ProcessKey};
+use crate::matcher::{AddressMemory, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey};
 use crate::receiver::Peer;
 use crate::record::{self, ParseError};
 use crate::stats::Stats;
@@ -75,6 +75,8 @@ pub struct Pipeline {
     pub memory: AddressMemory,
     /// Sessions still open (`--hold-while-connected`; kept across reloads).
     pub holds: Holds,
+    /// Loggers whose last record was cut (kept across reloads).
+    pub cut: CutLines,
 }
 
 static INPUT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
@@ -90,6 +92,7 @@ impl Pipeline {
             names: Default::default(),
             memory: AddressMemory::new(),
             holds: Holds::new(),
+            cut: CutLines::new(),
         }
     }
 
@@ -137,6 +140,26 @@ impl Pipeline {
                 attest::unbelieved(&rec, s.require_attestation)
             }
         };
+        // A record that continues a line the server's logger cut begins in
+        // the middle of the user's text: it may look like anything, a
+        // success line included.
+        if let Some(limit) = s.matchers.line_limit(rec.program) {
+            let key = CutKey {
+                reporter: sender_of(peer),
+                host: rec.hostname.unwrap_or("-").to_string(),
+                program: rec.program.to_string(),
+            };
+            if self.cut.continues(key, rec.message.len() >= limit) {
+                Stats::bump(&self.stats.refused_continuation);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "record from {peer} continues a line that the logger of \"{}\" cut (its last record was {limit} bytes or more): nothing in it is believed: \"{}\"",
+                    escape(rec.program),
+                    escape(rec.message)
+                );
+                return;
+            }
+        }
         let now = tokio::time::Instant::now();
         let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
         // Address lines of two-line servers and logout lines are trusted as
@@ -708,5 +731,35 @@ mod tests {
         let z = "<22>Sep 18 00:21:21 mailstore21 mailbox: INFO  [Pop3Server-7] [name=carol@example.org;ip=198.51.100.1;oip=198.51.100.1;] pop - user carol@example.org authenticated, mechanism=LOGIN ";
         p.handle(z.as_bytes(), &peer());
         assert_eq!(count(&p.stats.refused_proxy_own), 2);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_line_courierlogger_cut_is_not_believed() {
+        // A failed login whose user name makes the cut fall just before a
+        // text of the attacker's, as courierlogger logged it here.
+        let first = format!(
+            "<22>Dec  1 21:14:01 mail imapd: LOGIN FAILED, user={}",
+            "x".repeat(486)
+        );
+        assert_eq!(first.len() - "<22>Dec  1 21:14:01 mail imapd: ".len(), 505);
+        let rest = "<22>Dec  1 21:14:01 mail imapd: LOGIN, user=a, ip=[203.0.113.9], ip=[::ffff:192.0.2.152], port=[56115]";
+        let p = pipeline(false);
+        p.handle(first.as_bytes(), &peer());
+        p.handle(rest.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "the rest of a cut line grants nothing");
+        assert_eq!(count(&p.stats.refused_continuation), 1);
+        // The next line is a line of its own again.
+        p.handle(
+            b"<22>Dec  1 21:14:02 mail imapd: LOGIN, user=bob, ip=[::ffff:192.0.2.153], port=[40145], protocol=IMAP",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.153".parse().unwrap()).is_some());
+        // Another host's logger is another logger.
+        p.handle(first.as_bytes(), &peer());
+        p.handle(
+            rest.replace("mail imapd", "mail2 imapd").as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.152".parse().unwrap()).is_some());
     }
 }

@@ -25,7 +25,8 @@
 //! and logged by the daemon, never granted.
 //!
 //! The lines of a file are fed in order through one stateful matcher, as
-//! the daemon feeds them: two-line servers (popa3d `Session from IP`, then
+//! the daemon feeds them (a record after one that its server's logger cut
+//! is believed in no way, `line_limit`): two-line servers (popa3d `Session from IP`, then
 //! `Authentication passed for USER` from the same process) are annotated
 //! `#= none` on the address line and `#= grant ...` on the success line,
 //! which grants the address remembered for its process. A success line with
@@ -45,7 +46,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use smtp_after_popd::addr::canonical;
-use smtp_after_popd::matcher::{AddressMemory, Matchers, Outcome, ProcessKey};
+use smtp_after_popd::matcher::{AddressMemory, CutKey, CutLines, Matchers, Outcome, ProcessKey};
 use smtp_after_popd::record::parse_str;
 
 #[derive(Debug)]
@@ -151,11 +152,13 @@ fn samples_match_their_annotations() {
     let mut files: BTreeSet<String> = BTreeSet::new();
 
     let mut memory = AddressMemory::new();
+    let mut cut = CutLines::new();
     let mut current_file = String::new();
     for s in &samples {
         if s.file != current_file {
             // Each file is a log of its own.
             memory = AddressMemory::new();
+            cut = CutLines::new();
             current_file = s.file.clone();
         }
         files.insert(s.file.clone());
@@ -173,7 +176,23 @@ fn samples_match_their_annotations() {
         if claims.len() > 1 {
             failures.push(format!("{place}: claimed by several patterns: {claims:?}"));
         }
-        let outcome = matchers.match_record(&rec);
+        // The rest of a line the server's logger cut is believed in no way,
+        // as in the daemon.
+        let continues = matchers.line_limit(rec.program).is_some_and(|limit| {
+            cut.continues(
+                CutKey {
+                    reporter: "samples".to_string(),
+                    host: rec.hostname.unwrap_or("-").to_string(),
+                    program: rec.program.to_string(),
+                },
+                rec.message.len() >= limit,
+            )
+        });
+        let outcome = if continues {
+            Outcome::NoMatch
+        } else {
+            matchers.match_record(&rec)
+        };
         let key = ProcessKey::of("samples".to_string(), &rec, rec.pid);
         let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now());
         match (&s.expect, outcome) {

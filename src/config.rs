@@ -24,6 +24,7 @@ use toml::Spanned;
 use crate::addr::Cidr;
 use crate::logging::{Format as LogFormat, Level};
 use crate::matcher::{Matchers, PatternSpec};
+use crate::net::Access;
 use crate::privilege::{self, Group, User};
 use crate::sink::{MapType, PostfixMap};
 
@@ -50,8 +51,12 @@ pub const DEFAULT_MAX_GRANTS: usize = 100_000;
 pub const DEFAULT_HOLD_MAX: &str = "12h";
 /// Default control socket.
 pub const DEFAULT_CONTROL: &str = "/run/smtp-after-popd/control";
-/// Default mode of unix socket files.
+/// Default mode of the policy and socketmap sockets (and of the control
+/// socket): the daemon's user and its group.
 pub const DEFAULT_SOCKET_MODE: &str = "0660";
+/// Default mode of a syslog listener's unix socket: its owner (the daemon's
+/// user, or root) and root (rsyslog) only.
+pub const DEFAULT_SYSLOG_SOCKET_MODE: u32 = 0o600;
 
 /// POP-before-SMTP for Postfix: grants relay access to clients for a short
 /// window after they log in to POP3 or IMAP, by reading the mail servers'
@@ -142,9 +147,14 @@ pub struct DaemonArgs {
 
     /// Where to receive syslog records: udp://ADDR:PORT (IPv4 or [IPv6]),
     /// tcp://ADDR:PORT (RFC 6587 octet counting or LF framing, as rsyslog
-    /// sends), or unix:///PATH (a unix datagram socket). UDP and TCP
-    /// listeners may carry their own allow-list instead of --allow-from:
-    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11. Repeatable.
+    /// sends; at most 32 connections per peer and 256 in all, a new one
+    /// beyond closing the one that has waited longest without a complete
+    /// record), or unix:///PATH (a unix datagram socket, mode 0600: root,
+    /// i.e. rsyslog, and the daemon's user only). UDP and TCP listeners may
+    /// carry their own allow-list instead of --allow-from:
+    /// udp://0.0.0.0:5514?allow=192.0.2.10,192.0.2.11; a unix socket its
+    /// own owner, group and mode: unix:///PATH?group=adm&mode=0620 (never
+    /// writable by every user). Settings are joined by &. Repeatable.
     /// [default: udp://127.0.0.1:5514]
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
@@ -182,7 +192,10 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     pub postmap: Option<String>,
 
-    /// File mode of unix socket files, in octal. [default: 0660]
+    /// Deprecated: give each socket its mode in its URL
+    /// (unix:///PATH?mode=0660). The mode, in octal, of the policy and
+    /// socketmap sockets whose URL gives none; never of a syslog socket.
+    /// [default: 0660]
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
 
@@ -230,17 +243,21 @@ pub struct DaemonArgs {
     pub max_grants: Option<String>,
 
     /// Serve the grant table to Postfix as a policy service
-    /// (check_policy_service) on unix:///PATH or tcp://ADDR:PORT (TCP
-    /// peers allow-listed like --allow-from, or by ?allow=): action=OK for
-    /// a live grant, DUNNO otherwise. Repeatable. [default: none]
+    /// (check_policy_service) on unix:///PATH (mode 0660, the daemon's
+    /// group, or ?owner=&group=&mode=) or tcp://ADDR:PORT (TCP peers
+    /// allow-listed like --allow-from, or by ?allow=): action=OK for a live
+    /// grant, DUNNO otherwise. Bounded as Postfix's policy client is (100s
+    /// per request, 300s idle, 1000s per connection; 512 connections per
+    /// peer, 1024 in all). For a socket inside Postfix's chroot, see the
+    /// README ("Chroot"). Repeatable. [default: none]
     #[arg(long, value_name = "URL")]
     pub policy: Vec<String>,
 
     /// Serve the grant table to Postfix as the socketmap
     /// "authenticated_ips" (check_client_access
-    /// socketmap:unix:PATH:authenticated_ips) on unix:///PATH; unix only,
-    /// since the protocol has no authentication. Repeatable.
-    /// [default: none]
+    /// socketmap:unix:PATH:authenticated_ips) on unix:///PATH (with
+    /// ?owner=&group=&mode= as --policy); unix only, since the protocol has
+    /// no authentication. Repeatable. [default: none]
     #[arg(long, value_name = "URL")]
     pub socketmap: Vec<String>,
 
@@ -274,8 +291,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
-    /// Group of unix socket files (with --socket-mode 0660, the group whose
-    /// members, e.g. rsyslog's, may send). [default: the daemon's group]
+    /// Deprecated: give each socket its group in its URL
+    /// (unix:///PATH?group=postfix&mode=0660). The group of the policy and
+    /// socketmap sockets whose URL gives none; never of a syslog socket,
+    /// so that the group Postfix runs as cannot write records.
+    /// [default: the daemon's group]
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 
@@ -314,8 +334,9 @@ pub enum ListenSpec {
     Udp(SocketAddr, Option<Vec<Cidr>>),
     /// A TCP socket (RFC 6587 framing), with its own allow-list if given.
     Tcp(SocketAddr, Option<Vec<Cidr>>),
-    /// A unix datagram socket.
-    Unix(PathBuf),
+    /// A unix socket (datagram for syslog, stream for Postfix's
+    /// services), with the owner, group and mode its URL gives.
+    Unix(PathBuf, Access),
 }
 
 impl ListenSpec {
@@ -326,7 +347,7 @@ impl ListenSpec {
         match self {
             ListenSpec::Udp(a, _) => format!("udp://{a}"),
             ListenSpec::Tcp(a, _) => format!("tcp://{a}"),
-            ListenSpec::Unix(p) => format!("unix://{}", p.display()),
+            ListenSpec::Unix(p, _) => format!("unix://{}", p.display()),
         }
     }
 
@@ -334,7 +355,15 @@ impl ListenSpec {
     pub fn own_allow(&self) -> Option<&Vec<Cidr>> {
         match self {
             ListenSpec::Udp(_, own) | ListenSpec::Tcp(_, own) => own.as_ref(),
-            ListenSpec::Unix(_) => None,
+            ListenSpec::Unix(..) => None,
+        }
+    }
+
+    /// A unix socket's own owner, group and mode (`?owner=&group=&mode=`).
+    pub fn access(&self) -> Option<&Access> {
+        match self {
+            ListenSpec::Unix(_, access) => Some(access),
+            _ => None,
         }
     }
 }
@@ -345,6 +374,9 @@ impl fmt::Display for ListenSpec {
         if let Some(list) = self.own_allow() {
             let list: Vec<String> = list.iter().map(Cidr::to_string).collect();
             write!(f, "?allow={}", list.join(","))?;
+        }
+        if let Some(params) = self.access().map(Access::params).filter(|p| !p.is_empty()) {
+            write!(f, "?{params}")?;
         }
         Ok(())
     }
@@ -367,8 +399,9 @@ pub struct Config {
     pub policy: Vec<ListenSpec>,
     /// Socketmap listeners (unix only).
     pub socketmap: Vec<ListenSpec>,
-    /// Mode of unix socket files.
-    pub socket_mode: u32,
+    /// Deprecated `--socket-mode`: the default mode of the policy and
+    /// socketmap sockets, if set.
+    pub socket_mode: Option<u32>,
     /// Receive buffer size to ask for.
     pub receive_buffer: Option<usize>,
     /// Log level.
@@ -389,7 +422,8 @@ pub struct Config {
     pub trusted_proxy: Vec<Cidr>,
     /// The user and group to switch to after binding, if any.
     pub run_as: Option<(User, Group)>,
-    /// The group of unix socket files, if set.
+    /// Deprecated `--socket-group`: the default group of the policy and
+    /// socketmap sockets, if set.
     pub socket_group: Option<Group>,
     /// Whether `listen` is the built-in default (no flag, no file key):
     /// sockets handed over by systemd then replace it.
@@ -610,7 +644,17 @@ impl Config {
 
         let mut listen = Vec::new();
         for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
-            listen.push(parse_listen(v).map_err(|e| origin.error("listen", v, &e))?);
+            let spec = parse_listen(v).map_err(|e| origin.error("listen", v, &e))?;
+            if let Some(mode) = spec.access().and_then(|a| a.mode)
+                && mode & 0o002 != 0
+            {
+                return Err(origin.error(
+                    "listen",
+                    v,
+                    "a syslog socket that every local user may write lets anyone forge login records: give write access to rsyslog's group instead, e.g. ?group=adm&mode=0620, or leave mode= out (0600: root only)",
+                ));
+            }
+            listen.push(spec);
         }
         if listen.is_empty() {
             return Err(ConfigError(
@@ -690,19 +734,19 @@ impl Config {
             incremental: true,
         });
 
-        let (v, origin) = pick(
-            &args.socket_mode,
-            &file.socket_mode,
-            DEFAULT_SOCKET_MODE,
-            path,
-            source,
-        );
-        let socket_mode = u32::from_str_radix(v.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                origin.error("socket-mode", v, "expected an octal file mode such as 0660")
-            })?;
+        let socket_mode = match (&args.socket_mode, &file.socket_mode) {
+            (None, None) => None,
+            _ => {
+                let (v, origin) = pick(
+                    &args.socket_mode,
+                    &file.socket_mode,
+                    DEFAULT_SOCKET_MODE,
+                    path,
+                    source,
+                );
+                Some(parse_mode(v).map_err(|e| origin.error("socket-mode", v, &e))?)
+            }
+        };
 
         let receive_buffer = match (&args.receive_buffer, &file.receive_buffer) {
             (Some(v), _) => {
@@ -880,7 +924,7 @@ impl Config {
         let mut socketmap = Vec::new();
         for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
             let spec = parse_listen(v).map_err(|e| origin.error("socketmap", v, &e))?;
-            if !matches!(spec, ListenSpec::Unix(_)) {
+            if !matches!(spec, ListenSpec::Unix(..)) {
                 return Err(origin.error(
                     "socketmap",
                     v,
@@ -1055,29 +1099,101 @@ pub fn control_path(args: &ControlArgs) -> Result<PathBuf, ConfigError> {
     Ok(PathBuf::from(DEFAULT_CONTROL))
 }
 
+/// The parameters after `?` in a listener URL: `KEY=VALUE` pairs joined by
+/// `&` (`unix:///PATH?group=postfix&mode=0660`). Each kind of URL takes the
+/// keys it knows with [`UrlParams::take`]; [`UrlParams::finish`] refuses the
+/// rest, so a misspelt key is an error rather than ignored.
+#[derive(Debug, Default)]
+pub struct UrlParams<'a> {
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> UrlParams<'a> {
+    /// Splits `url` into what comes before `?` and its parameters.
+    pub fn split(url: &'a str) -> Result<(&'a str, UrlParams<'a>), String> {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url, UrlParams::default()));
+        };
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for part in query.split('&') {
+            let Some((key, value)) = part.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+                return Err(format!(
+                    "\"{part}\" after ? is not KEY=VALUE (settings are joined by &)"
+                ));
+            };
+            if pairs.iter().any(|(k, _)| *k == key) {
+                return Err(format!("{key}= is given twice"));
+            }
+            pairs.push((key, value));
+        }
+        Ok((base, UrlParams { pairs }))
+    }
+
+    /// Takes the value of `key`, if the URL gives it.
+    pub fn take(&mut self, key: &str) -> Option<&'a str> {
+        let i = self.pairs.iter().position(|(k, _)| *k == key)?;
+        Some(self.pairs.remove(i).1)
+    }
+
+    /// Refuses a parameter no one took; `known` says which this kind of
+    /// URL takes.
+    pub fn finish(self, known: &str) -> Result<(), String> {
+        match self.pairs.first() {
+            None => Ok(()),
+            Some((key, _)) => Err(format!("unknown setting {key}=: {known}")),
+        }
+    }
+}
+
+/// Parses an octal file mode (`0660`).
+pub fn parse_mode(v: &str) -> Result<u32, String> {
+    u32::from_str_radix(v.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777 && !v.is_empty())
+        .ok_or_else(|| "expected an octal file mode such as 0660".to_string())
+}
+
+/// The owner, group and mode a unix socket URL gives.
+fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, String> {
+    let owner = params.take("owner");
+    let group = params.take("group");
+    let mode = params.take("mode");
+    Ok(Access {
+        owner: owner
+            .map(|v| privilege::user(v).map_err(|e| format!("owner={v}: {e}")))
+            .transpose()?,
+        group: group
+            .map(|v| privilege::group(v).map_err(|e| format!("group={v}: {e}")))
+            .transpose()?,
+        mode: mode
+            .map(|v| parse_mode(v).map_err(|e| format!("mode={v}: {e}")))
+            .transpose()?,
+    })
+}
+
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
-/// `?allow=CIDR[,CIDR...]`) or `unix:///PATH`.
+/// `?allow=CIDR[,CIDR...]`) or `unix:///PATH` (with
+/// `?owner=USER&group=GROUP&mode=MODE`, each optional).
 pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
-    const EXPECTED: &str = "expected udp://ADDR:PORT or tcp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or tcp://[::]:5514, optionally followed by ?allow=CIDR,CIDR) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock)";
+    const EXPECTED: &str = "expected udp://ADDR:PORT or tcp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or tcp://[::]:5514, optionally followed by ?allow=CIDR,CIDR) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock, optionally followed by ?owner=USER&group=GROUP&mode=MODE)";
+    let (base, mut params) = UrlParams::split(s).map_err(|e| format!("{EXPECTED}; {e}"))?;
     for (scheme, tcp) in [("udp://", false), ("tcp://", true)] {
-        let Some(rest) = s.strip_prefix(scheme) else {
+        let Some(addr) = base.strip_prefix(scheme) else {
             continue;
         };
-        let (addr, allow) = match rest.split_once('?') {
-            None => (rest, None),
-            Some((addr, query)) => {
-                let Some(list) = query.strip_prefix("allow=") else {
-                    return Err(format!(
-                        "{EXPECTED}; the only setting after ? is allow=CIDR,CIDR"
-                    ));
-                };
+        let allow = match params.take("allow") {
+            None => None,
+            Some(list) => {
                 let mut cidrs = Vec::new();
                 for c in list.split(',') {
                     cidrs.push(c.parse::<Cidr>().map_err(|e| format!("allow={c}: {e}"))?);
                 }
-                (addr, Some(cidrs))
+                Some(cidrs)
             }
         };
+        params
+            .finish("a udp:// or tcp:// URL takes allow=CIDR,CIDR")
+            .map_err(|e| format!("{EXPECTED}; {e}"))?;
         let addr: SocketAddr = addr.parse().map_err(|_| EXPECTED.to_string())?;
         return Ok(if tcp {
             ListenSpec::Tcp(addr, allow)
@@ -1085,7 +1201,7 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
             ListenSpec::Udp(addr, allow)
         });
     }
-    if let Some(rest) = s.strip_prefix("unix://") {
+    if let Some(rest) = base.strip_prefix("unix://") {
         if !rest.starts_with('/') || rest.len() < 2 || rest.ends_with('/') {
             return Err(format!("{EXPECTED}; the path must be absolute"));
         }
@@ -1096,7 +1212,9 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
                     .into(),
             );
         }
-        return Ok(ListenSpec::Unix(PathBuf::from(rest)));
+        let access = unix_access(&mut params)?;
+        params.finish("a unix:// URL takes owner=USER, group=GROUP and mode=MODE (octal)")?;
+        return Ok(ListenSpec::Unix(PathBuf::from(rest), access));
     }
     Err(EXPECTED.into())
 }
@@ -1333,11 +1451,80 @@ mod tests {
         assert!(parse_listen("udp://0.0.0.0:5514?deny=192.0.2.1").is_err());
         assert_eq!(
             parse_listen("unix:///run/x.sock"),
-            Ok(ListenSpec::Unix("/run/x.sock".into()))
+            Ok(ListenSpec::Unix("/run/x.sock".into(), Access::default()))
         );
+        let spec = parse_listen("unix:///run/x.sock?group=root&mode=0620").unwrap();
+        assert_eq!(spec.to_string(), "unix:///run/x.sock?group=root&mode=0620");
+        assert_eq!(spec.address(), "unix:///run/x.sock");
+        assert_eq!(spec.access().and_then(|a| a.mode), Some(0o620));
+        assert_eq!(spec.access().and_then(|a| a.group.clone()).unwrap().gid, 0);
+        for (url, error) in [
+            (
+                "unix:///run/x.sock?mode=999",
+                "mode=999: expected an octal file mode",
+            ),
+            (
+                "unix:///run/x.sock?mode=",
+                "mode=: expected an octal file mode",
+            ),
+            (
+                "unix:///run/x.sock?grup=x",
+                "unknown setting grup=: a unix:// URL takes owner=USER, group=GROUP and mode=MODE",
+            ),
+            (
+                "unix:///run/x.sock?mode=0600&mode=0660",
+                "mode= is given twice",
+            ),
+            (
+                "unix:///run/x.sock?mode",
+                "\"mode\" after ? is not KEY=VALUE",
+            ),
+            (
+                "unix:///run/x.sock?group=no-such-group-sap",
+                "group=no-such-group-sap: no such group",
+            ),
+            (
+                "unix:///run/x.sock?owner=no-such-user-sap",
+                "owner=no-such-user-sap: no such user",
+            ),
+            (
+                "udp://0.0.0.0:5514?mode=0600",
+                "unknown setting mode=: a udp:// or tcp:// URL takes allow=",
+            ),
+        ] {
+            let e = parse_listen(url).unwrap_err();
+            assert!(e.contains(error), "{url}: {e}");
+        }
         assert!(parse_listen("tcp://1.2.3.4").is_err());
         assert!(parse_listen("unix://relative").is_err());
         assert!(parse_listen("udp://localhost:5514").is_err());
+    }
+
+    #[test]
+    fn a_syslog_socket_every_user_may_write_is_refused() {
+        let e = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--listen",
+            "unix:///tmp/x.sock?mode=0622",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("--listen \"unix:///tmp/x.sock?mode=0622\": a syslog socket that every local user may write lets anyone forge login records"),
+            "{e}"
+        );
+        // A policy socket may be (Postfix asks; nothing there grants).
+        let c = Config::from_args(&args(&[
+            "--map",
+            "/tmp/m",
+            "--policy",
+            "unix:///tmp/p.sock?mode=0666",
+            "--socket-mode",
+            "0640",
+        ]))
+        .unwrap();
+        assert_eq!(c.socket_mode, Some(0o640));
+        assert_eq!(c.policy[0].access().and_then(|a| a.mode), Some(0o666));
     }
 
     #[test]
@@ -1351,7 +1538,7 @@ mod tests {
             vec![ListenSpec::Udp("127.0.0.1:5514".parse().unwrap(), None)]
         );
         assert_eq!(c.never.len(), 2);
-        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.socket_mode, None);
         assert_eq!(c.map.unwrap().map_type, MapType::Hash);
     }
 

@@ -9,7 +9,9 @@
 //! in a directory of the daemon's) and, on top of them, the kernel's word
 //! on who connected (SO_PEERCRED): root, the daemon's user, or a member of
 //! the daemon's group. Everyone else is refused before a byte is read.
-//! Requests are bounded (one line of at most 512 bytes, 5 s to send it).
+//! Requests are bounded (one line of at most 512 bytes, 5 s to send it and
+//! take the answer; [`LIMITS`]), each connection accepted by
+//! [`crate::net::serve_stream`].
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -18,15 +20,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 
 use crate::grants::GrantTable;
-use crate::logging::escape;
-use crate::serve::SocketPath;
+use crate::logging::{RateLimit, escape};
+use crate::net::{Access, Connection, Io, Limits, StreamListener};
 use crate::stats::{ListenerCounts, Stats};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 512;
+
+/// The bounds of the control socket: one request per connection.
+pub const LIMITS: Limits = Limits {
+    total: 16,
+    per_peer: 8,
+    request: Duration::from_secs(5),
+    idle: Duration::from_secs(5),
+    lifetime: Some(Duration::from_secs(5)),
+};
+
+static REFUSED_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 /// What the control socket and the metrics endpoint report on.
 pub struct Status {
@@ -108,76 +120,42 @@ impl Status {
     }
 }
 
-/// The supplementary groups of the peer, as the kernel recorded them when
-/// it connected (SO_PEERGROUPS).
-fn peer_groups(stream: &UnixStream) -> Vec<u32> {
-    use std::os::fd::AsRawFd;
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
-    // SAFETY: getsockopt into a buffer of the length given.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Vec::new();
-    }
-    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
-    groups
-}
-
 /// Whether the peer may use the control socket.
-fn permitted(stream: &UnixStream) -> Result<(), String> {
-    let cred = stream
-        .peer_cred()
-        .map_err(|e| format!("cannot learn who connected: {e}"))?;
+fn permitted(conn: &Connection) -> Result<(), String> {
+    let cred = conn
+        .cred()
+        .ok_or_else(|| "cannot learn who connected".to_string())?;
     // SAFETY: geteuid and getegid cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let ok = cred.uid() == 0
-        || cred.uid() == uid
-        || cred.gid() == gid
-        || peer_groups(stream).contains(&gid);
+    let ok =
+        cred.uid == 0 || cred.uid == uid || cred.gid == Some(gid) || cred.groups.contains(&gid);
     if ok {
         Ok(())
     } else {
         Err(format!(
             "uid {} (gid {}) is neither root, the daemon's user nor in its group",
-            cred.uid(),
-            cred.gid()
+            cred.uid,
+            cred.gid.map_or_else(|| "?".to_string(), |g| g.to_string())
         ))
     }
 }
 
-/// Serves the control socket for ever.
-pub async fn serve(listener: UnixListener, path: SocketPath, status: Arc<Status>) {
-    let _path = path;
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                crate::log_error!("control socket: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            if let Err(why) = permitted(&stream) {
-                crate::log_warning!("control socket: connection refused: {why}");
-                return;
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(5), session(stream, &status)).await;
-        });
+/// Serves one control connection: one request, one answer.
+pub async fn session(conn: Connection, io: Box<dyn Io>, status: Arc<Status>) {
+    if let Err(why) = permitted(&conn) {
+        crate::log_warning_limited!(
+            REFUSED_WARNINGS,
+            "control socket: connection refused: {why}"
+        );
+        return;
+    }
+    if answer(io, &status).await.is_ok() {
+        conn.completed();
     }
 }
 
-async fn session(stream: UnixStream, status: &Status) -> std::io::Result<()> {
-    let (r, mut w) = stream.into_split();
+async fn answer(io: Box<dyn Io>, status: &Status) -> std::io::Result<()> {
+    let (r, mut w) = tokio::io::split(io);
     let mut reader = BufReader::new(r.take(MAX_REQUEST));
     let mut line = String::new();
     reader.read_line(&mut line).await?;
@@ -185,25 +163,7 @@ async fn session(stream: UnixStream, status: &Status) -> std::io::Result<()> {
     let reply = match request.split_once(' ').unwrap_or((request, "")) {
         ("list", "") => format!("ok\n{}", status.list_text()),
         ("stats", "") => format!("ok\n{}", status.stats_text()),
-        ("revoke", arg) => match arg.parse::<IpAddr>() {
-            Ok(ip) => {
-                let ip = crate::addr::canonical(ip);
-                match status.table.revoke(ip) {
-                    Some(g) => {
-                        Stats::bump(&status.stats.revoked);
-                        crate::log_info!(
-                            "revoke {ip}: removed through the control socket (last login: {} {} user \"{}\")",
-                            g.server,
-                            g.service,
-                            escape(&g.user)
-                        );
-                        format!("ok\nrevoked {ip}\n")
-                    }
-                    None => format!("error: {ip} is not granted\n"),
-                }
-            }
-            Err(_) => format!("error: \"{}\" is not an IP address\n", escape(arg)),
-        },
+        ("revoke", arg) => revoke(status, arg),
         _ => format!(
             "error: unknown request \"{}\": expected list, revoke ADDRESS or stats\n",
             escape(request)
@@ -213,37 +173,44 @@ async fn session(stream: UnixStream, status: &Status) -> std::io::Result<()> {
     w.shutdown().await
 }
 
-/// Binds the control socket: mode 0660, in an existing directory.
-pub fn bind(path: &Path) -> Result<(UnixListener, SocketPath), String> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Some(dir) = path.parent().filter(|d| !d.is_dir()) {
-        return Err(format!(
-            "--control {}: the directory {} does not exist: create it (under systemd, RuntimeDirectory=smtp-after-popd creates /run/smtp-after-popd), or give --control none",
-            path.display(),
-            dir.display()
-        ));
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(format!(
-                "--control {}: exists and is not a socket: remove it or choose another path",
-                path.display()
-            ));
+/// `revoke ADDRESS`: the answer.
+fn revoke(status: &Status, arg: &str) -> String {
+    let Ok(ip) = arg.parse::<IpAddr>() else {
+        return format!("error: \"{}\" is not an IP address\n", escape(arg));
+    };
+    let ip = crate::addr::canonical(ip);
+    match status.table.revoke(ip) {
+        Some(g) => {
+            Stats::bump(&status.stats.revoked);
+            crate::log_info!(
+                "revoke {ip}: removed through the control socket (last login: {} {} user \"{}\")",
+                g.server,
+                g.service,
+                escape(&g.user)
+            );
+            format!("ok\nrevoked {ip}\n")
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "--control {}: in use by a running process (another smtp-after-popd?): stop it or choose another path",
-                path.display()
-            ));
-        }
-        let _ = std::fs::remove_file(path);
+        None => format!("error: {ip} is not granted\n"),
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| format!("--control {}: cannot bind: {e}", path.display()))?;
-    let guard = SocketPath(path.to_path_buf(), true);
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("--control {}: cannot set mode 0660: {e}", path.display()))?;
-    Ok((l, guard))
+}
+
+/// Binds the control socket at `path`: mode 0660, group `group` (the
+/// daemon's, when it switches to one), in an existing directory.
+pub fn bind(path: &Path, group: Option<crate::privilege::Group>) -> Result<StreamListener, String> {
+    let access = Access {
+        owner: None,
+        group,
+        mode: Some(0o660),
+    };
+    StreamListener::bind_unix(path, &access, &format!("--control {}", path.display())).map_err(
+        |e| {
+            if e.contains("does not exist") {
+                format!("{e}, or give --control none")
+            } else {
+                e
+            }
+        },
+    )
 }
 
 /// The client: sends one request, returns the answer's lines (after `ok`)

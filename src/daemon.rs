@@ -17,19 +17,23 @@ use std::time::Duration;
 
 use crate::addr::{AddressPolicy, Cidr};
 use crate::config::{
-    Cli, Command, Config, ControlArgs, DaemonArgs, EX_CONFIG, ListenSpec, format_duration,
+    Cli, Command, Config, ControlArgs, DEFAULT_SYSLOG_SOCKET_MODE, DaemonArgs, EX_CONFIG,
+    ListenSpec, format_duration,
 };
-use crate::control::Status;
+use crate::control::{self, Status};
 use crate::grants::GrantTable;
 use crate::logging::escape;
 use crate::matcher::{AddressMemory, CutKey, CutLines, Outcome, ProcessKey};
+use crate::metrics;
+use crate::net::{self, Access, AllowList, Kind, StreamListener};
+use crate::policy;
 use crate::privilege;
-use crate::receiver::{self, AllowList};
+use crate::receiver::{self, Listener};
 use crate::record;
 use crate::state::StateWriter;
 use crate::stats::{ListenerCounts, Stats};
 use crate::swap::Swap;
-use crate::systemd::{Activated, Kind};
+use crate::systemd::Activated;
 
 pub use crate::pipeline::{Pipeline, Settings};
 
@@ -139,6 +143,279 @@ struct Running {
     slots: Vec<AllowSlot>,
 }
 
+/// Everything bound at start-up, before root is given up.
+#[derive(Default)]
+struct Sockets {
+    /// Syslog listeners, with the address the log names them by.
+    listeners: Vec<(Listener, String)>,
+    /// Policy services and socketmaps.
+    services: Vec<(&'static str, StreamListener)>,
+    control: Option<StreamListener>,
+    metrics: Option<StreamListener>,
+    /// The allow-lists a reload replaces.
+    slots: Vec<AllowSlot>,
+}
+
+/// A start-up failure: exit status and message.
+type Fatal = (i32, String);
+
+/// Binds (or takes from systemd) every socket the configuration names,
+/// each unix socket with its owner, group and mode.
+fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, Fatal> {
+    warn_deprecated(config);
+    warn_few_descriptors(config);
+    let mut sockets = Sockets::default();
+    // Sockets systemd passed: syslog listeners first, the rest below.
+    let (syslog, others): (Vec<Activated>, Vec<Activated>) = activated.into_iter().partition(|a| {
+        matches!(a.kind, Kind::Udp | Kind::UnixDatagram)
+            || (a.kind == Kind::Tcp && !matches!(a.name.as_str(), "policy" | "metrics"))
+    });
+    for a in syslog {
+        let address = a.spec.address();
+        let allow = Arc::new(Swap::new(allow_for(config, &address)));
+        let (adopted, spec) = adopt(a)?;
+        let l =
+            receiver::from_adopted(adopted, address.clone(), allow).map_err(|e| (EX_OSERR, e))?;
+        AllowSlot::keep(&mut sockets.slots, &spec, l.allow());
+        crate::log_info!("listening on {address}, passed by systemd");
+        sockets.listeners.push((l, address));
+    }
+    bind_listeners(config, &mut sockets)?;
+    bind_services(config, &mut sockets)?;
+    for a in others {
+        adopt_service(config, a, &mut sockets)?;
+    }
+    if sockets.listeners.is_empty() {
+        return Err((
+            EX_CONFIG,
+            "no listener: give at least one --listen, or pass a socket through systemd".into(),
+        ));
+    }
+    if sockets.control.is_none() {
+        sockets.control = bind_control(config)?;
+    }
+    if sockets.metrics.is_none()
+        && let Some(spec @ ListenSpec::Tcp(addr, own)) = &config.metrics
+    {
+        let allow = own.clone().unwrap_or_else(|| config.allow_from.clone());
+        let allow = Arc::new(Swap::new(allow));
+        let what = format!("--metrics {spec}");
+        let l = net::bind_tcp(*addr, None, &what).map_err(|e| (EX_OSERR, e))?;
+        let l = StreamListener::tcp(l, format!("metrics {}", spec.address()), allow);
+        AllowSlot::keep(&mut sockets.slots, spec, l.allow());
+        sockets.metrics = Some(l);
+    }
+    Ok(sockets)
+}
+
+/// Takes over a socket systemd passed, refusing a syslog socket that every
+/// local user may write.
+fn adopt(a: Activated) -> Result<(net::Adopted, ListenSpec), Fatal> {
+    let what = format!("socket \"{}\" passed by systemd", a.name);
+    let spec = a.spec.clone();
+    if a.kind == Kind::UnixDatagram
+        && let ListenSpec::Unix(path, _) = &spec
+        && let Ok(meta) = std::fs::metadata(path)
+        && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o002 != 0
+    {
+        return Err((
+            EX_CONFIG,
+            format!(
+                "{what}: {} is writable by every local user (mode {}), so anyone could forge login records: set SocketMode=0600 (root, i.e. rsyslog, only) in the .socket unit",
+                path.display(),
+                net::mode_text(
+                    std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+                )
+            ),
+        ));
+    }
+    let path = match &spec {
+        ListenSpec::Unix(p, _) => p.clone(),
+        _ => PathBuf::new(),
+    };
+    let adopted = net::adopt(a.fd, a.kind, path, &what).map_err(|e| (EX_OSERR, e))?;
+    Ok((adopted, spec))
+}
+
+/// A passed socket for the control socket, a policy service, a socketmap
+/// or the metrics endpoint (by its FileDescriptorName=).
+fn adopt_service(config: &Config, a: Activated, sockets: &mut Sockets) -> Result<(), Fatal> {
+    // take_listen_fds let through only unix stream sockets named control,
+    // policy or socketmap; a TCP one is for policy or metrics.
+    let what: &'static str = match a.name.as_str() {
+        "control" => "control",
+        "policy" => "policy",
+        "socketmap" => "socketmap",
+        _ => "metrics",
+    };
+    let address = a.spec.address();
+    let label = format!("{what} {address}");
+    let (adopted, spec) = adopt(a)?;
+    let l = match adopted {
+        net::Adopted::Tcp(l) => {
+            let allow = Arc::new(Swap::new(allow_for(config, &address)));
+            StreamListener::tcp(l, label, allow)
+        }
+        net::Adopted::UnixStream(l, file) => StreamListener::unix(l, file, label),
+        _ => {
+            return Err((
+                EX_OSERR,
+                format!("socket \"{what}\" passed by systemd is not a stream socket"),
+            ));
+        }
+    };
+    AllowSlot::keep(&mut sockets.slots, &spec, l.allow());
+    match what {
+        "control" => sockets.control = Some(l),
+        "metrics" => sockets.metrics = Some(l),
+        what => sockets.services.push((what, l)),
+    }
+    Ok(())
+}
+
+/// The configured syslog listeners, but those systemd passed (which
+/// replace the default listener, and a configured one at the same address:
+/// the same configuration works with and without the .socket unit).
+fn bind_listeners(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
+    if config.listen_is_default && !sockets.listeners.is_empty() {
+        return Ok(());
+    }
+    let allow: AllowList = Arc::new(Swap::new(config.allow_from.clone()));
+    let passed: Vec<String> = sockets.listeners.iter().map(|(_, n)| n.clone()).collect();
+    // A syslog socket: writable by its owner (and root, i.e. rsyslog) only,
+    // unless its URL says otherwise; --socket-mode and --socket-group never
+    // apply to it.
+    let defaults = Access {
+        mode: Some(DEFAULT_SYSLOG_SOCKET_MODE),
+        ..Access::default()
+    };
+    for spec in &config.listen {
+        if passed.contains(&spec.address()) {
+            continue;
+        }
+        let access = spec.access().cloned().unwrap_or_default().or(&defaults);
+        let l = receiver::bind(spec, allow.clone(), &access, config.receive_buffer)
+            .map_err(|e| (EX_OSERR, e))?;
+        AllowSlot::keep(&mut sockets.slots, spec, l.allow());
+        sockets.listeners.push((l, spec.address()));
+    }
+    Ok(())
+}
+
+/// The policy services and socketmaps: Postfix's side. A unix socket gets
+/// its URL's owner, group and mode, else --socket-group (or the daemon's
+/// group) and --socket-mode (or 0660).
+fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
+    let allow: AllowList = Arc::new(Swap::new(config.allow_from.clone()));
+    let defaults = Access {
+        owner: None,
+        group: config
+            .socket_group
+            .clone()
+            .or_else(|| config.run_as.as_ref().map(|(_, g)| g.clone())),
+        mode: Some(config.socket_mode.unwrap_or(0o660)),
+    };
+    for (what, specs) in [("policy", &config.policy), ("socketmap", &config.socketmap)] {
+        for spec in specs {
+            let l = match spec {
+                ListenSpec::Tcp(addr, own) => {
+                    let allow = own
+                        .clone()
+                        .map(|a| Arc::new(Swap::new(a)))
+                        .unwrap_or(allow.clone());
+                    let l = net::bind_tcp(*addr, None, &format!("--{what} {spec}"))
+                        .map_err(|e| (EX_OSERR, e))?;
+                    StreamListener::tcp(l, format!("{what} {}", spec.address()), allow)
+                }
+                ListenSpec::Unix(path, own) => {
+                    let access = own.or(&defaults);
+                    StreamListener::bind_unix(path, &access, &format!("--{what} {spec}"))
+                        .map_err(|e| (EX_OSERR, e))?
+                }
+                ListenSpec::Udp(..) => {
+                    return Err((
+                        EX_CONFIG,
+                        format!("--{what} {spec}: expected a stream socket"),
+                    ));
+                }
+            };
+            AllowSlot::keep(&mut sockets.slots, spec, l.allow());
+            sockets.services.push((what, l));
+        }
+    }
+    Ok(())
+}
+
+/// The control socket, unless systemd passed one: mode 0660, the daemon's
+/// group. With the default path, a missing directory or a socket in use
+/// (an installed daemon's) means no control socket, not a failed start.
+fn bind_control(config: &Config) -> Result<Option<StreamListener>, Fatal> {
+    let Some((path, is_default)) = &config.control else {
+        return Ok(None);
+    };
+    let dir_missing = path.parent().is_some_and(|d| !d.is_dir());
+    if *is_default && dir_missing {
+        crate::log_info!(
+            "no control socket ({} does not exist): list, revoke and stats will not reach this daemon; create the directory or set --control",
+            path.parent()
+                .map_or_else(String::new, |d| d.display().to_string())
+        );
+        return Ok(None);
+    }
+    let group = config.run_as.as_ref().map(|(_, g)| g.clone());
+    match control::bind(path, group) {
+        Ok(l) => Ok(Some(l)),
+        // The default path may belong to an installed daemon: a second one
+        // started by hand runs without a control socket.
+        Err(e) if *is_default => {
+            crate::log_warning!(
+                "no control socket: {e}; list, revoke and stats will not reach this daemon (set --control)"
+            );
+            Ok(None)
+        }
+        Err(e) => Err((EX_OSERR, e)),
+    }
+}
+
+/// Raises the descriptor limit, and warns when it is below what the
+/// configured listeners may hold at once.
+fn warn_few_descriptors(config: &Config) {
+    let tcp_syslog = config
+        .listen
+        .iter()
+        .filter(|s| matches!(s, ListenSpec::Tcp(..)))
+        .count();
+    let services = config.policy.len() + config.socketmap.len();
+    let needed = 64
+        + tcp_syslog * crate::tcp::LIMITS.total
+        + services * policy::LIMITS.total
+        + config.metrics.iter().count() * metrics::LIMITS.total
+        + control::LIMITS.total;
+    let have = net::raise_fd_limit(16384);
+    if have < needed as u64 {
+        crate::log_warning!(
+            "only {have} file descriptors, and the listeners may hold {needed} connections: once they run out, new connections wait until the longest-waiting one is closed; raise the limit (LimitNOFILE= under systemd, ulimit -n)"
+        );
+    }
+}
+
+/// --socket-group and --socket-mode no longer give every socket one group
+/// and mode: say what they do now.
+fn warn_deprecated(config: &Config) {
+    if let Some(g) = &config.socket_group {
+        crate::log_warning!(
+            "socket-group {name} is deprecated: it gives its group to the policy and socketmap sockets only, never to a syslog listener's (writable by root, i.e. rsyslog, alone unless its URL says otherwise); say it per socket instead: unix:///PATH?group={name}&mode=0660",
+            name = g.name
+        );
+    }
+    if let Some(m) = config.socket_mode {
+        crate::log_warning!(
+            "socket-mode {mode} is deprecated: it gives its mode to the policy and socketmap sockets only, never to a syslog listener's (0600 unless its URL says otherwise); say it per socket instead: unix:///PATH?mode={mode}",
+            mode = net::mode_text(m)
+        );
+    }
+}
+
 /// Fatal start-up error: logs it and gives the exit status.
 fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
     crate::logging::write(crate::logging::Level::Fatal, format_args!("{message}"));
@@ -148,156 +425,17 @@ fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
 async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
     crate::logging::set_level(config.log_level);
     crate::logging::set_format(config.log_format);
-    let allow: AllowList = Arc::new(Swap::new(config.allow_from.clone()));
     let listener_counts = Arc::new(ListenerCounts::default());
-    let mut slots = Vec::new();
-    let mut listeners = Vec::new();
-    // Sockets systemd passed: syslog listeners first, the rest below.
-    let mut others = Vec::new();
-    for a in activated {
-        let syslog = matches!(a.kind, Kind::Udp | Kind::UnixDatagram)
-            || (a.kind == Kind::Tcp && !matches!(a.name.as_str(), "policy" | "metrics"));
-        if !syslog {
-            others.push(a);
-            continue;
-        }
-        let name = a.spec.address();
-        let spec = a.spec.clone();
-        match receiver::from_activated(a, Arc::new(Swap::new(allow_for(&config, &name)))) {
-            Ok(l) => {
-                AllowSlot::keep(&mut slots, &spec, l.allow());
-                crate::log_info!("listening on {name}, passed by systemd");
-                listeners.push((l, name));
-            }
-            Err(e) => return fatal(EX_OSERR, e),
-        }
-    }
-    let activated = others;
-    // Passed sockets replace the default listener, and a configured one
-    // at the same address (the same configuration works with and without
-    // the .socket unit).
-    let passed: Vec<String> = listeners.iter().map(|(_, n)| n.clone()).collect();
-    if !config.listen_is_default || listeners.is_empty() {
-        for spec in &config.listen {
-            if passed.contains(&spec.address()) {
-                continue;
-            }
-            match receiver::bind(
-                spec,
-                allow.clone(),
-                config.socket_mode,
-                config.receive_buffer,
-            ) {
-                Ok(l) => {
-                    AllowSlot::keep(&mut slots, spec, l.allow());
-                    listeners.push((l, spec.address()));
-                }
-                Err(e) => return fatal(EX_OSERR, e),
-            }
-        }
-    }
-
-    // Postfix's side: the policy service and the socketmap.
-    let mut services = Vec::new();
-    for (what, specs) in [("policy", &config.policy), ("socketmap", &config.socketmap)] {
-        for spec in specs {
-            match crate::serve::bind(what, spec, allow.clone(), config.socket_mode) {
-                Ok(l) => {
-                    AllowSlot::keep(&mut slots, spec, l.allow());
-                    services.push((what, l));
-                }
-                Err(e) => return fatal(EX_OSERR, e),
-            }
-        }
-    }
-    let mut control = None;
-    let mut metrics = None;
-    for a in activated {
-        // take_listen_fds let through only unix stream sockets named
-        // control, policy or socketmap; a TCP one is for policy or metrics.
-        let what = match a.name.as_str() {
-            "control" => "control",
-            "policy" => "policy",
-            "socketmap" => "socketmap",
-            _ => "metrics",
-        };
-        let spec = a.spec.clone();
-        let allow = Arc::new(Swap::new(allow_for(&config, &spec.address())));
-        let l = match crate::serve::from_activated(a, allow) {
-            Ok(l) => l,
-            Err(e) => return fatal(EX_OSERR, e),
-        };
-        AllowSlot::keep(&mut slots, &spec, l.allow());
-        match (what, l) {
-            ("control", crate::serve::StreamListener::Unix(l, p)) => control = Some((l, p)),
-            ("metrics", l) => metrics = Some(l),
-            (what, l) => services.push((what, l)),
-        }
-    }
-    if listeners.is_empty() {
-        return fatal(
-            EX_CONFIG,
-            "no listener: give at least one --listen, or pass a socket through systemd",
-        );
-    }
-    if control.is_none()
-        && let Some((path, is_default)) = &config.control
-    {
-        let dir_missing = path.parent().is_some_and(|d| !d.is_dir());
-        if *is_default && dir_missing {
-            crate::log_info!(
-                "no control socket ({} does not exist): list, revoke and stats will not reach this daemon; create the directory or set --control",
-                path.parent()
-                    .map_or_else(String::new, |d| d.display().to_string())
-            );
-        } else {
-            match crate::control::bind(path) {
-                Ok(c) => control = Some(c),
-                // The default path may belong to an installed daemon: a
-                // second one started by hand runs without a control socket.
-                Err(e) if *is_default => crate::log_warning!(
-                    "no control socket: {e}; list, revoke and stats will not reach this daemon (set --control)"
-                ),
-                Err(e) => return fatal(EX_OSERR, e),
-            }
-        }
-    }
-    if metrics.is_none()
-        && let Some(spec) = &config.metrics
-    {
-        match crate::serve::bind("metrics", spec, allow.clone(), config.socket_mode) {
-            Ok(l) => {
-                AllowSlot::keep(&mut slots, spec, l.allow());
-                metrics = Some(l);
-            }
-            Err(e) => return fatal(EX_OSERR, e),
-        }
-    }
-
-    // Unix socket files get their group, then root is given up for good,
-    // before any record is read or the map written.
-    let socket_gid = config
-        .socket_group
-        .as_ref()
-        .map(|g| g.gid)
-        .or(config.run_as.as_ref().map(|(_, g)| g.gid));
-    if let Some(gid) = socket_gid {
-        let paths = listeners
-            .iter()
-            .filter_map(|(l, _)| l.socket_path())
-            .chain(services.iter().filter_map(|(_, l)| l.socket_path()));
-        for path in paths {
-            if let Err(e) = privilege::chgrp(path, gid) {
-                return fatal(EX_OSERR, e);
-            }
-        }
-    }
-    if let (Some((_, path)), Some((_, group))) = (&control, &config.run_as)
-        && path.1
-        && let Err(e) = privilege::chgrp(&path.0, group.gid)
-    {
-        return fatal(EX_OSERR, e);
-    }
+    let Sockets {
+        listeners,
+        services,
+        control,
+        metrics,
+        slots,
+    } = match bind_sockets(&config, activated) {
+        Ok(s) => s,
+        Err((status, e)) => return fatal(status, e),
+    };
     if let Some((user, group)) = &config.run_as {
         if let Err(e) = privilege::drop_to(user.uid, group.gid) {
             return fatal(
@@ -392,15 +530,22 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         let _ = first_rx.await;
     }
     for (what, l) in services {
-        let (table, stats) = (table.clone(), stats.clone());
+        let (table, served) = (table.clone(), stats.clone());
+        let stats = stats.clone();
         if what == "policy" {
-            tasks.spawn(l.serve("policy", move |io, peer| {
-                crate::policy::session(io, peer, table.clone(), stats.clone())
-            }));
+            tasks.spawn(net::serve_stream(
+                l,
+                policy::LIMITS,
+                served,
+                move |conn, io| policy::session(conn, io, table.clone(), stats.clone()),
+            ));
         } else {
-            tasks.spawn(l.serve("socketmap", move |io, peer| {
-                crate::socketmap::session(io, peer, table.clone(), stats.clone())
-            }));
+            tasks.spawn(net::serve_stream(
+                l,
+                policy::LIMITS,
+                served,
+                move |conn, io| crate::socketmap::session(conn, io, table.clone(), stats.clone()),
+            ));
         }
     }
     let status = Arc::new(Status {
@@ -410,15 +555,25 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     });
     let control_desc = control
         .as_ref()
-        .map(|(_, p)| format!("; control {}", p.0.display()));
-    if let Some((l, p)) = control {
-        tasks.spawn(crate::control::serve(l, p, status.clone()));
+        .and_then(|l| l.socket_path())
+        .map(|p| format!("; control {}", p.display()));
+    if let Some(l) = control {
+        let status = status.clone();
+        tasks.spawn(net::serve_stream(
+            l,
+            control::LIMITS,
+            stats.clone(),
+            move |conn, io| control::session(conn, io, status.clone()),
+        ));
     }
     if let Some(l) = metrics {
         let status = status.clone();
-        tasks.spawn(l.serve("metrics", move |io, _peer| {
-            crate::metrics::session(io, status.clone())
-        }));
+        tasks.spawn(net::serve_stream(
+            l,
+            metrics::LIMITS,
+            stats.clone(),
+            move |conn, io| metrics::session(conn, io, status.clone()),
+        ));
     }
 
     let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
@@ -539,6 +694,17 @@ fn reload(r: &mut Running) {
     let mut restart = Vec::new();
     if strip(&old.listen) != strip(&new.listen) {
         restart.push("listen");
+    }
+    let access = |c: &Config| -> Vec<Option<Access>> {
+        c.listen
+            .iter()
+            .chain(&c.policy)
+            .chain(&c.socketmap)
+            .map(|s| s.access().cloned())
+            .collect()
+    };
+    if access(old) != access(&new) {
+        restart.push("a unix socket's owner=, group= or mode=");
     }
     if format!("{:?}", old.map) != format!("{:?}", new.map) {
         restart.push("map, map-type or postmap");

@@ -7,12 +7,18 @@
 //!
 //! ```text
 //! receiver ──Datagram──▶ record ──Record──▶ matcher ──Login──▶ attest ──▶ addr ──▶ grants ──▶ sink
-//! (UDP, unix)            (syslog parse)     (patterns)         (sender)    (never-   (table,    (Postfix map
+//! (UDP, TCP, unix)       (syslog parse)     (patterns)         (sender)    (never-   (table,    (Postfix map
 //!                                                                          grant)    expiry)    via postmap)
 //! ```
 //!
-//! - [`receiver`]: binds the listeners and filters peers (`--allow-from`).
-//! - [`tcp`]: the TCP listener's RFC 6587 framing and connection bounds.
+//! - [`net`]: the network layer under every listener and service: peer
+//!   allow-lists, binding (unix sockets with their own owner, group and
+//!   mode, never over a live socket), sockets passed by systemd, and the
+//!   one accept loop, [`net::serve_stream`], with per-peer limits,
+//!   deadlines and shedding.
+//! - [`receiver`]: the syslog listeners (UDP, TCP, unix datagram) and their
+//!   peers (`--allow-from`).
+//! - [`tcp`]: the TCP listener's RFC 6587 framing and bounds.
 //! - [`record`]: parses one datagram into a syslog [`record::Record`].
 //! - [`matcher`]: recognises successful logins ([`matcher::Login`]).
 //! - [`attest`]: checks that the sender of a login record may speak for
@@ -22,8 +28,8 @@
 //! - [`hold`]: sessions still open, which hold their address's grant
 //!   (`--hold-while-connected`).
 //! - [`sink`]: keeps the Postfix access map in step with the table.
-//! - [`serve`], [`policy`], [`socketmap`]: the table served to Postfix
-//!   directly (policy delegation, socketmap), with no map file.
+//! - [`policy`], [`socketmap`]: the table served to Postfix directly
+//!   (policy delegation, socketmap), with no map file.
 //! - [`state`]: the state file that keeps grants across restarts.
 //! - [`control`], [`metrics`]: the control socket (`list`, `revoke`,
 //!   `stats`) and the Prometheus endpoint.
@@ -48,12 +54,12 @@ pub mod hold;
 pub mod logging;
 pub mod matcher;
 pub mod metrics;
+pub mod net;
 pub mod pipeline;
 pub mod policy;
 pub mod privilege;
 pub mod receiver;
 pub mod record;
-pub mod serve;
 pub mod sink;
 pub mod socketmap;
 pub mod state;

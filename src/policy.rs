@@ -4,13 +4,24 @@
 //! modification-time delay.
 //!
 //! Consumes: policy requests (`name=value` lines ended by an empty line)
-//! on a connection accepted by [`crate::serve`]; the grant table.
+//! on a connection accepted by [`crate::net::serve_stream`] within
+//! [`LIMITS`]; the grant table.
 //! Produces: one `action=OK` (a live grant for `client_address`) or
 //! `action=DUNNO` (anything else) per request, ended by an empty line.
 //! Trusts: nothing in the request beyond `client_address`, which it only
 //! looks up. It fails closed: a malformed, oversized or unknown request, or
 //! any trouble, is answered `DUNNO` (or the connection is closed, which
 //! Postfix treats as a temporary failure), never `OK`.
+//!
+//! Bounds ([`LIMITS`]), those of Postfix's own policy client: a request must
+//! be complete, and its answer taken, within 100 s of its first byte
+//! (`smtpd_policy_service_timeout`); a connection idle for 300 s is closed
+//! (`smtpd_policy_service_max_idle`), as is one older than 1000 s when it
+//! is next idle (`smtpd_policy_service_max_ttl`). One peer holds at most
+//! 512 connections (Postfix keeps one per smtpd process), a listener 1024;
+//! a new connection beyond either closes the one that has waited longest
+//! without completing a request, so slow connections from one peer never
+//! shut out Postfix.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,16 +31,27 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::addr::canonical;
 use crate::grants::GrantTable;
-use crate::serve::Io;
+use crate::logging::RateLimit;
+use crate::net::{Connection, Io, Limits};
 use crate::stats::Stats;
 
 /// Most bytes in one request (Postfix sends well under 2 KiB).
 pub const MAX_REQUEST: usize = 16 * 1024;
 /// Most attributes in one request.
 pub const MAX_ATTRIBUTES: usize = 100;
-/// A connection idle this long is closed (Postfix's own policy client
-/// drops idle connections after 300 s, `smtpd_policy_service_max_idle`).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The bounds of a policy service listener (and of the socketmap's), in
+/// line with Postfix's policy client: `smtpd_policy_service_timeout`
+/// (100s), `smtpd_policy_service_max_idle` (300s) and
+/// `smtpd_policy_service_max_ttl` (1000s).
+pub const LIMITS: Limits = Limits {
+    total: 1024,
+    per_peer: 512,
+    request: Duration::from_secs(100),
+    idle: Duration::from_secs(300),
+    lifetime: Some(Duration::from_secs(1000)),
+};
+
+static REQUEST_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 /// One request as read.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -121,22 +143,25 @@ async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
     }
 }
 
-/// Serves one connection until it ends, fails or idles out.
-pub async fn session(io: Box<dyn Io>, peer: String, table: Arc<GrantTable>, stats: Arc<Stats>) {
+/// Serves one connection until it ends, fails or misses a deadline.
+pub async fn session(conn: Connection, io: Box<dyn Io>, table: Arc<GrantTable>, stats: Arc<Stats>) {
     let (r, mut w) = tokio::io::split(io);
     let mut r = BufReader::new(r);
     loop {
-        let req = match tokio::time::timeout(IDLE_TIMEOUT, read_request(&mut r)).await {
-            Err(_) | Ok(Ok(None)) | Ok(Err(ReadError::Io)) => return,
-            Ok(Err(ReadError::TooLarge)) => {
+        let req = match read_request(&mut r).await {
+            Ok(None) | Err(ReadError::Io) => return,
+            Err(ReadError::TooLarge) => {
                 Stats::bump(&stats.policy_requests);
-                crate::log_warning!(
-                    "policy: request from {peer} larger than {MAX_REQUEST} bytes or {MAX_ATTRIBUTES} attributes: answered DUNNO, connection closed"
+                crate::log_warning_limited!(
+                    REQUEST_WARNINGS,
+                    "{}: request from {} larger than {MAX_REQUEST} bytes or {MAX_ATTRIBUTES} attributes: answered DUNNO, connection closed",
+                    conn.listener(),
+                    conn.peer()
                 );
                 let _ = w.write_all(b"action=DUNNO\n\n").await;
                 return;
             }
-            Ok(Ok(Some(req))) => req,
+            Ok(Some(req)) => req,
         };
         Stats::bump(&stats.policy_requests);
         let action = decide(&req, &table);
@@ -149,6 +174,7 @@ pub async fn session(io: Box<dyn Io>, peer: String, table: Arc<GrantTable>, stat
         {
             return;
         }
+        conn.completed();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Least privilege: the daemon needs root only to bind what it is told to
 //! bind (a port below 1024, a socket in a root-owned directory). With
 //! `--user` (and `--group`) it binds its listeners, gives its unix socket
-//! files their group (`--socket-group`), and then gives up root for good
+//! files their owner, group and mode, and then gives up root for good
 //! before it reads a single record or writes the map.
 //!
 //! Consumes: user and group names (or numbers) from the configuration.
@@ -101,12 +101,6 @@ pub fn group(name: &str) -> Result<Group, String> {
     Err("no such group: create it or name another".into())
 }
 
-/// Gives a socket file its group (the mode is set when it is bound).
-pub fn chgrp(path: &Path, gid: u32) -> Result<(), String> {
-    std::os::unix::fs::chown(path, None, Some(gid))
-        .map_err(|e| format!("cannot give {} the group {gid}: {e}", path.display()))
-}
-
 /// Switches the whole process to `uid` and `gid` (no supplementary
 /// groups) for good, and checks that root cannot be regained.
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), String> {
@@ -149,6 +143,53 @@ pub fn can_write(dir: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
+/// The effective uid of the process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// `user NAME (uid N)`, or `uid N` when the user database has no name.
+pub fn describe_uid(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is plain old data; getpwuid_r writes into it and buf.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        // SAFETY: on success pw_name points to a NUL-terminated name in buf.
+        let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+        return format!("user {} (uid {uid})", name.to_string_lossy());
+    }
+    format!("uid {uid}")
+}
+
+/// `group NAME (gid N)`, or `gid N` when the group database has no name.
+pub fn describe_gid(gid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: group is plain old data; getgrgid_r writes into it and buf.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc == 0 && !result.is_null() {
+        // SAFETY: on success gr_name points to a NUL-terminated name in buf.
+        let name = unsafe { std::ffi::CStr::from_ptr(gr.gr_name) };
+        return format!("group {} (gid {gid})", name.to_string_lossy());
+    }
+    format!("gid {gid}")
+}
+
+/// Whether the current process may enter (search) `dir`.
+pub fn can_search(dir: &Path) -> bool {
+    let Ok(c) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: faccessat(2) on a valid C string, for the effective ids.
+    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +201,8 @@ mod tests {
         assert_eq!(user("4242").unwrap().uid, 4242);
         assert!(user("no-such-user-smtp-after-popd").is_err());
         assert!(group("no-such-group-smtp-after-popd").is_err());
+        assert_eq!(describe_uid(0), "user root (uid 0)");
+        assert_eq!(describe_gid(0), "group root (gid 0)");
+        assert_eq!(describe_uid(4_000_000_000), "uid 4000000000");
     }
 }

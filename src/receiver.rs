@@ -8,30 +8,33 @@
 //! Trusts: the kernel's word on who sent a record, and nothing in the
 //! record. A UDP datagram or TCP connection from a peer outside the
 //! listener's allow-list (its `?allow=`, else `--allow-from`) is dropped and
-//! counted here, before anything is parsed. A TCP peer address cannot be
-//! forged without the TCP handshake, so TCP is the choice where UDP
-//! spoofing is possible; each connection is bounded (frame size, idle
-//! time) and so is their number. A unix socket is trusted as far as its
-//! file permissions reach: its mode (`--socket-mode`, default 0660) decides
-//! who may write to it.
+//! counted before anything is parsed ([`crate::net`]). A TCP peer address
+//! cannot be forged without the TCP handshake, so TCP is the choice where
+//! UDP spoofing is possible; each connection is bounded and no peer can
+//! shut out another ([`crate::tcp::LIMITS`]). A unix socket is trusted as
+//! far as its file's owner, group and mode reach: by default mode 0600, so
+//! only its owner and root (rsyslog) may write to it; its URL may name a
+//! group that may (`unix:///PATH?group=adm&mode=0620`), never every user.
 //!
 //! A UDP source address can be forged on a shared network; loopback UDP can
 //! be written by any local user. Prefer a unix socket for the local rsyslog,
 //! and see SECURITY.md for remote senders.
 
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 use tokio::net::{UdpSocket, UnixDatagram};
 
-use crate::addr::{Cidr, canonical};
+use crate::addr::canonical;
 use crate::config::ListenSpec;
 use crate::logging::RateLimit;
+use crate::net::{
+    self, Access, Adopted, AllowList, PEER_WARNINGS, SocketFile, StreamListener, UnixKind, allowed,
+};
 use crate::record::MAX_RECORD;
 use crate::stats::Stats;
 use crate::swap::Swap;
@@ -57,9 +60,6 @@ impl std::fmt::Display for Peer {
     }
 }
 
-/// A listener's allow-list, replaced by a reload.
-pub type AllowList = Arc<Swap<Vec<Cidr>>>;
-
 /// A bound listener.
 #[derive(Debug)]
 pub enum Listener {
@@ -70,204 +70,65 @@ pub enum Listener {
         /// Peers allowed to send.
         allow: AllowList,
     },
-    /// A TCP socket, the peers it accepts, and its connection slots.
-    Tcp {
-        /// The listening socket.
-        listener: tokio::net::TcpListener,
-        /// Peers allowed to connect.
-        allow: AllowList,
-    },
-    /// A unix datagram socket; the guard removes its file on drop.
+    /// A TCP listener (with the peers it accepts), served by
+    /// [`net::serve_stream`] with [`crate::tcp::LIMITS`].
+    Tcp(StreamListener),
+    /// A unix datagram socket; its file is removed when it is dropped.
     Unix {
         /// The socket.
         socket: UnixDatagram,
         /// The socket file, removed when the listener is dropped (unless
         /// systemd made it).
-        guard: SocketFile,
+        file: SocketFile,
     },
 }
 
-/// A unix socket file, removed when dropped if the daemon made it.
-#[derive(Debug)]
-pub struct SocketFile(PathBuf, bool);
-
-impl SocketFile {
-    /// A socket file someone else (systemd) made and will remove.
-    pub fn borrowed(path: PathBuf) -> SocketFile {
-        SocketFile(path, false)
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-/// Binds a listener. `recv_buffer` is the receive buffer size to ask for.
+/// Binds a listener. A unix socket gets `access` (the listener's own
+/// `?owner=&group=&mode=`, with the defaults filled in); `recv_buffer` is
+/// the receive buffer size to ask for.
 pub fn bind(
     spec: &ListenSpec,
     allow: AllowList,
-    socket_mode: u32,
+    access: &Access,
     recv_buffer: Option<usize>,
 ) -> Result<Listener, String> {
+    let what = spec.to_string();
     match spec {
         ListenSpec::Tcp(addr, own) => {
             let allow = own.clone().map(|a| Arc::new(Swap::new(a))).unwrap_or(allow);
-            let socket = Socket::new(
-                Domain::for_address(*addr),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )
-            .map_err(|e| format!("cannot create a TCP socket for {spec}: {e}"))?;
-            if addr.is_ipv6() {
-                socket
-                    .set_only_v6(false)
-                    .map_err(|e| format!("cannot make {spec} dual-stack: {e}"))?;
-            }
-            socket
-                .set_reuse_address(true)
-                .map_err(|e| format!("cannot set SO_REUSEADDR on {spec}: {e}"))?;
-            set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
-            socket
-                .bind(&(*addr).into())
-                .map_err(|e| format!("cannot bind {spec}: {e}"))?;
-            socket
-                .listen(128)
-                .map_err(|e| format!("cannot listen on {spec}: {e}"))?;
-            socket
-                .set_nonblocking(true)
-                .map_err(|e| format!("cannot make {spec} non-blocking: {e}"))?;
-            let listener = tokio::net::TcpListener::from_std(socket.into())
-                .map_err(|e| format!("cannot register {spec}: {e}"))?;
-            Ok(Listener::Tcp { listener, allow })
+            let l = net::bind_tcp(*addr, recv_buffer, &what)?;
+            Ok(Listener::Tcp(StreamListener::tcp(l, spec.address(), allow)))
         }
         ListenSpec::Udp(addr, own) => {
             let allow = own.clone().map(|a| Arc::new(Swap::new(a))).unwrap_or(allow);
-            let socket = Socket::new(Domain::for_address(*addr), Type::DGRAM, Some(Protocol::UDP))
-                .map_err(|e| format!("cannot create a UDP socket for {spec}: {e}"))?;
-            if addr.is_ipv6() {
-                // Accept IPv4 peers too on [::]; they arrive IPv4-mapped and
-                // are turned back into IPv4 before the allow-list check.
-                socket
-                    .set_only_v6(false)
-                    .map_err(|e| format!("cannot make {spec} dual-stack: {e}"))?;
-            }
-            set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
-            socket
-                .bind(&(*addr).into())
-                .map_err(|e| format!("cannot bind {spec}: {e}"))?;
-            socket
-                .set_nonblocking(true)
-                .map_err(|e| format!("cannot make {spec} non-blocking: {e}"))?;
-            let socket = UdpSocket::from_std(socket.into())
-                .map_err(|e| format!("cannot register {spec}: {e}"))?;
+            let socket = net::bind_udp(*addr, recv_buffer, &what)?;
             Ok(Listener::Udp { socket, allow })
         }
-        ListenSpec::Unix(path) => {
-            if let Some(dir) = path.parent().filter(|d| !d.is_dir()) {
-                return Err(format!(
-                    "cannot bind {spec}: the directory {} does not exist: create it (under systemd, RuntimeDirectory=smtp-after-popd creates /run/smtp-after-popd)",
-                    dir.display()
-                ));
-            }
-            remove_stale_socket(path)?;
-            let socket =
-                UnixDatagram::bind(path).map_err(|e| format!("cannot bind {spec}: {e}"))?;
-            let guard = SocketFile(path.clone(), true);
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode)).map_err(
-                |e| {
-                    format!(
-                        "cannot set mode {socket_mode:04o} on {}: {e}",
-                        path.display()
-                    )
-                },
-            )?;
-            set_recv_buffer(&SockRef::from(&socket), spec, recv_buffer);
-            Ok(Listener::Unix { socket, guard })
+        ListenSpec::Unix(path, _) => {
+            let what = format!("--listen {what}");
+            let (socket, file) = net::bind_unix(path, UnixKind::Datagram, access, &what)?;
+            net::set_recv_buffer(&SockRef::from(&socket), &what, recv_buffer);
+            let socket = UnixDatagram::from_std(socket.into())
+                .map_err(|e| format!("{what}: cannot register the socket: {e}"))?;
+            Ok(Listener::Unix { socket, file })
         }
     }
 }
 
 /// Makes a listener of a datagram or TCP socket systemd passed.
-pub fn from_activated(a: crate::systemd::Activated, allow: AllowList) -> Result<Listener, String> {
-    use crate::systemd::Kind;
-    let what = format!("socket \"{}\" passed by systemd", a.name);
-    let nonblocking =
-        |r: std::io::Result<()>| r.map_err(|e| format!("cannot make {what} non-blocking: {e}"));
-    let registered = |e: std::io::Error| format!("cannot register {what}: {e}");
-    match (a.kind, a.spec) {
-        (Kind::Udp, _) => {
-            let std = std::net::UdpSocket::from(a.fd);
-            nonblocking(std.set_nonblocking(true))?;
-            let socket = UdpSocket::from_std(std).map_err(registered)?;
-            Ok(Listener::Udp { socket, allow })
-        }
-        (Kind::Tcp, _) => {
-            let std = std::net::TcpListener::from(a.fd);
-            nonblocking(std.set_nonblocking(true))?;
-            let listener = tokio::net::TcpListener::from_std(std).map_err(registered)?;
-            Ok(Listener::Tcp { listener, allow })
-        }
-        (Kind::UnixDatagram, ListenSpec::Unix(path)) => {
-            let std = std::os::unix::net::UnixDatagram::from(a.fd);
-            nonblocking(std.set_nonblocking(true))?;
-            let socket = UnixDatagram::from_std(std).map_err(registered)?;
-            Ok(Listener::Unix {
-                socket,
-                guard: SocketFile::borrowed(path),
-            })
-        }
-        _ => Err(format!("{what} is a stream socket, not a syslog listener")),
+pub fn from_adopted(a: Adopted, address: String, allow: AllowList) -> Result<Listener, String> {
+    match a {
+        Adopted::Udp(socket) => Ok(Listener::Udp { socket, allow }),
+        Adopted::Tcp(l) => Ok(Listener::Tcp(StreamListener::tcp(l, address, allow))),
+        Adopted::UnixDatagram(socket, file) => Ok(Listener::Unix { socket, file }),
+        Adopted::UnixStream(..) => Err(format!(
+            "{address}, passed by systemd, is a stream socket, not a syslog listener"
+        )),
     }
 }
 
-/// Replaces a stale socket file, but never a live socket or another file.
-fn remove_stale_socket(path: &Path) -> Result<(), String> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("cannot inspect {}: {e}", path.display())),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(format!(
-            "{} exists and is not a socket: remove it or choose another --listen path",
-            path.display()
-        ));
-    }
-    let probe = std::os::unix::net::UnixDatagram::unbound()
-        .map_err(|e| format!("cannot create a probe socket: {e}"))?;
-    if probe.connect(path).is_ok() {
-        return Err(format!(
-            "{} is in use by a running process (another smtp-after-popd?): stop it or choose another --listen path",
-            path.display()
-        ));
-    }
-    std::fs::remove_file(path)
-        .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))
-}
-
-fn set_recv_buffer(sock: &SockRef<'_>, spec: &ListenSpec, size: Option<usize>) {
-    let Some(size) = size else { return };
-    if let Err(e) = sock.set_recv_buffer_size(size) {
-        crate::log_warning!("{spec}: cannot set the receive buffer to {size} bytes: {e}");
-        return;
-    }
-    // Linux reports twice the size it grants (the rest is bookkeeping).
-    if let Ok(got) = sock.recv_buffer_size() {
-        let granted = got / 2;
-        if granted < size {
-            crate::log_warning!(
-                "{spec}: asked for a receive buffer of {size} bytes, the kernel granted {granted}; raise net.core.rmem_max to allow more"
-            );
-        }
-    }
-}
-
-/// Rate limit of the warnings about refused peers.
-pub static PEER_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
+/// Rate limit of the warnings about failed receives.
+static RECEIVE_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 /// Datagrams the kernel dropped because the receive queues of these UDP
 /// sockets (by inode) were full, from /proc/self/net/udp and udp6.
@@ -307,7 +168,7 @@ impl Listener {
     /// The socket file of a unix listener.
     pub fn socket_path(&self) -> Option<&Path> {
         match self {
-            Listener::Unix { guard, .. } => Some(&guard.0),
+            Listener::Unix { file, .. } => Some(file.path()),
             _ => None,
         }
     }
@@ -315,71 +176,112 @@ impl Listener {
     /// The allow-list of a UDP or TCP listener.
     pub fn allow(&self) -> Option<&AllowList> {
         match self {
-            Listener::Udp { allow, .. } | Listener::Tcp { allow, .. } => Some(allow),
+            Listener::Udp { allow, .. } => Some(allow),
+            Listener::Tcp(l) => l.allow(),
             Listener::Unix { .. } => None,
         }
     }
 
-    /// Receives datagrams until the socket fails, handing each accepted one
-    /// to `handle`; `received` counts this listener's datagrams.
+    /// Receives records until the socket fails, handing each accepted one
+    /// to `handle`; `received` counts this listener's records.
     pub async fn run<F>(self, stats: Arc<Stats>, received: Arc<AtomicU64>, handle: F)
     where
         F: Fn(&[u8], &Peer) + Send + Sync + 'static,
     {
-        // One byte more than the limit, to tell an oversized datagram.
-        let mut buf = vec![0u8; MAX_RECORD + 1];
         match self {
             Listener::Udp { socket, allow } => {
-                let local = socket
-                    .local_addr()
-                    .map_or_else(|_| "udp".to_string(), |a| format!("udp://{a}"));
-                loop {
-                    let (n, peer) = match socket.recv_from(&mut buf).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            crate::log_error!("{local}: receive failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    Stats::bump(&stats.received);
-                    Stats::bump(&received);
-                    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-                    if !allowed(&allow.load(), peer.ip()) {
-                        Stats::bump(&stats.dropped_peer);
-                        crate::log_warning_limited!(
-                            PEER_WARNINGS,
-                            "{local}: datagram from {peer} dropped: peer not in allow-from"
-                        );
-                        continue;
-                    }
-                    handle(&buf[..n], &Peer::Udp(peer));
-                }
+                run_udp(socket, allow, &stats, &received, handle).await
             }
-            Listener::Tcp { listener, allow } => {
-                crate::tcp::serve(listener, allow, stats, received, Arc::new(handle)).await;
-            }
-            Listener::Unix { socket, guard } => {
-                let peer = Peer::Unix(guard.0.to_string_lossy().into());
-                loop {
-                    let n = match socket.recv(&mut buf).await {
-                        Ok(n) => n,
-                        Err(e) => {
-                            crate::log_error!("{peer}: receive failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    Stats::bump(&stats.received);
-                    Stats::bump(&received);
-                    handle(&buf[..n], &peer);
-                }
+            Listener::Tcp(l) => run_tcp(l, stats, received, handle).await,
+            Listener::Unix { socket, file } => {
+                run_unix(socket, file, &stats, &received, handle).await;
             }
         }
     }
 }
 
-/// Whether `ip` is in the allow-list.
-pub fn allowed(allow: &[Cidr], ip: IpAddr) -> bool {
-    allow.iter().any(|c| c.contains(ip))
+/// Receives datagrams from the allowed peers of a UDP socket.
+async fn run_udp<F>(
+    socket: UdpSocket,
+    allow: AllowList,
+    stats: &Stats,
+    received: &AtomicU64,
+    handle: F,
+) where
+    F: Fn(&[u8], &Peer),
+{
+    // One byte more than the limit, to tell an oversized datagram.
+    let mut buf = vec![0u8; MAX_RECORD + 1];
+    let local = socket
+        .local_addr()
+        .map_or_else(|_| "udp".to_string(), |a| format!("udp://{a}"));
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        Stats::bump(&stats.received);
+        Stats::bump(received);
+        let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+        if !allowed(&allow.load(), peer.ip()) {
+            Stats::bump(&stats.dropped_peer);
+            crate::log_warning_limited!(
+                PEER_WARNINGS,
+                "{local}: datagram from {peer} dropped: peer not in allow-from"
+            );
+            continue;
+        }
+        handle(&buf[..n], &Peer::Udp(peer));
+    }
+}
+
+/// Receives datagrams on a unix socket, whose file mode decides who may
+/// send.
+async fn run_unix<F>(
+    socket: UnixDatagram,
+    file: SocketFile,
+    stats: &Stats,
+    received: &AtomicU64,
+    handle: F,
+) where
+    F: Fn(&[u8], &Peer),
+{
+    let mut buf = vec![0u8; MAX_RECORD + 1];
+    let peer = Peer::Unix(file.path().to_string_lossy().into());
+    loop {
+        let n = match socket.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                crate::log_warning_limited!(RECEIVE_WARNINGS, "{peer}: receive failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        Stats::bump(&stats.received);
+        Stats::bump(received);
+        handle(&buf[..n], &peer);
+    }
+}
+
+/// Serves a TCP listener: one task per connection, each reading RFC 6587
+/// frames, within the limits of [`crate::tcp::LIMITS`].
+async fn run_tcp<F>(l: StreamListener, stats: Arc<Stats>, received: Arc<AtomicU64>, handle: F)
+where
+    F: Fn(&[u8], &Peer) + Send + Sync + 'static,
+{
+    let handle = Arc::new(handle);
+    let served = stats.clone();
+    net::serve_stream(l, crate::tcp::LIMITS, served, move |conn, io| {
+        let (stats, received, handle) = (stats.clone(), received.clone(), handle.clone());
+        async move {
+            let Some(addr) = conn.tcp_peer() else { return };
+            let peer = Peer::Tcp(addr);
+            crate::tcp::session(conn, io, &stats, &received, |frame| handle(frame, &peer)).await;
+        }
+    })
+    .await;
 }

@@ -4,7 +4,8 @@
 //! `OK` for a live grant, at once, with no map file.
 //!
 //! Consumes: netstring requests `NAME KEY` on a unix stream connection
-//! accepted by [`crate::serve`]; the grant table.
+//! accepted by [`crate::net::serve_stream`] within the policy service's
+//! bounds ([`crate::policy::LIMITS`]); the grant table.
 //! Produces: one netstring reply per request: `OK OK` for a live grant of
 //! the map [`MAP_NAME`], `NOTFOUND ` for any other key, `PERM ...` for a
 //! malformed request or an unknown map name (Postfix then defers, which an
@@ -21,15 +22,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::addr::canonical;
 use crate::grants::GrantTable;
-use crate::serve::Io;
+use crate::logging::RateLimit;
+use crate::net::{Connection, Io};
 use crate::stats::Stats;
 
 /// The map name this daemon answers for.
 pub const MAP_NAME: &str = "authenticated_ips";
 /// Longest request accepted (a map name, a space and an address).
 pub const MAX_REQUEST: usize = 1024;
-/// A connection idle this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+static REQUEST_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 /// The reply to one request.
 pub fn answer(req: &[u8], table: &GrantTable) -> String {
@@ -98,18 +100,20 @@ async fn read_netstring<R: tokio::io::AsyncRead + Unpin>(
     Ok(Some(()))
 }
 
-/// Serves one connection until it ends, fails or idles out.
-pub async fn session(io: Box<dyn Io>, peer: String, table: Arc<GrantTable>, stats: Arc<Stats>) {
+/// Serves one connection until it ends, fails or misses a deadline.
+pub async fn session(conn: Connection, io: Box<dyn Io>, table: Arc<GrantTable>, stats: Arc<Stats>) {
     let (r, mut w) = tokio::io::split(io);
     let mut r = BufReader::new(r);
     let mut req = Vec::new();
     loop {
-        let reply = match tokio::time::timeout(IDLE_TIMEOUT, read_netstring(&mut r, &mut req)).await
-        {
-            Err(_) | Ok(Ok(None)) | Ok(Err(ReadError::Io)) => return,
-            Ok(Err(ReadError::Malformed)) => {
-                crate::log_warning!(
-                    "socketmap: malformed request from {peer}: answered PERM, connection closed"
+        let reply = match read_netstring(&mut r, &mut req).await {
+            Ok(None) | Err(ReadError::Io) => return,
+            Err(ReadError::Malformed) => {
+                crate::log_warning_limited!(
+                    REQUEST_WARNINGS,
+                    "{}: malformed request from {}: answered PERM, connection closed",
+                    conn.listener(),
+                    conn.peer()
                 );
                 let msg = "PERM malformed netstring";
                 let _ = w
@@ -117,7 +121,7 @@ pub async fn session(io: Box<dyn Io>, peer: String, table: Arc<GrantTable>, stat
                     .await;
                 return;
             }
-            Ok(Ok(Some(()))) => answer(&req, &table),
+            Ok(Some(())) => answer(&req, &table),
         };
         Stats::bump(&stats.socketmap_requests);
         if reply.starts_with("OK") {
@@ -129,6 +133,7 @@ pub async fn session(io: Box<dyn Io>, peer: String, table: Arc<GrantTable>, stat
         {
             return;
         }
+        conn.completed();
     }
 }
 

@@ -37,8 +37,13 @@ counters! {
     dropped_peer,
     /// TCP connections accepted.
     tcp_connections,
-    /// TCP connections refused because the listener had too many open.
+    /// Connections closed to make room for a new one, because its peer (or
+    /// the listener) had as many open as allowed: each time the one that
+    /// had waited longest without completing a request.
     dropped_connections,
+    /// Connections closed because a request was not complete, or its
+    /// answer not taken, within the service's deadline.
+    timed_out_connections,
     /// Datagrams longer than 8 KiB.
     dropped_too_long,
     /// Datagrams that were not valid UTF-8.

@@ -16,24 +16,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use crate::config::ListenSpec;
+use crate::net::{Access, Kind};
 
 /// The first descriptor systemd passes.
 const SD_LISTEN_FDS_START: RawFd = 3;
-
-/// What kind of socket a passed descriptor is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A UDP socket: a syslog listener.
-    Udp,
-    /// A listening TCP socket: a syslog listener, or the policy service
-    /// when named `policy`, or the metrics endpoint when named `metrics`.
-    Tcp,
-    /// A unix datagram socket: a syslog listener.
-    UnixDatagram,
-    /// A listening unix stream socket: named `policy`, `socketmap` or
-    /// `control`.
-    UnixStream,
-}
 
 /// A socket handed over by systemd.
 #[derive(Debug)]
@@ -60,24 +46,8 @@ fn spec_of(fd: &OwnedFd, kind: Kind, name: &str) -> ListenSpec {
     match (kind, inet) {
         (Kind::Udp, Some(a)) => ListenSpec::Udp(a, None),
         (Kind::Tcp, Some(a)) => ListenSpec::Tcp(a, None),
-        _ => ListenSpec::Unix(path),
+        _ => ListenSpec::Unix(path, Access::default()),
     }
-}
-
-fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into an int of the size given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(v)
 }
 
 /// Takes the sockets systemd passed, if any were passed to this process.
@@ -117,15 +87,10 @@ pub fn take_listen_fds() -> Result<Vec<Activated>, String> {
         // SAFETY: setting FD_CLOEXEC on a descriptor we own.
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         let what = format!("socket {raw} (\"{name}\") passed by systemd");
-        let ty = sockopt(raw, libc::SO_TYPE).ok_or_else(|| format!("{what} is not a socket"))?;
-        let domain = sockopt(raw, libc::SO_DOMAIN).unwrap_or(-1);
-        let listening = sockopt(raw, libc::SO_ACCEPTCONN).unwrap_or(0) == 1;
-        let kind = match (domain, ty) {
-            (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM) => Kind::Udp,
-            (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) if listening => Kind::Tcp,
-            (libc::AF_UNIX, libc::SOCK_DGRAM) => Kind::UnixDatagram,
-            (libc::AF_UNIX, libc::SOCK_STREAM) if listening => Kind::UnixStream,
-            _ => {
+        let kind = match crate::net::kind_of(raw) {
+            Err(()) => return Err(format!("{what} is not a socket")),
+            Ok(Some(kind)) => kind,
+            Ok(None) => {
                 return Err(format!(
                     "{what} is neither a UDP, unix datagram, listening TCP nor listening unix stream socket: fix the .socket unit (ListenDatagram=, ListenStream=)"
                 ));

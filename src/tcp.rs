@@ -1,42 +1,43 @@
 //! The TCP receiver: syslog over TCP as rsyslog's omfwd sends it.
 //!
-//! Consumes: connections accepted on a `tcp://ADDR:PORT` listener.
-//! Produces: one record per RFC 6587 frame, with the [`Peer::Tcp`] the
-//! kernel reported, handed to the pipeline's callback; the same callback the
-//! datagram listeners use, so a TCP record is judged like a UDP one.
-//! Trusts: the peer address (a TCP peer must complete the handshake, so the
-//! address cannot simply be forged as a UDP source can), checked against the
-//! listener's allow-list before a byte is read; nothing in the stream.
+//! Consumes: a connection accepted on a `tcp://ADDR:PORT` listener by
+//! [`crate::net::serve_stream`], which has already checked the peer
+//! against the listener's allow-list and its [`LIMITS`].
+//! Produces: one record per RFC 6587 frame, handed to the receiver's
+//! callback (the same one the datagram listeners use, so a TCP record is
+//! judged like a UDP one).
+//! Trusts: nothing in the stream.
 //!
 //! Framing (RFC 6587): a frame that starts with a digit is octet-counted
 //! (`LENGTH SP RECORD`, rsyslog's `TCP_Framing="octet-counted"`); any other
 //! is terminated by LF (rsyslog's default). Bounds, so that no peer can make
-//! the daemon hold much: a frame is at most [`MAX_RECORD`] bytes (a longer
-//! one is counted and its connection closed, since the stream can no longer
-//! be trusted to be in step), a connection idle for [`IDLE_TIMEOUT`] is
-//! closed, and a listener serves at most [`MAX_CONNECTIONS`] at once (more
-//! are refused and counted).
+//! the daemon hold much or shut out another: a frame is at most
+//! [`MAX_RECORD`] bytes (a longer one is counted and its connection closed,
+//! since the stream can no longer be trusted to be in step), and [`LIMITS`]:
+//! a frame must be complete within 100 s of its first byte, a connection
+//! idle for 10 minutes is closed (rsyslog reconnects when it next has
+//! something to send), and one peer holds at most 32 connections, a
+//! listener 256; a new connection beyond either closes the one that has
+//! waited longest without completing a frame.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
-use crate::addr::canonical;
 use crate::logging::RateLimit;
-use crate::receiver::{AllowList, PEER_WARNINGS, Peer, allowed};
+use crate::net::{Connection, Io, Limits};
 use crate::record::MAX_RECORD;
 use crate::stats::Stats;
 
-/// Connections served at once per TCP listener.
-pub const MAX_CONNECTIONS: usize = 64;
-/// A connection that sends nothing for this long is closed (rsyslog
-/// reconnects when it next has something to send).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The bounds of a TCP syslog listener.
+pub const LIMITS: Limits = Limits {
+    total: 256,
+    per_peer: 32,
+    request: Duration::from_secs(100),
+    idle: Duration::from_secs(600),
+    lifetime: None,
+};
 
 static FRAME_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
@@ -47,7 +48,7 @@ enum FrameError {
     TooLong,
     /// An octet count that is not a number followed by a space.
     BadCount,
-    /// The connection failed or ended inside a frame.
+    /// The connection failed, ended inside a frame, or missed a deadline.
     Io(std::io::Error),
 }
 
@@ -57,85 +58,31 @@ impl From<std::io::Error> for FrameError {
     }
 }
 
-/// Accepts connections until the listener fails for good.
-pub async fn serve<F>(
-    listener: TcpListener,
-    allow: AllowList,
-    stats: Arc<Stats>,
-    received: Arc<AtomicU64>,
-    handle: Arc<F>,
-) where
-    F: Fn(&[u8], &Peer) + Send + Sync + 'static,
-{
-    let local = listener
-        .local_addr()
-        .map_or_else(|_| "tcp".to_string(), |a| format!("tcp://{a}"));
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                crate::log_error!("{local}: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-        if !allowed(&allow.load(), peer.ip()) {
-            Stats::bump(&stats.dropped_peer);
-            crate::log_warning_limited!(
-                PEER_WARNINGS,
-                "{local}: connection from {peer} refused: peer not in allow-from"
-            );
-            continue;
-        }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            Stats::bump(&stats.dropped_connections);
-            crate::log_warning_limited!(
-                PEER_WARNINGS,
-                "{local}: connection from {peer} refused: {MAX_CONNECTIONS} connections already open"
-            );
-            continue;
-        };
-        Stats::bump(&stats.tcp_connections);
-        let stats = stats.clone();
-        let received = received.clone();
-        let handle = handle.clone();
-        let local = local.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            connection(stream, &local, peer, &stats, &received, &*handle).await;
-        });
-    }
-}
-
-/// Reads frames from one connection until it ends, fails or idles out.
-async fn connection<F>(
-    stream: TcpStream,
-    local: &str,
-    peer: SocketAddr,
+/// Reads frames from one connection until it ends or fails, handing each
+/// to `on_frame`.
+pub async fn session<F>(
+    conn: Connection,
+    io: Box<dyn Io>,
     stats: &Stats,
     received: &AtomicU64,
-    handle: &F,
+    on_frame: F,
 ) where
-    F: Fn(&[u8], &Peer),
+    F: Fn(&[u8]),
 {
-    let mut reader = BufReader::with_capacity(16 * 1024, stream);
+    Stats::bump(&stats.tcp_connections);
+    let mut reader = BufReader::with_capacity(16 * 1024, io);
     let mut frame = Vec::with_capacity(1024);
-    let who = Peer::Tcp(peer);
+    let (local, peer) = (conn.listener(), conn.peer());
     loop {
-        match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, &mut frame)).await {
-            Err(_) => {
-                crate::log_debug!("{local}: connection from {peer} closed after being idle");
-                return;
-            }
-            Ok(Ok(true)) => {
+        match read_frame(&mut reader, &mut frame).await {
+            Ok(true) => {
                 Stats::bump(&stats.received);
                 Stats::bump(received);
-                handle(&frame, &who);
+                on_frame(&frame);
+                conn.completed();
             }
-            Ok(Ok(false)) => return,
-            Ok(Err(FrameError::TooLong)) => {
+            Ok(false) => return,
+            Err(FrameError::TooLong) => {
                 Stats::bump(&stats.dropped_too_long);
                 crate::log_warning_limited!(
                     FRAME_WARNINGS,
@@ -143,7 +90,7 @@ async fn connection<F>(
                 );
                 return;
             }
-            Ok(Err(FrameError::BadCount)) => {
+            Err(FrameError::BadCount) => {
                 Stats::bump(&stats.dropped_unparsed);
                 crate::log_warning_limited!(
                     FRAME_WARNINGS,
@@ -151,7 +98,7 @@ async fn connection<F>(
                 );
                 return;
             }
-            Ok(Err(FrameError::Io(e))) => {
+            Err(FrameError::Io(e)) => {
                 crate::log_debug!("{local}: connection from {peer} ended: {e}");
                 return;
             }

@@ -160,10 +160,11 @@ fn unix_socket_grants_and_window_expires() {
             "2s",
         ],
     );
+    // By default only its owner and root (rsyslog) may write to it.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
-        0o660
+        0o600
     );
 
     // As a local program writes it: no hostname.
@@ -512,32 +513,39 @@ fn without_a_postfix_configuration_postmap_runs_with_defaults() {
     assert_eq!(d.stop(), Some(0));
 }
 
-/// A TCP listener serves at most 64 connections at once; the next is
-/// refused and counted, and a frame longer than 8 KiB closes its
+/// A TCP listener serves at most 32 connections of one peer at once: the
+/// next one closes the connection that has waited longest without sending
+/// a complete frame (counted). A frame longer than 8 KiB closes its
 /// connection. Records in both RFC 6587 framings are granted.
 #[test]
 fn tcp_listener_bounds_connections_and_frames() {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let s = Scratch::new();
     let port = free_tcp_port();
     let listen = format!("tcp://127.0.0.1:{port}");
     let map = s.map();
     let mut d = Daemon::start(&s, &["--listen", &listen, "--map", map.to_str().unwrap()]);
     let mut conns = Vec::new();
-    for _ in 0..64 {
+    for _ in 0..32 {
         conns.push(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+        // Accepted in this order, so that the first is the longest waiting.
+        std::thread::sleep(Duration::from_millis(5));
     }
+    let line = "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.41, lip=192.0.2.1";
     let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || d
-            .log_text()
-            .contains("refused: 64 connections already open")),
+        wait_for(Duration::from_secs(5), || d.log_text().contains(
+            "without completing a request, to make room for one from tcp:127.0.0.1:"
+        )),
         "{}",
         d.log_text()
     );
-    let _ = extra.write_all(b"<22>x: y\n");
-    let line = "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.41, lip=192.0.2.1";
+    // The oldest was closed; the newcomer is served.
     conns[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(matches!(conns[0].read(&mut [0u8; 1]), Ok(0) | Err(_)));
+    extra
         .write_all(format!("{line}\n{} {}", line.len(), line.replace(".41", ".42")).as_bytes())
         .unwrap();
     for ip in ["192.0.2.41", "192.0.2.42"] {
@@ -567,9 +575,11 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Started as root with --user, the daemon binds its socket, gives it the
-/// socket group, switches to the user for good (all four uids and gids),
-/// and still keeps the map, now as that user.
+/// Started as root with --user, the daemon binds its sockets, gives each
+/// its own group and mode (the syslog socket's from its URL; the deprecated
+/// --socket-group only to the policy socket, never to a syslog socket),
+/// switches to the user for good (all four uids and gids), and still keeps
+/// the map, now as that user.
 #[test]
 fn drops_root_after_binding() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -585,12 +595,20 @@ fn drops_root_after_binding() {
     std::os::unix::fs::chown(&mapdir, Some(65534), Some(65534)).unwrap();
     let map = mapdir.join("authenticated_ips");
     let sock = s.path("syslog.sock");
-    let listen = format!("unix://{}", sock.display());
+    let plain = s.path("plain.sock");
+    let policy = s.path("policy.sock");
+    let listen = format!("unix://{}?group=mail&mode=0620", sock.display());
+    let listen_plain = format!("unix://{}", plain.display());
+    let policy_url = format!("unix://{}", policy.display());
     let mut d = Daemon::start(
         &s,
         &[
             "--listen",
             &listen,
+            "--listen",
+            &listen_plain,
+            "--policy",
+            &policy_url,
             "--map",
             map.to_str().unwrap(),
             "--user",
@@ -615,9 +633,28 @@ fn drops_root_after_binding() {
     assert_eq!(ids("Uid:"), "65534 65534 65534 65534", "{status}");
     assert_eq!(ids("Gid:"), "65534 65534 65534 65534", "{status}");
     assert_eq!(ids("Groups:"), "65534", "{status}");
-    let meta = std::fs::metadata(&sock).unwrap();
-    assert_eq!(meta.gid(), 8, "the socket's group is mail");
-    assert_eq!(meta.mode() & 0o777, 0o660);
+    let owner_group_mode = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o777)
+    };
+    assert_eq!(
+        owner_group_mode(&sock),
+        (0, 8, 0o620),
+        "its URL's group mail"
+    );
+    assert_eq!(
+        owner_group_mode(&plain),
+        (0, 0, 0o600),
+        "root (rsyslog) only"
+    );
+    assert_eq!(owner_group_mode(&policy), (0, 8, 0o660), "--socket-group");
+    assert!(
+        d.log_text().contains(
+            "socket-group mail is deprecated: it gives its group to the policy and socketmap sockets only"
+        ),
+        "{}",
+        d.log_text()
+    );
     assert!(
         d.log_text()
             .contains("running as user nobody (uid 65534), group nogroup (gid 65534)")

@@ -77,7 +77,11 @@ fn render() -> Vec<u8> {
             ),
             (
                 "/run/smtp-after-popd/syslog.sock",
-                "The unix datagram socket rsyslog forwards to (/usr/share/doc/smtp-after-popd/rsyslog/).",
+                "The unix datagram socket rsyslog forwards to (/usr/share/doc/smtp-after-popd/rsyslog/); mode 0600, root (rsyslog) only.",
+            ),
+            (
+                "/var/spool/postfix/smtp-after-popd/policy",
+                "The policy socket inside Postfix's chroot, group postfix, mode 0660 (check_policy_service unix:smtp-after-popd/policy); under the packaged unit it needs the drop-in /usr/share/doc/smtp-after-popd/systemd/postfix-policy.conf in /etc/systemd/system/smtp-after-popd.service.d/.",
             ),
             (
                 "/run/smtp-after-popd/control",
@@ -93,14 +97,14 @@ fn render() -> Vec<u8> {
         &mut r,
         "SIGNALS",
         &[
-            "SIGHUP re-reads the configuration. Patterns, window, never-grant rules, allow-lists, attestation, hold-while-connected, max-grants and logging change at once and live grants stay, except those the new never-grant rules refuse, which end at once; a configuration that does not validate is refused with a log line naming the file, line and value, and the old one stays in force. Settings that need sockets or files opened again (listen, map, policy, socketmap, state, control, metrics, user) are reported and wait for a restart. SIGTERM and SIGINT write the state file and stop within a second.",
+            "SIGHUP re-reads the configuration. Patterns, window, never-grant rules, allow-lists, attestation, hold-while-connected, max-grants and logging change at once and live grants stay, except those the new never-grant rules refuse, which end at once; a configuration that does not validate is refused with a log line naming the file, line and value, and the old one stays in force. Settings that need sockets or files opened again (listen, map, policy, socketmap, a socket's owner=, group= or mode=, state, control, metrics, user) are reported and wait for a restart. SIGTERM and SIGINT write the state file and stop within a second.",
         ],
     );
     section(
         &mut r,
         "SECURITY",
         &[
-            "Every syslog record is hostile until proven otherwise. Trust comes from the transport: a peer outside --allow-from (or the listener's ?allow=) is dropped before parsing; a unix socket is trusted as far as its mode and group reach. With --require-attestation, a login is granted only when rsyslog attests (imuxsock's trusted properties, forwarded in the attest@32473 element by the attested rule) that the pattern's own executable and uid sent it, so a local user's logger(1) cannot forge a login; attestation is believed only from unix sockets and --trust-attestation-from peers.",
+            "Every syslog record is hostile until proven otherwise. Trust comes from the transport: a peer outside --allow-from (or the listener's ?allow=) is dropped before parsing; a unix socket is trusted as far as its owner, group and mode reach, each socket its own (a syslog socket is writable by root alone unless its URL names a group, never by every user). No peer can shut out another: each stream service bounds the connections of one peer (a local one by its uid) and of a listener, closing the one that has waited longest without completing a request to make room, and cuts requests that take longer than Postfix's own policy client allows. With --require-attestation, a login is granted only when rsyslog attests (imuxsock's trusted properties, forwarded in the attest@32473 element by the attested rule) that the pattern's own executable and uid sent it, so a local user's logger(1) cannot forge a login; attestation is believed only from unix sockets and --trust-attestation-from peers.",
             "Addresses are taken only from text the server writes, never from inside a user name; every pattern ships with injection samples that must not grant. Loopback and --never networks, unspecified, multicast and broadcast addresses are never granted. The table is bounded by --max-grants, TCP connections and frames are bounded, and bad input is counted and logged at a limited rate, never fatal.",
             "The map Postfix reads is never empty or half-written: postmap builds a copy that is renamed into place, and the file's modification time is moved to a new second so smtpd notices. Run the daemon as its own user (the packaged unit does); see SECURITY.md in the documentation for the threat model and the test of each claim.",
         ],

@@ -28,6 +28,7 @@ for f in /usr/sbin/smtp-after-popd \
          /etc/smtp-after-popd/smtp-after-popd.toml \
          /usr/share/doc/smtp-after-popd/rsyslog/smtp-after-popd-attested.conf \
          /usr/share/doc/smtp-after-popd/rsyslog/smtp-after-popd-local.conf \
+         /usr/share/doc/smtp-after-popd/systemd/postfix-policy.conf \
          /usr/share/doc/smtp-after-popd/README.md; do
     [ -e "$f" ] || fail "$f not installed"
 done

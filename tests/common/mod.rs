@@ -118,7 +118,7 @@ impl Daemon {
     /// Starts the daemon with `args` and `MAIL_CONFIG` set to `mail_config`,
     /// or unset, and waits until it logs that it started.
     pub fn start_with(scratch: &Scratch, args: &[&str], mail_config: Option<&Path>) -> Daemon {
-        Self::spawn(scratch, args, mail_config, |_| Vec::new())
+        Self::spawn(scratch, &[], args, mail_config, |_| Vec::new())
     }
 
     /// Starts the daemon with `args` and more environment variables, which
@@ -128,35 +128,76 @@ impl Daemon {
         args: &[&str],
         env: impl FnOnce(&std::fs::File) -> Vec<(String, String)>,
     ) -> Daemon {
-        Self::spawn(scratch, args, Some(&scratch.mail_config()), env)
+        Self::spawn(scratch, &[], args, Some(&scratch.mail_config()), env)
     }
 
-    fn spawn(
-        scratch: &Scratch,
-        args: &[&str],
-        mail_config: Option<&Path>,
-        env: impl FnOnce(&std::fs::File) -> Vec<(String, String)>,
-    ) -> Daemon {
+    /// Starts the daemon through `wrapper` (e.g. `setpriv --reuid=...`,
+    /// which execs it, so that the child is the daemon) and waits until it
+    /// logs that it started.
+    pub fn start_as(scratch: &Scratch, wrapper: &[&str], args: &[&str]) -> Daemon {
+        Self::spawn(scratch, wrapper, args, Some(&scratch.mail_config()), |_| {
+            Vec::new()
+        })
+    }
+
+    /// Runs the daemon through `wrapper` until it exits (within 10 s);
+    /// returns its exit status and log.
+    pub fn run_as(scratch: &Scratch, wrapper: &[&str], args: &[&str]) -> (Option<i32>, String) {
         let log = scratch.path(&format!("daemon-{}.log", unique()));
         let stderr = std::fs::File::create(&log).expect("log file");
-        let mut command = Command::new(BIN);
-        command.envs(env(&stderr));
-        match mail_config {
-            Some(dir) => command.env("MAIL_CONFIG", dir),
-            None => command.env_remove("MAIL_CONFIG"),
+        let mut child = Self::command(wrapper, args)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn daemon");
+        let exited = wait_for(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let status = child.wait().ok().and_then(|s| s.code());
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// The daemon's command line: `wrapper` (if any), the binary, `args`,
+    /// and no control socket unless `args` ask for one.
+    fn command(wrapper: &[&str], args: &[&str]) -> Command {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
         };
         // No control socket unless the test asks for one: the default path
         // may belong to an installed daemon.
         if !args.contains(&"--control") {
             command.args(["--control", "none"]);
         }
-        let child = command
+        command
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn daemon");
+            .stdout(Stdio::null());
+        command
+    }
+
+    fn spawn(
+        scratch: &Scratch,
+        wrapper: &[&str],
+        args: &[&str],
+        mail_config: Option<&Path>,
+        env: impl FnOnce(&std::fs::File) -> Vec<(String, String)>,
+    ) -> Daemon {
+        let log = scratch.path(&format!("daemon-{}.log", unique()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut command = Self::command(wrapper, args);
+        command.envs(env(&stderr));
+        match mail_config {
+            Some(dir) => command.env("MAIL_CONFIG", dir),
+            None => command.env_remove("MAIL_CONFIG"),
+        };
+        let child = command.stderr(stderr).spawn().expect("spawn daemon");
         let mut d = Daemon { child, log };
         // "started: " in every log format (text, journal, JSON).
         let ok = wait_for(Duration::from_secs(10), || {
@@ -246,4 +287,50 @@ pub fn map_lines(map: &Path) -> Vec<String> {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// A system user (and its group) made for one test run, named with the
+/// test's pid; removed when dropped.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    /// Its own group's gid.
+    pub gid: u32,
+}
+
+impl TestUser {
+    /// `useradd --system --user-group` a user named `PREFIX-PID`.
+    pub fn create(prefix: &str) -> TestUser {
+        let name = format!("{prefix}-{}", std::process::id());
+        let st = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"])
+            .arg(&name)
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {name}");
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id")
+                .arg(flag)
+                .arg(&name)
+                .output()
+                .expect("id");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("id")
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        TestUser { name, uid, gid }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+        let _ = Command::new("groupdel")
+            .arg(&self.name)
+            .stderr(Stdio::null())
+            .status();
+    }
 }

@@ -502,6 +502,21 @@ impl Postfix {
     /// Starts Postfix in `dir` with `smtpd_relay_restrictions = relay`
     /// and `extra` lines appended to main.cf.
     pub fn start(dir: &Path, relay: &str, extra: &str) -> Postfix {
+        Self::start_with(dir, relay, extra, false)
+    }
+
+    /// As [`Postfix::start`], with smtpd chrooted in the queue directory
+    /// ([`Postfix::queue`]), as Debian's master.cf runs it.
+    pub fn start_chrooted(dir: &Path, relay: &str, extra: &str) -> Postfix {
+        Self::start_with(dir, relay, extra, true)
+    }
+
+    /// The queue directory (smtpd's chroot, with `start_chrooted`).
+    pub fn queue(&self) -> PathBuf {
+        self.dir.join("queue")
+    }
+
+    fn start_with(dir: &Path, relay: &str, extra: &str, chroot: bool) -> Postfix {
         let conf = dir.join("conf");
         for d in ["conf", "queue", "data", "log"] {
             std::fs::create_dir_all(dir.join(d)).expect("mkdir");
@@ -539,7 +554,8 @@ impl Postfix {
         )
         .expect("main.cf");
         // Debian's master.cf without chroot (the test directories are
-        // outside the queue directory) and smtpd on our port.
+        // outside the queue directory; smtpd may keep it) and smtpd on our
+        // port.
         let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("master.cf");
         let mut out = String::new();
         for line in master.lines() {
@@ -550,7 +566,8 @@ impl Postfix {
             {
                 out.push_str(line);
             } else if fields.len() >= 8 && fields[0] == "smtp" && fields[1] == "inet" {
-                out.push_str(&format!("127.0.0.1:{port} inet n - n - - smtpd"));
+                let chroot = if chroot { "y" } else { "n" };
+                out.push_str(&format!("127.0.0.1:{port} inet n - {chroot} - - smtpd"));
             } else if fields.len() >= 8 {
                 let mut f = fields.clone();
                 f[4] = "n";

@@ -80,6 +80,9 @@ struct Attempt {
     /// Whether the server must accept it (`None`: whatever it says; the
     /// grant must follow the server's answer either way).
     expect: Option<bool>,
+    /// After a successful login, stay connected until the daemon has
+    /// granted the client (see [`Run::hold_sessions`]).
+    hold: bool,
 }
 
 /// A series of attempts against one server, each from its own address.
@@ -95,6 +98,8 @@ struct Run<'a> {
     ungrantable: BTreeSet<String>,
     /// A line per attempt, for failure messages.
     journal: Vec<String>,
+    /// The daemon's map, when sessions are held until granted.
+    map: Option<std::path::PathBuf>,
 }
 
 impl<'a> Run<'a> {
@@ -106,7 +111,20 @@ impl<'a> Run<'a> {
             turned_away: BTreeSet::new(),
             ungrantable: BTreeSet::new(),
             journal: Vec::new(),
+            map: None,
         }
+    }
+
+    /// A client that logged in stays connected until the daemon has
+    /// granted it (at most 10 s), as a mail client reading its mail would.
+    /// rsyslog reads a sender's executable from /proc when it handles the
+    /// record; a server process that has already exited (popa3d, Solid
+    /// POP3 and perdition log from the session's own process, which a
+    /// quick QUIT ends) is attested as no executable at all, and its line
+    /// is refused (see the report on attestation of exited senders).
+    fn hold_sessions(mut self, d: &SandboxDaemon) -> Self {
+        self.map = Some(d.map.clone());
+        self
     }
 
     /// The next client address: 192.0.2.100 to .254, then 203.0.113.x.
@@ -127,7 +145,18 @@ impl<'a> Run<'a> {
     }
 
     fn attempt_from(&mut self, src: &str, a: &Attempt) -> bool {
-        let (ok, transcript) = login(self.sb, src, a);
+        let map = self.map.clone().filter(|_| a.hold);
+        let granted = |ip: &str| {
+            map.as_ref().is_none_or(|m| {
+                std::fs::read_to_string(m)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(ip))
+            })
+        };
+        let (ok, transcript) = login(self.sb, src, a, &|| {
+            wait_for(Duration::from_secs(10), || granted(&canonical(src)));
+        });
         self.journal.push(format!(
             "{src}: {:?} {:?} {:?} user {:?} -> {}",
             a.proto,
@@ -208,6 +237,7 @@ fn attempt(proto: Proto, wire: Wire, mech: Mech, port: u16, user: &str, pass: &s
         user: user.into(),
         pass: pass.into(),
         expect: None,
+        hold: true,
     }
 }
 
@@ -250,7 +280,7 @@ fn injected_users(extra: &[&str]) -> Vec<String> {
 
 /// One login conversation; returns whether the server accepted it and
 /// the transcript.
-fn login(sb: &Sandbox, src: &str, a: &Attempt) -> (bool, String) {
+fn login(sb: &Sandbox, src: &str, a: &Attempt, hold: &dyn Fn()) -> (bool, String) {
     let mut c = match a.wire {
         Wire::Clear => sb.plain(src, &a.dst, a.port),
         Wire::Tls => sb.tls(src, &a.dst, a.port, None),
@@ -271,8 +301,8 @@ fn login(sb: &Sandbox, src: &str, a: &Attempt) -> (bool, String) {
         c.line()
     };
     let ok = match a.proto {
-        Proto::Pop3 => pop3(&mut c, &greeting, a),
-        Proto::Imap => imap(&mut c, a),
+        Proto::Pop3 => pop3(&mut c, &greeting, a, hold),
+        Proto::Imap => imap(&mut c, a, hold),
     };
     (ok, c.transcript.clone())
 }
@@ -300,7 +330,7 @@ fn sasl_name(m: Mech) -> &'static str {
     }
 }
 
-fn pop3(c: &mut Client, greeting: &str, a: &Attempt) -> bool {
+fn pop3(c: &mut Client, greeting: &str, a: &Attempt, hold: &dyn Fn()) -> bool {
     let ok = match a.mech {
         Mech::Password => {
             c.send(&format!("USER {}", a.user));
@@ -336,6 +366,7 @@ fn pop3(c: &mut Client, greeting: &str, a: &Attempt) -> bool {
         // Some traffic in the session, as a mail client would make.
         c.send("STAT");
         c.line();
+        hold();
     }
     c.send("QUIT");
     c.line();
@@ -346,7 +377,7 @@ fn imap_quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-fn imap(c: &mut Client, a: &Attempt) -> bool {
+fn imap(c: &mut Client, a: &Attempt, hold: &dyn Fn()) -> bool {
     let ok = match a.mech {
         Mech::Password => {
             c.send(&format!(
@@ -377,6 +408,7 @@ fn imap(c: &mut Client, a: &Attempt) -> bool {
     if ok {
         c.send("b SELECT INBOX");
         c.imap_reply("b");
+        hold();
     }
     c.send("z LOGOUT");
     c.imap_reply("z");
@@ -422,6 +454,13 @@ fn facts(
         seen.insert(uid);
     }
     seen
+}
+
+/// An address as the map writes it (IPv6 compressed, lower case).
+fn canonical(ip: &str) -> String {
+    ip.parse::<std::net::IpAddr>()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| ip.to_string())
 }
 
 fn uid_of(user: &str) -> u32 {
@@ -515,7 +554,7 @@ fn popa3d_standalone() {
     let _rs = sb.rsyslog(&d.socket);
     sb.sh("popa3d -D");
     sb.wait_listening(110, "popa3d");
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     popa3d_logins(&mut run, false);
     run.finish(
         &d,
@@ -570,7 +609,7 @@ fn popa3d_under_inetd_with_tcpd() {
     );
     sb.sh("/usr/sbin/inetd /etc/inetd.conf");
     sb.wait_listening(110, "inetd");
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     popa3d_logins(&mut run, true);
     run.finish(
         &d,
@@ -761,7 +800,7 @@ fn dovecot_direct() {
     let injected = dovecot_injected_users();
     let conf = dovecot_conf(&sb, "direct", "*, ::", &users, "", "");
     start_dovecot(&sb, &conf, 143);
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     dovecot_logins(&mut run, "127.0.0.1", &["alice", "bob", "carol"]);
     for u in &injected {
         run.attempt(&ok(attempt(
@@ -891,8 +930,12 @@ fn dovecot_proxy() {
     sb.sh(&format!(
         "dovecot -c {a} && dovecot -c {b} && dovecot -c {front}"
     ));
-    sb.wait_listening(143, "dovecot");
-    let mut run = Run::new(&sb);
+    // The proxy's listeners (the back ends listen on the same ports).
+    sb.wait_listening_on("192.0.2.1", 110, "dovecot");
+    sb.wait_listening_on("192.0.2.1", 143, "dovecot");
+    sb.wait_listening_on("192.0.2.1", 993, "dovecot");
+    sb.wait_listening_on("192.0.2.1", 995, "dovecot");
+    let mut run = Run::new(&sb).hold_sessions(&d);
     dovecot_logins(&mut run, "192.0.2.1", &["alice", "bob", "dave"]);
     run.attempt(&fails(to(
         attempt(
@@ -1028,7 +1071,7 @@ fn courier() {
     for port in [110, 143, 993, 995] {
         sb.wait_listening(port, "courier");
     }
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     {
         use Mech::*;
         use Proto::*;
@@ -1072,6 +1115,9 @@ fn courier() {
                 attempt(Imap, Clear, Password, 143, u, PASSWORD),
                 attempt(Pop3, Clear, Password, 110, u, PASSWORD),
             ] {
+                let mut a = a;
+                // Never granted (below): nothing to wait for.
+                a.hold = u.len() <= 100;
                 let src = run.source();
                 let logged_in = run.attempt_from(&src, &a);
                 // Courier's pattern reads user names of up to 100
@@ -1160,7 +1206,7 @@ fn courier_the_rest_of_a_cut_line_grants_nothing() {
     // "LOGIN FAILED, user=" and 486 bytes make the 505 bytes courierlogger
     // logs of the line; the rest starts with the attacker's text.
     let attack = format!("{}LOGIN, user=a, ip=[192.0.2.84]", "x".repeat(486));
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     run.attempt(&fails(attempt(
         Proto::Imap,
         Wire::Clear,
@@ -1273,7 +1319,7 @@ fn cyrus() {
     for port in [110, 143, 993, 995] {
         sb.wait_listening(port, "cyrmaster");
     }
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     {
         use Mech::*;
         use Proto::*;
@@ -1371,7 +1417,7 @@ fn solid_pop3d() {
          solid-pop3d -d"
     ));
     sb.wait_listening(110, "solid-pop3d");
-    let mut run = Run::new(&sb);
+    let mut run = Run::new(&sb).hold_sessions(&d);
     let a = |m, u: &str, p: &str| attempt(Proto::Pop3, Wire::Clear, m, 110, u, p);
     run.attempt(&ok(a(Mech::Password, "alice", PASSWORD)));
     run.attempt(&ok(a(Mech::Apop, "bob", "apopsecret")));
@@ -1446,8 +1492,9 @@ fn perdition_in_front_of_dovecot() {
         "perdition.pop3 -f /dev/null -b 192.0.2.1 -s 198.51.100.2 -u nobody\n\
          perdition.imap4 -f /dev/null -b 192.0.2.1 -s 198.51.100.2 -u nobody",
     );
-    sb.wait_listening(110, "perdition");
-    let mut run = Run::new(&sb);
+    sb.wait_listening_on("192.0.2.1", 110, "perdition");
+    sb.wait_listening_on("192.0.2.1", 143, "perdition");
+    let mut run = Run::new(&sb).hold_sessions(&d);
     let at =
         |p, m, port, u: &str, pw: &str| to(attempt(p, Wire::Clear, m, port, u, pw), "192.0.2.1");
     run.attempt(&ok(at(Proto::Pop3, Mech::Password, 110, "alice", PASSWORD)));

@@ -635,12 +635,19 @@ impl Sandbox {
     /// Waits until something listens on `port` (any address) in the
     /// sandbox, or panics with `what`'s output.
     pub fn wait_listening(&self, port: u16, what: &str) {
+        self.wait_listening_on("", port, what)
+    }
+
+    /// Waits until something listens on `addr`:`port` in the sandbox
+    /// (`addr` as `ss` prints it; "" for any), or panics with `what`'s
+    /// output.
+    pub fn wait_listening_on(&self, addr: &str, port: u16, what: &str) {
         let ok = wait_for(Duration::from_secs(20), || {
             let out = self.command("ss").args(["-Hltn"]).output().expect("ss");
             String::from_utf8_lossy(&out.stdout).lines().any(|l| {
                 l.split_whitespace()
                     .nth(3)
-                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")) && a.starts_with(addr))
             })
         });
         assert!(

@@ -22,7 +22,7 @@ use crate::config::{Config, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable, Names};
 use crate::hold::{Closed, Holds, SessionKey};
 use crate::logging::{RateLimit, escape};
-use crate::matcher::{AddressMemory, Login, Matchers, Outcome, ProcessKey};
+use crate::matcher::{AddressMemory, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey};
 use crate::receiver::Peer;
 use crate::record::{self, ParseError};
 use crate::stats::Stats;
@@ -82,6 +82,8 @@ pub struct Pipeline {
     /// Logins refused because the table was full since the last summary
     /// ([`Pipeline::full_summary`]).
     refused_full: AtomicU64,
+    /// Loggers whose last record was cut (kept across reloads).
+    pub cut: CutLines,
 }
 
 /// How often a full table's refusals are summed up in the log.
@@ -100,6 +102,7 @@ impl Pipeline {
             names: Default::default(),
             memory: AddressMemory::new(),
             holds: Holds::new(),
+            cut: CutLines::new(),
             refused_full: AtomicU64::new(0),
         }
     }
@@ -214,6 +217,26 @@ impl Pipeline {
                 return;
             }
         };
+        // A record that continues a line the server's logger cut begins in
+        // the middle of the user's text: it may look like anything, a
+        // success line included.
+        if let Some(limit) = s.matchers.line_limit(rec.program) {
+            let key = CutKey {
+                reporter: sender_of(peer),
+                host: rec.hostname.unwrap_or("-").to_string(),
+                program: rec.program.to_string(),
+            };
+            if self.cut.continues(key, rec.message.len() >= limit) {
+                Stats::bump(&self.stats.refused_continuation);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "record from {peer} continues a line that the logger of \"{}\" cut (its last record was {limit} bytes or more): nothing in it is believed: \"{}\"",
+                    escape(rec.program),
+                    escape(rec.message)
+                );
+                return;
+            }
+        }
         // The attested values are read only for records a pattern matched:
         // a line of an exited sender (exe "0") that is no login is no
         // forgery.
@@ -404,6 +427,20 @@ impl Pipeline {
                 );
                 return;
             }
+        }
+        // A login from one of our own proxies (perdition, a Dovecot proxy
+        // that does not pass the client on, nginx in front of Zimbra) is
+        // the proxy's own connection: granting it would open the relay to
+        // everyone the proxy serves.
+        let client = crate::addr::canonical(login.ip);
+        if let Some(proxy) = s.trusted_proxy.iter().find(|c| c.contains(client)) {
+            Stats::bump(&self.stats.refused_proxy_own);
+            crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {client}: it is a --trusted-proxy ({proxy}): this is the proxy's own connection, which names none of the clients behind it ({})",
+                About(&login, peer)
+            );
+            return;
         }
         let ip = match s.policy.check(login.ip) {
             Ok(ip) => ip,
@@ -995,5 +1032,77 @@ mod tests {
             .store(settings(false, false, &["203.0.113.0/24"]));
         p.handle(line.replace("192.0.2.10", "192.0.2.11").as_bytes(), &peer());
         assert!(p.table.get("192.0.2.11".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_login_from_a_trusted_proxy_is_the_proxys_own_connection() {
+        // A Dovecot back end behind perdition logs the proxy as rip=.
+        let line = "<22>Nov 24 15:36:30 vm dovecot: pop3-login: Login: user=<bob>, method=PLAIN, rip=198.51.100.1, lip=198.51.100.2, mpid=116, session=<SIu/WZhhgKTGM2QB>";
+        let p = pipeline(false);
+        p.settings.store(settings(false, false, &["198.51.100.1"]));
+        p.handle(line.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "a proxy's own address is never granted");
+        assert_eq!(count(&p.stats.refused_proxy_own), 1);
+        assert_eq!(count(&p.stats.refused), 0);
+        // Its clients, when a proxy passes them on, are.
+        p.handle(
+            line.replace("rip=198.51.100.1", "rip=192.0.2.50")
+                .as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.50".parse().unwrap()).is_some());
+        // A Zimbra client that is itself a trusted proxy: refused too.
+        let z = "<22>Sep 18 00:21:21 mailstore21 mailbox: INFO  [Pop3Server-7] [name=carol@example.org;ip=198.51.100.1;oip=198.51.100.1;] pop - user carol@example.org authenticated, mechanism=LOGIN ";
+        p.handle(z.as_bytes(), &peer());
+        assert_eq!(count(&p.stats.refused_proxy_own), 2);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_line_courierlogger_cut_is_not_believed() {
+        // A failed login whose user name makes the cut fall just before a
+        // text of the attacker's, as courierlogger logged it here: the rest
+        // reads as a success line for the client's own address, with every
+        // field once (nothing ambiguous about it).
+        let first = format!(
+            "<22>Dec  1 21:14:01 mail imapd: LOGIN FAILED, user={}",
+            "x".repeat(486)
+        );
+        assert_eq!(first.len() - "<22>Dec  1 21:14:01 mail imapd: ".len(), 505);
+        let rest =
+            "<22>Dec  1 21:14:01 mail imapd: LOGIN, user=a, ip=[::ffff:192.0.2.152], port=[56115]";
+        let p = pipeline(false);
+        p.handle(first.as_bytes(), &peer());
+        p.handle(rest.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "the rest of a cut line grants nothing");
+        assert_eq!(count(&p.stats.refused_continuation), 1);
+        assert_eq!(count(&p.stats.refused_ambiguous), 0);
+        // A rest that also names another address: still a continuation.
+        let injected = "<22>Dec  1 21:14:01 mail imapd: LOGIN, user=a, ip=[203.0.113.9], ip=[::ffff:192.0.2.152], port=[56115]";
+        p.handle(first.as_bytes(), &peer());
+        p.handle(injected.as_bytes(), &peer());
+        assert!(p.table.is_empty());
+        assert_eq!(count(&p.stats.refused_continuation), 2);
+        // The next line is a line of its own again.
+        p.handle(
+            b"<22>Dec  1 21:14:02 mail imapd: LOGIN, user=bob, ip=[::ffff:192.0.2.153], port=[40145], protocol=IMAP",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.153".parse().unwrap()).is_some());
+        // Another host's logger is another logger: its line is read as a
+        // line of its own, and the ambiguity checks still apply to it.
+        p.handle(first.as_bytes(), &peer());
+        p.handle(
+            injected.replace("mail imapd", "mail2 imapd").as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("203.0.113.9".parse().unwrap()).is_none());
+        assert!(p.table.get("192.0.2.152".parse().unwrap()).is_none());
+        assert_eq!(count(&p.stats.refused_ambiguous), 1);
+        assert_eq!(count(&p.stats.refused_continuation), 2);
+        p.handle(
+            rest.replace("mail imapd", "mail2 imapd").as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.152".parse().unwrap()).is_some());
     }
 }

@@ -135,10 +135,12 @@ impl<'a> Run<'a> {
     /// rsyslog reads a sender's executable from /proc when it handles the
     /// record; a server process that has already exited (popa3d, Solid
     /// POP3 and perdition log from the session's own process, which a
-    /// quick QUIT ends) is attested as no executable at all, and its line
-    /// is refused (see the report on attestation of exited senders).
-    /// A login whose line is ambiguous is held until the daemon has
-    /// refused it.
+    /// quick QUIT ends) is attested as no executable at all, and a line
+    /// whose credential is its uid is then refused (a line whose
+    /// credential is its process's address line is not:
+    /// [`login_read_after_exit`] tries both). Holding the session keeps the
+    /// other tests' outcomes independent of that timing. A login whose
+    /// line is ambiguous is held until the daemon has refused it.
     fn hold_sessions(mut self, d: &SandboxDaemon) -> Self {
         self.map = Some(d.map.clone());
         self.log = Some(d.log.clone());
@@ -538,6 +540,109 @@ fn facts(
     seen
 }
 
+/// Stops the sandbox's rsyslogd (SIGSTOP) until dropped (SIGCONT): records
+/// sent meanwhile wait in /dev/log's queue, and rsyslog reads their
+/// senders' credentials only when it runs again.
+struct RsyslogStopped<'a>(&'a Sandbox);
+
+impl<'a> RsyslogStopped<'a> {
+    fn new(sb: &'a Sandbox) -> Self {
+        let pid = sb.path("rsyslog").join("rsyslogd.pid");
+        sb.sh(&format!("kill -STOP $(cat {})", pid.display()));
+        RsyslogStopped(sb)
+    }
+}
+
+impl Drop for RsyslogStopped<'_> {
+    fn drop(&mut self) {
+        let pid = self.0.path("rsyslog").join("rsyslogd.pid");
+        let _ = self
+            .0
+            .command("sh")
+            .arg("-c")
+            .arg(format!("kill -CONT $(cat {})", pid.display()))
+            .status();
+    }
+}
+
+/// A POP3 login from `src` whose success line rsyslog reads only after the
+/// session's process has exited, as under load when a client quits at
+/// once: rsyslog then attests it with no executable (`exe="0"`), its uid
+/// and pid from the kernel all the same. rsyslog runs until the daemon has
+/// remembered the session's address line (`address_line`, read while the
+/// process ran), is stopped for `login` (the conversation after the
+/// greeting, which it is given; returns whether the server let the client
+/// in) and the QUIT, and runs again once the process is gone. Asserts that
+/// the record holding `success` was attested so; returns what `login`
+/// returned.
+fn login_read_after_exit(
+    run: &mut Run<'_>,
+    d: &SandboxDaemon,
+    src: &str,
+    address_line: &str,
+    success: &str,
+    login: impl FnOnce(&mut Client, &str) -> bool,
+) -> bool {
+    let sb = run.sb;
+    let remembered = || {
+        d.log_text()
+            .matches("address remembered for the success line")
+            .count()
+    };
+    let before = remembered();
+    let mut c = sb.plain(src, "127.0.0.1", 110);
+    let greeting = c.line();
+    let mut pid = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            pid = sb
+                .captured()
+                .iter()
+                .find(|r| r.msg == address_line)
+                .and_then(|r| r.pid);
+            pid.is_some() && remembered() > before
+        }),
+        "the address line {address_line:?} did not reach the daemon:\n{}\n{}",
+        sb.syslog(),
+        d.log_text()
+    );
+    let pid = pid.expect("the session's pid");
+    let ok = {
+        let _stopped = RsyslogStopped::new(sb);
+        let ok = login(&mut c, &greeting);
+        c.send("QUIT");
+        c.line();
+        drop(c);
+        // Gone, or a zombie: /proc/PID/exe no longer reads.
+        sb.sh(&format!(
+            "i=0; while readlink /proc/{pid}/exe >/dev/null 2>&1 && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; ! readlink /proc/{pid}/exe >/dev/null 2>&1"
+        ));
+        ok
+    };
+    run.journal.push(format!(
+        "{src}: Pop3 Clear, success line read after the process {pid} exited -> {}",
+        if ok { "logged in" } else { "refused" }
+    ));
+    let mut record = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            record = sb
+                .captured()
+                .into_iter()
+                .find(|r| r.pid == Some(pid) && r.msg.contains(success));
+            record.is_some()
+        }),
+        "no success line {success:?} of process {pid}:\n{}",
+        sb.syslog()
+    );
+    let record = record.expect("the success line");
+    assert_eq!(
+        record.exe, "",
+        "rsyslog attested an executable for a process that had exited: {record:?}"
+    );
+    ok
+}
+
 /// An address as the map writes it (IPv6 compressed, lower case).
 fn canonical(ip: &str) -> String {
     ip.parse::<std::net::IpAddr>()
@@ -638,6 +743,29 @@ fn popa3d_standalone() {
     sb.wait_listening(110, "popa3d");
     let mut run = Run::new(&sb).hold_sessions(&d);
     popa3d_logins(&mut run, false);
+    // A client that quits at once: the success line is read after its
+    // process exited, and still grants by the address line of that pid.
+    let src = run.source();
+    let logged_in = login_read_after_exit(
+        &mut run,
+        &d,
+        &src,
+        &format!("Session from {src}"),
+        "Authentication passed for carol",
+        |c, _| {
+            c.send("USER carol");
+            c.line();
+            c.send(&format!("PASS {PASSWORD}"));
+            c.line().starts_with("+OK")
+        },
+    );
+    assert!(logged_in, "carol logs in");
+    assert!(
+        d.wait_granted(&src, Duration::from_secs(15)),
+        "a success line whose sender had exited, paired with its process's address line, must grant:\n{}",
+        d.log_text()
+    );
+    run.logged_in.insert(src);
     run.finish(
         &d,
         &ok(attempt(
@@ -1548,6 +1676,58 @@ fn solid_pop3d() {
         let amb = u.contains(" authenticated");
         run.attempt(&ambiguous_if(a(Mech::Password, &u, PASSWORD), amb));
     }
+    // Clients that quit at once: their success lines are read after the
+    // session's process exited. The APOP line (written as the user: its
+    // credential is the connect line of its process) still grants; the
+    // USER/PASS line, whose credential is its own uid (root), cannot have
+    // its executable checked and is refused: fail closed.
+    let src = run.source();
+    let logged_in = login_read_after_exit(
+        &mut run,
+        &d,
+        &src,
+        &format!("connect from {src}"),
+        "user bob authenticated through APOP - ",
+        |c, greeting| {
+            let start = greeting.find('<').expect("APOP timestamp");
+            let end = greeting[start..].find('>').expect("APOP timestamp") + start + 1;
+            let digest = md5_hex(&format!("{}apopsecret", &greeting[start..end]));
+            c.send(&format!("APOP bob {digest}"));
+            c.line().starts_with("+OK")
+        },
+    );
+    assert!(logged_in, "bob logs in with APOP");
+    assert!(
+        d.wait_granted(&src, Duration::from_secs(15)),
+        "an APOP line whose sender had exited, paired with its process's connect line, must grant:\n{}",
+        d.log_text()
+    );
+    run.logged_in.insert(src);
+    let src = run.source();
+    let logged_in = login_read_after_exit(
+        &mut run,
+        &d,
+        &src,
+        &format!("connect from {src}"),
+        "user carol authenticated - ",
+        |c, _| {
+            c.send("USER carol");
+            c.line();
+            c.send(&format!("PASS {PASSWORD}"));
+            c.line().starts_with("+OK")
+        },
+    );
+    assert!(logged_in, "carol logs in");
+    assert!(
+        d.wait_log(
+            &format!("refuse {src}: forgery: sent by a process that had exited"),
+            Duration::from_secs(15)
+        ),
+        "a USER/PASS line whose sender had exited must be refused:\n{}",
+        d.log_text()
+    );
+    run.logged_in.insert(src.clone());
+    run.ungrantable.insert(src);
     run.attempt_from(
         "2001:db8::100",
         &ok(to(a(Mech::Password, "dave", PASSWORD), "2001:db8::1")),

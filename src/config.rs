@@ -711,6 +711,16 @@ fn cidrs(
 }
 
 impl Config {
+    /// The networks no grant may cover: the never-grant rules and the
+    /// trusted proxies (a proxy's own connection names none of the clients
+    /// behind it, and a prefix grant that held a proxy's address would
+    /// open the relay to all of them).
+    pub fn never_and_proxies(&self) -> Vec<Cidr> {
+        let mut v = self.never.clone();
+        v.extend(self.trusted_proxy.iter().copied());
+        v
+    }
+
     /// Validates the daemon's arguments, reading `--config` if given.
     pub fn from_args(args: &DaemonArgs) -> Result<Config, ConfigError> {
         let (path, source, file) = match &args.config {

@@ -546,7 +546,7 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         let (restored, expired, refused) = crate::state::restore(
             &loaded,
             &table,
-            &AddressPolicy::new(never_and_proxies(&config)),
+            &AddressPolicy::new(config.never_and_proxies()),
             settings.window,
         );
         crate::log_info!(
@@ -906,7 +906,7 @@ fn reload(r: &mut Running) {
     // "Never" means never: live grants the new rules refuse end now, and
     // so do grants of addresses now named as trusted proxies (a proxy's
     // own connection is never a client's).
-    let policy = AddressPolicy::new(never_and_proxies(&new));
+    let policy = AddressPolicy::new(new.never_and_proxies());
     for (key, _) in r.table.list_blocks() {
         if let Err(why) = policy.check_scope(&key)
             && r.table.revoke_block(key).is_some()
@@ -952,12 +952,6 @@ fn reload(r: &mut Running) {
 /// The networks a restored or kept grant may not be in: the never-grant
 /// rules and the trusted proxies (whose own connections are never a
 /// client's).
-fn never_and_proxies(config: &Config) -> Vec<Cidr> {
-    let mut v = config.never.clone();
-    v.extend(config.trusted_proxy.iter().copied());
-    v
-}
-
 /// The items joined, or `none`.
 fn join_or_none<T: std::fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {

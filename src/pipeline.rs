@@ -55,7 +55,7 @@ impl Settings {
     pub fn of(config: &Config) -> Settings {
         Settings {
             matchers: config.matchers.clone(),
-            policy: AddressPolicy::new(config.never.clone()).with_ipv6_prefix(
+            policy: AddressPolicy::new(config.never_and_proxies()).with_ipv6_prefix(
                 config.ipv6_prefix,
                 config.map.is_some() || !config.memcache.is_empty(),
             ),
@@ -1320,6 +1320,53 @@ mod tests {
             .store(settings(false, false, &["203.0.113.0/24"]));
         p.handle(line.replace("192.0.2.10", "192.0.2.11").as_bytes(), &peer());
         assert!(p.table.get("192.0.2.11".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_settings_keep_prefix_grants_off_trusted_proxies() {
+        let args = <crate::config::Cli as clap::Parser>::try_parse_from([
+            "smtp-after-popd",
+            "--map",
+            "none",
+            "--policy",
+            "tcp://127.0.0.1:1",
+            "--ipv6-prefix",
+            "64",
+            "--trusted-proxy",
+            "2001:db8:1:2::99",
+        ])
+        .unwrap()
+        .daemon;
+        let s = Settings::of(&Config::from_args(&args).unwrap());
+        let (scope, why) = s.policy.scope("2001:db8:1:2::5".parse().unwrap());
+        assert!(scope.is_host(), "{scope}");
+        assert!(why.is_some());
+        let (scope, _) = s.policy.scope("2001:db8:1:3::5".parse().unwrap());
+        assert!(!scope.is_host(), "{scope}");
+    }
+
+    #[tokio::test]
+    async fn a_prefix_grant_never_covers_a_trusted_proxy() {
+        // With --ipv6-prefix 64, a client in the /64 of one of our proxies
+        // is granted its own address alone: the /64 would let the proxy,
+        // and everyone behind it, relay.
+        let line = "<22>Nov 24 15:36:30 vm dovecot: pop3-login: Login: user=<bob>, method=PLAIN, rip=2001:db8:1:2::5, lip=2001:db8::1, mpid=116, session=<SIu/WZhhgKTGM2QB>";
+        let p = pipeline(false);
+        let mut s = settings(false, false, &["2001:db8:1:2::99"]);
+        s.policy = AddressPolicy::new(s.trusted_proxy.clone()).with_ipv6_prefix(64, true);
+        p.settings.store(s);
+        let relays = |ip: &str| p.table.lookup(ip.parse().unwrap()).is_some();
+        p.handle(line.as_bytes(), &peer());
+        assert!(relays("2001:db8:1:2::5"));
+        assert!(!relays("2001:db8:1:2::99"), "the proxy may not relay");
+        assert!(!relays("2001:db8:1:2::6"));
+        // Elsewhere the prefix is granted.
+        p.handle(
+            line.replace("2001:db8:1:2::5", "2001:db8:1:3::5")
+                .as_bytes(),
+            &peer(),
+        );
+        assert!(relays("2001:db8:1:3::77"));
     }
 
     #[tokio::test]

@@ -40,6 +40,18 @@
 //! line written earlier, before the switch, by the same process (the same
 //! attested pid, which the kernel vouches for): see the pipeline.
 //!
+//! A sender that exited before rsyslog looked at it has no executable to
+//! read, and the rule writes `exe="0"`; its uid and pid still come from the
+//! kernel (SCM_CREDENTIALS), so they stay reliable. A line whose credential
+//! is its uid is then refused: its executable, the second check, cannot be
+//! made (fail closed: a root script running `logger` with text an attacker
+//! chose must not pass). A line whose credential is its process is
+//! accepted without one: its own executable proves nothing (any user can
+//! run the server's binary), and what vouches for it, the attested address
+//! line of the same pid written before the switch, is still required.
+//! popa3d and Solid POP3 sessions whose client quits at once end before
+//! rsyslog looks at their success line.
+//!
 //! What attestation cannot prove: that a process running as the server's
 //! own account (root for Dovecot and Courier, `cyrus` for Cyrus) did not
 //! forge the line. Anything that runs as that account can.
@@ -83,8 +95,9 @@ pub enum Verdict {
 /// The sender properties carried by an attestation element.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sender<'a> {
-    /// The executable.
-    pub exe: &'a str,
+    /// The executable; `None` when the sender had exited before rsyslog
+    /// looked (the rule writes `exe="0"`).
+    pub exe: Option<&'a str>,
     /// The real uid.
     pub uid: u32,
     /// The process id.
@@ -117,22 +130,24 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
             (Some(_), Some(_)) => Err(format!("the attestation has {name} twice")),
         }
     };
-    let exe = get("exe")?;
-    if exe.is_empty() || exe == "0" {
-        return Err(format!(
-            "the attested executable is \"{exe}\": the sending process had exited before rsyslog looked up its executable (as a short-lived logger(1) does), so nothing says who sent it; a mail server's logging process lives on and is named"
-        ));
-    }
-    if !exe.starts_with('/')
-        || !exe
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._/+-".contains(&b))
-    {
-        return Err(format!(
-            "the attested executable \"{}\" is not a plain absolute path",
-            crate::logging::escape(exe)
-        ));
-    }
+    // "0": the sender had exited (or its executable was unreadable) when
+    // rsyslog looked.
+    let exe = match get("exe")? {
+        "0" => None,
+        exe if exe.starts_with('/')
+            && exe
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._/+-".contains(&b)) =>
+        {
+            Some(exe)
+        }
+        exe => {
+            return Err(format!(
+                "the attested executable \"{}\" is not a plain absolute path",
+                crate::logging::escape(exe)
+            ));
+        }
+    };
     let number = |name: &str| -> Result<u32, String> {
         let v = get(name)?;
         v.parse().map_err(|_| {
@@ -259,16 +274,31 @@ pub fn check(
             Verdict::Unattested
         };
     };
-    let exe_ok = speakers.executables.iter().any(|e| e == s.exe);
+    // A sender that had exited is accepted only where its executable is
+    // no credential anyway (see the module doc).
+    let exe_ok = match s.exe {
+        Some(exe) => speakers.executables.iter().any(|e| e == exe),
+        None => speakers.process && !speakers.executables.is_empty(),
+    };
     let uid_ok = speakers.process || speakers.uids.contains(&s.uid);
     if exe_ok && uid_ok {
         return Verdict::Attested;
     }
-    let mut why = format!(
-        "sent by {} (uid {}, pid {}), which may not speak for pattern {pattern}",
-        s.exe, s.uid, s.pid
-    );
-    if speakers.executables.is_empty() {
+    let mut why = match s.exe {
+        Some(exe) => format!(
+            "sent by {exe} (uid {}, pid {}), which may not speak for pattern {pattern}",
+            s.uid, s.pid
+        ),
+        None => format!(
+            "sent by a process that had exited before rsyslog looked (uid {}, pid {}, no executable attested), which may not speak for pattern {pattern}",
+            s.uid, s.pid
+        ),
+    };
+    if s.exe.is_none() && !speakers.process && !speakers.executables.is_empty() {
+        why.push_str(
+            " (its credential is the uid, and the executable, the second check, cannot be checked: fail closed)",
+        );
+    } else if speakers.executables.is_empty() {
         why.push_str(" (the pattern names no executables)");
     } else if speakers.uids.is_empty() && !speakers.process {
         why.push_str(
@@ -397,10 +427,51 @@ mod tests {
             assert!(attested_record(&text).is_err(), "{text}");
         }
         // exe "0" (the sender exited before rsyslog looked) has the form,
-        // and is refused when its values are read.
+        // and reads as no executable.
         let exited = with_sd(r#"[attest@32473 exe="0" uid="0" pid="1"]"#);
         let rec = attested_record(&exited).unwrap();
-        assert!(sender(&rec).is_err());
+        assert_eq!(
+            sender(&rec),
+            Ok(Some(Sender {
+                exe: None,
+                uid: 0,
+                pid: 1
+            }))
+        );
+    }
+
+    #[test]
+    fn an_exited_sender_is_believed_only_where_its_process_is_the_credential() {
+        // rsyslog attests a sender that has already exited as exe "0"; its
+        // uid and pid come from the kernel all the same.
+        let exited =
+            |uid: u32| with_sd(&format!(r#"[attest@32473 exe="0" uid="{uid}" pid="4242"]"#));
+        // A line whose credential is its uid: refused, even as root.
+        let Verdict::Forgery(why) = verdict(&exited(0), &dovecot(), false) else {
+            panic!("an exited sender passed a uid credential");
+        };
+        assert!(
+            why.contains("had exited before rsyslog looked") && why.contains("fail closed"),
+            "{why}"
+        );
+        // A line whose credential is its process's address line: its own
+        // executable proves nothing, so an exited sender passes this check
+        // (the pipeline still needs the attested address line of pid 4242).
+        let popa3d = Speakers {
+            executables: vec!["/usr/sbin/popa3d".into()],
+            uids: Vec::new(),
+            process: true,
+        };
+        assert_eq!(verdict(&exited(1000), &popa3d, true), Verdict::Attested);
+        // But not for a pattern that names no executables at all.
+        let none = Speakers {
+            executables: Vec::new(),
+            ..popa3d
+        };
+        assert!(matches!(
+            verdict(&exited(1000), &none, true),
+            Verdict::Forgery(_)
+        ));
     }
 
     #[test]

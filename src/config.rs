@@ -313,12 +313,13 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "CIDR")]
     pub trust_attestation_from: Vec<String>,
 
-    /// Proxies whose word on the client's address is believed: a login line
-    /// that names the client as a proxy reported it (Zimbra's oip=, with
-    /// the proxy as ip=) grants only when the proxy's address is in this
-    /// network; otherwise it is refused, since a user who reaches the
-    /// server directly could report any address. Repeatable.
-    /// [default: none]
+    /// Your proxies (perdition, a Dovecot proxy, Zimbra's nginx): a login
+    /// whose client address is one of them is the proxy's own connection
+    /// and is never granted (counted as refused_proxy_own); and a login
+    /// line that names the client as a proxy reported it (Zimbra's oip=,
+    /// with the proxy as ip=) grants only when the proxy's address is in
+    /// this network, since a user who reaches the server directly could
+    /// report any address. Repeatable. [default: none]
     #[arg(long, value_name = "CIDR")]
     pub trusted_proxy: Vec<String>,
 
@@ -758,6 +759,16 @@ fn cidrs(
 }
 
 impl Config {
+    /// The networks no grant may cover: the never-grant rules and the
+    /// trusted proxies (a proxy's own connection names none of the clients
+    /// behind it, and a prefix grant that held a proxy's address would
+    /// open the relay to all of them).
+    pub fn never_and_proxies(&self) -> Vec<Cidr> {
+        let mut v = self.never.clone();
+        v.extend(self.trusted_proxy.iter().copied());
+        v
+    }
+
     /// Validates the daemon's arguments, reading `--config` if given.
     pub fn from_args(args: &DaemonArgs) -> Result<Config, ConfigError> {
         let (path, source, file) = match &args.config {

@@ -23,7 +23,7 @@ use crate::config::{
 use crate::control::{self, Status};
 use crate::grants::GrantTable;
 use crate::logging::escape;
-use crate::matcher::{AddressMemory, Outcome, ProcessKey};
+use crate::matcher::{AddressMemory, CutKey, CutLines, Outcome, ProcessKey};
 use crate::metrics;
 use crate::net::{self, Access, AllowList, Kind, StreamListener};
 use crate::policy;
@@ -546,8 +546,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         for bad in &loaded.bad_lines {
             crate::log_warning!("state {bad}");
         }
-        let (restored, expired, refused) =
-            crate::state::restore(&loaded, &table, &settings.policy, settings.window);
+        let (restored, expired, refused) = crate::state::restore(
+            &loaded,
+            &table,
+            &AddressPolicy::new(config.never_and_proxies()),
+            settings.window,
+        );
         crate::log_info!(
             "state {}: restored {} ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
             path.display(),
@@ -959,8 +963,10 @@ fn reload(r: &mut Running) {
             startup::count(ips.len(), "held address", "held addresses")
         );
     }
-    // "Never" means never: live grants the new rules refuse end now.
-    let policy = AddressPolicy::new(new.never.clone());
+    // "Never" means never: live grants the new rules refuse end now, and
+    // so do grants of addresses now named as trusted proxies (a proxy's
+    // own connection is never a client's).
+    let policy = AddressPolicy::new(new.never_and_proxies());
     for (key, _) in r.table.list_blocks() {
         if let Err(why) = policy.check_scope(&key)
             && r.table.revoke_block(key).is_some()
@@ -1003,6 +1009,9 @@ fn reload(r: &mut Running) {
     ));
 }
 
+/// The networks a restored or kept grant may not be in: the never-grant
+/// rules and the trusted proxies (whose own connections are never a
+/// client's).
 /// The items joined, or `none`.
 fn join_or_none<T: std::fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {
@@ -1078,6 +1087,7 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut status = 0;
     let memory = AddressMemory::new();
+    let cut = CutLines::new();
     let mut scan = |reader: &mut dyn BufRead| -> std::io::Result<()> {
         let mut line = Vec::new();
         loop {
@@ -1088,6 +1098,17 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
             let Ok(rec) = record::parse(&line) else {
                 continue;
             };
+            // The rest of a line its logger cut is not a line of its own.
+            if let Some(limit) = matchers.line_limit(rec.program) {
+                let key = CutKey {
+                    reporter: "-".to_string(),
+                    host: rec.hostname.unwrap_or("-").to_string(),
+                    program: rec.program.to_string(),
+                };
+                if cut.continues(key, rec.message.len() >= limit) {
+                    continue;
+                }
+            }
             let outcome = matchers.match_record(&rec);
             let key = ProcessKey::of("-".to_string(), &rec, rec.pid);
             // Lines of a file carry no receive time: pair by order only.

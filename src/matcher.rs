@@ -435,6 +435,13 @@ pub struct PatternSpec {
     /// lines must grant nothing. Documentation and tests only.
     #[serde(default)]
     pub omitted: Vec<String>,
+    /// For servers whose logger cuts long lines into several records
+    /// (courierlogger: a 512-byte buffer): a record of one of this
+    /// pattern's programs at least this many bytes long is taken to be
+    /// cut, and the record after it from the same reporter, host and
+    /// program, which continues it, is believed in no way.
+    #[serde(default)]
+    pub line_limit: Option<usize>,
 }
 
 /// An account in a pattern's `uids`: a uid, or a name looked up at start.
@@ -485,6 +492,8 @@ pub struct Matchers {
     prefilter: Option<regex::bytes::Regex>,
     /// Each pattern's accounts, for the start-up notes.
     accounts: Vec<PatternAccounts>,
+    /// Program name to the length at which its logger cuts lines.
+    line_limits: HashMap<String, usize>,
 }
 
 /// The accounts of one pattern as written and as resolved.
@@ -658,6 +667,7 @@ impl Matchers {
             by_program: HashMap::new(),
             prefilter: None,
             accounts: Vec::new(),
+            line_limits: HashMap::new(),
         };
         for spec in &builtin.pattern {
             m.add(spec, BUILTIN_PATTERNS).map_err(|e| (true, e))?;
@@ -883,6 +893,11 @@ impl Matchers {
                 },
             }
         }
+        if spec.line_limit == Some(0) {
+            return Err(err(format!(
+                "pattern \"{id}\": line_limit = 0: give the length in bytes at which the server's logger cuts a line, e.g. line_limit = 500"
+            )));
+        }
         let index = self.patterns.len();
         self.accounts.push(PatternAccounts {
             pattern: id.clone(),
@@ -912,6 +927,12 @@ impl Matchers {
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
+        }
+        if let Some(limit) = spec.line_limit {
+            for p in &spec.program {
+                let l = self.line_limits.entry(p.clone()).or_insert(limit);
+                *l = (*l).min(limit);
+            }
         }
         Ok(())
     }
@@ -1049,6 +1070,17 @@ impl Matchers {
     /// match (its tag holds the program name).
     pub fn may_match(&self, bytes: &[u8]) -> bool {
         self.prefilter.as_ref().is_none_or(|p| p.is_match(bytes))
+    }
+
+    /// The length at which the logger of `program` cuts lines, if a
+    /// pattern says it does (looked up like the patterns: the whole tag,
+    /// then the part after the last "/").
+    pub fn line_limit(&self, program: &str) -> Option<usize> {
+        self.line_limits.get(program).copied().or_else(|| {
+            program
+                .rsplit_once('/')
+                .and_then(|(_, base)| self.line_limits.get(base).copied())
+        })
     }
 
     /// Tries every pattern on the record whatever its program: the naive
@@ -1420,6 +1452,60 @@ fn parse_ip(text: &str) -> Result<IpAddr, std::net::AddrParseError> {
     text.trim_start_matches('[').trim_end_matches(']').parse()
 }
 
+/// Where a continuation record is looked for: who reported it, the host
+/// name in the record and the syslog tag (no process id: courierlogger's
+/// lines carry none in the tag, and one logger serves every session).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CutKey {
+    /// The reporting peer (socket path or address).
+    pub reporter: String,
+    /// The host name in the record (`-` when it has none).
+    pub host: String,
+    /// The syslog tag.
+    pub program: String,
+}
+
+/// The most loggers with a cut line waiting for its continuation; when
+/// full, every record of a program whose logger cuts lines is taken as a
+/// continuation (nothing believed) until the waiting ones are seen.
+pub const CUT_ENTRIES: usize = 4096;
+
+/// Lines a server's logger cut. courierlogger reads a daemon's standard
+/// error into a 512-byte buffer and logs a longer line as several records,
+/// one after the other: the later ones begin wherever the cut fell, in the
+/// middle of the user's text, so a failed login's user name can be made to
+/// continue as "LOGIN, user=a" followed by the server's real
+/// ", ip=[CLIENT], port=[P]": a success line that no server wrote. A
+/// record that comes after a cut one from the same logger continues it,
+/// and nothing in it is believed.
+#[derive(Debug, Default)]
+pub struct CutLines {
+    waiting: Mutex<std::collections::HashSet<CutKey>>,
+}
+
+impl CutLines {
+    /// An empty set.
+    pub fn new() -> CutLines {
+        CutLines::default()
+    }
+
+    /// Notes a record of a program whose logger cuts lines, `cut` when it
+    /// is as long as the cut; returns true when it continues a cut line
+    /// (the logger's last record was cut).
+    pub fn continues(&self, key: CutKey, cut: bool) -> bool {
+        let mut w = match self.waiting.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let was_cut = w.remove(&key);
+        let full = w.len() >= CUT_ENTRIES;
+        if cut && !full {
+            w.insert(key);
+        }
+        was_cut || full
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1547,7 +1633,7 @@ mod tests {
         let notes = m.attestation_notes(true);
         assert!(
             notes.iter().any(|(_, n)| n
-                .contains("with require-attestation they grant nothing: qpopper-stats, mine")),
+                .contains("with require-attestation they grant nothing: gnu-pop3d-login, cucipop-session, qpopper-stats, mine")),
             "{notes:?}"
         );
         // A process credential needs an address pattern of its server, and

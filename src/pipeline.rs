@@ -24,7 +24,7 @@ use crate::config::{Config, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable, Names};
 use crate::hold::{Closed, Holds, SessionKey};
 use crate::logging::{RateLimit, escape};
-use crate::matcher::{AddressMemory, Login, Matchers, Outcome, ProcessKey};
+use crate::matcher::{AddressMemory, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey};
 use crate::receiver::Peer;
 use crate::record::{self, ParseError};
 use crate::stats::Stats;
@@ -55,7 +55,7 @@ impl Settings {
     pub fn of(config: &Config) -> Settings {
         Settings {
             matchers: config.matchers.clone(),
-            policy: AddressPolicy::new(config.never.clone()).with_ipv6_prefix(
+            policy: AddressPolicy::new(config.never_and_proxies()).with_ipv6_prefix(
                 config.ipv6_prefix,
                 config.map.is_some() || !config.memcache.is_empty(),
             ),
@@ -87,6 +87,8 @@ pub struct Pipeline {
     /// Logins refused because the table was full since the last summary
     /// ([`Pipeline::full_summary`]).
     refused_full: AtomicU64,
+    /// Loggers whose last record was cut (kept across reloads).
+    pub cut: CutLines,
 }
 
 /// How often a full table's refusals are summed up in the log.
@@ -105,6 +107,7 @@ impl Pipeline {
             names: Default::default(),
             memory: AddressMemory::new(),
             holds: Holds::new(),
+            cut: CutLines::new(),
             refused_full: AtomicU64::new(0),
         }
     }
@@ -219,6 +222,26 @@ impl Pipeline {
                 return;
             }
         };
+        // A record that continues a line the server's logger cut begins in
+        // the middle of the user's text: it may look like anything, a
+        // success line included.
+        if let Some(limit) = s.matchers.line_limit(rec.program) {
+            let key = CutKey {
+                reporter: sender_of(peer),
+                host: rec.hostname.unwrap_or("-").to_string(),
+                program: rec.program.to_string(),
+            };
+            if self.cut.continues(key, rec.message.len() >= limit) {
+                Stats::bump(&self.stats.refused_continuation);
+                crate::log_warning_limited!(
+                    REFUSAL_WARNINGS,
+                    "record from {peer} continues a line that the logger of \"{}\" cut (its last record was {limit} bytes or more): nothing in it is believed: \"{}\"",
+                    escape(rec.program),
+                    escape(rec.message)
+                );
+                return;
+            }
+        }
         // The attested values are read only for records a pattern matched:
         // a line of an exited sender (exe "0") that is no login is no
         // forgery.
@@ -449,6 +472,20 @@ impl Pipeline {
                 );
                 return;
             }
+        }
+        // A login from one of our own proxies (perdition, a Dovecot proxy
+        // that does not pass the client on, nginx in front of Zimbra) is
+        // the proxy's own connection: granting it would open the relay to
+        // everyone the proxy serves.
+        let client = crate::addr::canonical(login.ip);
+        if let Some(proxy) = s.trusted_proxy.iter().find(|c| c.contains(client)) {
+            Stats::bump(&self.stats.refused_proxy_own);
+            crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {client}: it is a --trusted-proxy ({proxy}): this is the proxy's own connection, which names none of the clients behind it ({})",
+                About(&login, &peer)
+            );
+            return;
         }
         let ip = match s.policy.check(login.ip) {
             Ok(ip) => ip,
@@ -1059,6 +1096,170 @@ mod tests {
         assert!(q.table.get("192.0.2.9".parse().unwrap()).is_some());
     }
 
+    #[tokio::test]
+    async fn a_sender_that_exited_is_believed_only_where_its_process_is_the_credential() {
+        // rsyslog attests a process that has exited before it looked with
+        // no executable ("0"), its uid and pid still from the kernel: a
+        // popa3d or Solid POP3 session whose client quit at once.
+        let p = pipeline_with(false, true);
+        let granted = |p: &Pipeline, ip: &str| p.table.get(ip.parse().unwrap()).is_some();
+        // popa3d: the address line while the process ran (root), the
+        // success line after it had exited: granted by its address line.
+        p.handle_on(
+            attested(
+                "/usr/sbin/popa3d",
+                0,
+                300,
+                "popa3d",
+                "Session from 192.0.2.30",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        p.handle_on(
+            attested("0", 1000, 300, "popa3d", "Authentication passed for bob").as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(granted(&p, "192.0.2.30"));
+        // The pid must still be the address line's: an exited sender of
+        // another pid (a user's quick logger) takes nothing.
+        p.handle_on(
+            attested(
+                "/usr/sbin/popa3d",
+                0,
+                301,
+                "popa3d",
+                "Session from 192.0.2.31",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        p.handle_on(
+            attested("0", 1000, 9999, "popa3d", "Authentication passed for eve").as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(!granted(&p, "192.0.2.31"));
+        // An address line is root's word (its credential is the uid): an
+        // exited sender's is refused, even as root, and its success line
+        // then takes nothing.
+        let forgeries = count(&p.stats.forgeries);
+        p.handle_on(
+            attested("0", 0, 302, "popa3d", "Session from 192.0.2.32").as_bytes(),
+            &peer(),
+            true,
+        );
+        assert_eq!(count(&p.stats.forgeries), forgeries + 1);
+        p.handle_on(
+            attested(
+                "/usr/sbin/popa3d",
+                1000,
+                302,
+                "popa3d",
+                "Authentication passed for bob",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(!granted(&p, "192.0.2.32"));
+        // Solid POP3: an APOP line (credential: the connect line of its
+        // process) after the process exited is granted; a USER/PASS line,
+        // whose credential is its uid (root), is refused.
+        p.handle_on(
+            attested(
+                "/usr/sbin/solid-pop3d",
+                0,
+                400,
+                "solid-pop3d",
+                "connect from 192.0.2.40",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        p.handle_on(
+            attested(
+                "0",
+                1001,
+                400,
+                "solid-pop3d",
+                "user bob authenticated through APOP - 192.0.2.40",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(granted(&p, "192.0.2.40"));
+        let forgeries = count(&p.stats.forgeries);
+        p.handle_on(
+            attested(
+                "/usr/sbin/solid-pop3d",
+                0,
+                401,
+                "solid-pop3d",
+                "connect from 192.0.2.41",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        p.handle_on(
+            attested(
+                "0",
+                0,
+                401,
+                "solid-pop3d",
+                "user alice authenticated - 192.0.2.41",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(!granted(&p, "192.0.2.41"));
+        assert_eq!(count(&p.stats.forgeries), forgeries + 1);
+        // A one-line login whose credential is its uid (Dovecot's log
+        // process, root): an exited sender is refused (fail closed: a root
+        // script's logger may carry text an attacker chose).
+        p.handle_on(
+            attested("0", 0, 500, "dovecot", DOVECOT).as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(!granted(&p, "198.51.100.40"));
+        assert_eq!(count(&p.stats.forgeries), forgeries + 2);
+        // UW: a Login line (credential: the service-init line of its
+        // process) after the process exited, naming the same address.
+        p.handle_on(
+            attested(
+                "/usr/sbin/ipop3d",
+                0,
+                600,
+                "ipop3d",
+                "pop3 service init from 192.0.2.60",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        p.handle_on(
+            attested(
+                "0",
+                1000,
+                600,
+                "ipop3d",
+                "Login user=bob host=client.example.net [192.0.2.60] nmsgs=1/1",
+            )
+            .as_bytes(),
+            &peer(),
+            true,
+        );
+        assert!(granted(&p, "192.0.2.60"));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_table_sums_up_its_refusals_once_a_minute() {
         let p = Arc::new(Pipeline::new(
@@ -1119,5 +1320,124 @@ mod tests {
             .store(settings(false, false, &["203.0.113.0/24"]));
         p.handle(line.replace("192.0.2.10", "192.0.2.11").as_bytes(), &peer());
         assert!(p.table.get("192.0.2.11".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn the_settings_keep_prefix_grants_off_trusted_proxies() {
+        let args = <crate::config::Cli as clap::Parser>::try_parse_from([
+            "smtp-after-popd",
+            "--map",
+            "none",
+            "--policy",
+            "tcp://127.0.0.1:1",
+            "--ipv6-prefix",
+            "64",
+            "--trusted-proxy",
+            "2001:db8:1:2::99",
+        ])
+        .unwrap()
+        .daemon;
+        let s = Settings::of(&Config::from_args(&args).unwrap());
+        let (scope, why) = s.policy.scope("2001:db8:1:2::5".parse().unwrap());
+        assert!(scope.is_host(), "{scope}");
+        assert!(why.is_some());
+        let (scope, _) = s.policy.scope("2001:db8:1:3::5".parse().unwrap());
+        assert!(!scope.is_host(), "{scope}");
+    }
+
+    #[tokio::test]
+    async fn a_prefix_grant_never_covers_a_trusted_proxy() {
+        // With --ipv6-prefix 64, a client in the /64 of one of our proxies
+        // is granted its own address alone: the /64 would let the proxy,
+        // and everyone behind it, relay.
+        let line = "<22>Nov 24 15:36:30 vm dovecot: pop3-login: Login: user=<bob>, method=PLAIN, rip=2001:db8:1:2::5, lip=2001:db8::1, mpid=116, session=<SIu/WZhhgKTGM2QB>";
+        let p = pipeline(false);
+        let mut s = settings(false, false, &["2001:db8:1:2::99"]);
+        s.policy = AddressPolicy::new(s.trusted_proxy.clone()).with_ipv6_prefix(64, true);
+        p.settings.store(s);
+        let relays = |ip: &str| p.table.lookup(ip.parse().unwrap()).is_some();
+        p.handle(line.as_bytes(), &peer());
+        assert!(relays("2001:db8:1:2::5"));
+        assert!(!relays("2001:db8:1:2::99"), "the proxy may not relay");
+        assert!(!relays("2001:db8:1:2::6"));
+        // Elsewhere the prefix is granted.
+        p.handle(
+            line.replace("2001:db8:1:2::5", "2001:db8:1:3::5")
+                .as_bytes(),
+            &peer(),
+        );
+        assert!(relays("2001:db8:1:3::77"));
+    }
+
+    #[tokio::test]
+    async fn a_login_from_a_trusted_proxy_is_the_proxys_own_connection() {
+        // A Dovecot back end behind perdition logs the proxy as rip=.
+        let line = "<22>Nov 24 15:36:30 vm dovecot: pop3-login: Login: user=<bob>, method=PLAIN, rip=198.51.100.1, lip=198.51.100.2, mpid=116, session=<SIu/WZhhgKTGM2QB>";
+        let p = pipeline(false);
+        p.settings.store(settings(false, false, &["198.51.100.1"]));
+        p.handle(line.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "a proxy's own address is never granted");
+        assert_eq!(count(&p.stats.refused_proxy_own), 1);
+        assert_eq!(count(&p.stats.refused), 0);
+        // Its clients, when a proxy passes them on, are.
+        p.handle(
+            line.replace("rip=198.51.100.1", "rip=192.0.2.50")
+                .as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.50".parse().unwrap()).is_some());
+        // A Zimbra client that is itself a trusted proxy: refused too.
+        let z = "<22>Sep 18 00:21:21 mailstore21 mailbox: INFO  [Pop3Server-7] [name=carol@example.org;ip=198.51.100.1;oip=198.51.100.1;] pop - user carol@example.org authenticated, mechanism=LOGIN ";
+        p.handle(z.as_bytes(), &peer());
+        assert_eq!(count(&p.stats.refused_proxy_own), 2);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_line_courierlogger_cut_is_not_believed() {
+        // A failed login whose user name makes the cut fall just before a
+        // text of the attacker's, as courierlogger logged it here: the rest
+        // reads as a success line for the client's own address, with every
+        // field once (nothing ambiguous about it).
+        let first = format!(
+            "<22>Dec  1 21:14:01 mail imapd: LOGIN FAILED, user={}",
+            "x".repeat(486)
+        );
+        assert_eq!(first.len() - "<22>Dec  1 21:14:01 mail imapd: ".len(), 505);
+        let rest =
+            "<22>Dec  1 21:14:01 mail imapd: LOGIN, user=a, ip=[::ffff:192.0.2.152], port=[56115]";
+        let p = pipeline(false);
+        p.handle(first.as_bytes(), &peer());
+        p.handle(rest.as_bytes(), &peer());
+        assert!(p.table.is_empty(), "the rest of a cut line grants nothing");
+        assert_eq!(count(&p.stats.refused_continuation), 1);
+        assert_eq!(count(&p.stats.refused_ambiguous), 0);
+        // A rest that also names another address: still a continuation.
+        let injected = "<22>Dec  1 21:14:01 mail imapd: LOGIN, user=a, ip=[203.0.113.9], ip=[::ffff:192.0.2.152], port=[56115]";
+        p.handle(first.as_bytes(), &peer());
+        p.handle(injected.as_bytes(), &peer());
+        assert!(p.table.is_empty());
+        assert_eq!(count(&p.stats.refused_continuation), 2);
+        // The next line is a line of its own again.
+        p.handle(
+            b"<22>Dec  1 21:14:02 mail imapd: LOGIN, user=bob, ip=[::ffff:192.0.2.153], port=[40145], protocol=IMAP",
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.153".parse().unwrap()).is_some());
+        // Another host's logger is another logger: its line is read as a
+        // line of its own, and the ambiguity checks still apply to it.
+        p.handle(first.as_bytes(), &peer());
+        p.handle(
+            injected.replace("mail imapd", "mail2 imapd").as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("203.0.113.9".parse().unwrap()).is_none());
+        assert!(p.table.get("192.0.2.152".parse().unwrap()).is_none());
+        assert_eq!(count(&p.stats.refused_ambiguous), 1);
+        assert_eq!(count(&p.stats.refused_continuation), 2);
+        p.handle(
+            rest.replace("mail imapd", "mail2 imapd").as_bytes(),
+            &peer(),
+        );
+        assert!(p.table.get("192.0.2.152".parse().unwrap()).is_some());
     }
 }

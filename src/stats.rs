@@ -67,6 +67,14 @@ counters! {
     /// Logins whose address a proxy reported (Zimbra oip=) refused because
     /// the proxy is not a --trusted-proxy.
     refused_proxy,
+    /// Logins whose client address is itself a --trusted-proxy: the
+    /// proxy's own connection to the server (a proxy that did not pass
+    /// the client's address on), never a client's.
+    refused_proxy_own,
+    /// Records that continue a line the server's logger cut (courierlogger,
+    /// 512 bytes): they begin in the middle of the user's text, so nothing
+    /// in them is believed.
+    refused_continuation,
     /// Logins from new addresses refused because the table was full.
     refused_full,
     /// New grants.

@@ -28,7 +28,8 @@
 //! text that ends the user's field inside it; see the matcher's doc).
 //!
 //! The lines of a file are fed in order through one stateful matcher, as
-//! the daemon feeds them: two-line servers (popa3d `Session from IP`, then
+//! the daemon feeds them (a record after one that its server's logger cut
+//! is believed in no way, `line_limit`): two-line servers (popa3d `Session from IP`, then
 //! `Authentication passed for USER` from the same process) are annotated
 //! `#= none` on the address line and `#= grant ...` on the success line,
 //! which grants the address remembered for its process. A success line with
@@ -56,7 +57,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use smtp_after_popd::addr::canonical;
-use smtp_after_popd::matcher::{AddressMemory, Matchers, Outcome, ProcessKey};
+use smtp_after_popd::matcher::{AddressMemory, CutKey, CutLines, Matchers, Outcome, ProcessKey};
 use smtp_after_popd::record::parse_str;
 
 #[derive(Debug)]
@@ -171,11 +172,13 @@ fn samples_match_their_annotations() {
     let mut files: BTreeSet<String> = BTreeSet::new();
 
     let mut memory = AddressMemory::new();
+    let mut cut = CutLines::new();
     let mut current_file = String::new();
     for s in &samples {
         if s.file != current_file {
             // Each file is a log of its own.
             memory = AddressMemory::new();
+            cut = CutLines::new();
             current_file = s.file.clone();
         }
         files.insert(s.file.clone());
@@ -193,7 +196,23 @@ fn samples_match_their_annotations() {
         if claims.len() > 1 {
             failures.push(format!("{place}: claimed by several patterns: {claims:?}"));
         }
-        let outcome = matchers.match_record(&rec);
+        // The rest of a line the server's logger cut is believed in no way,
+        // as in the daemon.
+        let continues = matchers.line_limit(rec.program).is_some_and(|limit| {
+            cut.continues(
+                CutKey {
+                    reporter: "samples".to_string(),
+                    host: rec.hostname.unwrap_or("-").to_string(),
+                    program: rec.program.to_string(),
+                },
+                rec.message.len() >= limit,
+            )
+        });
+        let outcome = if continues {
+            Outcome::NoMatch
+        } else {
+            matchers.match_record(&rec)
+        };
         if let Expect::Address(want) = &s.expect {
             match &outcome {
                 Outcome::Address { ip, pattern, .. } if &canonical(*ip).to_string() == want => {

@@ -40,7 +40,9 @@ pub const DEFAULT_NEVER: &[&str] = &["127.0.0.0/8", "::1"];
 /// Default window after a login, as in the original smtp-after-popd.
 pub const DEFAULT_WINDOW: &str = "2m";
 /// Default map path.
-pub const DEFAULT_MAP: &str = "/etc/postfix/authenticated_ips";
+/// Default map path: in the daemon's state directory, the one place the
+/// packaged (hardened) unit may write besides its runtime directory.
+pub const DEFAULT_MAP: &str = "/var/lib/smtp-after-popd/authenticated_ips";
 /// Default map type.
 pub const DEFAULT_MAP_TYPE: &str = "hash";
 /// Default postmap command (looked up in PATH).
@@ -198,8 +200,10 @@ pub struct DaemonArgs {
     pub window: Option<String>,
 
     /// The Postfix access map source file; the database is built beside it
-    /// with postmap. "none" for no map file (with --policy or --socketmap).
-    /// [default: /etc/postfix/authenticated_ips]
+    /// with postmap, and Postfix reads it with check_client_access
+    /// hash:PATH. A missing directory named smtp-after-popd is created.
+    /// "none" for no map file (with --policy or --socketmap).
+    /// [default: /var/lib/smtp-after-popd/authenticated_ips]
     #[arg(long, value_name = "PATH")]
     pub map: Option<String>,
 
@@ -387,6 +391,13 @@ pub struct DaemonArgs {
     /// shippers). [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+
+    /// Write the daemon's process id to this file once it has started
+    /// (for init systems other than systemd), and remove it when the
+    /// daemon stops. A missing directory named smtp-after-popd is created.
+    /// [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<String>,
 }
 
 /// Where a listener receives syslog records.
@@ -513,6 +524,8 @@ pub struct Config {
     pub memcache_prefix: String,
     /// The prefix length an IPv6 login grants.
     pub ipv6_prefix: u8,
+    /// The pid file, if any.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// A configuration error, ready to print.
@@ -561,6 +574,7 @@ struct FileConfig {
     memcache: Option<Spanned<Vec<String>>>,
     memcache_prefix: Option<Spanned<String>>,
     ipv6_prefix: Option<Spanned<toml::Value>>,
+    pid_file: Option<Spanned<String>>,
     #[serde(default)]
     pattern: Vec<PatternSpec>,
 }
@@ -620,6 +634,40 @@ fn read_file(path: &Path) -> Result<(String, FileConfig), ConfigError> {
         ))
     })?;
     Ok((source, file))
+}
+
+/// The name of the directories the daemon makes itself when they are
+/// missing (`/run/smtp-after-popd`, `/var/lib/smtp-after-popd`, or
+/// `/tmp/smtp-after-popd` for a trial); any other directory must exist,
+/// so that a mistyped path is an error rather than a new directory.
+pub const OWN_DIR: &str = "smtp-after-popd";
+
+/// Whether the daemon makes `dir` itself when it is missing: it is named
+/// [`OWN_DIR`] and its parent exists.
+pub fn is_own_dir(dir: &Path) -> bool {
+    dir.file_name().is_some_and(|n| n == OWN_DIR)
+        && dir
+            .parent()
+            .is_some_and(|p| p.as_os_str().is_empty() || p.is_dir())
+}
+
+/// Checks that the directory a file goes in exists, or is one the daemon
+/// makes at start-up ([`is_own_dir`]).
+fn creatable_dir(file: &Path) -> Result<(), String> {
+    let dir = dir_of(file);
+    if dir.is_dir() || is_own_dir(&dir) {
+        return Ok(());
+    }
+    if dir.exists() {
+        return Err(format!(
+            "{} is not a directory: choose another path",
+            dir.display()
+        ));
+    }
+    Err(format!(
+        "the directory {} does not exist: create it or choose another path (the daemon makes only its own directories, named {OWN_DIR}, when they are missing)",
+        dir.display()
+    ))
 }
 
 /// The directory a file is created in (`.` for a bare file name).
@@ -738,7 +786,8 @@ impl Config {
         let mut attested_network = None;
         for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
             let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
-            let spec = parse_listen(&url).map_err(|e| origin.error("listen", v, &e))?;
+            let spec =
+                parse_url(&url, UrlKind::Listen).map_err(|e| origin.error("listen", v, &e))?;
             if let Some(mode) = spec.access().and_then(|a| a.mode)
                 && mode & 0o002 != 0
             {
@@ -811,19 +860,11 @@ impl Config {
             return Err(origin.error(
                 "map",
                 v,
-                "expected the path of a file, e.g. /etc/postfix/authenticated_ips",
+                "expected the path of a file, e.g. /var/lib/smtp-after-popd/authenticated_ips",
             ));
         }
-        let dir = dir_of(&map_path);
-        if !map_none && !dir.is_dir() {
-            return Err(origin.error(
-                "map",
-                v,
-                &format!(
-                    "the directory {} does not exist: create it or choose another path",
-                    dir.display()
-                ),
-            ));
+        if !map_none && let Err(e) = creatable_dir(&map_path) {
+            return Err(origin.error("map", v, &e));
         }
         let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
         let map = (!map_none).then(|| PostfixMap {
@@ -978,7 +1019,7 @@ impl Config {
                         privilege::group(&gv).map_err(|e| gorigin.error("group", &gv, &e))?
                     }
                     None => Group {
-                        name: u.gid.to_string(),
+                        name: privilege::group_name(u.gid).unwrap_or_else(|| u.gid.to_string()),
                         gid: u.gid,
                     },
                 };
@@ -1041,26 +1082,13 @@ impl Config {
 
         let mut policy = Vec::new();
         for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
-            let spec = parse_listen(v).map_err(|e| origin.error("policy", v, &e))?;
-            if matches!(spec, ListenSpec::Udp(..)) {
-                return Err(origin.error(
-                    "policy",
-                    v,
-                    "expected unix:///PATH or tcp://ADDR:PORT: Postfix speaks to a policy service over a stream",
-                ));
-            }
+            let spec = parse_url(v, UrlKind::Policy).map_err(|e| origin.error("policy", v, &e))?;
             policy.push(spec);
         }
         let mut socketmap = Vec::new();
         for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
-            let spec = parse_listen(v).map_err(|e| origin.error("socketmap", v, &e))?;
-            if !matches!(spec, ListenSpec::Unix(..)) {
-                return Err(origin.error(
-                    "socketmap",
-                    v,
-                    "expected unix:///PATH: the socketmap protocol has no authentication, so it is served on a unix socket only",
-                ));
-            }
+            let spec =
+                parse_url(v, UrlKind::Socketmap).map_err(|e| origin.error("socketmap", v, &e))?;
             socketmap.push(spec);
         }
         let (memcache, memcache_prefix, ipv6_prefix) =
@@ -1094,7 +1122,6 @@ impl Config {
             None
         } else {
             let p = PathBuf::from(v);
-            let dir = dir_of(&p);
             if v.is_empty() || v.ends_with('/') {
                 return Err(origin.error(
                     "state",
@@ -1102,16 +1129,7 @@ impl Config {
                     "expected the path of a file, e.g. /var/lib/smtp-after-popd/state",
                 ));
             }
-            if !dir.is_dir() {
-                return Err(origin.error(
-                    "state",
-                    v,
-                    &format!(
-                        "the directory {} does not exist: create it (under systemd, StateDirectory=smtp-after-popd creates /var/lib/smtp-after-popd) or choose another path",
-                        dir.display()
-                    ),
-                ));
-            }
+            creatable_dir(&p).map_err(|e| origin.error("state", v, &e))?;
             Some(p)
         };
         let (v, origin) = pick(&args.control, &file.control, DEFAULT_CONTROL, path, source);
@@ -1130,21 +1148,23 @@ impl Config {
         let metrics = match pick_opt(&args.metrics, &file.metrics) {
             None => None,
             Some((v, origin)) => {
-                let spec = if v.contains("://") {
-                    parse_listen(&v)
-                } else {
-                    parse_listen(&format!("tcp://{v}"))
-                };
-                match spec {
-                    Ok(s @ ListenSpec::Tcp(..)) => Some(s),
-                    _ => {
-                        return Err(origin.error(
-                            "metrics",
-                            &v,
-                            "expected ADDR:PORT or tcp://ADDR:PORT?allow=CIDR,CIDR, e.g. 127.0.0.1:9100 or [::]:9100",
-                        ));
-                    }
+                Some(parse_url(&v, UrlKind::Metrics).map_err(|e| origin.error("metrics", &v, &e))?)
+            }
+        };
+        let pid_file = match pick_opt(&args.pid_file, &file.pid_file) {
+            None => None,
+            Some((v, _)) if v == "none" => None,
+            Some((v, origin)) => {
+                if v.is_empty() || v.ends_with('/') {
+                    return Err(origin.error(
+                        "pid-file",
+                        &v,
+                        "expected the path of a file, e.g. /run/smtp-after-popd/smtp-after-popd.pid",
+                    ));
                 }
+                let p = PathBuf::from(&v);
+                creatable_dir(&p).map_err(|e| origin.error("pid-file", &v, &e))?;
+                Some(p)
             }
         };
         let listen_is_default = args.listen.is_empty() && file.listen.is_none();
@@ -1156,6 +1176,7 @@ impl Config {
             memcache_prefix,
             ipv6_prefix,
             attested,
+            pid_file,
             listen_is_default,
             state,
             control,
@@ -1258,16 +1279,9 @@ fn auth_policy(
     let mut specs = Vec::new();
     let mut first = None;
     for (v, origin) in pick_list(&args.auth_policy, &file.auth_policy, &[], path, source) {
-        match parse_listen(v) {
-            Ok(spec @ ListenSpec::Tcp(..)) => specs.push(spec),
-            _ => {
-                return Err(origin.error(
-                    "auth-policy",
-                    v,
-                    "expected tcp://ADDR:PORT, optionally followed by ?allow=CIDR,CIDR (e.g. tcp://127.0.0.1:12999): Dovecot's auth-policy client speaks HTTP over TCP",
-                ));
-            }
-        }
+        specs.push(
+            parse_url(v, UrlKind::AuthPolicy).map_err(|e| origin.error("auth-policy", v, &e))?,
+        );
         first.get_or_insert((v, origin));
     }
     let (secret, origin) = pick(
@@ -1396,6 +1410,74 @@ impl<'a> UrlParams<'a> {
     }
 }
 
+/// What a socket URL is for: which schemes it takes, and how to say so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UrlKind {
+    /// `--listen`: UDP, TCP or a unix datagram socket.
+    Listen,
+    /// `--policy`: TCP or a unix stream socket.
+    Policy,
+    /// `--socketmap`: a unix stream socket only.
+    Socketmap,
+    /// `--metrics`: TCP, with or without the `tcp://`.
+    Metrics,
+    /// `--auth-policy`: TCP only (HTTP).
+    AuthPolicy,
+}
+
+impl UrlKind {
+    fn schemes(self) -> &'static [&'static str] {
+        match self {
+            UrlKind::Listen => &["udp", "tcp", "unix"],
+            UrlKind::Policy => &["tcp", "unix"],
+            UrlKind::Socketmap => &["unix"],
+            UrlKind::Metrics | UrlKind::AuthPolicy => &["tcp"],
+        }
+    }
+
+    /// The forms this kind takes, with examples.
+    fn expected(self) -> &'static str {
+        match self {
+            UrlKind::Listen => {
+                "expected udp://ADDR:PORT, tcp://ADDR:PORT or unix:///PATH (e.g. udp://127.0.0.1:5514, tcp://[::]:5514 or unix:///run/smtp-after-popd/syslog.sock)"
+            }
+            UrlKind::Policy => {
+                "expected tcp://ADDR:PORT or unix:///PATH (e.g. tcp://127.0.0.1:10040 or unix:///var/spool/postfix/smtp-after-popd/policy)"
+            }
+            UrlKind::Socketmap => {
+                "expected unix:///PATH (e.g. unix:///run/smtp-after-popd/socketmap.sock)"
+            }
+            UrlKind::Metrics => {
+                "expected ADDR:PORT or tcp://ADDR:PORT (e.g. 127.0.0.1:9154 or [::]:9154)"
+            }
+            UrlKind::AuthPolicy => {
+                "expected tcp://ADDR:PORT, optionally followed by ?allow=CIDR,CIDR (e.g. tcp://127.0.0.1:12999)"
+            }
+        }
+    }
+
+    /// A port to show in examples.
+    fn example_port(self) -> u16 {
+        match self {
+            UrlKind::Policy => 10040,
+            UrlKind::Metrics => 9154,
+            UrlKind::AuthPolicy => 12999,
+            _ => 5514,
+        }
+    }
+
+    /// Why a scheme this kind does not take is wrong here.
+    fn refuse_scheme(self, scheme: &str) -> String {
+        match self {
+            UrlKind::Policy => "expected unix:///PATH or tcp://ADDR:PORT: Postfix speaks to a policy service over a stream".into(),
+            UrlKind::Socketmap => "expected unix:///PATH: the socketmap protocol has no authentication, so it is served on a unix socket only".into(),
+            UrlKind::Metrics => "expected ADDR:PORT or tcp://ADDR:PORT?allow=CIDR,CIDR, e.g. 127.0.0.1:9154 or [::]:9154: the metrics are served over HTTP on TCP".into(),
+            UrlKind::AuthPolicy => "expected tcp://ADDR:PORT, optionally followed by ?allow=CIDR,CIDR (e.g. tcp://127.0.0.1:12999): Dovecot's auth-policy client speaks HTTP over TCP".into(),
+            UrlKind::Listen => format!("{scheme}:// is not a listener: {}", self.expected()),
+        }
+    }
+}
+
 /// Parses an octal file mode (`0660`).
 pub fn parse_mode(v: &str) -> Result<u32, String> {
     u32::from_str_radix(v.trim_start_matches("0o"), 8)
@@ -1453,6 +1535,156 @@ pub fn split_attested(url: &str) -> Result<(String, bool), String> {
         format!("{base}?{}", rest.join("&"))
     };
     Ok((url, attested.unwrap_or(false)))
+}
+
+/// Parses a socket URL for `kind`: the forms [`parse_listen`] takes, those
+/// of the kind only, with a message that names the part that is wrong (the
+/// scheme, the address, the port or the path) and how to write it.
+pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
+    let full;
+    let s = if kind == UrlKind::Metrics && !s.contains("://") {
+        full = format!("tcp://{s}");
+        full.as_str()
+    } else {
+        s
+    };
+    // The scheme, address, port and path are looked at first, each with
+    // its own message; the settings after `?` are then parse_listen's.
+    let base = s.split_once('?').map_or(s, |(base, _)| base);
+    if let Some(why) = diagnose_url(base, kind) {
+        return Err(why);
+    }
+    let spec = parse_listen(s)?;
+    let scheme = match spec {
+        ListenSpec::Udp(..) => "udp",
+        ListenSpec::Tcp(..) => "tcp",
+        ListenSpec::Unix(..) => "unix",
+    };
+    if !kind.schemes().contains(&scheme) {
+        return Err(kind.refuse_scheme(scheme));
+    }
+    Ok(spec)
+}
+
+/// What is wrong with a socket URL without its settings (what comes
+/// before `?`), part by part, if anything is; `None` when its scheme,
+/// address, port and path are well formed.
+fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Some(format!(
+                "a unix socket URL has three slashes before the absolute path: unix:///{}",
+                path.trim_start_matches('/')
+            ));
+        }
+        let mut why = format!("no scheme: {}", kind.expected());
+        if s.parse::<SocketAddr>().is_ok() {
+            let suggest: Vec<String> = kind
+                .schemes()
+                .iter()
+                .filter(|sc| **sc != "unix")
+                .map(|sc| format!("{sc}://{s}"))
+                .collect();
+            if !suggest.is_empty() {
+                why = format!("no scheme: write {}", suggest.join(" or "));
+            }
+        }
+        return Some(why);
+    };
+    if !["udp", "tcp", "unix"].contains(&scheme) {
+        return Some(format!("unknown scheme \"{scheme}\": {}", kind.expected()));
+    }
+    if !kind.schemes().contains(&scheme) {
+        return Some(kind.refuse_scheme(scheme));
+    }
+    if scheme == "unix" {
+        return if rest.is_empty() {
+            Some(format!("no socket path: {}", kind.expected()))
+        } else if !rest.starts_with('/') {
+            Some(format!(
+                "the socket path must be absolute, after three slashes: unix:///{rest}"
+            ))
+        } else if rest.ends_with('/') {
+            Some("the path names a directory: give the socket file's path".into())
+        } else {
+            None
+        };
+    }
+    let hostport = rest;
+    if let Some(i) = hostport.find('/') {
+        return Some(format!(
+            "unexpected \"{}\" after the address: a {scheme}:// URL is {scheme}://ADDR:PORT",
+            &hostport[i..]
+        ));
+    }
+    let (host, bracketed, port) = if let Some(inner) = hostport.strip_prefix('[') {
+        let Some((host, after)) = inner.split_once(']') else {
+            return Some("the IPv6 address has no closing ]".into());
+        };
+        match after.strip_prefix(':') {
+            Some(p) => (host, true, Some(p)),
+            None if after.is_empty() => (host, true, None),
+            None => {
+                return Some(format!(
+                    "unexpected \"{after}\" after ]: the port follows a colon, e.g. {scheme}://[{host}]:{}",
+                    kind.example_port()
+                ));
+            }
+        }
+    } else if hostport.matches(':').count() > 1 {
+        return Some(format!(
+            "an IPv6 address goes in brackets, the port after them: e.g. {scheme}://[::1]:{}",
+            kind.example_port()
+        ));
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, false, Some(p)),
+            None => (hostport, false, None),
+        }
+    };
+    if host.is_empty() {
+        return Some(format!(
+            "no address: give the IP address to listen on, e.g. {scheme}://127.0.0.1:{port}, {scheme}://0.0.0.0:{port} (every IPv4 address) or {scheme}://[::]:{port} (IPv6 and IPv4)",
+            port = kind.example_port()
+        ));
+    }
+    if bracketed {
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Some(format!("\"{host}\" in brackets is not an IPv6 address"));
+        }
+    } else if host.parse::<std::net::Ipv4Addr>().is_err() {
+        return Some(if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            format!(
+                "\"{host}\" is not an IPv4 address: expected four numbers from 0 to 255, e.g. 192.0.2.25"
+            )
+        } else {
+            format!(
+                "\"{host}\" is a host name: give an IP address (e.g. 127.0.0.1, or [::1] for IPv6), so that what is bound does not depend on name resolution"
+            )
+        });
+    }
+    let shown = if bracketed {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    match port {
+        None => Some(format!(
+            "no port: add one after the address, e.g. {scheme}://{shown}:{}",
+            kind.example_port()
+        )),
+        Some("") => Some(format!(
+            "no port after the colon: e.g. {scheme}://{shown}:{}",
+            kind.example_port()
+        )),
+        Some(p) if !p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(format!("the port \"{p}\" is not a number"))
+        }
+        Some(p) if p.parse::<u16>().is_err() => {
+            Some(format!("port {p} is out of range: ports go up to 65535"))
+        }
+        Some(_) => None,
+    }
 }
 
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
@@ -1938,6 +2170,144 @@ mod tests {
     }
 
     #[test]
+    fn each_wrong_part_of_a_url_gets_its_own_message() {
+        let err = |flag: &str, v: &str| {
+            Config::from_args(&args(&["--map", "/tmp/m", flag, v]))
+                .unwrap_err()
+                .0
+        };
+        let cases = [
+            (
+                "--listen",
+                "localhost",
+                "--listen \"localhost\": no scheme: expected udp://ADDR:PORT, tcp://ADDR:PORT or unix:///PATH (e.g. udp://127.0.0.1:5514, tcp://[::]:5514 or unix:///run/smtp-after-popd/syslog.sock)",
+            ),
+            (
+                "--listen",
+                "127.0.0.1:5514",
+                "--listen \"127.0.0.1:5514\": no scheme: write udp://127.0.0.1:5514 or tcp://127.0.0.1:5514",
+            ),
+            (
+                "--listen",
+                "udp://127.0.0.1",
+                "--listen \"udp://127.0.0.1\": no port: add one after the address, e.g. udp://127.0.0.1:5514",
+            ),
+            (
+                "--listen",
+                "udp://300.1.1.1:5514",
+                "--listen \"udp://300.1.1.1:5514\": \"300.1.1.1\" is not an IPv4 address: expected four numbers from 0 to 255, e.g. 192.0.2.25",
+            ),
+            (
+                "--listen",
+                "udp://127.0.0.1:99999",
+                "--listen \"udp://127.0.0.1:99999\": port 99999 is out of range: ports go up to 65535",
+            ),
+            (
+                "--listen",
+                "unix:/x",
+                "--listen \"unix:/x\": a unix socket URL has three slashes before the absolute path: unix:///x",
+            ),
+            (
+                "--listen",
+                "unix://run/x.sock",
+                "--listen \"unix://run/x.sock\": the socket path must be absolute, after three slashes: unix:///run/x.sock",
+            ),
+            (
+                "--listen",
+                "udp://localhost:5514",
+                "--listen \"udp://localhost:5514\": \"localhost\" is a host name: give an IP address",
+            ),
+            (
+                "--listen",
+                "udp://::1:5514",
+                "--listen \"udp://::1:5514\": an IPv6 address goes in brackets, the port after them: e.g. udp://[::1]:5514",
+            ),
+            (
+                "--listen",
+                "udp://127.0.0.1:x",
+                "--listen \"udp://127.0.0.1:x\": the port \"x\" is not a number",
+            ),
+            (
+                "--listen",
+                "http://127.0.0.1:80",
+                "--listen \"http://127.0.0.1:80\": unknown scheme \"http\": expected udp://",
+            ),
+            (
+                "--listen",
+                "udp://:5514",
+                "--listen \"udp://:5514\": no address: give the IP address to listen on",
+            ),
+            (
+                "--listen",
+                "udp://127.0.0.1:5514?deny=x",
+                "unknown setting deny=: a udp:// or tcp:// URL takes allow=CIDR,CIDR",
+            ),
+            (
+                "--policy",
+                "localhost",
+                "--policy \"localhost\": no scheme: expected tcp://ADDR:PORT or unix:///PATH",
+            ),
+            (
+                "--policy",
+                "127.0.0.1:10040",
+                "--policy \"127.0.0.1:10040\": no scheme: write tcp://127.0.0.1:10040",
+            ),
+            (
+                "--policy",
+                "udp://127.0.0.1:10040",
+                "--policy \"udp://127.0.0.1:10040\": expected unix:///PATH or tcp://ADDR:PORT: Postfix speaks to a policy service over a stream",
+            ),
+            (
+                "--policy",
+                "tcp://127.0.0.1",
+                "--policy \"tcp://127.0.0.1\": no port: add one after the address, e.g. tcp://127.0.0.1:10040",
+            ),
+            (
+                "--socketmap",
+                "tcp://127.0.0.1:1",
+                "served on a unix socket only",
+            ),
+            (
+                "--metrics",
+                "localhost:9154",
+                "--metrics \"localhost:9154\": \"localhost\" is a host name",
+            ),
+            (
+                "--metrics",
+                "127.0.0.1",
+                "--metrics \"127.0.0.1\": no port: add one after the address, e.g. tcp://127.0.0.1:9154",
+            ),
+            (
+                "--metrics",
+                "udp://127.0.0.1:9154",
+                "the metrics are served over HTTP on TCP",
+            ),
+        ];
+        for (flag, value, want) in cases {
+            let e = err(flag, value);
+            assert!(
+                e.starts_with(want) || e.contains(want),
+                "{flag} {value}: {e}"
+            );
+            if flag == "--policy" {
+                assert!(!e.contains("udp://ADDR") && !e.contains("write udp"), "{e}");
+            }
+        }
+        // Well-formed ones pass.
+        for (flag, value) in [
+            ("--listen", "udp://[::]:5514"),
+            ("--listen", "tcp://0.0.0.0:5514?allow=192.0.2.0/24"),
+            ("--policy", "unix:///tmp/p.sock"),
+            ("--metrics", "[::1]:9154"),
+        ] {
+            assert!(
+                Config::from_args(&args(&["--map", "/tmp/m", flag, value])).is_ok(),
+                "{flag} {value}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults() {
         let dir = tempfile::tempdir().unwrap();
         let map = dir.path().join("authenticated_ips");
@@ -2019,7 +2389,7 @@ mod tests {
         std::fs::write(&path, "map = \"/tmp/m\"\nlisten = [\"tcp://x\"]\n").unwrap();
         let e = Config::from_args(&args(&["--config", path.to_str().unwrap()])).unwrap_err();
         assert!(
-            e.0.contains("line 2: listen = \"tcp://x\": expected udp://"),
+            e.0.contains("line 2: listen = \"tcp://x\": \"x\" is a host name: give an IP address"),
             "{e}"
         );
         std::fs::write(&path, "map = \"/tmp/m\"\n[[pattern]]\nserver = \"x\"\nprogram = [\"x\"]\nservice = \"imap\"\nregex = 'from (?P<addr>.*)'\n").unwrap();
@@ -2067,10 +2437,14 @@ mod tests {
             unused.contains("no --auth-policy listener uses it"),
             "{unused}"
         );
-        for bad in [
-            "udp://127.0.0.1:12999",
-            "unix:///run/a.sock",
-            "127.0.0.1:12999",
+        for (bad, want) in [
+            ("udp://127.0.0.1:12999", "expected tcp://ADDR:PORT"),
+            ("unix:///run/a.sock", "expected tcp://ADDR:PORT"),
+            ("127.0.0.1:12999", "no scheme: write tcp://127.0.0.1:12999"),
+            (
+                "tcp://127.0.0.1",
+                "no port: add one after the address, e.g. tcp://127.0.0.1:12999",
+            ),
         ] {
             let e = Config::from_args(&args(&[
                 "--map",
@@ -2082,7 +2456,7 @@ mod tests {
             ]))
             .unwrap_err()
             .0;
-            assert!(e.contains("expected tcp://ADDR:PORT"), "{e}");
+            assert!(e.contains(want), "{e}");
         }
     }
 }

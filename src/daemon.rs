@@ -30,6 +30,7 @@ use crate::policy;
 use crate::privilege;
 use crate::receiver::{self, Listener};
 use crate::record;
+use crate::startup;
 use crate::state::StateWriter;
 use crate::stats::{ListenerCounts, Stats};
 use crate::swap::Swap;
@@ -212,7 +213,8 @@ fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, F
         let allow = own.clone().unwrap_or_else(|| config.allow_from.clone());
         let allow = Arc::new(Swap::new(allow));
         let what = format!("--metrics {spec}");
-        let l = net::bind_tcp(*addr, None, &what).map_err(|e| (EX_OSERR, e))?;
+        let l = net::bind_tcp(*addr, None, &what)
+            .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
         let l = StreamListener::tcp(l, format!("metrics {}", spec.address()), allow);
         AllowSlot::keep(&mut sockets.slots, spec, l.allow());
         sockets.metrics = Some(l);
@@ -307,7 +309,7 @@ fn bind_listeners(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
         }
         let access = spec.access().cloned().unwrap_or_default().or(&defaults);
         let l = receiver::bind(spec, allow.clone(), &access, config.receive_buffer)
-            .map_err(|e| (EX_OSERR, e))?;
+            .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
         AllowSlot::keep(&mut sockets.slots, spec, l.allow());
         sockets.listeners.push((l, spec.address()));
     }
@@ -336,13 +338,13 @@ fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
                         .map(|a| Arc::new(Swap::new(a)))
                         .unwrap_or(allow.clone());
                     let l = net::bind_tcp(*addr, None, &format!("--{what} {spec}"))
-                        .map_err(|e| (EX_OSERR, e))?;
+                        .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
                     StreamListener::tcp(l, format!("{what} {}", spec.address()), allow)
                 }
                 ListenSpec::Unix(path, own) => {
                     let access = own.or(&defaults);
                     StreamListener::bind_unix(path, &access, &format!("--{what} {spec}"))
-                        .map_err(|e| (EX_OSERR, e))?
+                        .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?
                 }
                 ListenSpec::Udp(..) => {
                     return Err((
@@ -371,7 +373,7 @@ fn bind_auth_policy(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal>
         };
         let allow = own.clone().unwrap_or_else(|| config.allow_from.clone());
         let l = net::bind_tcp(*addr, None, &format!("--auth-policy {spec}"))
-            .map_err(|e| (EX_OSERR, e))?;
+            .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
         let l = StreamListener::tcp(
             l,
             format!("auth-policy {}", spec.address()),
@@ -410,7 +412,10 @@ fn bind_control(config: &Config) -> Result<Option<StreamListener>, Fatal> {
             );
             Ok(None)
         }
-        Err(e) => Err((EX_OSERR, e)),
+        Err(e) => Err((
+            EX_OSERR,
+            startup::bind_hint(&ListenSpec::Unix(path.clone(), Access::default()), &e),
+        )),
     }
 }
 
@@ -461,8 +466,14 @@ fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
 }
 
 async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
+    let signals = catch_signals();
     crate::logging::set_level(config.log_level);
     crate::logging::set_format(config.log_format);
+    // Without systemd nobody made the runtime and state directories: make
+    // them as the unit would, before the first socket is bound there.
+    if let Err(e) = startup::make_dirs(&config) {
+        return fatal(EX_CONFIG, e);
+    }
     let listener_counts = Arc::new(ListenerCounts::default());
     let Sockets {
         listeners,
@@ -486,27 +497,6 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 ),
             );
         }
-        let mut dirs = Vec::new();
-        if let Some(map) = &config.map {
-            dirs.push(("--map", map.path.clone()));
-        }
-        if let Some(state) = &config.state {
-            dirs.push(("--state", state.clone()));
-        }
-        for (key, file) in dirs {
-            let dir = crate::config::dir_of(&file);
-            if !privilege::can_write(&dir) {
-                return fatal(
-                    EX_CONFIG,
-                    format_args!(
-                        "{key} {}: user {} may not create files in {}: give the directory to that user (chown) or choose a file in a directory it owns",
-                        file.display(),
-                        user.name,
-                        dir.display()
-                    ),
-                );
-            }
-        }
         crate::log_info!(
             "running as user {} (uid {}), group {} (gid {})",
             user.name,
@@ -515,15 +505,28 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             group.gid
         );
     }
+    if let Err(e) = startup::check_writable(&config) {
+        return fatal(EX_CONFIG, e);
+    }
     if let Some(map) = config.map.as_mut() {
-        match map.use_defaults_without_main_cf() {
-            Ok(Some(dir)) => crate::log_info!(
+        match map.use_own_mail_config() {
+            Ok(Some((dir, true))) => crate::log_info!(
                 "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
                 dir.display()
             ),
+            Ok(Some((dir, false))) => crate::log_debug!(
+                "postmap runs with MAIL_CONFIG={} (its main.cf links to /etc/postfix/main.cf)",
+                dir.display()
+            ),
             Ok(None) => {}
-            Err(e) => crate::log_warning!(
-                "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+            Err(e) if !std::path::Path::new("/etc/postfix/main.cf").exists() => {
+                crate::log_warning!(
+                    "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
+                    map.path.display()
+                )
+            }
+            Err(e) => crate::log_debug!(
+                "postmap runs with /etc/postfix: cannot make its own configuration directory next to {}: {e}",
                 map.path.display()
             ),
         }
@@ -550,8 +553,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             settings.window,
         );
         crate::log_info!(
-            "state {}: restored {restored} grants ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
-            path.display()
+            "state {}: restored {} ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
+            path.display(),
+            startup::count(restored, "grant", "grants")
         );
         match StateWriter::start(path.clone(), table.clone()) {
             Ok(w) => state_writer = Some(w),
@@ -564,10 +568,51 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
 
     if let Some(map) = config.map.clone() {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let shown = format!("{}:{}", map.map_type.name(), map.path.display());
         tasks.spawn(map.run(table.clone(), stats.clone(), Some(first_tx)));
-        // Postfix fails every lookup of a missing map, so write it before
-        // accepting logins; if postmap fails, the sink keeps retrying.
-        let _ = first_rx.await;
+        // Postfix fails every lookup of a missing map, so the map is
+        // written before the daemon says it is ready; one that cannot be
+        // built at all (a map type Postfix lacks, no postmap, a directory
+        // the daemon may not write) stops the start with what to do, since
+        // retrying would not help. Later failures are retried.
+        match first_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if let Some(w) = state_writer {
+                    w.stop(Duration::from_millis(800));
+                }
+                return fatal(
+                    EX_CONFIG,
+                    format_args!("map {shown} cannot be built, so the daemon does not start: {e}"),
+                );
+            }
+            Err(_) => return fatal(EX_OSERR, format_args!("map {shown}: the map task ended")),
+        }
+    }
+    // What Postfix's own configuration looks up, against what is served.
+    let served = crate::postfix::Served {
+        map: config.map.as_ref(),
+        socketmaps: config
+            .socketmap
+            .iter()
+            .filter_map(|s| match s {
+                ListenSpec::Unix(p, _) => Some(p.clone()),
+                _ => None,
+            })
+            .collect(),
+        memcache: &config.memcache,
+        memcache_prefix: &config.memcache_prefix,
+    };
+    for f in crate::postfix::check(&served).await {
+        match f.level {
+            crate::postfix::Level::Warning => crate::log_warning!("{}", f.text),
+            crate::postfix::Level::Notice => crate::log_info!("{}", f.text),
+        }
+    }
+    if let Some(p) = &config.pid_file
+        && let Err(e) = startup::write_pid_file(p)
+    {
+        return fatal(EX_CONFIG, e);
     }
     crate::memcache::start(
         &config.memcache,
@@ -679,6 +724,9 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     if let Some(s) = &config.state {
         serving.push_str(&format!("; state {}", s.display()));
     }
+    if let Some(p) = &config.pid_file {
+        serving.push_str(&format!("; pid file {}", p.display()));
+    }
     let names: Vec<String> = listeners
         .iter()
         .map(|(_, n)| {
@@ -727,11 +775,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         }));
     }
     crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=listening on {}; {} grants",
+        "READY=1\nSTATUS=listening on {}; {}",
         names.join(", "),
-        table.len()
+        startup::count(table.len(), "grant", "grants")
     ));
 
+    let pid_file = config.pid_file.clone();
     let mut running = Running {
         args,
         config,
@@ -740,16 +789,24 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         stats: stats.clone(),
         slots,
     };
-    let status = wait_for_signal(&mut running).await;
+    let status = wait_for_signal(&mut running, signals).await;
     crate::systemd::notify("STOPPING=1");
     // Read the kernel's count while the sockets are still open.
     let kernel_dropped = receiver::kernel_drops(&udp_inodes);
+    // Senders are told to stop sending here, and what they sent before is
+    // handled (for at most half a second), so that those that retry send
+    // the rest to the next daemon rather than into closing sockets.
+    crate::shutdown::begin();
+    crate::shutdown::drained(crate::shutdown::DRAIN).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(w) = state_writer
         && !w.stop(Duration::from_millis(800))
     {
         crate::log_error!("state: the last changes could not be written within 0.8 s");
+    }
+    if let Some(p) = &pid_file {
+        startup::remove_pid_file(p);
     }
     crate::log_info!(
         "stopped: {} kernel_dropped={kernel_dropped}",
@@ -860,6 +917,9 @@ fn reload(r: &mut Running) {
     if old.memcache != new.memcache || old.memcache_prefix != new.memcache_prefix {
         restart.push("memcache or memcache-prefix");
     }
+    if old.pid_file != new.pid_file {
+        restart.push("pid-file");
+    }
     if old.control != new.control {
         restart.push("control");
     }
@@ -899,8 +959,8 @@ fn reload(r: &mut Running) {
             }
         }
         crate::log_info!(
-            "hold-while-connected turned off: {} held addresses get the window from now",
-            ips.len()
+            "hold-while-connected turned off: {} get the window from now",
+            startup::count(ips.len(), "held address", "held addresses")
         );
     }
     // "Never" means never: live grants the new rules refuse end now, and
@@ -920,7 +980,7 @@ fn reload(r: &mut Running) {
     }
     Stats::bump(&r.stats.reloads);
     crate::log_info!(
-        "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} live grants kept",
+        "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} kept",
         format_duration(new.window),
         join(&new.allow_from),
         join_or_none(&new.never),
@@ -932,7 +992,7 @@ fn reload(r: &mut Running) {
             "no".to_string()
         },
         new.max_grants,
-        r.table.len()
+        startup::count(r.table.len(), "live grant", "live grants")
     );
     if !restart.is_empty() {
         crate::log_warning!(
@@ -944,8 +1004,8 @@ fn reload(r: &mut Running) {
     // What is in force now, for the next comparison.
     r.config = new;
     crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=reloaded; {} grants",
-        r.table.len()
+        "READY=1\nSTATUS=reloaded; {}",
+        startup::count(r.table.len(), "grant", "grants")
     ));
 }
 
@@ -971,13 +1031,31 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
 
 /// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
 /// status.
-async fn wait_for_signal(r: &mut Running) -> i32 {
+/// The signals the daemon handles, caught from the start of `run`: one
+/// that arrives while the daemon is still starting (systemd stopping it
+/// then, or a quick restart) waits here instead of killing the process
+/// with the default action, before the state is written and the senders
+/// are drained.
+type Signals = Option<(
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+)>;
+
+fn catch_signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
-    ) else {
+    ) {
+        (Ok(term), Ok(int), Ok(hup)) => Some((term, int, hup)),
+        _ => None,
+    }
+}
+
+async fn wait_for_signal(r: &mut Running, signals: Signals) -> i32 {
+    let Some((mut term, mut int, mut hup)) = signals else {
         crate::log_error!("cannot install signal handlers; stop the daemon with SIGKILL");
         std::future::pending::<()>().await;
         return 0;

@@ -48,6 +48,11 @@
 //! - [`postfix_config`]: the main.cf line and memcache_table(5) file that
 //!   go with the daemon's configuration (`postfix-config`).
 //! - [`privilege`]: switching to an unprivileged user after binding.
+//! - [`shutdown`]: receivers that finish what senders sent before a stop.
+//! - [`startup`]: the directories and pid file made at start-up, and hints
+//!   for start-up failures.
+//! - [`postfix`]: Postfix's main.cf and master.cf compared with the map and
+//!   socketmaps served, at start-up.
 //! - [`pipeline`]: the per-datagram stage: parse, match, attest, check,
 //!   grant (with the two-line memory and the open sessions).
 //! - [`daemon`]: binds the sockets, wires the stages together and runs
@@ -72,12 +77,15 @@ pub mod metrics;
 pub mod net;
 pub mod pipeline;
 pub mod policy;
+pub mod postfix;
 pub mod postfix_config;
 pub mod privilege;
 pub mod receiver;
 pub mod record;
+pub mod shutdown;
 pub mod sink;
 pub mod socketmap;
+pub mod startup;
 pub mod state;
 pub mod stats;
 pub mod swap;

@@ -57,6 +57,10 @@ pub fn user(name: &str) -> Result<User, String> {
         });
     }
     if let Ok(uid) = name.parse::<u32>() {
+        // A number: the user of that uid, if there is one, by its name.
+        if let Some((name, gid)) = passwd_of(uid) {
+            return Ok(User { name, uid, gid });
+        }
         return Ok(User {
             name: name.to_string(),
             uid,
@@ -94,11 +98,48 @@ pub fn group(name: &str) -> Result<Group, String> {
     }
     if let Ok(gid) = name.parse::<u32>() {
         return Ok(Group {
-            name: name.to_string(),
+            name: group_name(gid).unwrap_or_else(|| name.to_string()),
             gid,
         });
     }
     Err("no such group: create it or name another".into())
+}
+
+/// The name of group `gid`, if the group database has one.
+pub fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: group is plain old data; getgrgid_r writes into it and buf.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || gr.gr_name.is_null() {
+        return None;
+    }
+    // SAFETY: gr_name points at a NUL-terminated string inside buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(gr.gr_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The name of user `uid`, if the user database has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    passwd_of(uid).map(|(name, _)| name)
+}
+
+/// The name and primary group of user `uid`, if the user database has it.
+fn passwd_of(uid: u32) -> Option<(String, u32)> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is plain old data; getpwuid_r writes into it and buf.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || pw.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: pw_name points at a NUL-terminated string inside buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
+    Some((name.to_string_lossy().into_owned(), pw.pw_gid))
 }
 
 /// Switches the whole process to `uid` and `gid` (no supplementary
@@ -151,34 +192,18 @@ pub fn effective_uid() -> u32 {
 
 /// `user NAME (uid N)`, or `uid N` when the user database has no name.
 pub fn describe_uid(uid: u32) -> String {
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: passwd is plain old data; getpwuid_r writes into it and buf.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the sizes given.
-    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc == 0 && !result.is_null() {
-        // SAFETY: on success pw_name points to a NUL-terminated name in buf.
-        let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
-        return format!("user {} (uid {uid})", name.to_string_lossy());
+    match user_name(uid) {
+        Some(name) => format!("user {name} (uid {uid})"),
+        None => format!("uid {uid}"),
     }
-    format!("uid {uid}")
 }
 
 /// `group NAME (gid N)`, or `gid N` when the group database has no name.
 pub fn describe_gid(gid: u32) -> String {
-    let mut buf = vec![0 as libc::c_char; 64 * 1024];
-    // SAFETY: group is plain old data; getgrgid_r writes into it and buf.
-    let mut gr: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the sizes given.
-    let rc = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc == 0 && !result.is_null() {
-        // SAFETY: on success gr_name points to a NUL-terminated name in buf.
-        let name = unsafe { std::ffi::CStr::from_ptr(gr.gr_name) };
-        return format!("group {} (gid {gid})", name.to_string_lossy());
+    match group_name(gid) {
+        Some(name) => format!("group {name} (gid {gid})"),
+        None => format!("gid {gid}"),
     }
-    format!("gid {gid}")
 }
 
 /// Whether the current process may enter (search) `dir`.
@@ -204,5 +229,10 @@ mod tests {
         assert_eq!(describe_uid(0), "user root (uid 0)");
         assert_eq!(describe_gid(0), "group root (gid 0)");
         assert_eq!(describe_uid(4_000_000_000), "uid 4000000000");
+        assert_eq!(describe_gid(4_000_000_000), "gid 4000000000");
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+        // Numbers are named when the databases know them.
+        assert_eq!(group("0").unwrap().name, "root");
+        assert_eq!(user("0").unwrap().name, "root");
     }
 }

@@ -252,13 +252,31 @@ async fn run_unix<F>(
 {
     let mut buf = vec![0u8; MAX_RECORD + 1];
     let peer = Peer::Unix(file.path().to_string_lossy().into());
+    // A socket we bound ourselves dies with us: at a stop its senders are
+    // refused and what they sent before is read to the end
+    // ([`crate::shutdown`]). One systemd passed outlives us, and what
+    // waits in it is the next daemon's.
+    let owned = file.owned();
+    let _draining = owned.then(crate::shutdown::Draining::enter);
+    let stop = crate::shutdown::stopping_if(owned);
+    tokio::pin!(stop);
     loop {
-        let n = match socket.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                crate::log_warning_limited!(RECEIVE_WARNINGS, "{peer}: receive failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        let n = tokio::select! {
+            r = socket.recv(&mut buf) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{peer}: receive failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => {
+                crate::shutdown::refuse_and_drain(&socket, &mut buf, |d| {
+                    Stats::bump(&stats.received);
+                    Stats::bump(received);
+                    handle(d, &peer);
+                });
+                return;
             }
         };
         Stats::bump(&stats.received);
@@ -275,6 +293,8 @@ where
 {
     let handle = Arc::new(handle);
     let served = stats.clone();
+    // Logins sent before a stop are read to the end ([`crate::shutdown`]).
+    let l = l.drain_at_stop();
     net::serve_stream(l, crate::tcp::LIMITS, served, move |conn, io| {
         let (stats, received, handle) = (stats.clone(), received.clone(), handle.clone());
         async move {

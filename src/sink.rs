@@ -84,7 +84,7 @@ impl MapType {
 /// The Postfix access map and how to build it.
 #[derive(Clone, Debug)]
 pub struct PostfixMap {
-    /// The source file, e.g. `/etc/postfix/authenticated_ips`.
+    /// The source file, e.g. `/var/lib/smtp-after-popd/authenticated_ips`.
     pub path: PathBuf,
     /// The database type.
     pub map_type: MapType,
@@ -119,39 +119,123 @@ impl PostfixMap {
         with_suffix(&self.path, self.map_type.suffix())
     }
 
-    /// `postmap` refuses to run without a Postfix configuration
-    /// (`/etc/postfix/main.cf`), which a host that only keeps the map (or a
-    /// fresh machine trying the quick start) may not have. When neither
-    /// `MAIL_CONFIG` is set nor that file exists, this gives `postmap` an
-    /// empty configuration of its own next to the map, so that it builds
-    /// the map with Postfix's built-in defaults, and says so. Returns the
-    /// directory used, if any.
-    pub fn use_defaults_without_main_cf(&mut self) -> std::io::Result<Option<PathBuf>> {
-        if std::env::var_os("MAIL_CONFIG").is_some() || Path::new("/etc/postfix/main.cf").exists() {
+    /// `postmap` needs a Postfix configuration (`main.cf`), which a host
+    /// that only keeps the map (or a fresh machine trying the quick start)
+    /// may not have. Unless `MAIL_CONFIG` is set, the daemon runs
+    /// `postmap` with a configuration directory of its own next to the
+    /// map, `.smtp-after-popd-postfix`, whose `main.cf` is a link to
+    /// `/etc/postfix/main.cf` when the host has one (so postmap reads the
+    /// same settings), and otherwise an empty file (Postfix's built-in
+    /// defaults). Either way `MAIL_CONFIG=DIR/.smtp-after-popd-postfix
+    /// postmap -q ADDRESS TYPE:MAP` looks the map up as the daemon built
+    /// it. Returns the directory used, if any, and whether it stands in
+    /// for a missing main.cf.
+    pub fn use_own_mail_config(&mut self) -> std::io::Result<Option<(PathBuf, bool)>> {
+        if std::env::var_os("MAIL_CONFIG").is_some() {
             return Ok(None);
         }
-        let parent = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let dir = parent.join(".smtp-after-popd-postfix");
-        std::fs::create_dir_all(&dir)?;
+        let system = Path::new("/etc/postfix/main.cf");
+        let has_main_cf = system.exists();
+        let dir = crate::config::dir_of(&self.path).join(".smtp-after-popd-postfix");
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
         let main_cf = dir.join("main.cf");
-        if !main_cf.exists() {
-            std::fs::write(
-                &main_cf,
-                "# Written by smtp-after-popd: this host has no /etc/postfix/main.cf,\n\
-                 # so postmap runs with Postfix's built-in defaults.\n",
-            )?;
-            // Postfix waits (up to about two seconds) for a main.cf changed
-            // within the last second to settle; this one is complete.
-            std::fs::File::options()
-                .write(true)
-                .open(&main_cf)?
-                .set_modified(SystemTime::now() - Duration::from_secs(60))?;
+        let current = std::fs::symlink_metadata(&main_cf).ok();
+        let right = match &current {
+            None => false,
+            Some(m) if has_main_cf => {
+                m.file_type().is_symlink()
+                    && std::fs::read_link(&main_cf).is_ok_and(|t| t == system)
+            }
+            Some(m) => m.file_type().is_file(),
+        };
+        if !right {
+            if current.is_some() {
+                std::fs::remove_file(&main_cf)?;
+            }
+            if has_main_cf {
+                std::os::unix::fs::symlink(system, &main_cf)?;
+            } else {
+                std::fs::write(
+                    &main_cf,
+                    "# Written by smtp-after-popd: this host has no /etc/postfix/main.cf,\n\
+                     # so postmap runs with Postfix's built-in defaults.\n",
+                )?;
+                // Postfix waits (up to about two seconds) for a main.cf
+                // changed within the last second to settle; this one is
+                // complete.
+                std::fs::File::options()
+                    .write(true)
+                    .open(&main_cf)?
+                    .set_modified(SystemTime::now() - Duration::from_secs(60))?;
+            }
         }
         self.mail_config = Some(dir.clone());
-        Ok(Some(dir))
+        Ok(Some((dir, !has_main_cf)))
+    }
+
+    /// What to do about a failed update, when the failure is one a person
+    /// must fix: a map type whose Debian package is missing, no `postmap`,
+    /// a directory the daemon may not write.
+    pub fn advice(&self, e: &SinkError) -> Option<String> {
+        let text = e.0.as_str();
+        if let Some(rest) = text.split("unsupported dictionary type: ").nth(1) {
+            let ty: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            let package = match ty.as_str() {
+                "lmdb" => "postfix-lmdb",
+                "cdb" => "postfix-cdb",
+                _ => "",
+            };
+            return Some(if package.is_empty() {
+                format!(
+                    "this Postfix has no {ty} tables (postconf -m lists the types it has): choose another --map-type (hash needs only the postfix package)"
+                )
+            } else {
+                format!(
+                    "install the Debian package {package} (apt-get install {package}; postconf -m lists the types this Postfix has), or choose --map-type hash, which needs only the postfix package"
+                )
+            });
+        }
+        if text.starts_with("cannot run ") {
+            if text.contains("(os error 2)") {
+                return Some(
+                    if self.postmap == Path::new(crate::config::DEFAULT_POSTMAP) {
+                        "postmap is not installed, or not in PATH: install postfix (apt-get install postfix), or give postmap's path with --postmap".to_string()
+                    } else {
+                        format!(
+                            "--postmap {} does not exist: install postfix (apt-get install postfix), or give the path of postmap (usually /usr/sbin/postmap)",
+                            self.postmap.display()
+                        )
+                    },
+                );
+            }
+            if text.contains("(os error 13)") {
+                return Some(format!(
+                    "--postmap {} may not be run by this user: check its mode, or give the path of postmap (usually /usr/sbin/postmap)",
+                    self.postmap.display()
+                ));
+            }
+        }
+        let dir = crate::config::dir_of(&self.path);
+        if text.contains("(os error 30)") || text.contains("Read-only file system") {
+            return Some(format!(
+                "{} is read-only for the daemon (under the packaged systemd unit only /var/lib/smtp-after-popd and /run/smtp-after-popd may be written): keep the map in /var/lib/smtp-after-popd",
+                dir.display()
+            ));
+        }
+        if text.contains("(os error 13)") || text.contains("Permission denied") {
+            return Some(format!(
+                "{} may not write in {}: give the directory to the daemon's user (chown), run the daemon as the directory's owner, or start it as root with --user smtp-after-popd",
+                crate::privilege::describe_uid(crate::privilege::effective_uid()),
+                dir.display()
+            ));
+        }
+        None
     }
 
     fn temp_path(&self) -> PathBuf {
@@ -366,7 +450,7 @@ impl PostfixMap {
         self,
         table: Arc<GrantTable>,
         stats: Arc<Stats>,
-        first_write: Option<tokio::sync::oneshot::Sender<bool>>,
+        first_write: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     ) {
         self.run_reporting(table, stats, first_write, None).await;
     }
@@ -377,7 +461,7 @@ impl PostfixMap {
         self,
         table: Arc<GrantTable>,
         stats: Arc<Stats>,
-        first_write: Option<tokio::sync::oneshot::Sender<bool>>,
+        first_write: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
         visible: Option<tokio::sync::watch::Sender<u64>>,
     ) {
         let mut changes = table.subscribe();
@@ -440,22 +524,28 @@ impl PostfixMap {
                             v.send_replace(generation);
                         }
                         if let Some(tx) = first_write.take() {
-                            let _ = tx.send(true);
+                            let _ = tx.send(Ok(()));
                         }
                     }
                     Err(e) => {
                         Stats::bump(&stats.map_failures);
                         // After a failure, trust only a full rebuild.
                         in_db = None;
+                        let advice = self
+                            .advice(&e)
+                            .map(|a| format!("; {a}"))
+                            .unwrap_or_default();
+                        if let Some(tx) = first_write.take() {
+                            // The daemon stops: say it there, not here.
+                            let _ = tx.send(Err(format!("{e}{advice}")));
+                            return;
+                        }
                         crate::log_error!(
-                            "map {}:{} not updated: {e}; the grants are kept, retrying in {} s",
+                            "map {}:{} not updated: {e}{advice}; the grants are kept, retrying in {} s",
                             self.map_type.name(),
                             self.path.display(),
                             backoff.as_secs()
                         );
-                        if let Some(tx) = first_write.take() {
-                            let _ = tx.send(false);
-                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(60));
                         continue;

@@ -23,7 +23,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader, ReadHalf};
 
 use crate::logging::RateLimit;
 use crate::net::{Connection, Io, Limits};
@@ -59,7 +59,10 @@ impl From<std::io::Error> for FrameError {
 }
 
 /// Reads frames from one connection until it ends or fails, handing each
-/// to `on_frame`.
+/// to `on_frame`. At a stop, the sender is told to send no more here
+/// (our FIN: rsyslog checks for it before each send, then reconnects to
+/// the next daemon) and what it sent before is read until it closes its
+/// side ([`crate::shutdown::fin_at_stop`]).
 pub async fn session<F>(
     conn: Connection,
     io: Box<dyn Io>,
@@ -70,7 +73,20 @@ pub async fn session<F>(
     F: Fn(&[u8]),
 {
     Stats::bump(&stats.tcp_connections);
-    let mut reader = BufReader::with_capacity(16 * 1024, io);
+    crate::shutdown::fin_at_stop(io, |read| frames(read, &conn, stats, received, on_frame)).await;
+}
+
+/// Reads the frames of a connection's read half.
+async fn frames<F>(
+    read: ReadHalf<Box<dyn Io>>,
+    conn: &Connection,
+    stats: &Stats,
+    received: &AtomicU64,
+    on_frame: F,
+) where
+    F: Fn(&[u8]),
+{
+    let mut reader = BufReader::with_capacity(16 * 1024, read);
     let mut frame = Vec::with_capacity(1024);
     let (local, peer) = (conn.listener(), conn.peer());
     loop {

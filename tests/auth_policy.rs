@@ -42,12 +42,19 @@ fn readme_relay_restrictions(map: &Path) -> String {
         .expect("README has the smtpd_relay_restrictions line");
     let block = &readme[start..];
     let end = block.find("```").expect("end of the code block");
-    block[..end]
+    let value = block[..end]
         .trim_start_matches("smtpd_relay_restrictions =")
         .split_whitespace()
         .collect::<Vec<_>>()
-        .join(" ")
-        .replace("/etc/postfix/authenticated_ips", &map.display().to_string())
+        .join(" ");
+    assert!(
+        value.contains("hash:/var/lib/smtp-after-popd/authenticated_ips"),
+        "README line changed: {value}"
+    );
+    value.replace(
+        "/var/lib/smtp-after-popd/authenticated_ips",
+        &map.display().to_string(),
+    )
 }
 
 fn readme() -> String {

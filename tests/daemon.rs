@@ -267,6 +267,9 @@ fn a_burst_of_logins_costs_few_rebuilds() {
     assert!(rebuilds < 40, "{rebuilds} rebuilds for 200 logins");
 }
 
+/// A postmap that fails after start-up is logged and retried, and the
+/// grants are kept meanwhile (one that fails at start-up stops the start:
+/// tests/deploy.rs).
 #[test]
 fn postmap_failure_is_retried_and_not_fatal() {
     let s = Scratch::new();
@@ -274,6 +277,7 @@ fn postmap_failure_is_retried_and_not_fatal() {
     let listen = format!("udp://127.0.0.1:{port}");
     let map = s.map();
     let fake = s.path("postmap-missing");
+    std::os::unix::fs::symlink(which_postmap(), &fake).unwrap();
     let mut d = Daemon::start(
         &s,
         &[
@@ -285,6 +289,7 @@ fn postmap_failure_is_retried_and_not_fatal() {
             fake.to_str().unwrap(),
         ],
     );
+    std::fs::remove_file(&fake).unwrap();
     send_udp(
         port,
         "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=192.0.2.12, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAK>",
@@ -292,7 +297,9 @@ fn postmap_failure_is_retried_and_not_fatal() {
     assert!(wait_for(Duration::from_secs(3), || d
         .log_text()
         .contains("grant 192.0.2.12")));
-    assert!(d.log_text().contains("not updated: cannot run"));
+    assert!(wait_for(Duration::from_secs(3), || d
+        .log_text()
+        .contains("not updated: cannot run")));
     assert!(!d.exited());
     // Once postmap exists, the retry writes the map with the kept grant.
     std::os::unix::fs::symlink(which_postmap(), &fake).unwrap();
@@ -478,15 +485,13 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     );
 }
 
-/// The quick start on a fresh machine: postfix installed without a
-/// configuration, no MAIL_CONFIG. The daemon gives postmap an empty
-/// configuration of its own and says so.
+/// Without MAIL_CONFIG, postmap runs with the daemon's own configuration
+/// directory next to the map (a link to /etc/postfix/main.cf, or an empty
+/// main.cf on a fresh machine), and the README's lookup through it works
+/// on either kind of host. (tests/deploy.rs runs both kinds of host in
+/// mount namespaces.)
 #[test]
-fn without_a_postfix_configuration_postmap_runs_with_defaults() {
-    if std::path::Path::new("/etc/postfix/main.cf").exists() {
-        eprintln!("skipped: this host has /etc/postfix/main.cf");
-        return;
-    }
+fn without_mail_config_postmap_runs_with_the_daemons_own_configuration() {
     let s = Scratch::new();
     let port = free_udp_port();
     let listen = format!("udp://127.0.0.1:{port}");
@@ -497,14 +502,7 @@ fn without_a_postfix_configuration_postmap_runs_with_defaults() {
         None,
     );
     let private = s.path(".smtp-after-popd-postfix");
-    assert!(
-        d.log_text().contains(&format!(
-            "postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
-            private.display()
-        )),
-        "{}",
-        d.log_text()
-    );
+    assert!(private.join("main.cf").exists(), "{}", d.log_text());
     send_udp(
         port,
         "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<Vb0F8x8s4NzAAAAB>",

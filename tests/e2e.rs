@@ -72,10 +72,13 @@ fn readme_relay_restrictions(map: &Path) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     assert!(
-        value.contains("hash:/etc/postfix/authenticated_ips"),
+        value.contains("hash:/var/lib/smtp-after-popd/authenticated_ips"),
         "README line changed: {value}"
     );
-    value.replace("/etc/postfix/authenticated_ips", &map.display().to_string())
+    value.replace(
+        "/var/lib/smtp-after-popd/authenticated_ips",
+        &map.display().to_string(),
+    )
 }
 
 /// rsyslog with our shipped local rule, forwarding to the daemon's socket.

@@ -44,6 +44,57 @@ fn example(roff: &mut Roff, intro: &str, lines: &[&str]) {
     roff.control("RE", []);
 }
 
+/// SUBCOMMANDS: each one's synopsis, description and options, here (there
+/// is no page per subcommand).
+fn subcommands(roff: &mut Roff) {
+    let cmd = Cli::command().disable_help_subcommand(true);
+    roff.control("SH", ["SUBCOMMANDS"]);
+    for sub in cmd.get_subcommands() {
+        let mut usage = format!("smtp-after-popd {}", sub.get_name());
+        for a in sub.get_arguments() {
+            if a.get_id() == "help" {
+                continue;
+            }
+            let value = a
+                .get_value_names()
+                .and_then(|v| v.first())
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            let many = matches!(a.get_action(), clap::ArgAction::Append);
+            let item = match a.get_long() {
+                Some(l) => format!("[--{l} {value}]"),
+                None if many => format!("[{value}...]"),
+                None => value,
+            };
+            usage.push(' ');
+            usage.push_str(&item);
+        }
+        roff.control("TP", []);
+        roff.text([bold(usage)]);
+        let about = sub
+            .get_long_about()
+            .or(sub.get_about())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        for (i, para) in about.split("\n\n").enumerate() {
+            if i > 0 {
+                roff.control("br", []);
+            }
+            roff.text([roman(para.replace('\n', " "))]);
+        }
+        for a in sub.get_arguments() {
+            let (Some(long), Some(help)) = (a.get_long(), a.get_help()) else {
+                continue;
+            };
+            if long == "help" {
+                continue;
+            }
+            roff.control("br", []);
+            roff.text([bold(format!("--{long}")), roman(format!(": {help}"))]);
+        }
+    }
+}
+
 fn render() -> Vec<u8> {
     let cmd = Cli::command().disable_help_subcommand(true);
     let man = Man::new(cmd)
@@ -56,9 +107,9 @@ fn render() -> Vec<u8> {
     man.render_synopsis_section(&mut out).unwrap();
     man.render_description_section(&mut out).unwrap();
     man.render_options_section(&mut out).unwrap();
-    man.render_subcommands_section(&mut out).unwrap();
 
     let mut r = Roff::new();
+    subcommands(&mut r);
     section(&mut r, "FILES", &[]);
     tagged(
         &mut r,
@@ -69,7 +120,7 @@ fn render() -> Vec<u8> {
             ),
             (
                 "/var/lib/smtp-after-popd/authenticated_ips",
-                "The Postfix access map source the packaged configuration writes, built into authenticated_ips.db by postmap. Postfix reads it with check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips in smtpd_relay_restrictions.",
+                "The Postfix access map source (the default --map, and the packaged configuration's), built into authenticated_ips.db by postmap. Postfix reads it with check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips in smtpd_relay_restrictions; at start-up the daemon warns when main.cf looks up a map of that name elsewhere. postmap runs with MAIL_CONFIG set to the directory .smtp-after-popd-postfix next to the map, whose main.cf links to /etc/postfix/main.cf (or is empty on a host without one); set the same MAIL_CONFIG to look the map up by hand with postmap -q.",
             ),
             (
                 "/var/lib/smtp-after-popd/state",
@@ -88,12 +139,16 @@ fn render() -> Vec<u8> {
                 "With --auth-policy: USER:PASSWORD, the HTTP Basic credentials of Dovecot's auth-policy requests (auth_policy_server_api_header); mode 0600, owned by root or the daemon's user, or the daemon refuses to start.",
             ),
             (
+                "/run/smtp-after-popd/smtp-after-popd.pid",
+                "A pid file, when --pid-file names it (for init systems other than systemd). Without systemd, the daemon creates /run/smtp-after-popd and /var/lib/smtp-after-popd when they are missing, for --user when it starts as root.",
+            ),
+            (
                 "/run/smtp-after-popd/control",
                 "The control socket of list, revoke and stats; mode 0660, root and the daemon's group.",
             ),
             (
-                "/lib/systemd/system/smtp-after-popd.service, smtp-after-popd.socket",
-                "The hardened service (Type=notify, reload with SIGHUP) and the optional socket activation unit.",
+                "/usr/lib/systemd/system/smtp-after-popd.service, smtp-after-popd.socket",
+                "The hardened service (Type=notify, reload with SIGHUP) and the socket unit that holds the syslog socket across restarts of the service, so that nothing rsyslog forwards meanwhile is lost; the package enables both.",
             ),
         ],
     );
@@ -117,8 +172,8 @@ fn render() -> Vec<u8> {
     section(&mut r, "EXAMPLES", &[]);
     example(
         &mut r,
-        "Try it on loopback (UDP port 5514, map in the current directory, no Postfix configuration needed):",
-        &["smtp-after-popd --map ./authenticated_ips --control none"],
+        "Try it on loopback (UDP port 5514, the map in a scratch directory it creates, no Postfix configuration needed):",
+        &["smtp-after-popd --map /tmp/smtp-after-popd/authenticated_ips --control none"],
     );
     example(
         &mut r,
@@ -164,7 +219,7 @@ fn render() -> Vec<u8> {
         &mut r,
         "EXIT STATUS",
         &[
-            "0 after SIGTERM or SIGINT; 78 (EX_CONFIG) for a configuration error; 71 (EX_OSERR) when a socket cannot be bound or root cannot be given up; 66 when match cannot read a file; 1 when list, revoke or stats cannot reach the daemon or the daemon refuses.",
+            "0 after SIGTERM or SIGINT; 78 (EX_CONFIG) for a configuration error, or a map that cannot be built at start-up (a map type whose package is missing, no postmap, a directory the daemon may not write: the message says what to install or change); 71 (EX_OSERR) when a socket cannot be bound or root cannot be given up; 66 when match cannot read a file; 1 when list, revoke or stats cannot reach the daemon or the daemon refuses.",
         ],
     );
     section(

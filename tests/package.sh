@@ -1,16 +1,53 @@
 #!/usr/bin/env bash
-# The Debian package, built and installed for real: `cargo deb`, then
-# `apt-get install ./target/debian/smtp-after-popd_*.deb` on this machine
-# (run as root, as CI does on a fresh Debian 12 machine), then the installed
-# daemon run as the unit runs it, with the installed configuration, until a
-# login reaches the map and `smtp-after-popd list` shows it. Leaves the
-# package installed.
+# The Debian package, built, checked and installed for real: `cargo deb`,
+# lintian (no errors; no warnings but those debian/ explains in its
+# overrides), then `apt-get install ./target/debian/smtp-after-popd_*.deb`
+# on this machine (run as root, as CI does on a fresh Debian 12 machine),
+# then the installed daemon started as README.md's "Without systemd" says
+# (as root with --user, then as the service user), with the installed
+# configuration, until a login reaches the map and `smtp-after-popd list`
+# shows it.
+#
+# Leaves the machine as it found it: whatever happens, a trap stops the
+# daemon, purges the package, and removes its user, group and directories.
+# It refuses to start where the package, its user or its directories
+# already are, since it would remove them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 fail() { echo "package test: FAILED: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "package test: needs root (it installs the package); skipped"; exit 0; }
 command -v cargo-deb >/dev/null || fail "cargo-deb is missing: cargo install cargo-deb --locked"
+command -v lintian >/dev/null || fail "lintian is missing: apt-get install lintian"
+
+DIRS="/var/lib/smtp-after-popd /run/smtp-after-popd /etc/smtp-after-popd"
+if dpkg-query -W -f='${Status}' smtp-after-popd 2>/dev/null | grep -q "installed"; then
+    fail "smtp-after-popd is installed on this machine, and this test would purge it: apt-get purge smtp-after-popd first"
+fi
+getent passwd smtp-after-popd >/dev/null && fail "the user smtp-after-popd exists, and this test would remove it"
+getent group smtp-after-popd >/dev/null && fail "the group smtp-after-popd exists, and this test would remove it"
+for d in $DIRS; do
+    [ -e "$d" ] && fail "$d exists, and this test would remove it"
+done
+
+pid=""
+work=$(mktemp -d /tmp/sap-package-$$-XXXXXX)
+cleanup() {
+    rc=$?
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq smtp-after-popd >/dev/null 2>&1 || true
+    # Debian's policy keeps a package's system user on purge; a test may
+    # not, so it goes too.
+    if getent passwd smtp-after-popd >/dev/null; then userdel smtp-after-popd || true; fi
+    if getent group smtp-after-popd >/dev/null; then groupdel smtp-after-popd || true; fi
+    rm -rf $DIRS "$work"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 cargo deb --quiet
 debs=$(ls -t target/debian/smtp-after-popd_*.deb)
@@ -20,7 +57,38 @@ echo "package test: built $deb"
 # would fail the pipeline.)
 info=$(dpkg-deb --info "$deb")
 grep -q "Depends:.*postfix" <<<"$info" || fail "no dependency on postfix"
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall "./$deb" >/dev/null
+
+# lintian: errors fail, and so do warnings that debian/ does not explain.
+lintian --fail-on error,warning "$deb" \
+    >"$work/lintian" 2>&1 || { cat "$work/lintian"; fail "lintian $deb"; }
+echo "package test: lintian: no errors or warnings (overrides, each explained: debian/smtp-after-popd.lintian-overrides)"
+
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "./$deb" >"$work/install.raw" 2>&1 \
+    || { cat "$work/install.raw"; fail "apt-get install ./$deb"; }
+# (apt runs dpkg on a terminal of its own: lines end in CR LF.)
+tr -d '\r' <"$work/install.raw" >"$work/install"
+# postinst prints the main.cf line Postfix still needs, and says when it
+# could not start the service.
+grep -q "^    check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips$" "$work/install" \
+    || { cat "$work/install"; fail "postinst did not print the main.cf line"; }
+# ... and the whole smtpd_relay_restrictions line as postfix-config prints
+# it for the installed configuration (the map path the same in both).
+/usr/sbin/smtp-after-popd postfix-config --config /etc/smtp-after-popd/smtp-after-popd.toml \
+    | sed -n '/^smtpd_relay_restrictions/,/reject_unauth_destination$/p' | sed 's/^/    /' >"$work/relay"
+grep -q "check_client_access hash:/var/lib/smtp-after-popd/authenticated_ips,$" "$work/relay" \
+    || { cat "$work/relay"; fail "postfix-config does not name the packaged map"; }
+grep -qxFf "$work/relay" "$work/install" && [ "$(grep -cxFf "$work/relay" "$work/install")" -ge "$(wc -l <"$work/relay")" ] \
+    || { cat "$work/install" "$work/relay"; fail "postinst's main.cf line is not postfix-config's"; }
+if [ ! -d /run/systemd/system ]; then
+    grep -q "systemd is not running here, so the service was not started" "$work/install" \
+        || { cat "$work/install"; fail "postinst did not say the service was not started"; }
+else
+    # A machine that runs systemd: the units are up; make room for the
+    # runs by hand below.
+    systemctl is-active --quiet smtp-after-popd.service || fail "the service did not start"
+    systemctl stop smtp-after-popd.service smtp-after-popd.socket
+    rm -rf /run/smtp-after-popd /var/lib/smtp-after-popd
+fi
 
 # Files where the issue says they go.
 for f in /usr/sbin/smtp-after-popd \
@@ -29,7 +97,9 @@ for f in /usr/sbin/smtp-after-popd \
          /usr/share/doc/smtp-after-popd/rsyslog/smtp-after-popd-attested.conf \
          /usr/share/doc/smtp-after-popd/rsyslog/smtp-after-popd-local.conf \
          /usr/share/doc/smtp-after-popd/systemd/postfix-policy.conf \
-         /usr/share/doc/smtp-after-popd/README.md; do
+         /usr/share/doc/smtp-after-popd/README.md \
+         /usr/share/doc/smtp-after-popd/copyright \
+         /usr/share/doc/smtp-after-popd/changelog.Debian.gz; do
     [ -e "$f" ] || fail "$f not installed"
 done
 unit=$(dpkg -L smtp-after-popd | grep '/systemd/system/smtp-after-popd.service$') || fail "no unit"
@@ -46,39 +116,67 @@ score=$(systemd-analyze security --offline=true "$unit" 2>/dev/null | sed -n 's/
 echo "package test: systemd-analyze security exposure: $score"
 awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }' || fail "exposure $score above 2.0"
 
-# A working setup: what systemd would do (the unit's directories and user),
-# then the installed daemon with the installed configuration. Its socket is
-# declared ?attested=yes, so this test sends the login in the attested
-# rule's form, as rsyslog would (tests/e2e.rs covers rsyslog itself);
-# attestation is not required on the command line, since this sender is
-# not really Dovecot's log process.
-install -d -o smtp-after-popd -g smtp-after-popd -m 0750 /run/smtp-after-popd
-install -d -o smtp-after-popd -g smtp-after-popd -m 0755 /var/lib/smtp-after-popd
-rm -f /var/lib/smtp-after-popd/state
-log=$(mktemp)
-setpriv --reuid=smtp-after-popd --regid=smtp-after-popd --init-groups \
-    /usr/sbin/smtp-after-popd --config /etc/smtp-after-popd/smtp-after-popd.toml \
-    --require-attestation=no 2>"$log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q "started:" "$log" && break; sleep 0.1; done
-grep -q "started:" "$log" || { cat "$log"; fail "the installed daemon did not start"; }
-python3 - <<'PY'
-import socket
+# The daemon as a host without systemd runs it (README.md, "Without
+# systemd"): as root with --user, it makes its own directories for that
+# user, with the installed configuration. Its socket is declared
+# ?attested=yes, so this test sends each login in the attested rule's form,
+# as rsyslog would (tests/e2e.rs covers rsyslog itself); attestation is
+# not required on the command line, since this sender is not really
+# Dovecot's log process.
+start() {
+    log=$1; shift
+    "$@" --require-attestation=no 2>"$log" &
+    pid=$!
+    for _ in $(seq 100); do grep -q "started:" "$log" && return 0; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+    cat "$log"; fail "the installed daemon did not start: $*"
+}
+stop() {
+    # As README.md says: the pid file names the daemon (under runuser, $pid
+    # is runuser's, which passes the daemon's exit status on).
+    kill -TERM "$(cat /run/smtp-after-popd/smtp-after-popd.pid)"
+    st=0; wait "$pid" || st=$?
+    [ $st = 0 ] || { cat "$log"; fail "the daemon did not exit cleanly (status $st)"; }
+    pid=""
+}
+login() {
+    python3 - "$1" <<'PY'
+import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.sendto(b'<22>1 2026-11-26T10:00:01+00:00 mail dovecot - - [attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]  imap-login: Login: user=<pkg>, method=PLAIN, rip=192.0.2.99, lip=192.0.2.1, mpid=1, session=<AAAAAAAAAAAAAAAA>',
+s.sendto(('<22>1 2026-11-26T10:00:01+00:00 mail dovecot - - [attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]  imap-login: Login: user=<pkg>, method=PLAIN, rip=%s, lip=192.0.2.1, mpid=1, session=<AAAAAAAAAAAAAAAA>' % sys.argv[1]).encode(),
          "/run/smtp-after-popd/syslog.sock")
 PY
-# postfix installed with "No configuration" has no main.cf: the daemon then
-# runs postmap with its private empty one, and so must this lookup.
-[ -e /etc/postfix/main.cf ] || export MAIL_CONFIG=/var/lib/smtp-after-popd/.smtp-after-popd-postfix
-for _ in $(seq 100); do
-    postmap -q 192.0.2.99 hash:/var/lib/smtp-after-popd/authenticated_ips >/dev/null 2>&1 && break
-    sleep 0.1
-done
-postmap -q 192.0.2.99 hash:/var/lib/smtp-after-popd/authenticated_ips >/dev/null || { cat "$log"; fail "login not in the map"; }
+}
+# The README's lookup, which works with and without /etc/postfix/main.cf.
+lookup() {
+    MAIL_CONFIG=/var/lib/smtp-after-popd/.smtp-after-popd-postfix \
+        postmap -q "$1" hash:/var/lib/smtp-after-popd/authenticated_ips
+}
+granted() {
+    for _ in $(seq 100); do lookup "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    cat "$log"; fail "login $1 not in the map"
+}
+
+start "$work/root.log" /usr/sbin/smtp-after-popd --config /etc/smtp-after-popd/smtp-after-popd.toml \
+    --user smtp-after-popd --pid-file /run/smtp-after-popd/smtp-after-popd.pid
+[ "$(stat -c '%U:%G %a' /run/smtp-after-popd)" = "smtp-after-popd:smtp-after-popd 750" ] \
+    || fail "/run/smtp-after-popd: $(stat -c '%U:%G %a' /run/smtp-after-popd)"
+[ "$(stat -c '%U:%G %a' /var/lib/smtp-after-popd)" = "smtp-after-popd:smtp-after-popd 755" ] \
+    || fail "/var/lib/smtp-after-popd: $(stat -c '%U:%G %a' /var/lib/smtp-after-popd)"
+[ "$(cat /run/smtp-after-popd/smtp-after-popd.pid)" = "$pid" ] || fail "pid file"
+login 192.0.2.99
+granted 192.0.2.99
 smtp-after-popd list | grep "^192.0.2.99 .*pkg" >/dev/null || fail "smtp-after-popd list does not show the grant"
 smtp-after-popd stats | grep "^granted 1$" >/dev/null || fail "smtp-after-popd stats"
-kill -TERM $pid; wait $pid || fail "the daemon did not exit cleanly"
+stop
+[ -e /run/smtp-after-popd/smtp-after-popd.pid ] && fail "the pid file stayed"
 grep -q "^grant 192.0.2.99 " /var/lib/smtp-after-popd/state || fail "state file not written"
-echo "package test: ok ($deb installed and working)"
+
+# As the service user itself, in the directories root made.
+start "$work/user.log" runuser -u smtp-after-popd -- /usr/sbin/smtp-after-popd \
+    --config /etc/smtp-after-popd/smtp-after-popd.toml --pid-file /run/smtp-after-popd/smtp-after-popd.pid
+grep -q "restored 1 grant " "$work/user.log" || { cat "$work/user.log"; fail "the grant was not restored"; }
+login 192.0.2.98
+granted 192.0.2.98
+lookup 192.0.2.99 >/dev/null || fail "the restored grant is not in the map"
+stop
+echo "package test: ok ($deb installed, working, and purged again)"

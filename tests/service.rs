@@ -102,7 +102,7 @@ fn sigkill_mid_window_keeps_open_windows_and_drops_expired_ones() {
     let d = Daemon::start(&s, &args);
     let log = d.log_text();
     assert!(
-        log.contains("restored 1 grants (1 expired meanwhile"),
+        log.contains("restored 1 grant (1 expired meanwhile"),
         "{log}"
     );
     assert!(
@@ -224,7 +224,7 @@ fn state_file_with_bad_lines_is_read_and_repaired() {
     );
     assert!(log.contains("line 7: incomplete last line"), "{log}");
     assert!(
-        log.contains("restored 1 grants (0 expired meanwhile, 1 refused by the never-grant rules)"),
+        log.contains("restored 1 grant (0 expired meanwhile, 1 refused by the never-grant rules)"),
         "{log}"
     );
     assert!(s.postmap_q("192.0.2.30").is_some());

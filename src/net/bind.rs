@@ -185,6 +185,9 @@ pub struct StreamListener {
     pub(crate) label: String,
     pub(crate) allow: Option<AllowList>,
     pub(crate) file: Option<SocketFile>,
+    /// Whether a stop takes its backlog and waits for its connections
+    /// ([`StreamListener::drain_at_stop`]).
+    pub(crate) drain_at_stop: bool,
 }
 
 #[derive(Debug)]
@@ -201,6 +204,7 @@ impl StreamListener {
             label,
             allow: Some(allow),
             file: None,
+            drain_at_stop: false,
         }
     }
 
@@ -211,6 +215,7 @@ impl StreamListener {
             label,
             allow: None,
             file: Some(file),
+            drain_at_stop: false,
         }
     }
 
@@ -224,6 +229,15 @@ impl StreamListener {
         let l = UnixListener::from_std(socket.into())
             .map_err(|e| format!("{what}: cannot register the socket: {e}"))?;
         Ok(StreamListener::unix(l, file, what.to_string()))
+    }
+
+    /// Marks a listener whose senders must lose nothing at a stop (TCP
+    /// syslog): [`super::serve_stream`] then takes the connections waiting
+    /// in its backlog before it closes, and the daemon waits for the
+    /// connections' handlers to end ([`crate::shutdown`]).
+    pub fn drain_at_stop(mut self) -> StreamListener {
+        self.drain_at_stop = true;
+        self
     }
 
     /// The allow-list of a TCP listener.

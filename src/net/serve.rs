@@ -82,6 +82,10 @@ static ACCEPT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 
 /// Accepts connections on `listener` for ever, running `handler` on each
 /// one its allow-list and `limits` admit, with the deadlines of `limits`.
+/// A listener marked [`StreamListener::drain_at_stop`] returns at a stop,
+/// after taking the connections still waiting in its backlog; the daemon
+/// waits for the handlers of its connections to end (within
+/// [`crate::shutdown::DRAIN`]).
 pub async fn serve_stream<H, F>(
     listener: StreamListener,
     limits: Limits,
@@ -99,10 +103,13 @@ pub async fn serve_stream<H, F>(
         base: Instant::now(),
         registry: Mutex::new(Registry::default()),
     });
-    loop {
-        let Some((peer, io)) = accept(&listener, &served).await else {
-            continue;
-        };
+    let drains = listener.drain_at_stop;
+    // Held until the backlog is taken at a stop, so that the daemon waits
+    // for that too.
+    let _draining = drains.then(crate::shutdown::Draining::enter);
+    let stop = crate::shutdown::stopping_if(drains);
+    tokio::pin!(stop);
+    let start = |peer: Peer, io: Accepted| {
         served.make_room(peer.key, &peer.shown);
         let progress = Arc::new(Progress::new(served.base));
         let io: Box<dyn Io> = match io {
@@ -117,8 +124,30 @@ pub async fn serve_stream<H, F>(
             progress: progress.clone(),
         };
         let task = handler(conn, io);
-        let handle = tokio::spawn(run(served.clone(), id, progress, task));
+        // Counted from here, so that a stop waits for it to be read.
+        let draining = drains.then(crate::shutdown::Draining::enter);
+        let handle = tokio::spawn(run(served.clone(), id, progress, draining, task));
         served.set_abort(id, handle.abort_handle());
+    };
+    loop {
+        let next = tokio::select! {
+            next = accept(&listener, &served) => next,
+            () = &mut stop => {
+                // Accept no more: the listener closes when this returns,
+                // and later senders are refused and retry. Connections
+                // already made would be reset with what they sent: they
+                // are taken and served to the end too.
+                for (addr, io) in pending(&listener) {
+                    if let Some((peer, io)) = admit(&listener, &served, addr, io) {
+                        start(peer, io);
+                    }
+                }
+                return;
+            }
+        };
+        if let Some((peer, io)) = next {
+            start(peer, io);
+        }
     }
 }
 
@@ -144,6 +173,44 @@ async fn accept(listener: &StreamListener, served: &Served) -> Option<(Peer, Acc
             return None;
         }
     };
+    admit(listener, served, addr, io)
+}
+
+/// The connections waiting in the backlog, taken without waiting.
+fn pending(listener: &StreamListener) -> Vec<(Option<SocketAddr>, Accepted)> {
+    let mut out = Vec::new();
+    match &listener.socket {
+        Listening::Tcp(l) => {
+            for s in crate::shutdown::pending_connections(l) {
+                let s = std::net::TcpStream::from(s);
+                if let Ok(addr) = s.peer_addr()
+                    && let Ok(s) = tokio::net::TcpStream::from_std(s)
+                {
+                    let addr = SocketAddr::new(canonical(addr.ip()), addr.port());
+                    out.push((Some(addr), Accepted::Tcp(s)));
+                }
+            }
+        }
+        Listening::Unix(l) => {
+            for s in crate::shutdown::pending_connections(l) {
+                let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(s));
+                if let Ok(s) = tokio::net::UnixStream::from_std(s) {
+                    out.push((None, Accepted::Unix(s)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An accepted connection that the listener's allow-list admits, with
+/// who it is; None for one refused.
+fn admit(
+    listener: &StreamListener,
+    served: &Served,
+    addr: Option<SocketAddr>,
+    io: Accepted,
+) -> Option<(Peer, Accepted)> {
     if let (Some(addr), Some(allow)) = (addr, &listener.allow)
         && !allowed(&allow.load(), addr.ip())
     {
@@ -168,8 +235,10 @@ async fn run<F: Future<Output = ()>>(
     served: Arc<Served>,
     id: u64,
     progress: Arc<Progress>,
+    draining: Option<crate::shutdown::Draining>,
     task: F,
 ) {
+    let _draining = draining;
     let _registered = Registered {
         served: served.clone(),
         id,

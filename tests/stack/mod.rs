@@ -529,10 +529,8 @@ impl Postfix {
             .expect("chown");
         assert!(st.success());
         let port = free_tcp_port();
-        std::fs::write(
-            conf.join("main.cf"),
-            format!(
-                "compatibility_level = 3.6\n\
+        let base = format!(
+            "compatibility_level = 3.6\n\
                  queue_directory = {queue}\n\
                  data_directory = {data}\n\
                  myhostname = relay.test.invalid\n\
@@ -545,14 +543,30 @@ impl Postfix {
                  smtpd_reject_unlisted_recipient = no\n\
                  maillog_file = {log}/maillog\n\
                  maillog_file_prefixes = {log}\n\
-                 smtpd_relay_restrictions = {relay}\n\
-                 {extra}\n",
-                queue = dir.join("queue").display(),
-                data = dir.join("data").display(),
-                log = dir.join("log").display(),
-            ),
-        )
-        .expect("main.cf");
+                 smtpd_relay_restrictions = {relay}\n",
+            queue = dir.join("queue").display(),
+            data = dir.join("data").display(),
+            log = dir.join("log").display(),
+        );
+        // A setting in `extra` replaces the base's: a parameter set twice
+        // makes every Postfix program log "overriding earlier entry", and
+        // enough of those at once fill postlogd's socket, whose reader then
+        // blocks logging its own copy of the warning (and master with it).
+        let names: Vec<&str> = extra
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(n, _)| n.trim()))
+            .collect();
+        let mut main_cf: String = base
+            .lines()
+            .filter(|l| {
+                l.split_once('=')
+                    .is_none_or(|(n, _)| !names.contains(&n.trim()))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        main_cf.push_str(extra);
+        main_cf.push('\n');
+        std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
         // Debian's master.cf without chroot (the test directories are
         // outside the queue directory; smtpd may keep it) and smtpd on our
         // port.

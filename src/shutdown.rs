@@ -1,0 +1,207 @@
+//! Stopping without losing what senders already sent. When the daemon
+//! stops (SIGTERM), each receiver first tells its senders to stop sending
+//! and then handles everything they sent before that, so that a sender
+//! that retries (syslog-ng, rsyslog's omfwd over TCP) sends the rest to
+//! the next daemon rather than into a socket about to close:
+//!
+//! - a unix datagram socket the daemon bound itself is shut for reading
+//!   (senders now get EPIPE) and its queue is read to the end
+//!   ([`refuse_and_drain`], called by the unix receive loop in
+//!   [`crate::receiver`]);
+//! - a TCP syslog listener accepts no more, but takes the connections
+//!   already made and still waiting in its backlog, which closing it would
+//!   reset with what their senders sent ([`pending_connections`], called
+//!   by [`crate::net::serve_stream`] for a listener marked
+//!   [`crate::net::StreamListener::drain_at_stop`]);
+//! - each TCP syslog connection gets our FIN (rsyslog checks for it before
+//!   each send, closes, and sends the rest on a new connection) and is read
+//!   until the peer closes it ([`fin_at_stop`], called by
+//!   [`crate::tcp::session`]);
+//! - a unix socket systemd passed is left alone: it outlives the daemon,
+//!   and what waits in it is the next daemon's.
+//!
+//! The daemon calls [`begin`], then waits for [`drained`] (at most
+//! [`DRAIN`]) before it stops its other tasks and writes its state.
+//!
+//! Consumes: the daemon's decision to stop.
+//! Produces: a signal receivers wait for, and a count of receivers still
+//! draining ([`Draining`]), which the daemon waits on.
+//! Trusts: nothing from outside; a peer that never closes, or a sender
+//! that keeps a queue full, is cut off at the deadline.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, Socket};
+use tokio::io::{AsyncWriteExt, ReadHalf};
+use tokio::sync::watch;
+
+use crate::net::Io;
+
+/// How long a receiver may take to read what was sent before the stop.
+pub const DRAIN: Duration = Duration::from_millis(500);
+
+fn stopping_tx() -> &'static watch::Sender<bool> {
+    static TX: std::sync::OnceLock<watch::Sender<bool>> = std::sync::OnceLock::new();
+    TX.get_or_init(|| watch::channel(false).0)
+}
+
+static DRAINING: AtomicUsize = AtomicUsize::new(0);
+
+fn done_tx() -> &'static watch::Sender<usize> {
+    static TX: std::sync::OnceLock<watch::Sender<usize>> = std::sync::OnceLock::new();
+    TX.get_or_init(|| watch::channel(0).0)
+}
+
+/// Tells every receiver that the daemon stops.
+pub fn begin() {
+    stopping_tx().send_replace(true);
+}
+
+/// Resolves once the daemon stops (at once if it already has).
+pub async fn stopping() {
+    let mut rx = stopping_tx().subscribe();
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// [`stopping`] when `drains`; otherwise never resolves (a receiver that
+/// has nothing to finish at a stop runs until its task is ended).
+pub async fn stopping_if(drains: bool) {
+    if drains {
+        stopping().await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Held by a receiver (or a connection it serves) while it has something
+/// to finish at a stop.
+pub struct Draining(());
+
+impl Draining {
+    /// Counts a receiver that must finish before the daemon stops.
+    pub fn enter() -> Draining {
+        DRAINING.fetch_add(1, Ordering::SeqCst);
+        Draining(())
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        let left = DRAINING.fetch_sub(1, Ordering::SeqCst) - 1;
+        done_tx().send_replace(left);
+    }
+}
+
+/// Waits until every receiver has finished, or `deadline` passed.
+pub async fn drained(deadline: Duration) {
+    let mut rx = done_tx().subscribe();
+    let _ = tokio::time::timeout(deadline, async {
+        while DRAINING.load(Ordering::SeqCst) > 0 {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Shuts a datagram socket for reading, so that its senders are refused
+/// from now on (EPIPE: syslog-ng keeps the record for the next daemon),
+/// then hands each datagram still queued to `each`, for at most
+/// [`DRAIN`]. `buf` holds one datagram. The queue is read with plain
+/// non-blocking receives, not through the runtime's readiness, which may
+/// not have seen the last datagrams yet.
+pub fn refuse_and_drain(socket: &impl AsFd, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> u64 {
+    let sock = SockRef::from(socket);
+    let _ = sock.shutdown(std::net::Shutdown::Read);
+    let deadline = Instant::now() + DRAIN;
+    let mut n = 0;
+    while Instant::now() < deadline {
+        // The socket is non-blocking: an empty queue is WouldBlock.
+        match (&*sock).read(buf) {
+            Ok(len) => {
+                each(&buf[..len]);
+                n += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+/// The connections made to a listening socket and still waiting in its
+/// backlog, taken without waiting (closing the listener would reset them
+/// with what their senders sent). Each is non-blocking.
+pub fn pending_connections(listener: &impl AsFd) -> Vec<Socket> {
+    let sock = SockRef::from(listener);
+    let mut out = Vec::new();
+    while let Ok((s, _)) = sock.accept() {
+        if s.set_nonblocking(true).is_ok() {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Runs `read` on the read half of a syslog connection; at a stop, shuts
+/// our side for writing (the FIN tells the sender to send no more here)
+/// while `read` goes on reading what was sent before, until the sender
+/// closes its side.
+pub async fn fin_at_stop<T, F, Fut>(io: Box<dyn Io>, read: F) -> T
+where
+    F: FnOnce(ReadHalf<Box<dyn Io>>) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let (r, mut w) = tokio::io::split(io);
+    let fin = async move {
+        stopping().await;
+        let _ = w.shutdown().await;
+        // The write half is kept until the reading ends.
+        std::future::pending::<Infallible>().await
+    };
+    tokio::select! {
+        t = read(r) => t,
+        never = fin => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shut_datagram_socket_gives_up_its_queue_and_refuses_senders() {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        for i in 0..100u8 {
+            a.send(&[i]).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        let n = refuse_and_drain(&b, &mut buf, |d| got.push(d[0]));
+        assert_eq!(n, 100);
+        assert_eq!(got, (0..100).collect::<Vec<u8>>());
+        assert!(
+            a.send(b"late").is_err(),
+            "a sender is refused after the stop"
+        );
+    }
+
+    #[test]
+    fn connections_waiting_in_the_backlog_are_taken() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        assert_eq!(pending_connections(&l).len(), 3);
+        assert!(pending_connections(&l).is_empty());
+    }
+}

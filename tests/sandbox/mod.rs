@@ -42,6 +42,27 @@ use std::time::{Duration, Instant};
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_smtp-after-popd");
 
+/// The host directories a sandbox keeps although it lays fresh file
+/// systems over /tmp and /home: its scratch directory, the checkout and
+/// the directory of the daemon's binary (a clone under /tmp, as a CI run
+/// may make, would vanish otherwise), outermost first.
+fn kept_dirs(scratch: &Path) -> String {
+    let bin_dir = Path::new(BIN).parent().unwrap_or(Path::new("/"));
+    let mut dirs = vec![
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        bin_dir.to_path_buf(),
+        scratch.to_path_buf(),
+    ];
+    dirs.sort();
+    dirs.dedup();
+    let under = |d: &Path| d.starts_with("/tmp") || d.starts_with("/home");
+    dirs.iter()
+        .filter(|d| under(d))
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The password of every test user.
 pub const PASSWORD: &str = "secret";
 
@@ -256,14 +277,10 @@ impl Sandbox {
              mount -t overlay overlay -o lowerdir={var},upperdir=$S/up/var,workdir=$S/work/var /var\n\
              mount -t tmpfs -o mode=755 tmpfs /run\n\
              mkdir -m 1777 /run/lock\n\
+             i=0; for d in {keep}; do mkdir /run/keep$i; mount --bind $d /run/keep$i; i=$((i+1)); done\n\
              mount -t tmpfs -o mode=755 tmpfs /home\n\
-             mkdir /run/scratch\n\
-             mount --bind $S /run/scratch\n\
              mount -t tmpfs -o mode=1777 tmpfs /tmp\n\
-             mkdir -p $S\n\
-             mount --bind /run/scratch $S\n\
-             umount /run/scratch\n\
-             rmdir /run/scratch\n\
+             i=0; for d in {keep}; do mkdir -p $d; mount --bind /run/keep$i $d; umount /run/keep$i; rmdir /run/keep$i; i=$((i+1)); done\n\
              mount --rbind /dev $S/devsave\n\
              mount -t tmpfs -o mode=755 tmpfs /dev\n\
              for n in null zero full random urandom tty; do touch /dev/$n; mount --bind $S/devsave/$n /dev/$n; done\n\
@@ -281,6 +298,7 @@ impl Sandbox {
              touch $S/ready\n\
              exec perl -e '$SIG{{TERM}} = sub {{ exit 0 }}; while (1) {{ sleep 1 if wait() < 0 }}'\n",
             s = s.display(),
+            keep = kept_dirs(s),
             usr = layer("usr"),
             etc = layer("etc"),
             var = layer("var"),

@@ -1343,6 +1343,26 @@ pub fn matchers_from_file(path: Option<&Path>) -> Result<Matchers, ConfigError> 
     }
 }
 
+/// What `match` applies from a configuration file (the defaults without
+/// one): its patterns, never-grant rules and trusted proxies.
+pub fn match_rules(path: Option<&Path>) -> Result<(Matchers, Vec<Cidr>, Vec<Cidr>), ConfigError> {
+    let (p, source, file) = match path {
+        Some(p) => {
+            let (source, file) = read_file(p)?;
+            (p, source, file)
+        }
+        None => (Path::new(""), String::new(), FileConfig::default()),
+    };
+    let never = cidrs(
+        "never",
+        pick_list(&[], &file.never, DEFAULT_NEVER, p, &source),
+        true,
+    )?;
+    let proxies = pick_list(&[], &file.trusted_proxy, &[], p, &source);
+    let proxies = cidrs("trusted-proxy", proxies, false)?;
+    Ok((build_matchers(p, &source, file.pattern)?, never, proxies))
+}
+
 /// The control socket for the client subcommands: `--control`, else the
 /// configuration file's `control`, else the default.
 pub fn control_path(args: &ControlArgs) -> Result<PathBuf, ConfigError> {

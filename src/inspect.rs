@@ -216,9 +216,10 @@ impl Summary {
                 ("refused", fields, r.pattern())
             }
         };
-        let pattern = pattern.unwrap_or("-");
-        *self.recognised.entry(pattern.to_string()).or_default() += 1;
-        Some(format!("{verdict}\t{fields}\t{pattern}"))
+        // Refused before any pattern: an attestation element, a cut line.
+        let key = pattern.unwrap_or("no pattern");
+        *self.recognised.entry(key.to_string()).or_default() += 1;
+        Some(format!("{verdict}\t{fields}\t{}", pattern.unwrap_or("-")))
     }
 
     /// The summary, each line starting `# `.

@@ -4,7 +4,12 @@
 //! or a login another input reported, already typed ([`Reported`], from
 //! [`crate::authpolicy`]), which joins at the address rules.
 //! Produces: a grant, renewal or hold in the table, or a counted and logged
-//! refusal; one log line per decision.
+//! refusal; one log line per decision. Two steps: [`decide`] turns the
+//! bytes and their [`Transport`] into one [`Decision`] (a grant, or a
+//! [`Refusal`] with its reason), changing only the two-line and cut-line
+//! memories; [`Pipeline::apply`] carries it out (table, counters, log).
+//! `smtp-after-popd match` ([`crate::inspect`]) prints the same
+//! decisions.
 //! Trusts: what each stage's module doc says it trusts (the attestation is
 //! believed only on listeners declared `?attested=yes`, from unix sockets
 //! and `--trust-attestation-from` peers, in the attested rule's exact

@@ -260,7 +260,7 @@ impl Summary {
         )?;
         writeln!(
             out,
-            "# lines that are not syslog lines: {}",
+            "# lines that are no syslog record (no program tag, too long, not UTF-8): {}",
             self.not_syslog
         )
     }

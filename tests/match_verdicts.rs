@@ -199,3 +199,19 @@ fn exit_status_says_whether_every_input_was_read() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_readmes_example_is_what_match_prints() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("### 4. Check your logs").unwrap()..];
+    let start = section.find("```text\n").unwrap() + "```text\n".len();
+    let end = start + section[start..].find("```\n").unwrap();
+    let shown: Vec<String> = section[start..end]
+        .lines()
+        .map(|l| l.replace("/var/log/mail.log:", "mail.log:"))
+        .collect();
+    let (_, verdicts, summary) = run(LOG, None);
+    let printed: Vec<String> = verdicts.into_iter().chain(summary).collect();
+    assert_eq!(shown, printed);
+}

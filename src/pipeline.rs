@@ -1243,6 +1243,64 @@ mod tests {
         Peer::Unix("/run/test.sock".into())
     }
 
+    #[tokio::test]
+    async fn decide_gives_one_outcome_with_its_reason() {
+        let mut s = settings(false, true, &["198.51.100.31"]);
+        s.policy = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let (memory, cut) = (AddressMemory::new(), CutLines::new());
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = |attested| Transport { peer: &p, attested };
+        let reason = |line: &str, attested| match decide(
+            &s,
+            &memory,
+            &cut,
+            line.as_bytes(),
+            on(attested),
+            now,
+        )
+        .decision
+        {
+            Decision::Grant(a) => format!("grant {}", a.ip),
+            Decision::Refused(r) => r.reason().to_string(),
+            Decision::Skipped => "skipped".into(),
+            Decision::NoMatch => "no match".into(),
+            other => format!("{other:?}"),
+        };
+        let dovecot = |ip: &str| LOGIN.replace("192.0.2.6", ip);
+        // The sender check, on the one attested listener.
+        assert_eq!(reason(&dovecot("192.0.2.6"), false), "forgery");
+        let good = attested(
+            "/usr/lib/dovecot/log",
+            0,
+            1,
+            "dovecot",
+            &DOVECOT.replace("198.51.100.40", "192.0.2.6"),
+        );
+        assert_eq!(reason(&good, true), "grant 192.0.2.6");
+        let bad = attested("/usr/bin/logger", 1000, 1, "dovecot", DOVECOT);
+        assert_eq!(reason(&bad, true), "forgery");
+        // The address rules.
+        let loopback = good.replace("192.0.2.6", "127.0.0.9");
+        assert_eq!(reason(&loopback, true), "never-grant");
+        assert_eq!(
+            reason(&good.replace("192.0.2.6", "0.0.0.0"), true),
+            "unspecified-address"
+        );
+        assert_eq!(
+            reason(&good.replace("192.0.2.6", "198.51.100.31"), true),
+            "proxy-own-address"
+        );
+        // Not a login.
+        assert_eq!(
+            reason(
+                "<22>Nov 24 15:36:30 vm postfix/smtpd[1]: connect from x",
+                false
+            ),
+            "skipped"
+        );
+    }
+
     const LOGIN: &str = "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24472, session=<jm1xeQdhf8N/AAAG>";
     const LOGIN2: &str = "<22>Nov 24 15:36:31 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24473, session=<km1xeQdhf8N/AAAH>";
     const LOGOUT: &str = "<22>Nov 24 15:40:30 vm dovecot: imap(bob)<24472><jm1xeQdhf8N/AAAG>: Disconnected: Logged out in=8 out=468 deleted=0 expunged=0 trashed=0 hdr_count=0 hdr_bytes=0 body_count=0 body_bytes=0";

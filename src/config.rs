@@ -95,15 +95,28 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the logins recognised in log files (or standard input).
+    /// Show what the daemon would do with each line of log files (or standard input).
     ///
     /// Reads lines as rsyslog writes them to /var/log/mail.log, or raw
-    /// syslog datagrams, and prints one line per recognised login:
-    /// ADDRESS<TAB>SERVER<TAB>SERVICE<TAB>USER. Other lines print nothing.
-    /// Patterns from --config are used too. Use it to check a real log
+    /// syslog datagrams, and judges each by the daemon's own rules. Each
+    /// line a pattern recognised prints its verdict, tab-separated: VERDICT
+    /// (grant; refused; remembered, an address line of a two-line server;
+    /// logout), ADDRESS, SERVER, SERVICE, USER, PATTERN, FILE:LINE and, for
+    /// refused, REASON: WHY (never-grant, unspecified-address, forgery,
+    /// untrusted-proxy, proxy-own-address, ambiguous, unaddressed,
+    /// no-address-line, cut-line, ...); "-" for a field the line lacks. A
+    /// summary follows, each line starting "# ": lines read, recognised per
+    /// pattern, granted, refused per reason, lines of a known program that
+    /// no pattern matched. A file carries no sender credential, so
+    /// attestation is not checked: each line is judged as if its pattern's
+    /// own process sent it, and a line carrying an attestation element is
+    /// a forgery (as on a listener not declared attested). Exit status 0
+    /// when every input was read, whatever the verdicts; 66 when one could
+    /// not be; 78 for a bad configuration. Use it to check a real log
     /// before relying on the daemon, as fail2ban-regex is used.
     Match {
-        /// Configuration file whose [[pattern]] tables are added.
+        /// Configuration file whose [[pattern]] tables, never and
+        /// trusted-proxy apply (else the defaults).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Log files to read; standard input when none is given.
@@ -1341,6 +1354,26 @@ pub fn matchers_from_file(path: Option<&Path>) -> Result<Matchers, ConfigError> 
             build_matchers(p, &source, file.pattern)
         }
     }
+}
+
+/// What `match` applies from a configuration file (the defaults without
+/// one): its patterns, never-grant rules and trusted proxies.
+pub fn match_rules(path: Option<&Path>) -> Result<(Matchers, Vec<Cidr>, Vec<Cidr>), ConfigError> {
+    let (p, source, file) = match path {
+        Some(p) => {
+            let (source, file) = read_file(p)?;
+            (p, source, file)
+        }
+        None => (Path::new(""), String::new(), FileConfig::default()),
+    };
+    let never = cidrs(
+        "never",
+        pick_list(&[], &file.never, DEFAULT_NEVER, p, &source),
+        true,
+    )?;
+    let proxies = pick_list(&[], &file.trusted_proxy, &[], p, &source);
+    let proxies = cidrs("trusted-proxy", proxies, false)?;
+    Ok((build_matchers(p, &source, file.pattern)?, never, proxies))
 }
 
 /// The control socket for the client subcommands: `--control`, else the

@@ -10,7 +10,6 @@
 //! Trusts: what each stage's module doc says it trusts; this module adds no
 //! trust of its own.
 
-use std::io::{BufRead, Write as _};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +21,11 @@ use crate::config::{
 };
 use crate::control::{self, Status};
 use crate::grants::GrantTable;
-use crate::logging::escape;
-use crate::matcher::{AddressMemory, CutKey, CutLines, Outcome, ProcessKey};
 use crate::metrics;
 use crate::net::{self, Access, AllowList, Kind, StreamListener};
 use crate::policy;
 use crate::privilege;
 use crate::receiver::{self, Listener};
-use crate::record;
 use crate::startup;
 use crate::state::StateWriter;
 use crate::stats::{ListenerCounts, Stats};
@@ -47,7 +43,7 @@ pub const EX_NOINPUT: i32 = 66;
 /// Runs the command line; returns the exit status.
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
-        Some(Command::Match { config, files }) => run_match(config, files),
+        Some(Command::Match { config, files }) => crate::inspect::run(config, files),
         Some(Command::List(c)) => client(&c, "list", crate::control::format_list),
         Some(Command::Stats(c)) => client(&c, "stats", |s| s.to_string()),
         Some(Command::PostfixConfig { daemon, cf_dir }) => match Config::from_args(&daemon) {
@@ -1076,78 +1072,4 @@ async fn wait_for_signal(r: &mut Running, signals: Signals) -> i32 {
             }
         }
     }
-}
-/// `smtp-after-popd match`: prints each recognised login in the files.
-fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
-    let matchers = match crate::config::matchers_from_file(config.as_deref()) {
-        Ok(m) => m,
-        Err(e) => return fatal(EX_CONFIG, e),
-    };
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut status = 0;
-    let memory = AddressMemory::new();
-    let cut = CutLines::new();
-    let mut scan = |reader: &mut dyn BufRead| -> std::io::Result<()> {
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
-            }
-            let Ok(rec) = record::parse(&line) else {
-                continue;
-            };
-            // The rest of a line its logger cut is not a line of its own.
-            if let Some(limit) = matchers.line_limit(rec.program) {
-                let key = CutKey {
-                    reporter: "-".to_string(),
-                    host: rec.hostname.unwrap_or("-").to_string(),
-                    program: rec.program.to_string(),
-                };
-                if cut.continues(key, rec.message.len() >= limit) {
-                    continue;
-                }
-            }
-            let outcome = matchers.match_record(&rec);
-            let key = ProcessKey::of("-".to_string(), &rec, rec.pid);
-            // Lines of a file carry no receive time: pair by order only.
-            let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now(), false);
-            if let Outcome::Login(l) = outcome {
-                writeln!(
-                    out,
-                    "{}\t{}\t{}\t{}",
-                    crate::addr::canonical(l.ip),
-                    l.server,
-                    l.service,
-                    escape(&l.user)
-                )?;
-            }
-        }
-    };
-    if files.is_empty() {
-        let stdin = std::io::stdin();
-        if let Err(e) = scan(&mut stdin.lock()) {
-            crate::log_error!("standard input: {e}");
-            status = EX_NOINPUT;
-        }
-    }
-    for f in &files {
-        match std::fs::File::open(f) {
-            Ok(file) => {
-                if let Err(e) = scan(&mut std::io::BufReader::new(file)) {
-                    crate::log_error!("{}: {e}", f.display());
-                    status = EX_NOINPUT;
-                }
-            }
-            Err(e) => {
-                crate::log_error!("cannot open {}: {e}", f.display());
-                status = EX_NOINPUT;
-            }
-        }
-    }
-    if out.flush().is_err() {
-        return 74;
-    }
-    status
 }

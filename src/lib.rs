@@ -70,6 +70,7 @@ pub mod follow;
 pub mod grants;
 pub mod hold;
 pub mod http;
+pub mod inspect;
 pub mod logging;
 pub mod matcher;
 pub mod memcache;

@@ -1209,6 +1209,12 @@ impl Matchers {
             .map(|&i| self.patterns[i].id.clone())
             .collect()
     }
+
+    /// Whether a pattern is written for this program (`match` sums up the
+    /// lines of known programs that no pattern recognised).
+    pub fn knows_program(&self, program: &str) -> bool {
+        !self.candidates(program).is_empty()
+    }
 }
 
 /// The process a line of a two-line server comes from: who reported it,

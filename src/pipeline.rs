@@ -4,7 +4,12 @@
 //! or a login another input reported, already typed ([`Reported`], from
 //! [`crate::authpolicy`]), which joins at the address rules.
 //! Produces: a grant, renewal or hold in the table, or a counted and logged
-//! refusal; one log line per decision.
+//! refusal; one log line per decision. Two steps: [`decide`] turns the
+//! bytes and their [`Transport`] into one [`Decision`] (a grant, or a
+//! [`Refusal`] with its reason), changing only the two-line and cut-line
+//! memories; [`Pipeline::apply`] carries it out (table, counters, log).
+//! `smtp-after-popd match` ([`crate::inspect`]) prints the same
+//! decisions.
 //! Trusts: what each stage's module doc says it trusts (the attestation is
 //! believed only on listeners declared `?attested=yes`, from unix sockets
 //! and `--trust-attestation-from` peers, in the attested rule's exact
@@ -14,6 +19,7 @@
 //! Its settings ([`Settings`]) are replaced as a whole by a reload; the
 //! table, the two-line memory and the open sessions stay.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,7 +30,9 @@ use crate::config::{Config, format_duration};
 use crate::grants::{Grant, GrantResult, GrantTable, Names};
 use crate::hold::{Closed, Holds, SessionKey};
 use crate::logging::{RateLimit, escape};
-use crate::matcher::{AddressMemory, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey};
+use crate::matcher::{
+    AddressMemory, Ambiguity, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey,
+};
 use crate::receiver::Peer;
 use crate::record::{self, ParseError};
 use crate::stats::Stats;
@@ -156,272 +164,133 @@ impl Pipeline {
     }
 
     /// Handles one datagram from `peer`, on a listener declared to carry
-    /// the attested rule (`?attested=yes`) if `attested`.
+    /// the attested rule (`?attested=yes`) if `attested`: [`decide`], then
+    /// [`Pipeline::apply`].
     pub fn handle_on(&self, bytes: &[u8], peer: &Peer, attested: bool) {
         let settings = self.settings.load();
-        let s = &*settings;
-        // Most of a mail log is not a login: a record that names none of
-        // the patterns' programs is counted and not even parsed. (Records
-        // too long or not UTF-8 go on, to be counted as such.)
-        if bytes.len() <= record::MAX_RECORD
-            && !s.matchers.may_match(bytes)
-            && std::str::from_utf8(bytes).is_ok()
-        {
-            Stats::bump(&self.stats.skipped);
-            return;
-        }
-        let trusted_peer = match peer {
-            Peer::Unix(_) => true,
-            Peer::Udp(a) | Peer::Tcp(a) => {
-                s.trust_attestation_from.iter().any(|c| c.contains(a.ip()))
-            }
-        };
-        // Attestation is believed on a listener declared to carry the
-        // attested rule, from a peer trusted to speak for it, and in the
-        // exact form of the rule; anywhere else our SD-ID is a forgery.
-        let believed = attested && trusted_peer;
-        let parsed = match std::str::from_utf8(bytes) {
-            Ok(text) if believed && bytes.len() <= record::MAX_RECORD => {
-                attest::attested_record(text).map_err(Some)
-            }
-            _ => match record::parse(bytes) {
-                Ok(_) if std::str::from_utf8(bytes).is_ok_and(attest::names_sd_id) => {
-                    Err(Some(if attested {
-                        "an attestation element from a network peer that is not trusted for it (trust-attestation-from): any local user of that host could have written it".to_string()
-                    } else if trusted_peer && matches!(peer, Peer::Udp(_) | Peer::Tcp(_)) {
-                        "an attestation element on a listener not declared attested: attestation from trust-attestation-from peers is believed only on a listener with ?attested=yes".to_string()
-                    } else {
-                        "an attestation element on a listener not declared attested: only a listener with ?attested=yes, fed by rsyslog/smtp-after-popd-attested.conf, carries attestation (add ?attested=yes to its listen URL if it is)".to_string()
-                    }))
-                }
-                Ok(rec) => Ok(rec),
-                Err(e) => {
-                    Stats::bump(match e {
-                        ParseError::TooLong => &self.stats.dropped_too_long,
-                        ParseError::InvalidUtf8 => &self.stats.dropped_invalid_utf8,
-                        ParseError::NoProgram => &self.stats.dropped_unparsed,
-                    });
-                    crate::log_warning_limited!(
-                        INPUT_WARNINGS,
-                        "datagram from {peer} dropped: {e}"
-                    );
-                    return;
-                }
-            },
-        };
-        let rec = match parsed {
-            Ok(rec) => rec,
-            Err(why) => {
-                Stats::bump(&self.stats.forgeries);
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "record from {peer} refused: forgery: {} (\"{}\")",
-                    why.unwrap_or_default(),
-                    escape(&String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))
-                );
-                return;
-            }
-        };
-        // A record that continues a line the server's logger cut begins in
-        // the middle of the user's text: it may look like anything, a
-        // success line included.
-        if let Some(limit) = s.matchers.line_limit(rec.program) {
-            let key = CutKey {
-                reporter: sender_of(peer),
-                host: rec.hostname.unwrap_or("-").to_string(),
-                program: rec.program.to_string(),
-            };
-            if self.cut.continues(key, rec.message.len() >= limit) {
-                Stats::bump(&self.stats.refused_continuation);
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "record from {peer} continues a line that the logger of \"{}\" cut (its last record was {limit} bytes or more): nothing in it is believed: \"{}\"",
-                    escape(rec.program),
-                    escape(rec.message)
-                );
-                return;
-            }
-        }
-        // The attested values are read only for records a pattern matched:
-        // a line of an exited sender (exe "0") that is no login is no
-        // forgery.
-        let sender = if believed {
-            attest::sender(&rec)
-        } else {
-            Ok(None)
-        };
-        let missing = if attested {
-            "attestation from a network peer is believed only from trust-attestation-from peers"
-        } else {
-            "this listener is not declared attested: forward with rsyslog/smtp-after-popd-attested.conf to a listener with ?attested=yes"
-        };
-        let verdict = |pattern: &str, speakers: &attest::Speakers| match &sender {
-            Ok(sender) => attest::check(
-                sender.as_ref(),
-                pattern,
-                speakers,
-                s.require_attestation,
-                missing,
-            ),
-            Err(why) => Verdict::Forgery(why.clone()),
-        };
-        let attested_sender = matches!(sender, Ok(Some(_)));
         let now = tokio::time::Instant::now();
-        let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
-        // Address lines of two-line servers and logout lines are trusted as
-        // login lines are: their sender must be allowed to speak for the
-        // pattern.
-        let unattested = match &outcome {
-            Outcome::Address {
-                ip,
-                pattern,
-                speakers,
-                ..
-            } => Some((
-                format!("address line for {ip} not remembered"),
-                pattern,
-                speakers,
-            )),
-            Outcome::Logout {
-                pattern, speakers, ..
-            } => Some(("logout line ignored".to_string(), pattern, speakers)),
-            _ => None,
-        };
-        let mut line_attested = false;
-        if let Some((what, pattern, speakers)) = unattested {
-            match verdict(pattern, speakers) {
-                Verdict::Forgery(why) => {
-                    Stats::bump(&self.stats.forgeries);
-                    crate::log_warning_limited!(
-                        REFUSAL_WARNINGS,
-                        "{what}: forgery: {why} (pattern {pattern}, reported by {peer})"
+        let transport = Transport { peer, attested };
+        let decided = decide(&settings, &self.memory, &self.cut, bytes, transport, now);
+        self.apply(&settings, decided, bytes, peer, now);
+    }
+
+    /// Carries out a decision: the grant table, the counters and the
+    /// (rate-limited) log line.
+    fn apply(
+        &self,
+        s: &Settings,
+        d: Decided<'_>,
+        bytes: &[u8],
+        peer: &Peer,
+        now: tokio::time::Instant,
+    ) {
+        if d.addresses_dropped > 0 {
+            self.stats
+                .addresses_dropped
+                .fetch_add(d.addresses_dropped as u64, Ordering::Relaxed);
+        }
+        let by = By::Record(peer, &d.sender);
+        let host = d.rec.as_ref().and_then(|r| r.hostname).unwrap_or("-");
+        match d.decision {
+            Decision::Skipped => Stats::bump(&self.stats.skipped),
+            Decision::Dropped(e) => {
+                Stats::bump(match e {
+                    ParseError::TooLong => &self.stats.dropped_too_long,
+                    ParseError::InvalidUtf8 => &self.stats.dropped_invalid_utf8,
+                    ParseError::NoProgram => &self.stats.dropped_unparsed,
+                });
+                crate::log_warning_limited!(INPUT_WARNINGS, "datagram from {peer} dropped: {e}");
+            }
+            Decision::NoMatch => {
+                if let Some(rec) = &d.rec {
+                    crate::log_debug!(
+                        "no login in record from {peer}: program \"{}\", message \"{}\"",
+                        escape(rec.program),
+                        escape(rec.message)
                     );
-                    return;
                 }
-                Verdict::Attested => line_attested = true,
-                Verdict::Unattested => {}
             }
-        }
-        // A success line of a two-line server is paired by its process (the
-        // attested pid, on an attested listener); an attested one takes
-        // only an address line that was attested too.
-        if let Outcome::LoginWithoutAddress { .. } = outcome {
-            line_attested = attested_sender;
-        }
-        let outcome = match outcome {
-            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => {
-                let key = self.process_key(&rec, peer);
-                let (o, dropped) = self.memory.pair(key, outcome, now, line_attested);
-                if dropped > 0 {
-                    self.stats
-                        .addresses_dropped
-                        .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
-                }
-                o
-            }
-            other => other,
-        };
-        let login = match outcome {
-            Outcome::NoMatch => {
-                crate::log_debug!(
-                    "no login in record from {peer}: program \"{}\", message \"{}\"",
-                    escape(rec.program),
-                    escape(rec.message)
-                );
-                return;
-            }
-            Outcome::Ambiguous { pattern, why } => {
-                Stats::bump(&self.stats.refused_ambiguous);
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "line from {peer} matched pattern {pattern} but is ambiguous: {why}; a user name or other client text may stand for the server's own: nothing granted (message \"{}\")",
-                    escape(rec.message)
-                );
-                return;
-            }
-            Outcome::BadAddress { pattern, text } => {
-                Stats::bump(&self.stats.bad_address);
-                crate::log_warning_limited!(
-                    INPUT_WARNINGS,
-                    "line from {peer} matched pattern {pattern} but \"{}\" is not an IP address: nothing granted",
-                    escape(&text)
-                );
-                return;
-            }
-            Outcome::Remembered { pattern } => {
+            Decision::Remembered { pattern } => {
                 Stats::bump(&self.stats.addresses_remembered);
                 crate::log_debug!(
                     "address remembered for the success line of the same process (pattern {pattern}, reported by {peer})"
                 );
-                return;
             }
-            Outcome::Unaddressed { server, pattern } => {
-                Stats::bump(&self.stats.logins_unaddressed);
-                crate::log_warning_limited!(
-                    INPUT_WARNINGS,
-                    "line from {peer} is a {server} login (pattern {pattern}) that carries no client address (an old server release, or a host name cut before the address): nothing granted"
-                );
-                return;
+            Decision::Logout(l) => self.logout(s, l, host, &d.sender, peer, now),
+            Decision::Grant(a) => {
+                Stats::bump(&self.stats.logins);
+                self.grant(s, a, by, host, now);
             }
-            Outcome::NoAddress { pattern } => {
-                Stats::bump(&self.stats.logins_without_address);
-                crate::log_warning_limited!(
-                    INPUT_WARNINGS,
-                    "line from {peer} matched pattern {pattern}, but no address line of the same process came before it (within {}s): nothing granted",
-                    crate::matcher::MEMORY_TTL.as_secs()
-                );
-                return;
+            Decision::Refused(r) => {
+                if r.login().is_some() {
+                    Stats::bump(&self.stats.logins);
+                }
+                Stats::bump(r.counter(&self.stats));
+                self.log_refusal(&r, &by, d.rec.as_ref(), bytes);
             }
-            Outcome::Logout {
-                ip,
-                server,
-                session,
-                user,
-                pattern,
-                ..
-            } => {
-                self.logout(s, &rec, peer, ip, server, session, &user, &pattern, now);
-                return;
-            }
-            // Paired above.
-            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => return,
-            Outcome::Login(l) => l,
-        };
-        Stats::bump(&self.stats.logins);
-        if let Verdict::Forgery(why) = verdict(&login.pattern, &login.speakers) {
-            Stats::bump(&self.stats.forgeries);
-            crate::log_warning_limited!(
+        }
+    }
+
+    /// The log line of a refusal, rate-limited with the others of its
+    /// kind.
+    fn log_refusal(
+        &self,
+        r: &Refusal,
+        by: &By<'_>,
+        rec: Option<&record::Record<'_>>,
+        bytes: &[u8],
+    ) {
+        let message = rec.map_or("", |r| r.message);
+        match r {
+            Refusal::Forged { why } => crate::log_warning_limited!(
                 REFUSAL_WARNINGS,
-                "refuse {}: forgery: {why} ({})",
+                "record from {by} refused: forgery: {why} (\"{}\")",
+                escape(&String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))
+            ),
+            Refusal::Continuation { limit } => crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "record from {by} continues a line that the logger of \"{}\" cut (its last record was {limit} bytes or more): nothing in it is believed: \"{}\"",
+                escape(rec.map_or("", |r| r.program)),
+                escape(message)
+            ),
+            Refusal::Ambiguous { pattern, why } => crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "line from {by} matched pattern {pattern} but is ambiguous: {why}; a user name or other client text may stand for the server's own: nothing granted (message \"{}\")",
+                escape(message)
+            ),
+            Refusal::BadAddress { .. }
+            | Refusal::Unaddressed { .. }
+            | Refusal::NoAddress { .. } => crate::log_warning_limited!(
+                INPUT_WARNINGS,
+                "line from {by} {}: nothing granted",
+                r.detail()
+            ),
+            Refusal::ForgedLine { what, why, pattern } => crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "{what}: forgery: {why} (pattern {pattern}, reported by {by})"
+            ),
+            Refusal::UntrustedProxy { login, via } => crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {}: the address was reported by the proxy {via}, which is not a --trusted-proxy ({}); add the proxy's address to trusted-proxy if it is yours",
                 login.ip,
-                About(&login, peer)
-            );
-            return;
+                About(login, by)
+            ),
+            Refusal::ForgedLogin { login, .. }
+            | Refusal::ForgedProcessLine { login }
+            | Refusal::Address { login, .. } => crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {}: {} ({})",
+                login.ip,
+                r.detail(),
+                About(login, by)
+            ),
+            Refusal::ProxyOwn { login, client, .. } => crate::log_warning_limited!(
+                REFUSAL_WARNINGS,
+                "refuse {client}: {} ({})",
+                r.detail(),
+                About(login, by)
+            ),
         }
-        // A one-line login written after the server switched to the user
-        // (credential "process"): believed, when attested, only after an
-        // attested address line of the same process naming the same
-        // address. (Paired lines of two-line servers were checked above.)
-        if login.speakers.process && login.address_pattern.is_none() {
-            let key = self.process_key(&rec, peer);
-            let found = self
-                .memory
-                .take(key, &login.server, login.ip, now, attested_sender);
-            if attested_sender && !found {
-                Stats::bump(&self.stats.forgeries);
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "refuse {}: forgery: pattern {} lines are written after the server switched to the user who logged in, so their uid proves nothing; such a line is believed only after an attested address line of the same process naming the same address, and none came within {}s ({})",
-                    login.ip,
-                    login.pattern,
-                    crate::matcher::MEMORY_TTL.as_secs(),
-                    About(&login, peer)
-                );
-                return;
-            }
-        }
-        let host = rec.hostname.unwrap_or("-");
-        self.admit(s, login, By::Record(peer), host, now);
     }
 
     /// A login reported by an input other than a syslog record (Dovecot's
@@ -446,64 +315,35 @@ impl Pipeline {
             via: None,
         };
         let by = By::Input(r.input, r.peer);
-        self.admit(&settings, login, by, "-", tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        match admit(&settings, login) {
+            Decision::Grant(a) => self.grant(&settings, a, by, "-", now),
+            Decision::Refused(r) => {
+                Stats::bump(r.counter(&self.stats));
+                self.log_refusal(&r, &by, None, b"");
+            }
+            _ => {}
+        }
     }
 
-    /// The address rules (trusted proxies, never-grant), then the table
-    /// and the log line: what every login goes through, whichever input
-    /// reported it.
-    fn admit(
+    /// A login the address rules admitted: into the table, and the log
+    /// line.
+    fn grant(
         &self,
         s: &Settings,
-        login: Login,
+        a: Admitted,
         peer: By<'_>,
         host: &str,
         now: tokio::time::Instant,
     ) {
-        if let Some(via) = login.via {
-            let via = crate::addr::canonical(via);
-            if !s.trusted_proxy.iter().any(|c| c.contains(via)) {
-                Stats::bump(&self.stats.refused_proxy);
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "refuse {}: the address was reported by the proxy {via}, which is not a --trusted-proxy ({}); add the proxy's address to trusted-proxy if it is yours",
-                    login.ip,
-                    About(&login, &peer)
-                );
-                return;
-            }
-        }
-        // A login from one of our own proxies (perdition, a Dovecot proxy
-        // that does not pass the client on, nginx in front of Zimbra) is
-        // the proxy's own connection: granting it would open the relay to
-        // everyone the proxy serves.
-        let client = crate::addr::canonical(login.ip);
-        if let Some(proxy) = s.trusted_proxy.iter().find(|c| c.contains(client)) {
-            Stats::bump(&self.stats.refused_proxy_own);
-            crate::log_warning_limited!(
-                REFUSAL_WARNINGS,
-                "refuse {client}: it is a --trusted-proxy ({proxy}): this is the proxy's own connection, which names none of the clients behind it ({})",
-                About(&login, &peer)
-            );
-            return;
-        }
-        let ip = match s.policy.check(login.ip) {
-            Ok(ip) => ip,
-            Err(why) => {
-                Stats::bump(&self.stats.refused);
-                crate::log_warning_limited!(
-                    REFUSAL_WARNINGS,
-                    "refuse {}: {why} ({})",
-                    login.ip,
-                    About(&login, &peer)
-                );
-                return;
-            }
-        };
-        // The block the login grants (its IPv6 prefix, --ipv6-prefix); the
-        // open sessions are held by the block's network address.
-        let (key, narrowed) = s.policy.scope(ip);
-        let (login_ip, ip) = (ip, key.addr());
+        let Admitted {
+            login,
+            block: key,
+            ip: login_ip,
+            narrowed,
+        } = a;
+        // The open sessions are held by the block's network address.
+        let ip = key.addr();
         let reporter = self.shared(&peer.to_string());
         let (expires, held) = self.hold(s, &login, ip, &peer, host, now);
         let grant = Grant {
@@ -618,28 +458,24 @@ impl Pipeline {
         (expires, held)
     }
 
-    /// The process a record comes from, for pairing the lines of a
-    /// two-line server: the attested pid on an attested listener (the
-    /// record's pid is the attested one there), else the pid of its tag.
-    fn process_key(&self, rec: &record::Record<'_>, peer: &Peer) -> Option<ProcessKey> {
-        ProcessKey::of(sender_of(peer), rec, rec.pid)
-    }
-
     /// A logout line, attested: closes its session; the last one from an
     /// address lets the window run from now.
-    #[allow(clippy::too_many_arguments)]
     fn logout(
         &self,
         s: &Settings,
-        rec: &record::Record<'_>,
+        l: LogoutLine,
+        host: &str,
+        sender: &str,
         peer: &Peer,
-        ip: Option<std::net::IpAddr>,
-        server: Arc<str>,
-        session: Option<String>,
-        user: &str,
-        pattern: &str,
         now: tokio::time::Instant,
     ) {
+        let LogoutLine {
+            ip,
+            server,
+            session,
+            user,
+            pattern,
+        } = l;
         let ip = ip.and_then(|ip| {
             s.policy
                 .check(ip)
@@ -650,8 +486,8 @@ impl Pipeline {
             None => Closed::Unknown,
             Some(id) => {
                 let key = SessionKey {
-                    reporter: self.shared(&sender_of(peer)),
-                    host: rec.hostname.unwrap_or("-").to_string(),
+                    reporter: self.shared(sender),
+                    host: host.to_string(),
                     server,
                     id,
                 };
@@ -663,14 +499,14 @@ impl Pipeline {
                 Stats::bump(&self.stats.logouts_unpaired);
                 crate::log_debug!(
                     "logout of user \"{}\" closes no held session (pattern {pattern}, reported by {peer})",
-                    escape(user)
+                    escape(&user)
                 );
             }
             Closed::StillOpen(ip, n) => {
                 Stats::bump(&self.stats.holds_closed);
                 crate::log_info!(
                     "logout from {ip} of user \"{}\": {n} session(s) still open, grant still held (pattern {pattern}, reported by {peer})",
-                    escape(user)
+                    escape(&user)
                 );
             }
             Closed::Last(ip) => {
@@ -681,7 +517,7 @@ impl Pipeline {
                 {
                     crate::log_info!(
                         "logout from {ip} of user \"{}\": last session closed, grant ends in {} (pattern {pattern}, reported by {peer})",
-                        escape(user),
+                        escape(&user),
                         format_duration(s.window)
                     );
                 }
@@ -712,7 +548,8 @@ pub struct Reported<'a> {
 /// its peer.
 #[derive(Clone, Copy)]
 enum By<'a> {
-    Record(&'a Peer),
+    /// The peer, and who sent it as [`sender_of`] names it.
+    Record(&'a Peer, &'a str),
     Input(&'static str, &'a str),
 }
 
@@ -720,7 +557,7 @@ impl By<'_> {
     /// Who sent it, for pairing a session with its logout line.
     fn sender(&self) -> String {
         match self {
-            By::Record(peer) => sender_of(peer),
+            By::Record(_, sender) => sender.to_string(),
             By::Input(..) => self.to_string(),
         }
     }
@@ -729,7 +566,7 @@ impl By<'_> {
 impl std::fmt::Display for By<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            By::Record(peer) => write!(f, "{peer}"),
+            By::Record(peer, _) => write!(f, "{peer}"),
             By::Input(input, peer) => write!(f, "{input} {peer}"),
         }
     }
@@ -750,6 +587,610 @@ impl std::fmt::Display for About<'_> {
             escape(&l.user),
             l.pattern
         )
+    }
+}
+
+/// What a datagram comes with besides its bytes: the transport facts
+/// trust is drawn from.
+#[derive(Clone, Copy, Debug)]
+pub struct Transport<'a> {
+    /// Who sent it, as the kernel reported.
+    pub peer: &'a Peer,
+    /// Whether its listener is declared to carry the attested rule
+    /// (`?attested=yes`).
+    pub attested: bool,
+}
+
+/// What [`decide`] made of one datagram.
+#[derive(Debug)]
+pub struct Decided<'a> {
+    /// The record, once parsed.
+    pub rec: Option<record::Record<'a>>,
+    /// Who sent it, as the two-line memory and the sessions name senders
+    /// (empty before the record is parsed).
+    pub sender: String,
+    /// Remembered addresses dropped unused while pairing (counted).
+    pub addresses_dropped: usize,
+    /// What the daemon does with it.
+    pub decision: Decision,
+}
+
+/// The one outcome of a datagram.
+#[derive(Debug)]
+pub enum Decision {
+    /// It names none of the patterns' programs: not even parsed.
+    Skipped,
+    /// It is not a syslog record.
+    Dropped(ParseError),
+    /// No pattern recognised it.
+    NoMatch,
+    /// An address line of a two-line server, remembered for the success
+    /// line of its process.
+    Remembered {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
+    /// A logout line whose sender may speak for its pattern.
+    Logout(LogoutLine),
+    /// A login that passed every check: granted (unless the table is
+    /// full).
+    Grant(Admitted),
+    /// Refused, and why.
+    Refused(Refusal),
+}
+
+/// A logout line ([`Decision::Logout`]).
+#[derive(Debug)]
+pub struct LogoutLine {
+    /// The client address, if the line names one.
+    pub ip: Option<IpAddr>,
+    /// The server software.
+    pub server: Arc<str>,
+    /// The session id or process id its login was paired by.
+    pub session: Option<String>,
+    /// The user name (untrusted text).
+    pub user: String,
+    /// The pattern that matched.
+    pub pattern: Arc<str>,
+}
+
+/// A login the address rules admitted ([`Decision::Grant`]).
+#[derive(Debug)]
+pub struct Admitted {
+    /// The login.
+    pub login: Login,
+    /// The block it grants (its IPv6 prefix with `--ipv6-prefix`).
+    pub block: Cidr,
+    /// The client address, canonical.
+    pub ip: IpAddr,
+    /// Why the block is the address alone, when a prefix was asked for.
+    pub narrowed: Option<String>,
+}
+
+/// Why nothing is granted for a record a pattern (or the attestation
+/// rules) recognised; each has its counter ([`Refusal::counter`]), its
+/// name ([`Refusal::reason`]) and its text ([`Refusal::detail`]).
+#[derive(Debug)]
+pub enum Refusal {
+    /// An attestation element where none is believed, or an attested
+    /// record not in the attested rule's form.
+    Forged {
+        /// What was wrong.
+        why: String,
+    },
+    /// The rest of a line its logger cut.
+    Continuation {
+        /// The logger's line limit.
+        limit: usize,
+    },
+    /// Client text may stand for a field the server writes.
+    Ambiguous {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// Why.
+        why: Ambiguity,
+    },
+    /// The captured address is not an IP address.
+    BadAddress {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+        /// The captured text.
+        text: String,
+    },
+    /// A login whose line carries no client address.
+    Unaddressed {
+        /// The server software.
+        server: Arc<str>,
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
+    /// A success line with no address line of its process before it.
+    NoAddress {
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
+    /// An address or logout line whose sender may not speak for its
+    /// pattern.
+    ForgedLine {
+        /// What was not done.
+        what: String,
+        /// Why the sender may not.
+        why: String,
+        /// The pattern that matched.
+        pattern: Arc<str>,
+    },
+    /// A login whose sender may not speak for its pattern.
+    ForgedLogin {
+        /// The login.
+        login: Login,
+        /// Why.
+        why: String,
+    },
+    /// An attested line whose credential is its process, with no attested
+    /// address line of that process before it.
+    ForgedProcessLine {
+        /// The login.
+        login: Login,
+    },
+    /// The address was reported by a proxy that is not trusted.
+    UntrustedProxy {
+        /// The login.
+        login: Login,
+        /// The proxy.
+        via: IpAddr,
+    },
+    /// The client is one of the trusted proxies.
+    ProxyOwn {
+        /// The login.
+        login: Login,
+        /// The client address, canonical.
+        client: IpAddr,
+        /// The trusted-proxy entry it is in.
+        proxy: Cidr,
+    },
+    /// The address rules refuse the address (never-grant, unspecified, ...).
+    Address {
+        /// The login.
+        login: Login,
+        /// Why.
+        why: crate::addr::Refusal,
+    },
+}
+
+impl Refusal {
+    /// The counter it bumps.
+    pub fn counter<'s>(&self, stats: &'s Stats) -> &'s AtomicU64 {
+        match self {
+            Refusal::Forged { .. }
+            | Refusal::ForgedLine { .. }
+            | Refusal::ForgedLogin { .. }
+            | Refusal::ForgedProcessLine { .. } => &stats.forgeries,
+            Refusal::Continuation { .. } => &stats.refused_continuation,
+            Refusal::Ambiguous { .. } => &stats.refused_ambiguous,
+            Refusal::BadAddress { .. } => &stats.bad_address,
+            Refusal::Unaddressed { .. } => &stats.logins_unaddressed,
+            Refusal::NoAddress { .. } => &stats.logins_without_address,
+            Refusal::UntrustedProxy { .. } => &stats.refused_proxy,
+            Refusal::ProxyOwn { .. } => &stats.refused_proxy_own,
+            Refusal::Address { .. } => &stats.refused,
+        }
+    }
+
+    /// Its name, as `smtp-after-popd match` prints and sums it up.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Forged { .. }
+            | Refusal::ForgedLine { .. }
+            | Refusal::ForgedLogin { .. }
+            | Refusal::ForgedProcessLine { .. } => "forgery",
+            Refusal::Continuation { .. } => "cut-line",
+            Refusal::Ambiguous { .. } => "ambiguous",
+            Refusal::BadAddress { .. } => "bad-address",
+            Refusal::Unaddressed { .. } => "unaddressed",
+            Refusal::NoAddress { .. } => "no-address-line",
+            Refusal::UntrustedProxy { .. } => "untrusted-proxy",
+            Refusal::ProxyOwn { .. } => "proxy-own-address",
+            Refusal::Address { why, .. } => match why {
+                crate::addr::Refusal::Unspecified => "unspecified-address",
+                crate::addr::Refusal::Multicast => "multicast",
+                crate::addr::Refusal::Broadcast => "broadcast",
+                crate::addr::Refusal::Never(_) | crate::addr::Refusal::Embedded { .. } => {
+                    "never-grant"
+                }
+            },
+        }
+    }
+
+    /// The login it refuses, if it got that far.
+    pub fn login(&self) -> Option<&Login> {
+        match self {
+            Refusal::ForgedLogin { login, .. }
+            | Refusal::ForgedProcessLine { login }
+            | Refusal::UntrustedProxy { login, .. }
+            | Refusal::ProxyOwn { login, .. }
+            | Refusal::Address { login, .. } => Some(login),
+            _ => None,
+        }
+    }
+
+    /// The pattern that recognised the line, if one did.
+    pub fn pattern(&self) -> Option<&str> {
+        match self {
+            Refusal::Forged { .. } | Refusal::Continuation { .. } => None,
+            Refusal::Ambiguous { pattern, .. }
+            | Refusal::BadAddress { pattern, .. }
+            | Refusal::Unaddressed { pattern, .. }
+            | Refusal::NoAddress { pattern }
+            | Refusal::ForgedLine { pattern, .. } => Some(pattern),
+            _ => self.login().map(|l| &*l.pattern),
+        }
+    }
+
+    /// What was wrong, in words.
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::Forged { why } => format!("forgery: {why}"),
+            Refusal::Continuation { limit } => format!(
+                "continues a line that its logger cut (its last record was {limit} bytes or more): nothing in it is believed"
+            ),
+            Refusal::Ambiguous { why, .. } => format!(
+                "ambiguous: {why}; a user name or other client text may stand for the server's own"
+            ),
+            Refusal::BadAddress { pattern, text } => format!(
+                "matched pattern {pattern} but \"{}\" is not an IP address",
+                escape(text)
+            ),
+            Refusal::Unaddressed { server, pattern } => format!(
+                "is a {server} login (pattern {pattern}) that carries no client address (an old server release, or a host name cut before the address)"
+            ),
+            Refusal::NoAddress { pattern } => format!(
+                "matched pattern {pattern}, but no address line of the same process came before it (within {}s)",
+                crate::matcher::MEMORY_TTL.as_secs()
+            ),
+            Refusal::ForgedLine { what, why, .. } => format!("{what}: forgery: {why}"),
+            Refusal::ForgedLogin { why, .. } => format!("forgery: {why}"),
+            Refusal::ForgedProcessLine { login } => format!(
+                "forgery: pattern {} lines are written after the server switched to the user who logged in, so their uid proves nothing; such a line is believed only after an attested address line of the same process naming the same address, and none came within {}s",
+                login.pattern,
+                crate::matcher::MEMORY_TTL.as_secs()
+            ),
+            Refusal::UntrustedProxy { via, .. } => format!(
+                "the address was reported by the proxy {via}, which is not a --trusted-proxy"
+            ),
+            Refusal::ProxyOwn { proxy, .. } => format!(
+                "it is a --trusted-proxy ({proxy}): this is the proxy's own connection, which names none of the clients behind it"
+            ),
+            Refusal::Address { why, .. } => why.to_string(),
+        }
+    }
+}
+
+/// Decides what the daemon does with one datagram, from its bytes, its
+/// transport facts and the settings: the prefilter, parsing, the cut-line
+/// rule, the patterns, the sender check (in one place, [`Credentials`]),
+/// two-line pairing and the address rules. It changes nothing but the
+/// two-line memory (`memory`) and the cut-line memory (`cut`); the table,
+/// the counters and the log are [`Pipeline::apply`]'s.
+pub fn decide<'a>(
+    s: &Settings,
+    memory: &AddressMemory,
+    cut: &CutLines,
+    bytes: &'a [u8],
+    t: Transport<'_>,
+    now: tokio::time::Instant,
+) -> Decided<'a> {
+    let bare = |decision| Decided {
+        rec: None,
+        sender: String::new(),
+        addresses_dropped: 0,
+        decision,
+    };
+    // Most of a mail log is not a login: a record that names none of the
+    // patterns' programs is counted and not even parsed. (Records too
+    // long or not UTF-8 go on, to be counted as such.)
+    if bytes.len() <= record::MAX_RECORD
+        && !s.matchers.may_match(bytes)
+        && std::str::from_utf8(bytes).is_ok()
+    {
+        return bare(Decision::Skipped);
+    }
+    let trusted_peer = match t.peer {
+        Peer::Unix(_) => true,
+        Peer::Udp(a) | Peer::Tcp(a) => s.trust_attestation_from.iter().any(|c| c.contains(a.ip())),
+    };
+    // Attestation is believed on a listener declared to carry the
+    // attested rule, from a peer trusted to speak for it, and in the exact
+    // form of the rule; anywhere else our SD-ID is a forgery.
+    let believed = t.attested && trusted_peer;
+    let rec = match parse(bytes, t, believed, trusted_peer) {
+        Ok(rec) => rec,
+        Err(Err(e)) => return bare(Decision::Dropped(e)),
+        Err(Ok(why)) => return bare(Decision::Refused(Refusal::Forged { why })),
+    };
+    let sender = sender_of(t.peer);
+    let mut d = Decided {
+        decision: Decision::NoMatch,
+        addresses_dropped: 0,
+        sender,
+        rec: None,
+    };
+    // A record that continues a line the server's logger cut begins in
+    // the middle of the user's text: it may look like anything, a success
+    // line included.
+    if let Some(limit) = s.matchers.line_limit(rec.program) {
+        let key = CutKey {
+            reporter: d.sender.clone(),
+            host: rec.hostname.unwrap_or("-").to_string(),
+            program: rec.program.to_string(),
+        };
+        if cut.continues(key, rec.message.len() >= limit) {
+            d.decision = Decision::Refused(Refusal::Continuation { limit });
+            d.rec = Some(rec);
+            return d;
+        }
+    }
+    let creds = Credentials::of(&rec, believed, t.attested, s.require_attestation);
+    let outcome = s.matchers.match_record_with(&rec, s.hold_while_connected);
+    let line = Line {
+        s,
+        memory,
+        creds: &creds,
+        rec: &rec,
+        sender: &d.sender,
+        now,
+    };
+    let (decision, dropped) = line.judge(outcome);
+    drop(creds);
+    d.decision = decision;
+    d.addresses_dropped = dropped;
+    d.rec = Some(rec);
+    d
+}
+
+/// Parses a datagram: the attested rule's exact form where attestation is
+/// believed, else any syslog format without our SD-ID. Fails with why it
+/// is a forgery, or why it is no record.
+fn parse<'a>(
+    bytes: &'a [u8],
+    t: Transport<'_>,
+    believed: bool,
+    trusted_peer: bool,
+) -> Result<record::Record<'a>, Result<String, ParseError>> {
+    let forged = Ok;
+    match std::str::from_utf8(bytes) {
+        Ok(text) if believed && bytes.len() <= record::MAX_RECORD => {
+            attest::attested_record(text).map_err(forged)
+        }
+        _ => match record::parse(bytes) {
+            Ok(_) if std::str::from_utf8(bytes).is_ok_and(attest::names_sd_id) => {
+                Err(forged(if t.attested {
+                    "an attestation element from a network peer that is not trusted for it (trust-attestation-from): any local user of that host could have written it".to_string()
+                } else if trusted_peer && matches!(t.peer, Peer::Udp(_) | Peer::Tcp(_)) {
+                    "an attestation element on a listener not declared attested: attestation from trust-attestation-from peers is believed only on a listener with ?attested=yes".to_string()
+                } else {
+                    "an attestation element on a listener not declared attested: only a listener with ?attested=yes, fed by rsyslog/smtp-after-popd-attested.conf, carries attestation (add ?attested=yes to its listen URL if it is)".to_string()
+                }))
+            }
+            Ok(rec) => Ok(rec),
+            Err(e) => Err(Err(e)),
+        },
+    }
+}
+
+/// Who sent a record, as far as the transport says: the one place its
+/// sender is judged against a pattern's speakers.
+struct Credentials<'r> {
+    /// The attested sender, if attestation is believed (an error if its
+    /// element is malformed).
+    sender: Result<Option<attest::Sender<'r>>, String>,
+    /// Whether attestation must be there.
+    required: bool,
+    /// Why no attestation is believed, for the refusal text.
+    missing: &'static str,
+}
+
+impl<'r> Credentials<'r> {
+    fn of(rec: &'r record::Record<'_>, believed: bool, attested: bool, required: bool) -> Self {
+        // The attested values are read only for records a pattern
+        // matched: a line of an exited sender (exe "0") that is no login
+        // is no forgery.
+        Credentials {
+            sender: if believed {
+                attest::sender(rec)
+            } else {
+                Ok(None)
+            },
+            required,
+            missing: if attested {
+                "attestation from a network peer is believed only from trust-attestation-from peers"
+            } else {
+                "this listener is not declared attested: forward with rsyslog/smtp-after-popd-attested.conf to a listener with ?attested=yes"
+            },
+        }
+    }
+
+    /// Whether the sender may speak for `pattern`.
+    fn check(&self, pattern: &str, speakers: &attest::Speakers) -> Verdict {
+        match &self.sender {
+            Ok(sender) => attest::check(
+                sender.as_ref(),
+                pattern,
+                speakers,
+                self.required,
+                self.missing,
+            ),
+            Err(why) => Verdict::Forgery(why.clone()),
+        }
+    }
+
+    /// Whether the record came with a believed attestation.
+    fn attested(&self) -> bool {
+        matches!(self.sender, Ok(Some(_)))
+    }
+}
+
+/// One parsed record on its way through [`decide`].
+struct Line<'l, 'r> {
+    s: &'l Settings,
+    memory: &'l AddressMemory,
+    creds: &'l Credentials<'r>,
+    rec: &'l record::Record<'r>,
+    sender: &'l str,
+    now: tokio::time::Instant,
+}
+
+impl Line<'_, '_> {
+    /// The process the record comes from, for pairing the lines of a
+    /// two-line server: the attested pid on an attested listener (the
+    /// record's pid is the attested one there), else the pid of its tag.
+    fn process(&self) -> Option<ProcessKey> {
+        ProcessKey::of(self.sender.to_string(), self.rec, self.rec.pid)
+    }
+
+    /// What a pattern's outcome comes to: the sender check, pairing, the
+    /// address rules. Also returns how many remembered addresses pairing
+    /// dropped.
+    fn judge(&self, outcome: Outcome) -> (Decision, usize) {
+        // Address lines of two-line servers and logout lines are trusted
+        // as login lines are: their sender must be allowed to speak for
+        // the pattern.
+        let mut line_attested = false;
+        let unattested = match &outcome {
+            Outcome::Address {
+                ip,
+                pattern,
+                speakers,
+                ..
+            } => Some((
+                format!("address line for {ip} not remembered"),
+                pattern,
+                speakers,
+            )),
+            Outcome::Logout {
+                pattern, speakers, ..
+            } => Some(("logout line ignored".to_string(), pattern, speakers)),
+            // A success line of a two-line server is paired by its
+            // process; an attested one takes only an address line that
+            // was attested too.
+            Outcome::LoginWithoutAddress { .. } => {
+                line_attested = self.creds.attested();
+                None
+            }
+            _ => None,
+        };
+        if let Some((what, pattern, speakers)) = unattested {
+            match self.creds.check(pattern, speakers) {
+                Verdict::Forgery(why) => {
+                    let pattern = pattern.clone();
+                    return (
+                        Decision::Refused(Refusal::ForgedLine { what, why, pattern }),
+                        0,
+                    );
+                }
+                Verdict::Attested => line_attested = true,
+                Verdict::Unattested => {}
+            }
+        }
+        let (outcome, dropped) = match outcome {
+            Outcome::Address { .. } | Outcome::LoginWithoutAddress { .. } => {
+                self.memory
+                    .pair(self.process(), outcome, self.now, line_attested)
+            }
+            other => (other, 0),
+        };
+        (self.decision(outcome), dropped)
+    }
+
+    /// The decision for a paired outcome.
+    fn decision(&self, outcome: Outcome) -> Decision {
+        let refused = Decision::Refused;
+        match outcome {
+            Outcome::NoMatch => Decision::NoMatch,
+            Outcome::Ambiguous { pattern, why } => refused(Refusal::Ambiguous { pattern, why }),
+            Outcome::BadAddress { pattern, text } => refused(Refusal::BadAddress { pattern, text }),
+            Outcome::Remembered { pattern } => Decision::Remembered { pattern },
+            Outcome::Unaddressed { server, pattern } => {
+                refused(Refusal::Unaddressed { server, pattern })
+            }
+            Outcome::NoAddress { pattern } => refused(Refusal::NoAddress { pattern }),
+            Outcome::Logout {
+                ip,
+                server,
+                session,
+                user,
+                pattern,
+                ..
+            } => Decision::Logout(LogoutLine {
+                ip,
+                server,
+                session,
+                user,
+                pattern,
+            }),
+            // Paired in judge.
+            Outcome::Address { pattern, .. } | Outcome::LoginWithoutAddress { pattern, .. } => {
+                refused(Refusal::NoAddress { pattern })
+            }
+            Outcome::Login(l) => self.login(l),
+        }
+    }
+
+    /// A login line: its sender, its process, then the address rules.
+    fn login(&self, login: Login) -> Decision {
+        if let Verdict::Forgery(why) = self.creds.check(&login.pattern, &login.speakers) {
+            return Decision::Refused(Refusal::ForgedLogin { login, why });
+        }
+        // A one-line login written after the server switched to the user
+        // (credential "process"): believed, when attested, only after an
+        // attested address line of the same process naming the same
+        // address. (Paired lines of two-line servers were checked above.)
+        if login.speakers.process && login.address_pattern.is_none() {
+            let attested = self.creds.attested();
+            let found =
+                self.memory
+                    .take(self.process(), &login.server, login.ip, self.now, attested);
+            if attested && !found {
+                return Decision::Refused(Refusal::ForgedProcessLine { login });
+            }
+        }
+        admit(self.s, login)
+    }
+}
+
+/// The address rules (trusted proxies, never-grant) every login goes
+/// through, whichever input reported it: [`Decision::Grant`] or
+/// [`Decision::Refused`].
+pub fn admit(s: &Settings, login: Login) -> Decision {
+    if let Some(via) = login.via {
+        let via = crate::addr::canonical(via);
+        if !s.trusted_proxy.iter().any(|c| c.contains(via)) {
+            return Decision::Refused(Refusal::UntrustedProxy { login, via });
+        }
+    }
+    // A login from one of our own proxies (perdition, a Dovecot proxy that
+    // does not pass the client on, nginx in front of Zimbra) is the
+    // proxy's own connection: granting it would open the relay to
+    // everyone the proxy serves.
+    let client = crate::addr::canonical(login.ip);
+    if let Some(proxy) = s.trusted_proxy.iter().find(|c| c.contains(client)) {
+        let proxy = *proxy;
+        return Decision::Refused(Refusal::ProxyOwn {
+            login,
+            client,
+            proxy,
+        });
+    }
+    match s.policy.check(login.ip) {
+        Ok(ip) => {
+            let (block, narrowed) = s.policy.scope(ip);
+            Decision::Grant(Admitted {
+                login,
+                block,
+                ip,
+                narrowed,
+            })
+        }
+        Err(why) => Decision::Refused(Refusal::Address { login, why }),
     }
 }
 
@@ -800,6 +1241,64 @@ mod tests {
 
     fn peer() -> Peer {
         Peer::Unix("/run/test.sock".into())
+    }
+
+    #[tokio::test]
+    async fn decide_gives_one_outcome_with_its_reason() {
+        let mut s = settings(false, true, &["198.51.100.31"]);
+        s.policy = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let (memory, cut) = (AddressMemory::new(), CutLines::new());
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = |attested| Transport { peer: &p, attested };
+        let reason = |line: &str, attested| match decide(
+            &s,
+            &memory,
+            &cut,
+            line.as_bytes(),
+            on(attested),
+            now,
+        )
+        .decision
+        {
+            Decision::Grant(a) => format!("grant {}", a.ip),
+            Decision::Refused(r) => r.reason().to_string(),
+            Decision::Skipped => "skipped".into(),
+            Decision::NoMatch => "no match".into(),
+            other => format!("{other:?}"),
+        };
+        let dovecot = |ip: &str| LOGIN.replace("192.0.2.6", ip);
+        // The sender check, on the one attested listener.
+        assert_eq!(reason(&dovecot("192.0.2.6"), false), "forgery");
+        let good = attested(
+            "/usr/lib/dovecot/log",
+            0,
+            1,
+            "dovecot",
+            &DOVECOT.replace("198.51.100.40", "192.0.2.6"),
+        );
+        assert_eq!(reason(&good, true), "grant 192.0.2.6");
+        let bad = attested("/usr/bin/logger", 1000, 1, "dovecot", DOVECOT);
+        assert_eq!(reason(&bad, true), "forgery");
+        // The address rules.
+        let loopback = good.replace("192.0.2.6", "127.0.0.9");
+        assert_eq!(reason(&loopback, true), "never-grant");
+        assert_eq!(
+            reason(&good.replace("192.0.2.6", "0.0.0.0"), true),
+            "unspecified-address"
+        );
+        assert_eq!(
+            reason(&good.replace("192.0.2.6", "198.51.100.31"), true),
+            "proxy-own-address"
+        );
+        // Not a login.
+        assert_eq!(
+            reason(
+                "<22>Nov 24 15:36:30 vm postfix/smtpd[1]: connect from x",
+                false
+            ),
+            "skipped"
+        );
     }
 
     const LOGIN: &str = "<22>Nov 24 15:36:30 vm dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=24472, session=<jm1xeQdhf8N/AAAG>";
@@ -1166,6 +1665,12 @@ mod tests {
             true,
         );
         assert!(!granted(&p, "192.0.2.32"));
+    }
+
+    #[tokio::test]
+    async fn an_exited_sender_is_judged_by_its_credential_in_solid_pop3_dovecot_and_uw() {
+        let p = pipeline_with(false, true);
+        let granted = |p: &Pipeline, ip: &str| p.table.get(ip.parse().unwrap()).is_some();
         // Solid POP3: an APOP line (credential: the connect line of its
         // process) after the process exited is granted; a USER/PASS line,
         // whose credential is its uid (root), is refused.

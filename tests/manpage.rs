@@ -177,7 +177,7 @@ fn render() -> Vec<u8> {
     );
     example(
         &mut r,
-        "Check which lines of a real log would grant, before relying on the daemon:",
+        "Check what the daemon would do with each login of a real log (grant, or refused and why), before relying on it:",
         &["smtp-after-popd match /var/log/mail.log"],
     );
     example(
@@ -219,7 +219,7 @@ fn render() -> Vec<u8> {
         &mut r,
         "EXIT STATUS",
         &[
-            "0 after SIGTERM or SIGINT; 78 (EX_CONFIG) for a configuration error, or a map that cannot be built at start-up (a map type whose package is missing, no postmap, a directory the daemon may not write: the message says what to install or change); 71 (EX_OSERR) when a socket cannot be bound or root cannot be given up; 66 when match cannot read a file; 1 when list, revoke or stats cannot reach the daemon or the daemon refuses.",
+            "0 after SIGTERM or SIGINT; 78 (EX_CONFIG) for a configuration error, or a map that cannot be built at start-up (a map type whose package is missing, no postmap, a directory the daemon may not write: the message says what to install or change); 71 (EX_OSERR) when a socket cannot be bound or root cannot be given up; 66 when match cannot read a file (its verdicts do not change its status); 1 when list, revoke or stats cannot reach the daemon or the daemon refuses.",
         ],
     );
     section(

@@ -769,6 +769,16 @@ impl Config {
         v
     }
 
+    /// The settings that differ in `new` but keep their value until a
+    /// restart, by name (empty if a reload applies every change).
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        RESTART_GROUPS
+            .iter()
+            .filter(|(_, differs)| differs(self, new))
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
     /// Validates the daemon's arguments, reading `--config` if given.
     pub fn from_args(args: &DaemonArgs) -> Result<Config, ConfigError> {
         let (path, source, file) = match &args.config {
@@ -1205,6 +1215,70 @@ impl Config {
             socket_group,
         })
     }
+}
+
+/// The settings a reload cannot change, since they open sockets or files
+/// or are in force only from the start: each by the name the reload's
+/// warning gives it, with whether it differs between two configurations.
+const RESTART_GROUPS: &[(&str, fn(&Config, &Config) -> bool)] = &[
+    ("listen", |a, b| {
+        addresses(&a.listen) != addresses(&b.listen) || a.attested != b.attested
+    }),
+    ("a unix socket's owner=, group= or mode=", |a, b| {
+        socket_access(a) != socket_access(b)
+    }),
+    ("map, map-type or postmap", |a, b| {
+        let shown = |c: &Config| {
+            c.map
+                .as_ref()
+                .map(|m| (m.path.clone(), m.map_type, m.postmap.clone()))
+        };
+        shown(a) != shown(b)
+    }),
+    ("policy", |a, b| {
+        addresses(&a.policy) != addresses(&b.policy)
+    }),
+    ("socketmap", |a, b| {
+        addresses(&a.socketmap) != addresses(&b.socketmap)
+    }),
+    ("auth-policy or auth-policy-secret", |a, b| {
+        addresses(&a.auth_policy) != addresses(&b.auth_policy)
+            || a.auth_policy_secret != b.auth_policy_secret
+    }),
+    ("state", |a, b| a.state != b.state),
+    ("memcache or memcache-prefix", |a, b| {
+        a.memcache != b.memcache || a.memcache_prefix != b.memcache_prefix
+    }),
+    ("pid-file", |a, b| a.pid_file != b.pid_file),
+    ("control", |a, b| a.control != b.control),
+    ("metrics", |a, b| {
+        a.metrics.as_ref().map(ListenSpec::address) != b.metrics.as_ref().map(ListenSpec::address)
+    }),
+    (
+        "user, group, socket-group, socket-mode or receive-buffer",
+        |a, b| {
+            a.run_as != b.run_as
+                || a.socket_group != b.socket_group
+                || a.socket_mode != b.socket_mode
+                || a.receive_buffer != b.receive_buffer
+        },
+    ),
+];
+
+/// Where the listeners listen, without their allow-lists (which a reload
+/// changes).
+fn addresses(specs: &[ListenSpec]) -> Vec<String> {
+    specs.iter().map(ListenSpec::address).collect()
+}
+
+/// The owner, group and mode each unix socket is made with.
+fn socket_access(c: &Config) -> Vec<Option<Access>> {
+    c.listen
+        .iter()
+        .chain(&c.policy)
+        .chain(&c.socketmap)
+        .map(|s| s.access().cloned())
+        .collect()
 }
 
 /// `--memcache`, `--memcache-prefix` and `--ipv6-prefix`, checked
@@ -2336,6 +2410,47 @@ mod tests {
         assert!(e.0.contains("/nonexistent/dir does not exist"), "{e}");
         let e = Config::from_args(&args(&["--never", "none", "--map", "/tmp/m"])).unwrap();
         assert!(e.never.is_empty());
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_that_need_a_restart() {
+        let config = |extra: &[&str]| {
+            let base = ["--map", "none", "--policy", "tcp://127.0.0.1:10040"];
+            Config::from_args(&args(&[&base[..], extra].concat())).unwrap()
+        };
+        let old = config(&[]);
+        assert!(old.needs_restart(&config(&[])).is_empty());
+        // What a reload applies at once.
+        let live = config(&[
+            "--window",
+            "5m",
+            "--allow-from",
+            "10.0.0.0/8",
+            "--never",
+            "none",
+            "--max-grants",
+            "10",
+        ]);
+        assert!(old.needs_restart(&live).is_empty());
+        let restart = config(&[
+            "--listen",
+            "udp://127.0.0.1:5515",
+            "--state",
+            "/tmp/state",
+            "--receive-buffer",
+            "1M",
+            "--memcache-prefix",
+            "other:",
+        ]);
+        assert_eq!(
+            old.needs_restart(&restart),
+            [
+                "listen",
+                "state",
+                "memcache or memcache-prefix",
+                "user, group, socket-group, socket-mode or receive-buffer"
+            ]
+        );
     }
 
     #[test]

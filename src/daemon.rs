@@ -1005,7 +1005,8 @@ fn attestation_notes(config: &Config) {
 /// window, never-grant rules, attestation, allow-lists, the grant limit and
 /// logging change at once, live grants stay (but for those the new
 /// never-grant rules refuse, which end), and settings that need sockets
-/// or files opened again are reported as needing a restart.
+/// or files opened again are reported as needing a restart
+/// ([`Config::needs_restart`]).
 fn reload(r: &mut Running) {
     crate::systemd::notify(&format!(
         "RELOADING=1\nMONOTONIC_USEC={}",
@@ -1020,92 +1021,50 @@ fn reload(r: &mut Running) {
             return;
         }
     };
-    let old = &r.config;
-    let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(ListenSpec::address).collect() };
-    let mut restart = Vec::new();
-    if strip(&old.listen) != strip(&new.listen) || old.attested != new.attested {
-        restart.push("listen");
-    }
-    let access = |c: &Config| -> Vec<Option<Access>> {
-        c.listen
-            .iter()
-            .chain(&c.policy)
-            .chain(&c.socketmap)
-            .map(|s| s.access().cloned())
-            .collect()
-    };
-    if access(old) != access(&new) {
-        restart.push("a unix socket's owner=, group= or mode=");
-    }
-    if format!("{:?}", old.map) != format!("{:?}", new.map) {
-        restart.push("map, map-type or postmap");
-    }
-    if strip(&old.policy) != strip(&new.policy) {
-        restart.push("policy");
-    }
-    if strip(&old.socketmap) != strip(&new.socketmap) {
-        restart.push("socketmap");
-    }
-    if strip(&old.auth_policy) != strip(&new.auth_policy)
-        || old.auth_policy_secret != new.auth_policy_secret
-    {
-        restart.push("auth-policy or auth-policy-secret");
-    }
-    if old.state != new.state {
-        restart.push("state");
-    }
-    if old.memcache != new.memcache || old.memcache_prefix != new.memcache_prefix {
-        restart.push("memcache or memcache-prefix");
-    }
-    if old.pid_file != new.pid_file {
-        restart.push("pid-file");
-    }
-    if old.control != new.control {
-        restart.push("control");
-    }
-    if old.metrics.as_ref().map(ListenSpec::address)
-        != new.metrics.as_ref().map(ListenSpec::address)
-    {
-        restart.push("metrics");
-    }
-    if format!("{:?}", old.run_as) != format!("{:?}", new.run_as)
-        || format!("{:?}", old.socket_group) != format!("{:?}", new.socket_group)
-        || old.socket_mode != new.socket_mode
-        || old.receive_buffer != new.receive_buffer
-    {
-        restart.push("user, group, socket-group, socket-mode or receive-buffer");
-    }
-
+    let restart = r.config.needs_restart(&new);
     crate::logging::set_level(new.log_level);
     crate::logging::set_format(new.log_format);
     for slot in &r.slots {
         slot.update(&new);
     }
     r.table.set_limit(new.max_grants);
-    let settings = Settings::of(&new);
     let hold_off = r.config.hold_while_connected && !new.hold_while_connected;
-    r.pipeline.settings.store(settings);
+    r.pipeline.settings.store(Settings::of(&new));
     if hold_off {
-        // Grants held by open sessions get the window from now, unless
-        // they end sooner.
-        let now = tokio::time::Instant::now();
-        let ips = r.pipeline.holds.clear();
-        for ip in &ips {
-            if r.table
-                .get(*ip)
-                .is_some_and(|g| g.expires > now + new.window)
-            {
-                r.table.set_expiry(*ip, now + new.window);
-            }
-        }
-        crate::log_info!(
-            "hold-while-connected turned off: {} get the window from now",
-            startup::count(ips.len(), "held address", "held addresses")
-        );
+        end_holds(r, new.window);
     }
-    // "Never" means never: live grants the new rules refuse end now, and
-    // so do grants of addresses now named as trusted proxies (a proxy's
-    // own connection is never a client's).
+    revoke_refused(r, &new);
+    Stats::bump(&r.stats.reloads);
+    log_reloaded(r, &new, &restart);
+    attestation_notes(&new);
+    // What is in force now, for the next comparison.
+    r.config = new;
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=reloaded; {}",
+        startup::count(r.table.len(), "grant", "grants")
+    ));
+}
+
+/// hold-while-connected turned off: grants held by open sessions get the
+/// window from now, unless they end sooner.
+fn end_holds(r: &Running, window: Duration) {
+    let now = tokio::time::Instant::now();
+    let ips = r.pipeline.holds.clear();
+    for ip in &ips {
+        if r.table.get(*ip).is_some_and(|g| g.expires > now + window) {
+            r.table.set_expiry(*ip, now + window);
+        }
+    }
+    crate::log_info!(
+        "hold-while-connected turned off: {} get the window from now",
+        startup::count(ips.len(), "held address", "held addresses")
+    );
+}
+
+/// "Never" means never: live grants the new rules refuse end now, and so
+/// do grants of addresses now named as trusted proxies (a proxy's own
+/// connection is never a client's).
+fn revoke_refused(r: &Running, new: &Config) {
     let policy = AddressPolicy::new(new.never_and_proxies());
     for (key, _) in r.table.list_blocks() {
         if let Err(why) = policy.check_scope(&key)
@@ -1118,7 +1077,10 @@ fn reload(r: &mut Running) {
             );
         }
     }
-    Stats::bump(&r.stats.reloads);
+}
+
+/// The reload's line, and its warning about what needs a restart.
+fn log_reloaded(r: &Running, new: &Config, restart: &[&str]) {
     crate::log_info!(
         "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} kept",
         format_duration(new.window),
@@ -1140,18 +1102,8 @@ fn reload(r: &mut Running) {
             restart.join("; ")
         );
     }
-    attestation_notes(&new);
-    // What is in force now, for the next comparison.
-    r.config = new;
-    crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=reloaded; {}",
-        startup::count(r.table.len(), "grant", "grants")
-    ));
 }
 
-/// The networks a restored or kept grant may not be in: the never-grant
-/// rules and the trusted proxies (whose own connections are never a
-/// client's).
 /// The items joined, or `none`.
 fn join_or_none<T: std::fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {
@@ -1169,8 +1121,6 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
-/// status.
 /// The signals the daemon handles, caught from the start of `run`: one
 /// that arrives while the daemon is still starting (systemd stopping it
 /// then, or a quick restart) waits here instead of killing the process
@@ -1194,6 +1144,8 @@ fn catch_signals() -> Signals {
     }
 }
 
+/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
+/// status.
 async fn wait_for_signal(r: &mut Running, signals: Signals) -> i32 {
     let Some((mut term, mut int, mut hup)) = signals else {
         crate::log_error!("cannot install signal handlers; stop the daemon with SIGKILL");

@@ -791,392 +791,39 @@ impl Config {
         let path = path.as_path();
         let source = source.as_str();
 
-        let mut listen = Vec::new();
-        let mut attested = Vec::new();
-        let mut attested_network = None;
-        for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
-            let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
-            let spec =
-                parse_url(&url, UrlKind::Listen).map_err(|e| origin.error("listen", v, &e))?;
-            if let Some(mode) = spec.access().and_then(|a| a.mode)
-                && mode & 0o002 != 0
-            {
-                return Err(origin.error(
-                    "listen",
-                    v,
-                    "a syslog socket that every local user may write lets anyone forge login records: give write access to rsyslog's group instead, e.g. ?group=adm&mode=0620, or leave mode= out (0600: root only)",
-                ));
-            }
-            if declared {
-                attested.push(spec.address());
-                if !matches!(spec, ListenSpec::Unix(..)) && attested_network.is_none() {
-                    attested_network = Some((v.to_string(), origin));
-                }
-            }
-            listen.push(spec);
-        }
-        if listen.is_empty() {
-            return Err(ConfigError(
-                "no listener: give at least one --listen udp://ADDR:PORT or unix:///PATH".into(),
-            ));
-        }
-        let allow_from = cidrs(
-            "allow-from",
-            pick_list(
-                &args.allow_from,
-                &file.allow_from,
-                DEFAULT_ALLOW_FROM,
-                path,
-                source,
-            ),
-            false,
-        )?;
-        let never = cidrs(
-            "never",
-            pick_list(&args.never, &file.never, DEFAULT_NEVER, path, source),
-            true,
-        )?;
-
-        let (v, origin) = pick(&args.window, &file.window, DEFAULT_WINDOW, path, source);
-        let window = parse_duration(v).map_err(|e| origin.error("window", v, &e))?;
-        if window.is_zero() || window > Duration::from_secs(7 * 86400) {
-            return Err(origin.error(
-                "window",
-                v,
-                "expected a window longer than 0 and at most 7d",
-            ));
-        }
-
-        let (v, origin) = pick(
-            &args.map_type,
-            &file.map_type,
-            DEFAULT_MAP_TYPE,
+        let i = Input {
+            args,
+            file: &file,
             path,
             source,
-        );
-        let map_type = MapType::parse(v).ok_or_else(|| {
-            origin.error(
-                "map-type",
-                v,
-                "expected hash, btree, lmdb or cdb (types postmap builds into one file that can be replaced atomically)",
-            )
-        })?;
-        let (v, origin) = pick(&args.map, &file.map, DEFAULT_MAP, path, source);
-        let map_none = v == "none";
-        let map_path = PathBuf::from(v);
-        if map_none {
-            // No map file: Postfix asks the policy service or socketmap.
-        } else if v.is_empty() || v.ends_with('/') {
-            return Err(origin.error(
-                "map",
-                v,
-                "expected the path of a file, e.g. /var/lib/smtp-after-popd/authenticated_ips",
-            ));
-        }
-        if !map_none && let Err(e) = creatable_dir(&map_path) {
-            return Err(origin.error("map", v, &e));
-        }
-        let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
-        let map = (!map_none).then(|| PostfixMap {
-            path: map_path,
-            map_type,
-            postmap: PathBuf::from(v),
-            mail_config: None,
-            incremental: true,
-        });
-
-        let socket_mode = match (&args.socket_mode, &file.socket_mode) {
-            (None, None) => None,
-            _ => {
-                let (v, origin) = pick(
-                    &args.socket_mode,
-                    &file.socket_mode,
-                    DEFAULT_SOCKET_MODE,
-                    path,
-                    source,
-                );
-                Some(parse_mode(v).map_err(|e| origin.error("socket-mode", v, &e))?)
-            }
         };
-
-        let receive_buffer = match (&args.receive_buffer, &file.receive_buffer) {
-            (Some(v), _) => {
-                Some(parse_size(v).map_err(|e| Origin::Flag.error("receive-buffer", v, &e))?)
-            }
-            (None, Some(v)) => {
-                let origin = Origin::File {
-                    path,
-                    source,
-                    offset: v.span().start,
-                };
-                let text = match v.get_ref() {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Integer(n) => n.to_string(),
-                    other => other.to_string(),
-                };
-                Some(parse_size(&text).map_err(|e| origin.error("receive-buffer", &text, &e))?)
-            }
-            (None, None) => None,
-        };
-
-        let (v, origin) = pick(&args.log_level, &file.log_level, "info", path, source);
-        let log_level = match v {
-            "debug" => Level::Debug,
-            "info" => Level::Info,
-            "warning" => Level::Warning,
-            "error" => Level::Error,
-            _ => {
-                return Err(origin.error("log-level", v, "expected debug, info, warning or error"));
-            }
-        };
-
+        let (listen, attested, attested_network) = listeners(&i)?;
+        let (allow_from, never) = peers(&i)?;
+        let window = window(&i)?;
+        let map = map_sink(&i)?;
+        let (socket_mode, receive_buffer) = socket_options(&i)?;
+        let log_level = log_level(&i)?;
         let require_attestation = yes_no(
             "require-attestation",
             &args.require_attestation,
             &file.require_attestation,
         )?;
-
-        let hold_while_connected = yes_no(
-            "hold-while-connected",
-            &args.hold_while_connected,
-            &file.hold_while_connected,
-        )?;
-        let (v, origin) = pick(
-            &args.hold_max,
-            &file.hold_max,
-            DEFAULT_HOLD_MAX,
-            path,
-            source,
-        );
-        let hold_max = parse_duration(v).map_err(|e| origin.error("hold-max", v, &e))?;
-        if hold_max.is_zero() || hold_max > Duration::from_secs(7 * 86400) {
-            return Err(origin.error(
-                "hold-max",
-                v,
-                "expected a duration longer than 0 and at most 7d",
-            ));
-        }
-        if hold_while_connected && hold_max < window {
-            return Err(origin.error(
-                "hold-max",
-                v,
-                &format!(
-                    "expected at least the window ({}) with hold-while-connected",
-                    format_duration(window)
-                ),
-            ));
-        }
-
-        let max_grants = {
-            let (text, origin) = match (&args.max_grants, &file.max_grants) {
-                (Some(v), _) => (v.clone(), Origin::Flag),
-                (None, Some(v)) => (
-                    match v.get_ref() {
-                        toml::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    },
-                    Origin::File {
-                        path,
-                        source,
-                        offset: v.span().start,
-                    },
-                ),
-                (None, None) => (DEFAULT_MAX_GRANTS.to_string(), Origin::Default),
-            };
-            text.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=10_000_000).contains(n))
-                .ok_or_else(|| {
-                    origin.error(
-                        "max-grants",
-                        &text,
-                        "expected a whole number of addresses from 1 to 10000000",
-                    )
-                })?
-        };
-
-        let pick_opt = |flag: &Option<String>,
-                        file: &Option<Spanned<String>>|
-         -> Option<(String, Origin<'_>)> {
-            match (flag, file) {
-                (Some(v), _) => Some((v.clone(), Origin::Flag)),
-                (None, Some(v)) => Some((
-                    v.get_ref().clone(),
-                    Origin::File {
-                        path,
-                        source,
-                        offset: v.span().start,
-                    },
-                )),
-                (None, None) => None,
-            }
-        };
-        let run_as = match pick_opt(&args.user, &file.user) {
-            None => {
-                if let Some((v, origin)) = pick_opt(&args.group, &file.group) {
-                    return Err(origin.error(
-                        "group",
-                        &v,
-                        "only meaningful with --user: name the user too",
-                    ));
-                }
-                None
-            }
-            Some((v, origin)) => {
-                let u = privilege::user(&v).map_err(|e| origin.error("user", &v, &e))?;
-                let g = match pick_opt(&args.group, &file.group) {
-                    Some((gv, gorigin)) => {
-                        privilege::group(&gv).map_err(|e| gorigin.error("group", &gv, &e))?
-                    }
-                    None => Group {
-                        name: privilege::group_name(u.gid).unwrap_or_else(|| u.gid.to_string()),
-                        gid: u.gid,
-                    },
-                };
-                Some((u, g))
-            }
-        };
-        let socket_group = match pick_opt(&args.socket_group, &file.socket_group) {
-            None => None,
-            Some((v, origin)) => {
-                Some(privilege::group(&v).map_err(|e| origin.error("socket-group", &v, &e))?)
-            }
-        };
-
-        let trust_attestation_from = cidrs(
-            "trust-attestation-from",
-            pick_list(
-                &args.trust_attestation_from,
-                &file.trust_attestation_from,
-                &[],
-                path,
-                source,
-            ),
-            false,
-        )?;
-        match (&attested_network, trust_attestation_from.is_empty()) {
-            (Some((v, origin)), true) => {
-                return Err(origin.error(
-                    "listen",
-                    v,
-                    "attestation from network peers is believed only from --trust-attestation-from peers: list the hosts whose rsyslog forwards with the attested rule",
-                ));
-            }
-            (None, false) => {
-                return Err(ConfigError(format!(
-                    "trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes: attestation is believed only on listeners declared to carry the attested rule; add ?attested=yes to the listener those peers send to{}",
-                    if path.as_os_str().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", path.display())
-                    }
-                )));
-            }
-            _ => {}
-        }
-        if require_attestation && attested.is_empty() {
-            return Err(ConfigError(format!(
-                "require-attestation is on, but no listener is declared ?attested=yes, so every login would be refused: forward with rsyslog/smtp-after-popd-attested.conf and declare its socket, e.g. --listen unix:///run/smtp-after-popd/syslog.sock?attested=yes{}",
-                if path.as_os_str().is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", path.display())
-                }
-            )));
-        }
-        let trusted_proxy = cidrs(
-            "trusted-proxy",
-            pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
-            false,
-        )?;
-
-        let mut policy = Vec::new();
-        for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
-            let spec = parse_url(v, UrlKind::Policy).map_err(|e| origin.error("policy", v, &e))?;
-            policy.push(spec);
-        }
-        let mut socketmap = Vec::new();
-        for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
-            let spec =
-                parse_url(v, UrlKind::Socketmap).map_err(|e| origin.error("socketmap", v, &e))?;
-            socketmap.push(spec);
-        }
+        let (hold_while_connected, hold_max) = hold(&i, window)?;
+        let max_grants = max_grants(&i)?;
+        let (run_as, socket_group) = privileges(&i)?;
+        let (trust_attestation_from, trusted_proxy) =
+            trust(&i, &attested, &attested_network, require_attestation)?;
+        let (policy, socketmap) = stream_services(&i)?;
         let (memcache, memcache_prefix, ipv6_prefix) =
             sink_group(args, &file, path, source, map.is_some())?;
         let (auth_policy, auth_policy_secret) = auth_policy(args, &file, path, source)?;
-        if map.is_none() && policy.is_empty() && socketmap.is_empty() && memcache.is_empty() {
-            let origin = if args.map.is_some() {
-                Origin::Flag
-            } else {
-                Origin::File {
-                    path,
-                    source,
-                    offset: file.map.as_ref().map_or(0, |m| m.span().start),
-                }
-            };
-            return Err(origin.error(
-                "map",
-                "none",
-                "with no map file, Postfix needs --policy, --socketmap or --memcache to ask: give one of them, or a map path",
-            ));
-        }
-
-        let (v, origin) = pick(&args.log_format, &file.log_format, "text", path, source);
-        let log_format = match v {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => return Err(origin.error("log-format", v, "expected text or json")),
-        };
-        let (v, origin) = pick(&args.state, &file.state, "none", path, source);
-        let state = if v == "none" {
-            None
-        } else {
-            let p = PathBuf::from(v);
-            if v.is_empty() || v.ends_with('/') {
-                return Err(origin.error(
-                    "state",
-                    v,
-                    "expected the path of a file, e.g. /var/lib/smtp-after-popd/state",
-                ));
-            }
-            creatable_dir(&p).map_err(|e| origin.error("state", v, &e))?;
-            Some(p)
-        };
-        let (v, origin) = pick(&args.control, &file.control, DEFAULT_CONTROL, path, source);
-        let control = if v == "none" {
-            None
-        } else {
-            if v.is_empty() || v.ends_with('/') || v.len() > 107 {
-                return Err(origin.error(
-                    "control",
-                    v,
-                    "expected a socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
-                ));
-            }
-            Some((PathBuf::from(v), matches!(origin, Origin::Default)))
-        };
-        let metrics = match pick_opt(&args.metrics, &file.metrics) {
-            None => None,
-            Some((v, origin)) => {
-                Some(parse_url(&v, UrlKind::Metrics).map_err(|e| origin.error("metrics", &v, &e))?)
-            }
-        };
-        let pid_file = match pick_opt(&args.pid_file, &file.pid_file) {
-            None => None,
-            Some((v, _)) if v == "none" => None,
-            Some((v, origin)) => {
-                if v.is_empty() || v.ends_with('/') {
-                    return Err(origin.error(
-                        "pid-file",
-                        &v,
-                        "expected the path of a file, e.g. /run/smtp-after-popd/smtp-after-popd.pid",
-                    ));
-                }
-                let p = PathBuf::from(&v);
-                creatable_dir(&p).map_err(|e| origin.error("pid-file", &v, &e))?;
-                Some(p)
-            }
-        };
+        let asked =
+            map.is_some() || !policy.is_empty() || !socketmap.is_empty() || !memcache.is_empty();
+        check_asked(&i, asked)?;
+        let log_format = log_format(&i)?;
+        let state = state_file(&i)?;
+        let control = control(&i)?;
+        let (metrics, pid_file) = metrics_and_pid_file(&i)?;
         let listen_is_default = args.listen.is_empty() && file.listen.is_none();
 
         let matchers = build_matchers(path, source, file.pattern)?;
@@ -1215,6 +862,585 @@ impl Config {
             socket_group,
         })
     }
+}
+
+/// Where each setting may come from: the command line, else the
+/// configuration file (its path and text, for the messages), else the
+/// default.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    args: &'a DaemonArgs,
+    file: &'a FileConfig,
+    path: &'a Path,
+    source: &'a str,
+}
+
+/// Picks an optional value: the flag, else the file, else nothing.
+fn pick_opt<'a>(
+    flag: &Option<String>,
+    file: &Option<Spanned<String>>,
+    path: &'a Path,
+    source: &'a str,
+) -> Option<(String, Origin<'a>)> {
+    match (flag, file) {
+        (Some(v), _) => Some((v.clone(), Origin::Flag)),
+        (None, Some(v)) => Some((
+            v.get_ref().clone(),
+            Origin::File {
+                path,
+                source,
+                offset: v.span().start,
+            },
+        )),
+        (None, None) => None,
+    }
+}
+
+/// The syslog listeners; the addresses of those declared attested; the
+/// first network listener declared attested, with where it was given.
+fn listeners<'a>(
+    i: &Input<'a>,
+) -> Result<(Vec<ListenSpec>, Vec<String>, Option<(String, Origin<'a>)>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let mut listen = Vec::new();
+    let mut attested = Vec::new();
+    let mut attested_network = None;
+    for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
+        let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
+        let spec = parse_url(&url, UrlKind::Listen).map_err(|e| origin.error("listen", v, &e))?;
+        if let Some(mode) = spec.access().and_then(|a| a.mode)
+            && mode & 0o002 != 0
+        {
+            return Err(origin.error(
+                    "listen",
+                    v,
+                    "a syslog socket that every local user may write lets anyone forge login records: give write access to rsyslog's group instead, e.g. ?group=adm&mode=0620, or leave mode= out (0600: root only)",
+                ));
+        }
+        if declared {
+            attested.push(spec.address());
+            if !matches!(spec, ListenSpec::Unix(..)) && attested_network.is_none() {
+                attested_network = Some((v.to_string(), origin));
+            }
+        }
+        listen.push(spec);
+    }
+    if listen.is_empty() {
+        return Err(ConfigError(
+            "no listener: give at least one --listen udp://ADDR:PORT or unix:///PATH".into(),
+        ));
+    }
+    Ok((listen, attested, attested_network))
+}
+
+/// `--allow-from` and `--never`.
+fn peers(i: &Input<'_>) -> Result<(Vec<Cidr>, Vec<Cidr>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let allow_from = cidrs(
+        "allow-from",
+        pick_list(
+            &args.allow_from,
+            &file.allow_from,
+            DEFAULT_ALLOW_FROM,
+            path,
+            source,
+        ),
+        false,
+    )?;
+    let never = cidrs(
+        "never",
+        pick_list(&args.never, &file.never, DEFAULT_NEVER, path, source),
+        true,
+    )?;
+
+    Ok((allow_from, never))
+}
+
+/// `--window`: how long a login's grant lasts.
+fn window(i: &Input<'_>) -> Result<Duration, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.window, &file.window, DEFAULT_WINDOW, path, source);
+    let window = parse_duration(v).map_err(|e| origin.error("window", v, &e))?;
+    if window.is_zero() || window > Duration::from_secs(7 * 86400) {
+        return Err(origin.error(
+            "window",
+            v,
+            "expected a window longer than 0 and at most 7d",
+        ));
+    }
+
+    Ok(window)
+}
+
+/// `--map`, `--map-type` and `--postmap`: the Postfix map, unless none.
+fn map_sink(i: &Input<'_>) -> Result<Option<PostfixMap>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(
+        &args.map_type,
+        &file.map_type,
+        DEFAULT_MAP_TYPE,
+        path,
+        source,
+    );
+    let map_type = MapType::parse(v).ok_or_else(|| {
+            origin.error(
+                "map-type",
+                v,
+                "expected hash, btree, lmdb or cdb (types postmap builds into one file that can be replaced atomically)",
+            )
+        })?;
+    let (v, origin) = pick(&args.map, &file.map, DEFAULT_MAP, path, source);
+    let map_none = v == "none";
+    let map_path = PathBuf::from(v);
+    if map_none {
+        // No map file: Postfix asks the policy service or socketmap.
+    } else if v.is_empty() || v.ends_with('/') {
+        return Err(origin.error(
+            "map",
+            v,
+            "expected the path of a file, e.g. /var/lib/smtp-after-popd/authenticated_ips",
+        ));
+    }
+    if !map_none && let Err(e) = creatable_dir(&map_path) {
+        return Err(origin.error("map", v, &e));
+    }
+    let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
+    let map = (!map_none).then(|| PostfixMap {
+        path: map_path,
+        map_type,
+        postmap: PathBuf::from(v),
+        mail_config: None,
+        incremental: true,
+    });
+
+    Ok(map)
+}
+
+/// The deprecated `--socket-mode`, and `--receive-buffer`.
+fn socket_options(i: &Input<'_>) -> Result<(Option<u32>, Option<usize>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let socket_mode = match (&args.socket_mode, &file.socket_mode) {
+        (None, None) => None,
+        _ => {
+            let (v, origin) = pick(
+                &args.socket_mode,
+                &file.socket_mode,
+                DEFAULT_SOCKET_MODE,
+                path,
+                source,
+            );
+            Some(parse_mode(v).map_err(|e| origin.error("socket-mode", v, &e))?)
+        }
+    };
+
+    let receive_buffer = match (&args.receive_buffer, &file.receive_buffer) {
+        (Some(v), _) => {
+            Some(parse_size(v).map_err(|e| Origin::Flag.error("receive-buffer", v, &e))?)
+        }
+        (None, Some(v)) => {
+            let origin = Origin::File {
+                path,
+                source,
+                offset: v.span().start,
+            };
+            let text = match v.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(n) => n.to_string(),
+                other => other.to_string(),
+            };
+            Some(parse_size(&text).map_err(|e| origin.error("receive-buffer", &text, &e))?)
+        }
+        (None, None) => None,
+    };
+
+    Ok((socket_mode, receive_buffer))
+}
+
+/// `--log-level`.
+fn log_level(i: &Input<'_>) -> Result<Level, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.log_level, &file.log_level, "info", path, source);
+    let log_level = match v {
+        "debug" => Level::Debug,
+        "info" => Level::Info,
+        "warning" => Level::Warning,
+        "error" => Level::Error,
+        _ => {
+            return Err(origin.error("log-level", v, "expected debug, info, warning or error"));
+        }
+    };
+
+    Ok(log_level)
+}
+
+/// `--hold-while-connected` and `--hold-max` (at least the window).
+fn hold(i: &Input<'_>, window: Duration) -> Result<(bool, Duration), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let hold_while_connected = yes_no(
+        "hold-while-connected",
+        &args.hold_while_connected,
+        &file.hold_while_connected,
+    )?;
+    let (v, origin) = pick(
+        &args.hold_max,
+        &file.hold_max,
+        DEFAULT_HOLD_MAX,
+        path,
+        source,
+    );
+    let hold_max = parse_duration(v).map_err(|e| origin.error("hold-max", v, &e))?;
+    if hold_max.is_zero() || hold_max > Duration::from_secs(7 * 86400) {
+        return Err(origin.error(
+            "hold-max",
+            v,
+            "expected a duration longer than 0 and at most 7d",
+        ));
+    }
+    if hold_while_connected && hold_max < window {
+        return Err(origin.error(
+            "hold-max",
+            v,
+            &format!(
+                "expected at least the window ({}) with hold-while-connected",
+                format_duration(window)
+            ),
+        ));
+    }
+
+    Ok((hold_while_connected, hold_max))
+}
+
+/// `--max-grants`.
+fn max_grants(i: &Input<'_>) -> Result<usize, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let max_grants = {
+        let (text, origin) = match (&args.max_grants, &file.max_grants) {
+            (Some(v), _) => (v.clone(), Origin::Flag),
+            (None, Some(v)) => (
+                match v.get_ref() {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                Origin::File {
+                    path,
+                    source,
+                    offset: v.span().start,
+                },
+            ),
+            (None, None) => (DEFAULT_MAX_GRANTS.to_string(), Origin::Default),
+        };
+        text.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000_000).contains(n))
+            .ok_or_else(|| {
+                origin.error(
+                    "max-grants",
+                    &text,
+                    "expected a whole number of addresses from 1 to 10000000",
+                )
+            })?
+    };
+
+    Ok(max_grants)
+}
+
+/// `--user` and `--group`, and the deprecated `--socket-group`.
+fn privileges(i: &Input<'_>) -> Result<(Option<(User, Group)>, Option<Group>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let run_as = match pick_opt(&args.user, &file.user, path, source) {
+        None => {
+            if let Some((v, origin)) = pick_opt(&args.group, &file.group, path, source) {
+                return Err(origin.error(
+                    "group",
+                    &v,
+                    "only meaningful with --user: name the user too",
+                ));
+            }
+            None
+        }
+        Some((v, origin)) => {
+            let u = privilege::user(&v).map_err(|e| origin.error("user", &v, &e))?;
+            let g = match pick_opt(&args.group, &file.group, path, source) {
+                Some((gv, gorigin)) => {
+                    privilege::group(&gv).map_err(|e| gorigin.error("group", &gv, &e))?
+                }
+                None => Group {
+                    name: privilege::group_name(u.gid).unwrap_or_else(|| u.gid.to_string()),
+                    gid: u.gid,
+                },
+            };
+            Some((u, g))
+        }
+    };
+    let socket_group = match pick_opt(&args.socket_group, &file.socket_group, path, source) {
+        None => None,
+        Some((v, origin)) => {
+            Some(privilege::group(&v).map_err(|e| origin.error("socket-group", &v, &e))?)
+        }
+    };
+
+    Ok((run_as, socket_group))
+}
+
+/// `--trust-attestation-from` and `--trusted-proxy`, checked against the
+/// listeners declared attested and `--require-attestation`.
+fn trust(
+    i: &Input<'_>,
+    attested: &[String],
+    attested_network: &Option<(String, Origin<'_>)>,
+    require_attestation: bool,
+) -> Result<(Vec<Cidr>, Vec<Cidr>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let trust_attestation_from = cidrs(
+        "trust-attestation-from",
+        pick_list(
+            &args.trust_attestation_from,
+            &file.trust_attestation_from,
+            &[],
+            path,
+            source,
+        ),
+        false,
+    )?;
+    match (&attested_network, trust_attestation_from.is_empty()) {
+        (Some((v, origin)), true) => {
+            return Err(origin.error(
+                    "listen",
+                    v,
+                    "attestation from network peers is believed only from --trust-attestation-from peers: list the hosts whose rsyslog forwards with the attested rule",
+                ));
+        }
+        (None, false) => {
+            return Err(ConfigError(format!(
+                "trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes: attestation is believed only on listeners declared to carry the attested rule; add ?attested=yes to the listener those peers send to{}",
+                if path.as_os_str().is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", path.display())
+                }
+            )));
+        }
+        _ => {}
+    }
+    if require_attestation && attested.is_empty() {
+        return Err(ConfigError(format!(
+            "require-attestation is on, but no listener is declared ?attested=yes, so every login would be refused: forward with rsyslog/smtp-after-popd-attested.conf and declare its socket, e.g. --listen unix:///run/smtp-after-popd/syslog.sock?attested=yes{}",
+            if path.as_os_str().is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", path.display())
+            }
+        )));
+    }
+    let trusted_proxy = cidrs(
+        "trusted-proxy",
+        pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
+        false,
+    )?;
+
+    Ok((trust_attestation_from, trusted_proxy))
+}
+
+/// `--policy` and `--socketmap`: the services Postfix asks.
+fn stream_services(i: &Input<'_>) -> Result<(Vec<ListenSpec>, Vec<ListenSpec>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let mut policy = Vec::new();
+    for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
+        let spec = parse_url(v, UrlKind::Policy).map_err(|e| origin.error("policy", v, &e))?;
+        policy.push(spec);
+    }
+    let mut socketmap = Vec::new();
+    for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
+        let spec =
+            parse_url(v, UrlKind::Socketmap).map_err(|e| origin.error("socketmap", v, &e))?;
+        socketmap.push(spec);
+    }
+    Ok((policy, socketmap))
+}
+
+/// `--log-format`.
+fn log_format(i: &Input<'_>) -> Result<LogFormat, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.log_format, &file.log_format, "text", path, source);
+    let log_format = match v {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        _ => return Err(origin.error("log-format", v, "expected text or json")),
+    };
+    Ok(log_format)
+}
+
+/// `--state`: the state file, unless none.
+fn state_file(i: &Input<'_>) -> Result<Option<PathBuf>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.state, &file.state, "none", path, source);
+    let state = if v == "none" {
+        None
+    } else {
+        let p = PathBuf::from(v);
+        if v.is_empty() || v.ends_with('/') {
+            return Err(origin.error(
+                "state",
+                v,
+                "expected the path of a file, e.g. /var/lib/smtp-after-popd/state",
+            ));
+        }
+        creatable_dir(&p).map_err(|e| origin.error("state", v, &e))?;
+        Some(p)
+    };
+    Ok(state)
+}
+
+/// `--control`: the control socket unless none, and whether it is the
+/// default path.
+fn control(i: &Input<'_>) -> Result<Option<(PathBuf, bool)>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.control, &file.control, DEFAULT_CONTROL, path, source);
+    let control = if v == "none" {
+        None
+    } else {
+        if v.is_empty() || v.ends_with('/') || v.len() > 107 {
+            return Err(origin.error(
+                    "control",
+                    v,
+                    "expected a socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
+                ));
+        }
+        Some((PathBuf::from(v), matches!(origin, Origin::Default)))
+    };
+    Ok(control)
+}
+
+/// `--metrics` and `--pid-file`.
+fn metrics_and_pid_file(
+    i: &Input<'_>,
+) -> Result<(Option<ListenSpec>, Option<PathBuf>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let metrics = match pick_opt(&args.metrics, &file.metrics, path, source) {
+        None => None,
+        Some((v, origin)) => {
+            Some(parse_url(&v, UrlKind::Metrics).map_err(|e| origin.error("metrics", &v, &e))?)
+        }
+    };
+    let pid_file = match pick_opt(&args.pid_file, &file.pid_file, path, source) {
+        None => None,
+        Some((v, _)) if v == "none" => None,
+        Some((v, origin)) => {
+            if v.is_empty() || v.ends_with('/') {
+                return Err(origin.error(
+                    "pid-file",
+                    &v,
+                    "expected the path of a file, e.g. /run/smtp-after-popd/smtp-after-popd.pid",
+                ));
+            }
+            let p = PathBuf::from(&v);
+            creatable_dir(&p).map_err(|e| origin.error("pid-file", &v, &e))?;
+            Some(p)
+        }
+    };
+    Ok((metrics, pid_file))
+}
+
+/// Refuses `--map none` when Postfix would have nothing else to ask.
+fn check_asked(i: &Input<'_>, asked: bool) -> Result<(), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    if !asked {
+        let origin = if args.map.is_some() {
+            Origin::Flag
+        } else {
+            Origin::File {
+                path,
+                source,
+                offset: file.map.as_ref().map_or(0, |m| m.span().start),
+            }
+        };
+        return Err(origin.error(
+                "map",
+                "none",
+                "with no map file, Postfix needs --policy, --socketmap or --memcache to ask: give one of them, or a map path",
+            ));
+    }
+    Ok(())
 }
 
 /// The settings a reload cannot change, since they open sockets or files

@@ -1871,25 +1871,7 @@ pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
 /// address, port and path are well formed.
 fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
     let Some((scheme, rest)) = s.split_once("://") else {
-        if let Some(path) = s.strip_prefix("unix:") {
-            return Some(format!(
-                "a unix socket URL has three slashes before the absolute path: unix:///{}",
-                path.trim_start_matches('/')
-            ));
-        }
-        let mut why = format!("no scheme: {}", kind.expected());
-        if s.parse::<SocketAddr>().is_ok() {
-            let suggest: Vec<String> = kind
-                .schemes()
-                .iter()
-                .filter(|sc| **sc != "unix")
-                .map(|sc| format!("{sc}://{s}"))
-                .collect();
-            if !suggest.is_empty() {
-                why = format!("no scheme: write {}", suggest.join(" or "));
-            }
-        }
-        return Some(why);
+        return Some(diagnose_no_scheme(s, kind));
     };
     if !["udp", "tcp", "unix"].contains(&scheme) {
         return Some(format!("unknown scheme \"{scheme}\": {}", kind.expected()));
@@ -1898,41 +1880,83 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
         return Some(kind.refuse_scheme(scheme));
     }
     if scheme == "unix" {
-        return if rest.is_empty() {
-            Some(format!("no socket path: {}", kind.expected()))
-        } else if !rest.starts_with('/') {
-            Some(format!(
-                "the socket path must be absolute, after three slashes: unix:///{rest}"
-            ))
-        } else if rest.ends_with('/') {
-            Some("the path names a directory: give the socket file's path".into())
-        } else {
-            None
-        };
+        return diagnose_unix_path(rest, kind);
     }
-    let hostport = rest;
+    let (host, bracketed, port) = match split_host_port(scheme, rest, kind) {
+        Ok(parts) => parts,
+        Err(why) => return Some(why),
+    };
+    diagnose_host(scheme, host, bracketed, kind)
+        .or_else(|| diagnose_port(scheme, host, bracketed, port, kind))
+}
+
+/// What is wrong with a URL without `://`.
+fn diagnose_no_scheme(s: &str, kind: UrlKind) -> String {
+    if let Some(path) = s.strip_prefix("unix:") {
+        return format!(
+            "a unix socket URL has three slashes before the absolute path: unix:///{}",
+            path.trim_start_matches('/')
+        );
+    }
+    let mut why = format!("no scheme: {}", kind.expected());
+    if s.parse::<SocketAddr>().is_ok() {
+        let suggest: Vec<String> = kind
+            .schemes()
+            .iter()
+            .filter(|sc| **sc != "unix")
+            .map(|sc| format!("{sc}://{s}"))
+            .collect();
+        if !suggest.is_empty() {
+            why = format!("no scheme: write {}", suggest.join(" or "));
+        }
+    }
+    why
+}
+
+/// What is wrong with the path of a `unix://` URL.
+fn diagnose_unix_path(rest: &str, kind: UrlKind) -> Option<String> {
+    if rest.is_empty() {
+        Some(format!("no socket path: {}", kind.expected()))
+    } else if !rest.starts_with('/') {
+        Some(format!(
+            "the socket path must be absolute, after three slashes: unix:///{rest}"
+        ))
+    } else if rest.ends_with('/') {
+        Some("the path names a directory: give the socket file's path".into())
+    } else {
+        None
+    }
+}
+
+/// The address (without brackets), whether it was in brackets, and the
+/// port (if a colon gave one) of a `udp://` or `tcp://` URL.
+fn split_host_port<'a>(
+    scheme: &str,
+    hostport: &'a str,
+    kind: UrlKind,
+) -> Result<(&'a str, bool, Option<&'a str>), String> {
     if let Some(i) = hostport.find('/') {
-        return Some(format!(
+        return Err(format!(
             "unexpected \"{}\" after the address: a {scheme}:// URL is {scheme}://ADDR:PORT",
             &hostport[i..]
         ));
     }
-    let (host, bracketed, port) = if let Some(inner) = hostport.strip_prefix('[') {
+    let parts = if let Some(inner) = hostport.strip_prefix('[') {
         let Some((host, after)) = inner.split_once(']') else {
-            return Some("the IPv6 address has no closing ]".into());
+            return Err("the IPv6 address has no closing ]".into());
         };
         match after.strip_prefix(':') {
             Some(p) => (host, true, Some(p)),
             None if after.is_empty() => (host, true, None),
             None => {
-                return Some(format!(
+                return Err(format!(
                     "unexpected \"{after}\" after ]: the port follows a colon, e.g. {scheme}://[{host}]:{}",
                     kind.example_port()
                 ));
             }
         }
     } else if hostport.matches(':').count() > 1 {
-        return Some(format!(
+        return Err(format!(
             "an IPv6 address goes in brackets, the port after them: e.g. {scheme}://[::1]:{}",
             kind.example_port()
         ));
@@ -1942,6 +1966,11 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
             None => (hostport, false, None),
         }
     };
+    Ok(parts)
+}
+
+/// What is wrong with the address of a `udp://` or `tcp://` URL.
+fn diagnose_host(scheme: &str, host: &str, bracketed: bool, kind: UrlKind) -> Option<String> {
     if host.is_empty() {
         return Some(format!(
             "no address: give the IP address to listen on, e.g. {scheme}://127.0.0.1:{port}, {scheme}://0.0.0.0:{port} (every IPv4 address) or {scheme}://[::]:{port} (IPv6 and IPv4)",
@@ -1963,6 +1992,17 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
             )
         });
     }
+    None
+}
+
+/// What is wrong with the port of a `udp://` or `tcp://` URL.
+fn diagnose_port(
+    scheme: &str,
+    host: &str,
+    bracketed: bool,
+    port: Option<&str>,
+    kind: UrlKind,
+) -> Option<String> {
     let shown = if bracketed {
         format!("[{host}]")
     } else {

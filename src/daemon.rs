@@ -30,7 +30,7 @@ use crate::policy;
 use crate::privilege;
 use crate::receiver::{self, Listener};
 use crate::record;
-use crate::startup;
+use crate::startup::{self, StartError};
 use crate::state::StateWriter;
 use crate::stats::{ListenerCounts, Stats};
 use crate::swap::Swap;
@@ -455,49 +455,6 @@ fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
     status
 }
 
-/// Why the daemon does not start: the exit status it ends with
-/// ([`EX_CONFIG`] for what the configuration must change, [`EX_OSERR`] for
-/// what the system refused), and the message that says what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StartError {
-    /// The exit status.
-    pub status: i32,
-    /// The message, ready to log.
-    pub message: String,
-}
-
-impl StartError {
-    /// A failure the configuration must fix (exit status 78).
-    pub fn config(message: impl std::fmt::Display) -> StartError {
-        StartError {
-            status: EX_CONFIG,
-            message: message.to_string(),
-        }
-    }
-
-    /// A failure of the system: a port in use, no permission (exit
-    /// status 71).
-    pub fn os(message: impl std::fmt::Display) -> StartError {
-        StartError {
-            status: EX_OSERR,
-            message: message.to_string(),
-        }
-    }
-
-    /// Logs the failure; gives the exit status.
-    pub fn report(self) -> i32 {
-        fatal(self.status, self.message)
-    }
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for StartError {}
-
 /// What the running daemon needs again when it stops.
 struct Started {
     /// The inodes of the UDP listeners, whose kernel drop counts the stop
@@ -532,10 +489,10 @@ async fn start(
 ) -> Result<(Running, Started), StartError> {
     // Without systemd nobody made the runtime and state directories: make
     // them as the unit would, before the first socket is bound there.
-    startup::make_dirs(&config).map_err(StartError::config)?;
+    startup::make_dirs(&config)?;
     let sockets = bind_sockets(&config, activated)?;
     drop_privileges(&config)?;
-    startup::check_writable(&config).map_err(StartError::config)?;
+    startup::check_writable(&config)?;
     if let Some(map) = config.map.as_mut() {
         postmap_config(map);
     }
@@ -545,7 +502,7 @@ async fn start(
     let state_writer = start_sinks(&config, &table, &stats, settings.window, tasks).await?;
     check_postfix(&config).await;
     if let Some(p) = &config.pid_file {
-        startup::write_pid_file(p).map_err(StartError::config)?;
+        startup::write_pid_file(p)?;
     }
     let listener_counts = Arc::new(ListenerCounts::default());
     let status = Arc::new(Status {

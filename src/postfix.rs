@@ -720,6 +720,27 @@ mod tests {
             text[2]
         );
         assert!(f.iter().all(|f| f.level == Level::Warning));
+    }
+
+    #[test]
+    fn memcache_tables_of_others_or_missing_are_noticed() {
+        use crate::memcache::Server;
+        let servers = [Server::Inet("127.0.0.1".into(), 11211)];
+        let cf = "/etc/postfix/smtp-after-popd-memcache.cf".to_string();
+        let good = crate::postfix_config::memcache_cf(&servers[0], "smtp-after-popd:");
+        let main = format!(
+            "smtpd_relay_restrictions = permit_mynetworks, permit_auth_destination, check_client_access memcache:{cf}, reject_unauth_destination\n"
+        );
+        // The daemon writes memcached only (--map none), as postfix-config
+        // says: nothing to report, and no notice that Postfix does not
+        // look up a map.
+        let memcache_only = Served {
+            map: None,
+            socketmaps: vec![],
+            memcache: &servers,
+            memcache_prefix: "smtp-after-popd:",
+        };
+        let m = map("/nonexistent-sap/authenticated_ips");
         // A table of ours while the daemon writes no memcached: a notice
         // (another daemon may write it), beside the map's own check.
         let map_only = Served {

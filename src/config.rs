@@ -875,6 +875,16 @@ struct Input<'a> {
     source: &'a str,
 }
 
+/// The syslog listeners; the addresses of those declared attested; the
+/// first network listener declared attested, with where it was given.
+type Listeners<'a> = (Vec<ListenSpec>, Vec<String>, Option<(String, Origin<'a>)>);
+
+/// The user and group to switch to, if any.
+type RunAs = Option<(User, Group)>;
+
+/// Whether two configurations differ in a group of settings.
+type Differs = fn(&Config, &Config) -> bool;
+
 /// Picks an optional value: the flag, else the file, else nothing.
 fn pick_opt<'a>(
     flag: &Option<String>,
@@ -898,9 +908,7 @@ fn pick_opt<'a>(
 
 /// The syslog listeners; the addresses of those declared attested; the
 /// first network listener declared attested, with where it was given.
-fn listeners<'a>(
-    i: &Input<'a>,
-) -> Result<(Vec<ListenSpec>, Vec<String>, Option<(String, Origin<'a>)>), ConfigError> {
+fn listeners<'a>(i: &Input<'a>) -> Result<Listeners<'a>, ConfigError> {
     let Input {
         args,
         file,
@@ -1185,7 +1193,7 @@ fn max_grants(i: &Input<'_>) -> Result<usize, ConfigError> {
 }
 
 /// `--user` and `--group`, and the deprecated `--socket-group`.
-fn privileges(i: &Input<'_>) -> Result<(Option<(User, Group)>, Option<Group>), ConfigError> {
+fn privileges(i: &Input<'_>) -> Result<(RunAs, Option<Group>), ConfigError> {
     let Input {
         args,
         file,
@@ -1446,7 +1454,7 @@ fn check_asked(i: &Input<'_>, asked: bool) -> Result<(), ConfigError> {
 /// The settings a reload cannot change, since they open sockets or files
 /// or are in force only from the start: each by the name the reload's
 /// warning gives it, with whether it differs between two configurations.
-const RESTART_GROUPS: &[(&str, fn(&Config, &Config) -> bool)] = &[
+const RESTART_GROUPS: &[(&str, Differs)] = &[
     ("listen", |a, b| {
         addresses(&a.listen) != addresses(&b.listen) || a.attested != b.attested
     }),

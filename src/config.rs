@@ -528,6 +528,38 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
 }
 
+/// Why a value is refused, without where it came from (which
+/// [`Origin::error`] adds): "expected a duration such as 90m, 4h or 1d".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl From<String> for Invalid {
+    fn from(why: String) -> Invalid {
+        Invalid(why)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(why: &str) -> Invalid {
+        Invalid(why.to_string())
+    }
+}
+
+/// `Invalid(format!(...))`.
+macro_rules! invalid {
+    ($($why:tt)*) => {
+        Invalid(format!($($why)*))
+    };
+}
+
 /// A configuration error, ready to print.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -592,7 +624,7 @@ enum Origin<'a> {
 }
 
 impl Origin<'_> {
-    fn error(&self, key: &str, value: &str, expected: &str) -> ConfigError {
+    fn error(&self, key: &str, value: &str, expected: impl fmt::Display) -> ConfigError {
         match self {
             Origin::Default => ConfigError(format!("default {key} \"{value}\": {expected}")),
             Origin::Flag => ConfigError(format!("--{key} \"{value}\": {expected}")),
@@ -653,18 +685,18 @@ pub fn is_own_dir(dir: &Path) -> bool {
 
 /// Checks that the directory a file goes in exists, or is one the daemon
 /// makes at start-up ([`is_own_dir`]).
-fn creatable_dir(file: &Path) -> Result<(), String> {
+fn creatable_dir(file: &Path) -> Result<(), Invalid> {
     let dir = dir_of(file);
     if dir.is_dir() || is_own_dir(&dir) {
         return Ok(());
     }
     if dir.exists() {
-        return Err(format!(
+        return Err(invalid!(
             "{} is not a directory: choose another path",
             dir.display()
         ));
     }
-    Err(format!(
+    Err(invalid!(
         "the directory {} does not exist: create it or choose another path (the daemon makes only its own directories, named {OWN_DIR}, when they are missing)",
         dir.display()
     ))
@@ -1683,19 +1715,19 @@ pub struct UrlParams<'a> {
 
 impl<'a> UrlParams<'a> {
     /// Splits `url` into what comes before `?` and its parameters.
-    pub fn split(url: &'a str) -> Result<(&'a str, UrlParams<'a>), String> {
+    pub fn split(url: &'a str) -> Result<(&'a str, UrlParams<'a>), Invalid> {
         let Some((base, query)) = url.split_once('?') else {
             return Ok((url, UrlParams::default()));
         };
         let mut pairs: Vec<(&str, &str)> = Vec::new();
         for part in query.split('&') {
             let Some((key, value)) = part.split_once('=').filter(|(k, _)| !k.is_empty()) else {
-                return Err(format!(
+                return Err(invalid!(
                     "\"{part}\" after ? is not KEY=VALUE (settings are joined by &)"
                 ));
             };
             if pairs.iter().any(|(k, _)| *k == key) {
-                return Err(format!("{key}= is given twice"));
+                return Err(invalid!("{key}= is given twice"));
             }
             pairs.push((key, value));
         }
@@ -1710,10 +1742,10 @@ impl<'a> UrlParams<'a> {
 
     /// Refuses a parameter no one took; `known` says which this kind of
     /// URL takes.
-    pub fn finish(self, known: &str) -> Result<(), String> {
+    pub fn finish(self, known: &str) -> Result<(), Invalid> {
         match self.pairs.first() {
             None => Ok(()),
-            Some((key, _)) => Err(format!("unknown setting {key}=: {known}")),
+            Some((key, _)) => Err(invalid!("unknown setting {key}=: {known}")),
         }
     }
 }
@@ -1787,15 +1819,15 @@ impl UrlKind {
 }
 
 /// Parses an octal file mode (`0660`).
-pub fn parse_mode(v: &str) -> Result<u32, String> {
+pub fn parse_mode(v: &str) -> Result<u32, Invalid> {
     u32::from_str_radix(v.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777 && !v.is_empty())
-        .ok_or_else(|| "expected an octal file mode such as 0660".to_string())
+        .ok_or_else(|| "expected an octal file mode such as 0660".into())
 }
 
 /// The owner, group and mode a unix socket URL gives.
-fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, String> {
+fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, Invalid> {
     let owner = params.take("owner");
     let group = params.take("group");
     let mode = params.take("mode");
@@ -1816,7 +1848,7 @@ fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, String> {
 /// (`unix:///PATH?attested=yes`, `udp://ADDR:PORT?allow=CIDR&attested=yes`):
 /// the URL without it, and whether the listener is declared to carry the
 /// attested rule. The other settings are left for [`parse_listen`].
-pub fn split_attested(url: &str) -> Result<(String, bool), String> {
+pub fn split_attested(url: &str) -> Result<(String, bool), Invalid> {
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_string(), false));
     };
@@ -1825,12 +1857,12 @@ pub fn split_attested(url: &str) -> Result<(String, bool), String> {
     for item in query.split('&') {
         match item.strip_prefix("attested=") {
             Some(v) if attested.is_some() => {
-                return Err(format!("attested={v}: attested is given twice"));
+                return Err(invalid!("attested={v}: attested is given twice"));
             }
             Some("yes") => attested = Some(true),
             Some("no") => attested = Some(false),
             Some(other) => {
-                return Err(format!(
+                return Err(invalid!(
                     "attested={other}: expected attested=yes (the listener carries rsyslog/smtp-after-popd-attested.conf) or attested=no"
                 ));
             }
@@ -1848,7 +1880,7 @@ pub fn split_attested(url: &str) -> Result<(String, bool), String> {
 /// Parses a socket URL for `kind`: the forms [`parse_listen`] takes, those
 /// of the kind only, with a message that names the part that is wrong (the
 /// scheme, the address, the port or the path) and how to write it.
-pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
+pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, Invalid> {
     let full;
     let s = if kind == UrlKind::Metrics && !s.contains("://") {
         full = format!("tcp://{s}");
@@ -1860,7 +1892,7 @@ pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
     // its own message; the settings after `?` are then parse_listen's.
     let base = s.split_once('?').map_or(s, |(base, _)| base);
     if let Some(why) = diagnose_url(base, kind) {
-        return Err(why);
+        return Err(Invalid(why));
     }
     let spec = parse_listen(s)?;
     let scheme = match spec {
@@ -1869,7 +1901,7 @@ pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
         ListenSpec::Unix(..) => "unix",
     };
     if !kind.schemes().contains(&scheme) {
-        return Err(kind.refuse_scheme(scheme));
+        return Err(Invalid(kind.refuse_scheme(scheme)));
     }
     Ok(spec)
 }
@@ -1892,7 +1924,7 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
     }
     let (host, bracketed, port) = match split_host_port(scheme, rest, kind) {
         Ok(parts) => parts,
-        Err(why) => return Some(why),
+        Err(why) => return Some(why.0),
     };
     diagnose_host(scheme, host, bracketed, kind)
         .or_else(|| diagnose_port(scheme, host, bracketed, port, kind))
@@ -1942,9 +1974,9 @@ fn split_host_port<'a>(
     scheme: &str,
     hostport: &'a str,
     kind: UrlKind,
-) -> Result<(&'a str, bool, Option<&'a str>), String> {
+) -> Result<(&'a str, bool, Option<&'a str>), Invalid> {
     if let Some(i) = hostport.find('/') {
-        return Err(format!(
+        return Err(invalid!(
             "unexpected \"{}\" after the address: a {scheme}:// URL is {scheme}://ADDR:PORT",
             &hostport[i..]
         ));
@@ -1957,14 +1989,14 @@ fn split_host_port<'a>(
             Some(p) => (host, true, Some(p)),
             None if after.is_empty() => (host, true, None),
             None => {
-                return Err(format!(
+                return Err(invalid!(
                     "unexpected \"{after}\" after ]: the port follows a colon, e.g. {scheme}://[{host}]:{}",
                     kind.example_port()
                 ));
             }
         }
     } else if hostport.matches(':').count() > 1 {
-        return Err(format!(
+        return Err(invalid!(
             "an IPv6 address goes in brackets, the port after them: e.g. {scheme}://[::1]:{}",
             kind.example_port()
         ));
@@ -2038,7 +2070,7 @@ fn diagnose_port(
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
 /// `?allow=CIDR[,CIDR...]`) or `unix:///PATH` (with
 /// `?owner=USER&group=GROUP&mode=MODE`, each optional).
-pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+pub fn parse_listen(s: &str) -> Result<ListenSpec, Invalid> {
     const EXPECTED: &str = "expected udp://ADDR:PORT or tcp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or tcp://[::]:5514, optionally followed by ?allow=CIDR,CIDR) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock, optionally followed by ?owner=USER&group=GROUP&mode=MODE)";
     let (base, mut params) = UrlParams::split(s).map_err(|e| format!("{EXPECTED}; {e}"))?;
     for (scheme, tcp) in [("udp://", false), ("tcp://", true)] {
@@ -2067,7 +2099,7 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     }
     if let Some(rest) = base.strip_prefix("unix://") {
         if !rest.starts_with('/') || rest.len() < 2 || rest.ends_with('/') {
-            return Err(format!("{EXPECTED}; the path must be absolute"));
+            return Err(invalid!("{EXPECTED}; the path must be absolute"));
         }
         // sockaddr_un holds at most 107 bytes of path.
         if rest.len() > 107 {
@@ -2085,7 +2117,7 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
 
 /// Parses a duration such as `90s`, `2m`, `1h30m`, `1d` or `500ms`; a bare
 /// number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, Invalid> {
     const EXPECTED: &str = "expected a duration such as 90s, 2m, 1h or 1h30m";
     let s = s.trim();
     if s.is_empty() {
@@ -2136,7 +2168,7 @@ pub fn format_duration(d: Duration) -> String {
 
 /// Parses a byte size: a number, optionally followed by K or M (powers of
 /// 1024).
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub fn parse_size(s: &str) -> Result<usize, Invalid> {
     const EXPECTED: &str = "expected a size in bytes such as 262144, 256K or 4M";
     let t = s.trim();
     let (num, mul) = if let Some(n) = t.strip_suffix(['K', 'k']) {
@@ -2483,7 +2515,7 @@ mod tests {
             ),
         ] {
             let e = parse_listen(url).unwrap_err();
-            assert!(e.contains(error), "{url}: {e}");
+            assert!(e.0.contains(error), "{url}: {e}");
         }
         assert!(parse_listen("tcp://1.2.3.4").is_err());
         assert!(parse_listen("unix://relative").is_err());

@@ -1175,7 +1175,7 @@ fn hold(i: &Input<'_>, window: Duration) -> Result<(bool, Duration), ConfigError
         return Err(origin.error(
             "hold-max",
             v,
-            &format!(
+            format!(
                 "expected at least the window ({}) with hold-while-connected",
                 format_duration(window)
             ),

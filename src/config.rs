@@ -541,6 +541,38 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
 }
 
+/// Why a value is refused, without where it came from (which
+/// [`Origin::error`] adds): "expected a duration such as 90m, 4h or 1d".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl From<String> for Invalid {
+    fn from(why: String) -> Invalid {
+        Invalid(why)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(why: &str) -> Invalid {
+        Invalid(why.to_string())
+    }
+}
+
+/// `Invalid(format!(...))`.
+macro_rules! invalid {
+    ($($why:tt)*) => {
+        Invalid(format!($($why)*))
+    };
+}
+
 /// A configuration error, ready to print.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -605,7 +637,7 @@ enum Origin<'a> {
 }
 
 impl Origin<'_> {
-    fn error(&self, key: &str, value: &str, expected: &str) -> ConfigError {
+    fn error(&self, key: &str, value: &str, expected: impl fmt::Display) -> ConfigError {
         match self {
             Origin::Default => ConfigError(format!("default {key} \"{value}\": {expected}")),
             Origin::Flag => ConfigError(format!("--{key} \"{value}\": {expected}")),
@@ -666,18 +698,18 @@ pub fn is_own_dir(dir: &Path) -> bool {
 
 /// Checks that the directory a file goes in exists, or is one the daemon
 /// makes at start-up ([`is_own_dir`]).
-fn creatable_dir(file: &Path) -> Result<(), String> {
+fn creatable_dir(file: &Path) -> Result<(), Invalid> {
     let dir = dir_of(file);
     if dir.is_dir() || is_own_dir(&dir) {
         return Ok(());
     }
     if dir.exists() {
-        return Err(format!(
+        return Err(invalid!(
             "{} is not a directory: choose another path",
             dir.display()
         ));
     }
-    Err(format!(
+    Err(invalid!(
         "the directory {} does not exist: create it or choose another path (the daemon makes only its own directories, named {OWN_DIR}, when they are missing)",
         dir.display()
     ))
@@ -782,6 +814,16 @@ impl Config {
         v
     }
 
+    /// The settings that differ in `new` but keep their value until a
+    /// restart, by name (empty if a reload applies every change).
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        RESTART_GROUPS
+            .iter()
+            .filter(|(_, differs)| differs(self, new))
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
     /// Validates the daemon's arguments, reading `--config` if given.
     pub fn from_args(args: &DaemonArgs) -> Result<Config, ConfigError> {
         let (path, source, file) = match &args.config {
@@ -794,392 +836,39 @@ impl Config {
         let path = path.as_path();
         let source = source.as_str();
 
-        let mut listen = Vec::new();
-        let mut attested = Vec::new();
-        let mut attested_network = None;
-        for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
-            let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
-            let spec =
-                parse_url(&url, UrlKind::Listen).map_err(|e| origin.error("listen", v, &e))?;
-            if let Some(mode) = spec.access().and_then(|a| a.mode)
-                && mode & 0o002 != 0
-            {
-                return Err(origin.error(
-                    "listen",
-                    v,
-                    "a syslog socket that every local user may write lets anyone forge login records: give write access to rsyslog's group instead, e.g. ?group=adm&mode=0620, or leave mode= out (0600: root only)",
-                ));
-            }
-            if declared {
-                attested.push(spec.address());
-                if !matches!(spec, ListenSpec::Unix(..)) && attested_network.is_none() {
-                    attested_network = Some((v.to_string(), origin));
-                }
-            }
-            listen.push(spec);
-        }
-        if listen.is_empty() {
-            return Err(ConfigError(
-                "no listener: give at least one --listen udp://ADDR:PORT or unix:///PATH".into(),
-            ));
-        }
-        let allow_from = cidrs(
-            "allow-from",
-            pick_list(
-                &args.allow_from,
-                &file.allow_from,
-                DEFAULT_ALLOW_FROM,
-                path,
-                source,
-            ),
-            false,
-        )?;
-        let never = cidrs(
-            "never",
-            pick_list(&args.never, &file.never, DEFAULT_NEVER, path, source),
-            true,
-        )?;
-
-        let (v, origin) = pick(&args.window, &file.window, DEFAULT_WINDOW, path, source);
-        let window = parse_duration(v).map_err(|e| origin.error("window", v, &e))?;
-        if window.is_zero() || window > Duration::from_secs(7 * 86400) {
-            return Err(origin.error(
-                "window",
-                v,
-                "expected a window longer than 0 and at most 7d",
-            ));
-        }
-
-        let (v, origin) = pick(
-            &args.map_type,
-            &file.map_type,
-            DEFAULT_MAP_TYPE,
+        let i = Input {
+            args,
+            file: &file,
             path,
             source,
-        );
-        let map_type = MapType::parse(v).ok_or_else(|| {
-            origin.error(
-                "map-type",
-                v,
-                "expected hash, btree, lmdb or cdb (types postmap builds into one file that can be replaced atomically)",
-            )
-        })?;
-        let (v, origin) = pick(&args.map, &file.map, DEFAULT_MAP, path, source);
-        let map_none = v == "none";
-        let map_path = PathBuf::from(v);
-        if map_none {
-            // No map file: Postfix asks the policy service or socketmap.
-        } else if v.is_empty() || v.ends_with('/') {
-            return Err(origin.error(
-                "map",
-                v,
-                "expected the path of a file, e.g. /var/lib/smtp-after-popd/authenticated_ips",
-            ));
-        }
-        if !map_none && let Err(e) = creatable_dir(&map_path) {
-            return Err(origin.error("map", v, &e));
-        }
-        let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
-        let map = (!map_none).then(|| PostfixMap {
-            path: map_path,
-            map_type,
-            postmap: PathBuf::from(v),
-            mail_config: None,
-            incremental: true,
-        });
-
-        let socket_mode = match (&args.socket_mode, &file.socket_mode) {
-            (None, None) => None,
-            _ => {
-                let (v, origin) = pick(
-                    &args.socket_mode,
-                    &file.socket_mode,
-                    DEFAULT_SOCKET_MODE,
-                    path,
-                    source,
-                );
-                Some(parse_mode(v).map_err(|e| origin.error("socket-mode", v, &e))?)
-            }
         };
-
-        let receive_buffer = match (&args.receive_buffer, &file.receive_buffer) {
-            (Some(v), _) => {
-                Some(parse_size(v).map_err(|e| Origin::Flag.error("receive-buffer", v, &e))?)
-            }
-            (None, Some(v)) => {
-                let origin = Origin::File {
-                    path,
-                    source,
-                    offset: v.span().start,
-                };
-                let text = match v.get_ref() {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Integer(n) => n.to_string(),
-                    other => other.to_string(),
-                };
-                Some(parse_size(&text).map_err(|e| origin.error("receive-buffer", &text, &e))?)
-            }
-            (None, None) => None,
-        };
-
-        let (v, origin) = pick(&args.log_level, &file.log_level, "info", path, source);
-        let log_level = match v {
-            "debug" => Level::Debug,
-            "info" => Level::Info,
-            "warning" => Level::Warning,
-            "error" => Level::Error,
-            _ => {
-                return Err(origin.error("log-level", v, "expected debug, info, warning or error"));
-            }
-        };
-
+        let (listen, attested, attested_network) = listeners(&i)?;
+        let (allow_from, never) = peers(&i)?;
+        let window = window(&i)?;
+        let map = map_sink(&i)?;
+        let (socket_mode, receive_buffer) = socket_options(&i)?;
+        let log_level = log_level(&i)?;
         let require_attestation = yes_no(
             "require-attestation",
             &args.require_attestation,
             &file.require_attestation,
         )?;
-
-        let hold_while_connected = yes_no(
-            "hold-while-connected",
-            &args.hold_while_connected,
-            &file.hold_while_connected,
-        )?;
-        let (v, origin) = pick(
-            &args.hold_max,
-            &file.hold_max,
-            DEFAULT_HOLD_MAX,
-            path,
-            source,
-        );
-        let hold_max = parse_duration(v).map_err(|e| origin.error("hold-max", v, &e))?;
-        if hold_max.is_zero() || hold_max > Duration::from_secs(7 * 86400) {
-            return Err(origin.error(
-                "hold-max",
-                v,
-                "expected a duration longer than 0 and at most 7d",
-            ));
-        }
-        if hold_while_connected && hold_max < window {
-            return Err(origin.error(
-                "hold-max",
-                v,
-                &format!(
-                    "expected at least the window ({}) with hold-while-connected",
-                    format_duration(window)
-                ),
-            ));
-        }
-
-        let max_grants = {
-            let (text, origin) = match (&args.max_grants, &file.max_grants) {
-                (Some(v), _) => (v.clone(), Origin::Flag),
-                (None, Some(v)) => (
-                    match v.get_ref() {
-                        toml::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    },
-                    Origin::File {
-                        path,
-                        source,
-                        offset: v.span().start,
-                    },
-                ),
-                (None, None) => (DEFAULT_MAX_GRANTS.to_string(), Origin::Default),
-            };
-            text.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=10_000_000).contains(n))
-                .ok_or_else(|| {
-                    origin.error(
-                        "max-grants",
-                        &text,
-                        "expected a whole number of addresses from 1 to 10000000",
-                    )
-                })?
-        };
-
-        let pick_opt = |flag: &Option<String>,
-                        file: &Option<Spanned<String>>|
-         -> Option<(String, Origin<'_>)> {
-            match (flag, file) {
-                (Some(v), _) => Some((v.clone(), Origin::Flag)),
-                (None, Some(v)) => Some((
-                    v.get_ref().clone(),
-                    Origin::File {
-                        path,
-                        source,
-                        offset: v.span().start,
-                    },
-                )),
-                (None, None) => None,
-            }
-        };
-        let run_as = match pick_opt(&args.user, &file.user) {
-            None => {
-                if let Some((v, origin)) = pick_opt(&args.group, &file.group) {
-                    return Err(origin.error(
-                        "group",
-                        &v,
-                        "only meaningful with --user: name the user too",
-                    ));
-                }
-                None
-            }
-            Some((v, origin)) => {
-                let u = privilege::user(&v).map_err(|e| origin.error("user", &v, &e))?;
-                let g = match pick_opt(&args.group, &file.group) {
-                    Some((gv, gorigin)) => {
-                        privilege::group(&gv).map_err(|e| gorigin.error("group", &gv, &e))?
-                    }
-                    None => Group {
-                        name: privilege::group_name(u.gid).unwrap_or_else(|| u.gid.to_string()),
-                        gid: u.gid,
-                    },
-                };
-                Some((u, g))
-            }
-        };
-        let socket_group = match pick_opt(&args.socket_group, &file.socket_group) {
-            None => None,
-            Some((v, origin)) => {
-                Some(privilege::group(&v).map_err(|e| origin.error("socket-group", &v, &e))?)
-            }
-        };
-
-        let trust_attestation_from = cidrs(
-            "trust-attestation-from",
-            pick_list(
-                &args.trust_attestation_from,
-                &file.trust_attestation_from,
-                &[],
-                path,
-                source,
-            ),
-            false,
-        )?;
-        match (&attested_network, trust_attestation_from.is_empty()) {
-            (Some((v, origin)), true) => {
-                return Err(origin.error(
-                    "listen",
-                    v,
-                    "attestation from network peers is believed only from --trust-attestation-from peers: list the hosts whose rsyslog forwards with the attested rule",
-                ));
-            }
-            (None, false) => {
-                return Err(ConfigError(format!(
-                    "trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes: attestation is believed only on listeners declared to carry the attested rule; add ?attested=yes to the listener those peers send to{}",
-                    if path.as_os_str().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", path.display())
-                    }
-                )));
-            }
-            _ => {}
-        }
-        if require_attestation && attested.is_empty() {
-            return Err(ConfigError(format!(
-                "require-attestation is on, but no listener is declared ?attested=yes, so every login would be refused: forward with rsyslog/smtp-after-popd-attested.conf and declare its socket, e.g. --listen unix:///run/smtp-after-popd/syslog.sock?attested=yes{}",
-                if path.as_os_str().is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", path.display())
-                }
-            )));
-        }
-        let trusted_proxy = cidrs(
-            "trusted-proxy",
-            pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
-            false,
-        )?;
-
-        let mut policy = Vec::new();
-        for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
-            let spec = parse_url(v, UrlKind::Policy).map_err(|e| origin.error("policy", v, &e))?;
-            policy.push(spec);
-        }
-        let mut socketmap = Vec::new();
-        for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
-            let spec =
-                parse_url(v, UrlKind::Socketmap).map_err(|e| origin.error("socketmap", v, &e))?;
-            socketmap.push(spec);
-        }
+        let (hold_while_connected, hold_max) = hold(&i, window)?;
+        let max_grants = max_grants(&i)?;
+        let (run_as, socket_group) = privileges(&i)?;
+        let (trust_attestation_from, trusted_proxy) =
+            trust(&i, &attested, &attested_network, require_attestation)?;
+        let (policy, socketmap) = stream_services(&i)?;
         let (memcache, memcache_prefix, ipv6_prefix) =
             sink_group(args, &file, path, source, map.is_some())?;
         let (auth_policy, auth_policy_secret) = auth_policy(args, &file, path, source)?;
-        if map.is_none() && policy.is_empty() && socketmap.is_empty() && memcache.is_empty() {
-            let origin = if args.map.is_some() {
-                Origin::Flag
-            } else {
-                Origin::File {
-                    path,
-                    source,
-                    offset: file.map.as_ref().map_or(0, |m| m.span().start),
-                }
-            };
-            return Err(origin.error(
-                "map",
-                "none",
-                "with no map file, Postfix needs --policy, --socketmap or --memcache to ask: give one of them, or a map path",
-            ));
-        }
-
-        let (v, origin) = pick(&args.log_format, &file.log_format, "text", path, source);
-        let log_format = match v {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            _ => return Err(origin.error("log-format", v, "expected text or json")),
-        };
-        let (v, origin) = pick(&args.state, &file.state, "none", path, source);
-        let state = if v == "none" {
-            None
-        } else {
-            let p = PathBuf::from(v);
-            if v.is_empty() || v.ends_with('/') {
-                return Err(origin.error(
-                    "state",
-                    v,
-                    "expected the path of a file, e.g. /var/lib/smtp-after-popd/state",
-                ));
-            }
-            creatable_dir(&p).map_err(|e| origin.error("state", v, &e))?;
-            Some(p)
-        };
-        let (v, origin) = pick(&args.control, &file.control, DEFAULT_CONTROL, path, source);
-        let control = if v == "none" {
-            None
-        } else {
-            if v.is_empty() || v.ends_with('/') || v.len() > 107 {
-                return Err(origin.error(
-                    "control",
-                    v,
-                    "expected a socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
-                ));
-            }
-            Some((PathBuf::from(v), matches!(origin, Origin::Default)))
-        };
-        let metrics = match pick_opt(&args.metrics, &file.metrics) {
-            None => None,
-            Some((v, origin)) => {
-                Some(parse_url(&v, UrlKind::Metrics).map_err(|e| origin.error("metrics", &v, &e))?)
-            }
-        };
-        let pid_file = match pick_opt(&args.pid_file, &file.pid_file) {
-            None => None,
-            Some((v, _)) if v == "none" => None,
-            Some((v, origin)) => {
-                if v.is_empty() || v.ends_with('/') {
-                    return Err(origin.error(
-                        "pid-file",
-                        &v,
-                        "expected the path of a file, e.g. /run/smtp-after-popd/smtp-after-popd.pid",
-                    ));
-                }
-                let p = PathBuf::from(&v);
-                creatable_dir(&p).map_err(|e| origin.error("pid-file", &v, &e))?;
-                Some(p)
-            }
-        };
+        let asked =
+            map.is_some() || !policy.is_empty() || !socketmap.is_empty() || !memcache.is_empty();
+        check_asked(&i, asked)?;
+        let log_format = log_format(&i)?;
+        let state = state_file(&i)?;
+        let control = control(&i)?;
+        let (metrics, pid_file) = metrics_and_pid_file(&i)?;
         let listen_is_default = args.listen.is_empty() && file.listen.is_none();
 
         let matchers = build_matchers(path, source, file.pattern)?;
@@ -1218,6 +907,657 @@ impl Config {
             socket_group,
         })
     }
+}
+
+/// Where each setting may come from: the command line, else the
+/// configuration file (its path and text, for the messages), else the
+/// default.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    args: &'a DaemonArgs,
+    file: &'a FileConfig,
+    path: &'a Path,
+    source: &'a str,
+}
+
+/// The syslog listeners; the addresses of those declared attested; the
+/// first network listener declared attested, with where it was given.
+type Listeners<'a> = (Vec<ListenSpec>, Vec<String>, Option<(String, Origin<'a>)>);
+
+/// The user and group to switch to, if any.
+type RunAs = Option<(User, Group)>;
+
+/// Whether two configurations differ in a group of settings.
+type Differs = fn(&Config, &Config) -> bool;
+
+/// Picks an optional value: the flag, else the file, else nothing.
+fn pick_opt<'a>(
+    flag: &Option<String>,
+    file: &Option<Spanned<String>>,
+    path: &'a Path,
+    source: &'a str,
+) -> Option<(String, Origin<'a>)> {
+    match (flag, file) {
+        (Some(v), _) => Some((v.clone(), Origin::Flag)),
+        (None, Some(v)) => Some((
+            v.get_ref().clone(),
+            Origin::File {
+                path,
+                source,
+                offset: v.span().start,
+            },
+        )),
+        (None, None) => None,
+    }
+}
+
+/// The syslog listeners; the addresses of those declared attested; the
+/// first network listener declared attested, with where it was given.
+fn listeners<'a>(i: &Input<'a>) -> Result<Listeners<'a>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let mut listen = Vec::new();
+    let mut attested = Vec::new();
+    let mut attested_network = None;
+    for (v, origin) in pick_list(&args.listen, &file.listen, &[DEFAULT_LISTEN], path, source) {
+        let (url, declared) = split_attested(v).map_err(|e| origin.error("listen", v, &e))?;
+        let spec = parse_url(&url, UrlKind::Listen).map_err(|e| origin.error("listen", v, &e))?;
+        if let Some(mode) = spec.access().and_then(|a| a.mode)
+            && mode & 0o002 != 0
+        {
+            return Err(origin.error(
+                    "listen",
+                    v,
+                    "a syslog socket that every local user may write lets anyone forge login records: give write access to rsyslog's group instead, e.g. ?group=adm&mode=0620, or leave mode= out (0600: root only)",
+                ));
+        }
+        if declared {
+            attested.push(spec.address());
+            if !matches!(spec, ListenSpec::Unix(..)) && attested_network.is_none() {
+                attested_network = Some((v.to_string(), origin));
+            }
+        }
+        listen.push(spec);
+    }
+    if listen.is_empty() {
+        return Err(ConfigError(
+            "no listener: give at least one --listen udp://ADDR:PORT or unix:///PATH".into(),
+        ));
+    }
+    Ok((listen, attested, attested_network))
+}
+
+/// `--allow-from` and `--never`.
+fn peers(i: &Input<'_>) -> Result<(Vec<Cidr>, Vec<Cidr>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let allow_from = cidrs(
+        "allow-from",
+        pick_list(
+            &args.allow_from,
+            &file.allow_from,
+            DEFAULT_ALLOW_FROM,
+            path,
+            source,
+        ),
+        false,
+    )?;
+    let never = cidrs(
+        "never",
+        pick_list(&args.never, &file.never, DEFAULT_NEVER, path, source),
+        true,
+    )?;
+
+    Ok((allow_from, never))
+}
+
+/// `--window`: how long a login's grant lasts.
+fn window(i: &Input<'_>) -> Result<Duration, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.window, &file.window, DEFAULT_WINDOW, path, source);
+    let window = parse_duration(v).map_err(|e| origin.error("window", v, &e))?;
+    if window.is_zero() || window > Duration::from_secs(7 * 86400) {
+        return Err(origin.error(
+            "window",
+            v,
+            "expected a window longer than 0 and at most 7d",
+        ));
+    }
+
+    Ok(window)
+}
+
+/// `--map`, `--map-type` and `--postmap`: the Postfix map, unless none.
+fn map_sink(i: &Input<'_>) -> Result<Option<PostfixMap>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(
+        &args.map_type,
+        &file.map_type,
+        DEFAULT_MAP_TYPE,
+        path,
+        source,
+    );
+    let map_type = MapType::parse(v).ok_or_else(|| {
+            origin.error(
+                "map-type",
+                v,
+                "expected hash, btree, lmdb or cdb (types postmap builds into one file that can be replaced atomically)",
+            )
+        })?;
+    let (v, origin) = pick(&args.map, &file.map, DEFAULT_MAP, path, source);
+    let map_none = v == "none";
+    let map_path = PathBuf::from(v);
+    if map_none {
+        // No map file: Postfix asks the policy service or socketmap.
+    } else if v.is_empty() || v.ends_with('/') {
+        return Err(origin.error(
+            "map",
+            v,
+            "expected the path of a file, e.g. /var/lib/smtp-after-popd/authenticated_ips",
+        ));
+    }
+    if !map_none && let Err(e) = creatable_dir(&map_path) {
+        return Err(origin.error("map", v, &e));
+    }
+    let (v, _) = pick(&args.postmap, &file.postmap, DEFAULT_POSTMAP, path, source);
+    let map = (!map_none).then(|| PostfixMap {
+        path: map_path,
+        map_type,
+        postmap: PathBuf::from(v),
+        mail_config: None,
+        incremental: true,
+    });
+
+    Ok(map)
+}
+
+/// The deprecated `--socket-mode`, and `--receive-buffer`.
+fn socket_options(i: &Input<'_>) -> Result<(Option<u32>, Option<usize>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let socket_mode = match (&args.socket_mode, &file.socket_mode) {
+        (None, None) => None,
+        _ => {
+            let (v, origin) = pick(
+                &args.socket_mode,
+                &file.socket_mode,
+                DEFAULT_SOCKET_MODE,
+                path,
+                source,
+            );
+            Some(parse_mode(v).map_err(|e| origin.error("socket-mode", v, &e))?)
+        }
+    };
+
+    let receive_buffer = match (&args.receive_buffer, &file.receive_buffer) {
+        (Some(v), _) => {
+            Some(parse_size(v).map_err(|e| Origin::Flag.error("receive-buffer", v, &e))?)
+        }
+        (None, Some(v)) => {
+            let origin = Origin::File {
+                path,
+                source,
+                offset: v.span().start,
+            };
+            let text = match v.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(n) => n.to_string(),
+                other => other.to_string(),
+            };
+            Some(parse_size(&text).map_err(|e| origin.error("receive-buffer", &text, &e))?)
+        }
+        (None, None) => None,
+    };
+
+    Ok((socket_mode, receive_buffer))
+}
+
+/// `--log-level`.
+fn log_level(i: &Input<'_>) -> Result<Level, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.log_level, &file.log_level, "info", path, source);
+    let log_level = match v {
+        "debug" => Level::Debug,
+        "info" => Level::Info,
+        "warning" => Level::Warning,
+        "error" => Level::Error,
+        _ => {
+            return Err(origin.error("log-level", v, "expected debug, info, warning or error"));
+        }
+    };
+
+    Ok(log_level)
+}
+
+/// `--hold-while-connected` and `--hold-max` (at least the window).
+fn hold(i: &Input<'_>, window: Duration) -> Result<(bool, Duration), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let hold_while_connected = yes_no(
+        "hold-while-connected",
+        &args.hold_while_connected,
+        &file.hold_while_connected,
+    )?;
+    let (v, origin) = pick(
+        &args.hold_max,
+        &file.hold_max,
+        DEFAULT_HOLD_MAX,
+        path,
+        source,
+    );
+    let hold_max = parse_duration(v).map_err(|e| origin.error("hold-max", v, &e))?;
+    if hold_max.is_zero() || hold_max > Duration::from_secs(7 * 86400) {
+        return Err(origin.error(
+            "hold-max",
+            v,
+            "expected a duration longer than 0 and at most 7d",
+        ));
+    }
+    if hold_while_connected && hold_max < window {
+        return Err(origin.error(
+            "hold-max",
+            v,
+            format!(
+                "expected at least the window ({}) with hold-while-connected",
+                format_duration(window)
+            ),
+        ));
+    }
+
+    Ok((hold_while_connected, hold_max))
+}
+
+/// `--max-grants`.
+fn max_grants(i: &Input<'_>) -> Result<usize, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let max_grants = {
+        let (text, origin) = match (&args.max_grants, &file.max_grants) {
+            (Some(v), _) => (v.clone(), Origin::Flag),
+            (None, Some(v)) => (
+                match v.get_ref() {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                Origin::File {
+                    path,
+                    source,
+                    offset: v.span().start,
+                },
+            ),
+            (None, None) => (DEFAULT_MAX_GRANTS.to_string(), Origin::Default),
+        };
+        text.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=10_000_000).contains(n))
+            .ok_or_else(|| {
+                origin.error(
+                    "max-grants",
+                    &text,
+                    "expected a whole number of addresses from 1 to 10000000",
+                )
+            })?
+    };
+
+    Ok(max_grants)
+}
+
+/// `--user` and `--group`, and the deprecated `--socket-group`.
+fn privileges(i: &Input<'_>) -> Result<(RunAs, Option<Group>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let run_as = match pick_opt(&args.user, &file.user, path, source) {
+        None => {
+            if let Some((v, origin)) = pick_opt(&args.group, &file.group, path, source) {
+                return Err(origin.error(
+                    "group",
+                    &v,
+                    "only meaningful with --user: name the user too",
+                ));
+            }
+            None
+        }
+        Some((v, origin)) => {
+            let u = privilege::user(&v).map_err(|e| origin.error("user", &v, &e))?;
+            let g = match pick_opt(&args.group, &file.group, path, source) {
+                Some((gv, gorigin)) => {
+                    privilege::group(&gv).map_err(|e| gorigin.error("group", &gv, &e))?
+                }
+                None => Group {
+                    name: privilege::group_name(u.gid).unwrap_or_else(|| u.gid.to_string()),
+                    gid: u.gid,
+                },
+            };
+            Some((u, g))
+        }
+    };
+    let socket_group = match pick_opt(&args.socket_group, &file.socket_group, path, source) {
+        None => None,
+        Some((v, origin)) => {
+            Some(privilege::group(&v).map_err(|e| origin.error("socket-group", &v, &e))?)
+        }
+    };
+
+    Ok((run_as, socket_group))
+}
+
+/// `--trust-attestation-from` and `--trusted-proxy`, checked against the
+/// listeners declared attested and `--require-attestation`.
+fn trust(
+    i: &Input<'_>,
+    attested: &[String],
+    attested_network: &Option<(String, Origin<'_>)>,
+    require_attestation: bool,
+) -> Result<(Vec<Cidr>, Vec<Cidr>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let trust_attestation_from = cidrs(
+        "trust-attestation-from",
+        pick_list(
+            &args.trust_attestation_from,
+            &file.trust_attestation_from,
+            &[],
+            path,
+            source,
+        ),
+        false,
+    )?;
+    match (&attested_network, trust_attestation_from.is_empty()) {
+        (Some((v, origin)), true) => {
+            return Err(origin.error(
+                    "listen",
+                    v,
+                    "attestation from network peers is believed only from --trust-attestation-from peers: list the hosts whose rsyslog forwards with the attested rule",
+                ));
+        }
+        (None, false) => {
+            return Err(ConfigError(format!(
+                "trust-attestation-from is set, but no udp:// or tcp:// listener is declared ?attested=yes: attestation is believed only on listeners declared to carry the attested rule; add ?attested=yes to the listener those peers send to{}",
+                if path.as_os_str().is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", path.display())
+                }
+            )));
+        }
+        _ => {}
+    }
+    if require_attestation && attested.is_empty() {
+        return Err(ConfigError(format!(
+            "require-attestation is on, but no listener is declared ?attested=yes, so every login would be refused: forward with rsyslog/smtp-after-popd-attested.conf and declare its socket, e.g. --listen unix:///run/smtp-after-popd/syslog.sock?attested=yes{}",
+            if path.as_os_str().is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", path.display())
+            }
+        )));
+    }
+    let trusted_proxy = cidrs(
+        "trusted-proxy",
+        pick_list(&args.trusted_proxy, &file.trusted_proxy, &[], path, source),
+        false,
+    )?;
+
+    Ok((trust_attestation_from, trusted_proxy))
+}
+
+/// `--policy` and `--socketmap`: the services Postfix asks.
+fn stream_services(i: &Input<'_>) -> Result<(Vec<ListenSpec>, Vec<ListenSpec>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let mut policy = Vec::new();
+    for (v, origin) in pick_list(&args.policy, &file.policy, &[], path, source) {
+        let spec = parse_url(v, UrlKind::Policy).map_err(|e| origin.error("policy", v, &e))?;
+        policy.push(spec);
+    }
+    let mut socketmap = Vec::new();
+    for (v, origin) in pick_list(&args.socketmap, &file.socketmap, &[], path, source) {
+        let spec =
+            parse_url(v, UrlKind::Socketmap).map_err(|e| origin.error("socketmap", v, &e))?;
+        socketmap.push(spec);
+    }
+    Ok((policy, socketmap))
+}
+
+/// `--log-format`.
+fn log_format(i: &Input<'_>) -> Result<LogFormat, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.log_format, &file.log_format, "text", path, source);
+    let log_format = match v {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        _ => return Err(origin.error("log-format", v, "expected text or json")),
+    };
+    Ok(log_format)
+}
+
+/// `--state`: the state file, unless none.
+fn state_file(i: &Input<'_>) -> Result<Option<PathBuf>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.state, &file.state, "none", path, source);
+    let state = if v == "none" {
+        None
+    } else {
+        let p = PathBuf::from(v);
+        if v.is_empty() || v.ends_with('/') {
+            return Err(origin.error(
+                "state",
+                v,
+                "expected the path of a file, e.g. /var/lib/smtp-after-popd/state",
+            ));
+        }
+        creatable_dir(&p).map_err(|e| origin.error("state", v, &e))?;
+        Some(p)
+    };
+    Ok(state)
+}
+
+/// `--control`: the control socket unless none, and whether it is the
+/// default path.
+fn control(i: &Input<'_>) -> Result<Option<(PathBuf, bool)>, ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let (v, origin) = pick(&args.control, &file.control, DEFAULT_CONTROL, path, source);
+    let control = if v == "none" {
+        None
+    } else {
+        if v.is_empty() || v.ends_with('/') || v.len() > 107 {
+            return Err(origin.error(
+                    "control",
+                    v,
+                    "expected a socket path of at most 107 bytes, e.g. /run/smtp-after-popd/control, or none",
+                ));
+        }
+        Some((PathBuf::from(v), matches!(origin, Origin::Default)))
+    };
+    Ok(control)
+}
+
+/// `--metrics` and `--pid-file`.
+fn metrics_and_pid_file(
+    i: &Input<'_>,
+) -> Result<(Option<ListenSpec>, Option<PathBuf>), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    let metrics = match pick_opt(&args.metrics, &file.metrics, path, source) {
+        None => None,
+        Some((v, origin)) => {
+            Some(parse_url(&v, UrlKind::Metrics).map_err(|e| origin.error("metrics", &v, &e))?)
+        }
+    };
+    let pid_file = match pick_opt(&args.pid_file, &file.pid_file, path, source) {
+        None => None,
+        Some((v, _)) if v == "none" => None,
+        Some((v, origin)) => {
+            if v.is_empty() || v.ends_with('/') {
+                return Err(origin.error(
+                    "pid-file",
+                    &v,
+                    "expected the path of a file, e.g. /run/smtp-after-popd/smtp-after-popd.pid",
+                ));
+            }
+            let p = PathBuf::from(&v);
+            creatable_dir(&p).map_err(|e| origin.error("pid-file", &v, &e))?;
+            Some(p)
+        }
+    };
+    Ok((metrics, pid_file))
+}
+
+/// Refuses `--map none` when Postfix would have nothing else to ask.
+fn check_asked(i: &Input<'_>, asked: bool) -> Result<(), ConfigError> {
+    let Input {
+        args,
+        file,
+        path,
+        source,
+    } = i;
+    if !asked {
+        let origin = if args.map.is_some() {
+            Origin::Flag
+        } else {
+            Origin::File {
+                path,
+                source,
+                offset: file.map.as_ref().map_or(0, |m| m.span().start),
+            }
+        };
+        return Err(origin.error(
+                "map",
+                "none",
+                "with no map file, Postfix needs --policy, --socketmap or --memcache to ask: give one of them, or a map path",
+            ));
+    }
+    Ok(())
+}
+
+/// The settings a reload cannot change, since they open sockets or files
+/// or are in force only from the start: each by the name the reload's
+/// warning gives it, with whether it differs between two configurations.
+const RESTART_GROUPS: &[(&str, Differs)] = &[
+    ("listen", |a, b| {
+        addresses(&a.listen) != addresses(&b.listen) || a.attested != b.attested
+    }),
+    ("a unix socket's owner=, group= or mode=", |a, b| {
+        socket_access(a) != socket_access(b)
+    }),
+    ("map, map-type or postmap", |a, b| {
+        let shown = |c: &Config| {
+            c.map
+                .as_ref()
+                .map(|m| (m.path.clone(), m.map_type, m.postmap.clone()))
+        };
+        shown(a) != shown(b)
+    }),
+    ("policy", |a, b| {
+        addresses(&a.policy) != addresses(&b.policy)
+    }),
+    ("socketmap", |a, b| {
+        addresses(&a.socketmap) != addresses(&b.socketmap)
+    }),
+    ("auth-policy or auth-policy-secret", |a, b| {
+        addresses(&a.auth_policy) != addresses(&b.auth_policy)
+            || a.auth_policy_secret != b.auth_policy_secret
+    }),
+    ("state", |a, b| a.state != b.state),
+    ("memcache or memcache-prefix", |a, b| {
+        a.memcache != b.memcache || a.memcache_prefix != b.memcache_prefix
+    }),
+    ("pid-file", |a, b| a.pid_file != b.pid_file),
+    ("control", |a, b| a.control != b.control),
+    ("metrics", |a, b| {
+        a.metrics.as_ref().map(ListenSpec::address) != b.metrics.as_ref().map(ListenSpec::address)
+    }),
+    (
+        "user, group, socket-group, socket-mode or receive-buffer",
+        |a, b| {
+            a.run_as != b.run_as
+                || a.socket_group != b.socket_group
+                || a.socket_mode != b.socket_mode
+                || a.receive_buffer != b.receive_buffer
+        },
+    ),
+];
+
+/// Where the listeners listen, without their allow-lists (which a reload
+/// changes).
+fn addresses(specs: &[ListenSpec]) -> Vec<String> {
+    specs.iter().map(ListenSpec::address).collect()
+}
+
+/// The owner, group and mode each unix socket is made with.
+fn socket_access(c: &Config) -> Vec<Option<Access>> {
+    c.listen
+        .iter()
+        .chain(&c.policy)
+        .chain(&c.socketmap)
+        .map(|s| s.access().cloned())
+        .collect()
 }
 
 /// `--memcache`, `--memcache-prefix` and `--ipv6-prefix`, checked
@@ -1408,19 +1748,19 @@ pub struct UrlParams<'a> {
 
 impl<'a> UrlParams<'a> {
     /// Splits `url` into what comes before `?` and its parameters.
-    pub fn split(url: &'a str) -> Result<(&'a str, UrlParams<'a>), String> {
+    pub fn split(url: &'a str) -> Result<(&'a str, UrlParams<'a>), Invalid> {
         let Some((base, query)) = url.split_once('?') else {
             return Ok((url, UrlParams::default()));
         };
         let mut pairs: Vec<(&str, &str)> = Vec::new();
         for part in query.split('&') {
             let Some((key, value)) = part.split_once('=').filter(|(k, _)| !k.is_empty()) else {
-                return Err(format!(
+                return Err(invalid!(
                     "\"{part}\" after ? is not KEY=VALUE (settings are joined by &)"
                 ));
             };
             if pairs.iter().any(|(k, _)| *k == key) {
-                return Err(format!("{key}= is given twice"));
+                return Err(invalid!("{key}= is given twice"));
             }
             pairs.push((key, value));
         }
@@ -1435,10 +1775,10 @@ impl<'a> UrlParams<'a> {
 
     /// Refuses a parameter no one took; `known` says which this kind of
     /// URL takes.
-    pub fn finish(self, known: &str) -> Result<(), String> {
+    pub fn finish(self, known: &str) -> Result<(), Invalid> {
         match self.pairs.first() {
             None => Ok(()),
-            Some((key, _)) => Err(format!("unknown setting {key}=: {known}")),
+            Some((key, _)) => Err(invalid!("unknown setting {key}=: {known}")),
         }
     }
 }
@@ -1512,15 +1852,15 @@ impl UrlKind {
 }
 
 /// Parses an octal file mode (`0660`).
-pub fn parse_mode(v: &str) -> Result<u32, String> {
+pub fn parse_mode(v: &str) -> Result<u32, Invalid> {
     u32::from_str_radix(v.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777 && !v.is_empty())
-        .ok_or_else(|| "expected an octal file mode such as 0660".to_string())
+        .ok_or_else(|| "expected an octal file mode such as 0660".into())
 }
 
 /// The owner, group and mode a unix socket URL gives.
-fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, String> {
+fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, Invalid> {
     let owner = params.take("owner");
     let group = params.take("group");
     let mode = params.take("mode");
@@ -1541,7 +1881,7 @@ fn unix_access(params: &mut UrlParams<'_>) -> Result<Access, String> {
 /// (`unix:///PATH?attested=yes`, `udp://ADDR:PORT?allow=CIDR&attested=yes`):
 /// the URL without it, and whether the listener is declared to carry the
 /// attested rule. The other settings are left for [`parse_listen`].
-pub fn split_attested(url: &str) -> Result<(String, bool), String> {
+pub fn split_attested(url: &str) -> Result<(String, bool), Invalid> {
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_string(), false));
     };
@@ -1550,12 +1890,12 @@ pub fn split_attested(url: &str) -> Result<(String, bool), String> {
     for item in query.split('&') {
         match item.strip_prefix("attested=") {
             Some(v) if attested.is_some() => {
-                return Err(format!("attested={v}: attested is given twice"));
+                return Err(invalid!("attested={v}: attested is given twice"));
             }
             Some("yes") => attested = Some(true),
             Some("no") => attested = Some(false),
             Some(other) => {
-                return Err(format!(
+                return Err(invalid!(
                     "attested={other}: expected attested=yes (the listener carries rsyslog/smtp-after-popd-attested.conf) or attested=no"
                 ));
             }
@@ -1573,7 +1913,7 @@ pub fn split_attested(url: &str) -> Result<(String, bool), String> {
 /// Parses a socket URL for `kind`: the forms [`parse_listen`] takes, those
 /// of the kind only, with a message that names the part that is wrong (the
 /// scheme, the address, the port or the path) and how to write it.
-pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
+pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, Invalid> {
     let full;
     let s = if kind == UrlKind::Metrics && !s.contains("://") {
         full = format!("tcp://{s}");
@@ -1585,7 +1925,7 @@ pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
     // its own message; the settings after `?` are then parse_listen's.
     let base = s.split_once('?').map_or(s, |(base, _)| base);
     if let Some(why) = diagnose_url(base, kind) {
-        return Err(why);
+        return Err(Invalid(why));
     }
     let spec = parse_listen(s)?;
     let scheme = match spec {
@@ -1594,7 +1934,7 @@ pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
         ListenSpec::Unix(..) => "unix",
     };
     if !kind.schemes().contains(&scheme) {
-        return Err(kind.refuse_scheme(scheme));
+        return Err(Invalid(kind.refuse_scheme(scheme)));
     }
     Ok(spec)
 }
@@ -1604,25 +1944,7 @@ pub fn parse_url(s: &str, kind: UrlKind) -> Result<ListenSpec, String> {
 /// address, port and path are well formed.
 fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
     let Some((scheme, rest)) = s.split_once("://") else {
-        if let Some(path) = s.strip_prefix("unix:") {
-            return Some(format!(
-                "a unix socket URL has three slashes before the absolute path: unix:///{}",
-                path.trim_start_matches('/')
-            ));
-        }
-        let mut why = format!("no scheme: {}", kind.expected());
-        if s.parse::<SocketAddr>().is_ok() {
-            let suggest: Vec<String> = kind
-                .schemes()
-                .iter()
-                .filter(|sc| **sc != "unix")
-                .map(|sc| format!("{sc}://{s}"))
-                .collect();
-            if !suggest.is_empty() {
-                why = format!("no scheme: write {}", suggest.join(" or "));
-            }
-        }
-        return Some(why);
+        return Some(diagnose_no_scheme(s, kind));
     };
     if !["udp", "tcp", "unix"].contains(&scheme) {
         return Some(format!("unknown scheme \"{scheme}\": {}", kind.expected()));
@@ -1631,41 +1953,83 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
         return Some(kind.refuse_scheme(scheme));
     }
     if scheme == "unix" {
-        return if rest.is_empty() {
-            Some(format!("no socket path: {}", kind.expected()))
-        } else if !rest.starts_with('/') {
-            Some(format!(
-                "the socket path must be absolute, after three slashes: unix:///{rest}"
-            ))
-        } else if rest.ends_with('/') {
-            Some("the path names a directory: give the socket file's path".into())
-        } else {
-            None
-        };
+        return diagnose_unix_path(rest, kind);
     }
-    let hostport = rest;
+    let (host, bracketed, port) = match split_host_port(scheme, rest, kind) {
+        Ok(parts) => parts,
+        Err(why) => return Some(why.0),
+    };
+    diagnose_host(scheme, host, bracketed, kind)
+        .or_else(|| diagnose_port(scheme, host, bracketed, port, kind))
+}
+
+/// What is wrong with a URL without `://`.
+fn diagnose_no_scheme(s: &str, kind: UrlKind) -> String {
+    if let Some(path) = s.strip_prefix("unix:") {
+        return format!(
+            "a unix socket URL has three slashes before the absolute path: unix:///{}",
+            path.trim_start_matches('/')
+        );
+    }
+    let mut why = format!("no scheme: {}", kind.expected());
+    if s.parse::<SocketAddr>().is_ok() {
+        let suggest: Vec<String> = kind
+            .schemes()
+            .iter()
+            .filter(|sc| **sc != "unix")
+            .map(|sc| format!("{sc}://{s}"))
+            .collect();
+        if !suggest.is_empty() {
+            why = format!("no scheme: write {}", suggest.join(" or "));
+        }
+    }
+    why
+}
+
+/// What is wrong with the path of a `unix://` URL.
+fn diagnose_unix_path(rest: &str, kind: UrlKind) -> Option<String> {
+    if rest.is_empty() {
+        Some(format!("no socket path: {}", kind.expected()))
+    } else if !rest.starts_with('/') {
+        Some(format!(
+            "the socket path must be absolute, after three slashes: unix:///{rest}"
+        ))
+    } else if rest.ends_with('/') {
+        Some("the path names a directory: give the socket file's path".into())
+    } else {
+        None
+    }
+}
+
+/// The address (without brackets), whether it was in brackets, and the
+/// port (if a colon gave one) of a `udp://` or `tcp://` URL.
+fn split_host_port<'a>(
+    scheme: &str,
+    hostport: &'a str,
+    kind: UrlKind,
+) -> Result<(&'a str, bool, Option<&'a str>), Invalid> {
     if let Some(i) = hostport.find('/') {
-        return Some(format!(
+        return Err(invalid!(
             "unexpected \"{}\" after the address: a {scheme}:// URL is {scheme}://ADDR:PORT",
             &hostport[i..]
         ));
     }
-    let (host, bracketed, port) = if let Some(inner) = hostport.strip_prefix('[') {
+    let parts = if let Some(inner) = hostport.strip_prefix('[') {
         let Some((host, after)) = inner.split_once(']') else {
-            return Some("the IPv6 address has no closing ]".into());
+            return Err("the IPv6 address has no closing ]".into());
         };
         match after.strip_prefix(':') {
             Some(p) => (host, true, Some(p)),
             None if after.is_empty() => (host, true, None),
             None => {
-                return Some(format!(
+                return Err(invalid!(
                     "unexpected \"{after}\" after ]: the port follows a colon, e.g. {scheme}://[{host}]:{}",
                     kind.example_port()
                 ));
             }
         }
     } else if hostport.matches(':').count() > 1 {
-        return Some(format!(
+        return Err(invalid!(
             "an IPv6 address goes in brackets, the port after them: e.g. {scheme}://[::1]:{}",
             kind.example_port()
         ));
@@ -1675,6 +2039,11 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
             None => (hostport, false, None),
         }
     };
+    Ok(parts)
+}
+
+/// What is wrong with the address of a `udp://` or `tcp://` URL.
+fn diagnose_host(scheme: &str, host: &str, bracketed: bool, kind: UrlKind) -> Option<String> {
     if host.is_empty() {
         return Some(format!(
             "no address: give the IP address to listen on, e.g. {scheme}://127.0.0.1:{port}, {scheme}://0.0.0.0:{port} (every IPv4 address) or {scheme}://[::]:{port} (IPv6 and IPv4)",
@@ -1696,6 +2065,17 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
             )
         });
     }
+    None
+}
+
+/// What is wrong with the port of a `udp://` or `tcp://` URL.
+fn diagnose_port(
+    scheme: &str,
+    host: &str,
+    bracketed: bool,
+    port: Option<&str>,
+    kind: UrlKind,
+) -> Option<String> {
     let shown = if bracketed {
         format!("[{host}]")
     } else {
@@ -1723,7 +2103,7 @@ fn diagnose_url(s: &str, kind: UrlKind) -> Option<String> {
 /// Parses `udp://ADDR:PORT`, `tcp://ADDR:PORT` (either with
 /// `?allow=CIDR[,CIDR...]`) or `unix:///PATH` (with
 /// `?owner=USER&group=GROUP&mode=MODE`, each optional).
-pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+pub fn parse_listen(s: &str) -> Result<ListenSpec, Invalid> {
     const EXPECTED: &str = "expected udp://ADDR:PORT or tcp://ADDR:PORT (e.g. udp://127.0.0.1:5514 or tcp://[::]:5514, optionally followed by ?allow=CIDR,CIDR) or unix:///PATH (e.g. unix:///run/smtp-after-popd/syslog.sock, optionally followed by ?owner=USER&group=GROUP&mode=MODE)";
     let (base, mut params) = UrlParams::split(s).map_err(|e| format!("{EXPECTED}; {e}"))?;
     for (scheme, tcp) in [("udp://", false), ("tcp://", true)] {
@@ -1752,7 +2132,7 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     }
     if let Some(rest) = base.strip_prefix("unix://") {
         if !rest.starts_with('/') || rest.len() < 2 || rest.ends_with('/') {
-            return Err(format!("{EXPECTED}; the path must be absolute"));
+            return Err(invalid!("{EXPECTED}; the path must be absolute"));
         }
         // sockaddr_un holds at most 107 bytes of path.
         if rest.len() > 107 {
@@ -1770,7 +2150,7 @@ pub fn parse_listen(s: &str) -> Result<ListenSpec, String> {
 
 /// Parses a duration such as `90s`, `2m`, `1h30m`, `1d` or `500ms`; a bare
 /// number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, Invalid> {
     const EXPECTED: &str = "expected a duration such as 90s, 2m, 1h or 1h30m";
     let s = s.trim();
     if s.is_empty() {
@@ -1821,7 +2201,7 @@ pub fn format_duration(d: Duration) -> String {
 
 /// Parses a byte size: a number, optionally followed by K or M (powers of
 /// 1024).
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub fn parse_size(s: &str) -> Result<usize, Invalid> {
     const EXPECTED: &str = "expected a size in bytes such as 262144, 256K or 4M";
     let t = s.trim();
     let (num, mul) = if let Some(n) = t.strip_suffix(['K', 'k']) {
@@ -2168,7 +2548,7 @@ mod tests {
             ),
         ] {
             let e = parse_listen(url).unwrap_err();
-            assert!(e.contains(error), "{url}: {e}");
+            assert!(e.0.contains(error), "{url}: {e}");
         }
         assert!(parse_listen("tcp://1.2.3.4").is_err());
         assert!(parse_listen("unix://relative").is_err());
@@ -2202,6 +2582,116 @@ mod tests {
         assert_eq!(c.policy[0].access().and_then(|a| a.mode), Some(0o666));
     }
 
+    /// Wrong URLs: the flag, its value, and the start (or a part) of the
+    /// message that must name what is wrong.
+    const WRONG_URLS: &[(&str, &str, &str)] = &[
+        (
+            "--listen",
+            "localhost",
+            "--listen \"localhost\": no scheme: expected udp://ADDR:PORT, tcp://ADDR:PORT or unix:///PATH (e.g. udp://127.0.0.1:5514, tcp://[::]:5514 or unix:///run/smtp-after-popd/syslog.sock)",
+        ),
+        (
+            "--listen",
+            "127.0.0.1:5514",
+            "--listen \"127.0.0.1:5514\": no scheme: write udp://127.0.0.1:5514 or tcp://127.0.0.1:5514",
+        ),
+        (
+            "--listen",
+            "udp://127.0.0.1",
+            "--listen \"udp://127.0.0.1\": no port: add one after the address, e.g. udp://127.0.0.1:5514",
+        ),
+        (
+            "--listen",
+            "udp://300.1.1.1:5514",
+            "--listen \"udp://300.1.1.1:5514\": \"300.1.1.1\" is not an IPv4 address: expected four numbers from 0 to 255, e.g. 192.0.2.25",
+        ),
+        (
+            "--listen",
+            "udp://127.0.0.1:99999",
+            "--listen \"udp://127.0.0.1:99999\": port 99999 is out of range: ports go up to 65535",
+        ),
+        (
+            "--listen",
+            "unix:/x",
+            "--listen \"unix:/x\": a unix socket URL has three slashes before the absolute path: unix:///x",
+        ),
+        (
+            "--listen",
+            "unix://run/x.sock",
+            "--listen \"unix://run/x.sock\": the socket path must be absolute, after three slashes: unix:///run/x.sock",
+        ),
+        (
+            "--listen",
+            "udp://localhost:5514",
+            "--listen \"udp://localhost:5514\": \"localhost\" is a host name: give an IP address",
+        ),
+        (
+            "--listen",
+            "udp://::1:5514",
+            "--listen \"udp://::1:5514\": an IPv6 address goes in brackets, the port after them: e.g. udp://[::1]:5514",
+        ),
+        (
+            "--listen",
+            "udp://127.0.0.1:x",
+            "--listen \"udp://127.0.0.1:x\": the port \"x\" is not a number",
+        ),
+        (
+            "--listen",
+            "http://127.0.0.1:80",
+            "--listen \"http://127.0.0.1:80\": unknown scheme \"http\": expected udp://",
+        ),
+        (
+            "--listen",
+            "udp://:5514",
+            "--listen \"udp://:5514\": no address: give the IP address to listen on",
+        ),
+        (
+            "--listen",
+            "udp://127.0.0.1:5514?deny=x",
+            "unknown setting deny=: a udp:// or tcp:// URL takes allow=CIDR,CIDR",
+        ),
+        (
+            "--policy",
+            "localhost",
+            "--policy \"localhost\": no scheme: expected tcp://ADDR:PORT or unix:///PATH",
+        ),
+        (
+            "--policy",
+            "127.0.0.1:10040",
+            "--policy \"127.0.0.1:10040\": no scheme: write tcp://127.0.0.1:10040",
+        ),
+        (
+            "--policy",
+            "udp://127.0.0.1:10040",
+            "--policy \"udp://127.0.0.1:10040\": expected unix:///PATH or tcp://ADDR:PORT: Postfix speaks to a policy service over a stream",
+        ),
+        (
+            "--policy",
+            "tcp://127.0.0.1",
+            "--policy \"tcp://127.0.0.1\": no port: add one after the address, e.g. tcp://127.0.0.1:10040",
+        ),
+        (
+            "--socketmap",
+            "tcp://127.0.0.1:1",
+            "served on a unix socket only",
+        ),
+        (
+            "--metrics",
+            "localhost:9154",
+            "--metrics \"localhost:9154\": \"localhost\" is a host name",
+        ),
+        (
+            "--metrics",
+            "127.0.0.1",
+            "--metrics \"127.0.0.1\": no port: add one after the address, e.g. tcp://127.0.0.1:9154",
+        ),
+        (
+            "--metrics",
+            "udp://127.0.0.1:9154",
+            "the metrics are served over HTTP on TCP",
+        ),
+    ];
+
     #[test]
     fn each_wrong_part_of_a_url_gets_its_own_message() {
         let err = |flag: &str, v: &str| {
@@ -2209,114 +2699,7 @@ mod tests {
                 .unwrap_err()
                 .0
         };
-        let cases = [
-            (
-                "--listen",
-                "localhost",
-                "--listen \"localhost\": no scheme: expected udp://ADDR:PORT, tcp://ADDR:PORT or unix:///PATH (e.g. udp://127.0.0.1:5514, tcp://[::]:5514 or unix:///run/smtp-after-popd/syslog.sock)",
-            ),
-            (
-                "--listen",
-                "127.0.0.1:5514",
-                "--listen \"127.0.0.1:5514\": no scheme: write udp://127.0.0.1:5514 or tcp://127.0.0.1:5514",
-            ),
-            (
-                "--listen",
-                "udp://127.0.0.1",
-                "--listen \"udp://127.0.0.1\": no port: add one after the address, e.g. udp://127.0.0.1:5514",
-            ),
-            (
-                "--listen",
-                "udp://300.1.1.1:5514",
-                "--listen \"udp://300.1.1.1:5514\": \"300.1.1.1\" is not an IPv4 address: expected four numbers from 0 to 255, e.g. 192.0.2.25",
-            ),
-            (
-                "--listen",
-                "udp://127.0.0.1:99999",
-                "--listen \"udp://127.0.0.1:99999\": port 99999 is out of range: ports go up to 65535",
-            ),
-            (
-                "--listen",
-                "unix:/x",
-                "--listen \"unix:/x\": a unix socket URL has three slashes before the absolute path: unix:///x",
-            ),
-            (
-                "--listen",
-                "unix://run/x.sock",
-                "--listen \"unix://run/x.sock\": the socket path must be absolute, after three slashes: unix:///run/x.sock",
-            ),
-            (
-                "--listen",
-                "udp://localhost:5514",
-                "--listen \"udp://localhost:5514\": \"localhost\" is a host name: give an IP address",
-            ),
-            (
-                "--listen",
-                "udp://::1:5514",
-                "--listen \"udp://::1:5514\": an IPv6 address goes in brackets, the port after them: e.g. udp://[::1]:5514",
-            ),
-            (
-                "--listen",
-                "udp://127.0.0.1:x",
-                "--listen \"udp://127.0.0.1:x\": the port \"x\" is not a number",
-            ),
-            (
-                "--listen",
-                "http://127.0.0.1:80",
-                "--listen \"http://127.0.0.1:80\": unknown scheme \"http\": expected udp://",
-            ),
-            (
-                "--listen",
-                "udp://:5514",
-                "--listen \"udp://:5514\": no address: give the IP address to listen on",
-            ),
-            (
-                "--listen",
-                "udp://127.0.0.1:5514?deny=x",
-                "unknown setting deny=: a udp:// or tcp:// URL takes allow=CIDR,CIDR",
-            ),
-            (
-                "--policy",
-                "localhost",
-                "--policy \"localhost\": no scheme: expected tcp://ADDR:PORT or unix:///PATH",
-            ),
-            (
-                "--policy",
-                "127.0.0.1:10040",
-                "--policy \"127.0.0.1:10040\": no scheme: write tcp://127.0.0.1:10040",
-            ),
-            (
-                "--policy",
-                "udp://127.0.0.1:10040",
-                "--policy \"udp://127.0.0.1:10040\": expected unix:///PATH or tcp://ADDR:PORT: Postfix speaks to a policy service over a stream",
-            ),
-            (
-                "--policy",
-                "tcp://127.0.0.1",
-                "--policy \"tcp://127.0.0.1\": no port: add one after the address, e.g. tcp://127.0.0.1:10040",
-            ),
-            (
-                "--socketmap",
-                "tcp://127.0.0.1:1",
-                "served on a unix socket only",
-            ),
-            (
-                "--metrics",
-                "localhost:9154",
-                "--metrics \"localhost:9154\": \"localhost\" is a host name",
-            ),
-            (
-                "--metrics",
-                "127.0.0.1",
-                "--metrics \"127.0.0.1\": no port: add one after the address, e.g. tcp://127.0.0.1:9154",
-            ),
-            (
-                "--metrics",
-                "udp://127.0.0.1:9154",
-                "the metrics are served over HTTP on TCP",
-            ),
-        ];
-        for (flag, value, want) in cases {
+        for &(flag, value, want) in WRONG_URLS {
             let e = err(flag, value);
             assert!(
                 e.starts_with(want) || e.contains(want),
@@ -2326,7 +2709,10 @@ mod tests {
                 assert!(!e.contains("udp://ADDR") && !e.contains("write udp"), "{e}");
             }
         }
-        // Well-formed ones pass.
+    }
+
+    #[test]
+    fn well_formed_urls_pass() {
         for (flag, value) in [
             ("--listen", "udp://[::]:5514"),
             ("--listen", "tcp://0.0.0.0:5514?allow=192.0.2.0/24"),
@@ -2369,6 +2755,47 @@ mod tests {
         assert!(e.0.contains("/nonexistent/dir does not exist"), "{e}");
         let e = Config::from_args(&args(&["--never", "none", "--map", "/tmp/m"])).unwrap();
         assert!(e.never.is_empty());
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_that_need_a_restart() {
+        let config = |extra: &[&str]| {
+            let base = ["--map", "none", "--policy", "tcp://127.0.0.1:10040"];
+            Config::from_args(&args(&[&base[..], extra].concat())).unwrap()
+        };
+        let old = config(&[]);
+        assert!(old.needs_restart(&config(&[])).is_empty());
+        // What a reload applies at once.
+        let live = config(&[
+            "--window",
+            "5m",
+            "--allow-from",
+            "10.0.0.0/8",
+            "--never",
+            "none",
+            "--max-grants",
+            "10",
+        ]);
+        assert!(old.needs_restart(&live).is_empty());
+        let restart = config(&[
+            "--listen",
+            "udp://127.0.0.1:5515",
+            "--state",
+            "/tmp/state",
+            "--receive-buffer",
+            "1M",
+            "--memcache-prefix",
+            "other:",
+        ]);
+        assert_eq!(
+            old.needs_restart(&restart),
+            [
+                "listen",
+                "state",
+                "memcache or memcache-prefix",
+                "user, group, socket-group, socket-mode or receive-buffer"
+            ]
+        );
     }
 
     #[test]

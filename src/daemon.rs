@@ -26,7 +26,7 @@ use crate::net::{self, Access, AllowList, Kind, StreamListener};
 use crate::policy;
 use crate::privilege;
 use crate::receiver::{self, Listener};
-use crate::startup;
+use crate::startup::{self, StartError};
 use crate::state::StateWriter;
 use crate::stats::{ListenerCounts, Stats};
 use crate::swap::Swap;
@@ -56,26 +56,28 @@ pub fn main(cli: Cli) -> i32 {
         Some(Command::Revoke { control, address }) => {
             client(&control, &format!("revoke {address}"), |s| s.to_string())
         }
-        None => {
-            // Before any thread: taking the sockets unsets variables.
-            let activated = match crate::systemd::take_listen_fds() {
-                Ok(a) => a,
-                Err(e) => return fatal(EX_OSERR, e),
-            };
-            let config = match Config::from_args(&cli.daemon) {
-                Ok(c) => c,
-                Err(e) => return fatal(EX_CONFIG, e),
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => return fatal(EX_OSERR, format_args!("cannot start the runtime: {e}")),
-            };
-            runtime.block_on(run(config, cli.daemon, activated))
-        }
+        None => match prepare(&cli.daemon) {
+            Ok((config, activated, runtime)) => {
+                runtime.block_on(run(config, cli.daemon, activated))
+            }
+            Err(e) => e.report(),
+        },
     }
+}
+
+/// What the daemon needs before its runtime starts: the sockets systemd
+/// passed (taken before any thread, since taking them unsets variables),
+/// the configuration and the runtime.
+fn prepare(
+    args: &DaemonArgs,
+) -> Result<(Config, Vec<Activated>, tokio::runtime::Runtime), StartError> {
+    let activated = crate::systemd::take_listen_fds().map_err(StartError::os)?;
+    let config = Config::from_args(args).map_err(StartError::config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::os(format_args!("cannot start the runtime: {e}")))?;
+    Ok((config, activated, runtime))
 }
 
 /// `list`, `stats`, `revoke`: one request to the control socket.
@@ -164,12 +166,9 @@ struct Sockets {
     slots: Vec<AllowSlot>,
 }
 
-/// A start-up failure: exit status and message.
-type Fatal = (i32, String);
-
 /// Binds (or takes from systemd) every socket the configuration names,
 /// each unix socket with its owner, group and mode.
-fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, Fatal> {
+fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, StartError> {
     warn_deprecated(config);
     warn_few_descriptors(config);
     let mut sockets = Sockets::default();
@@ -182,8 +181,7 @@ fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, F
         let address = a.spec.address();
         let allow = Arc::new(Swap::new(allow_for(config, &address)));
         let (adopted, spec) = adopt(a)?;
-        let l =
-            receiver::from_adopted(adopted, address.clone(), allow).map_err(|e| (EX_OSERR, e))?;
+        let l = receiver::from_adopted(adopted, address.clone(), allow).map_err(StartError::os)?;
         AllowSlot::keep(&mut sockets.slots, &spec, l.allow());
         crate::log_info!("listening on {address}, passed by systemd");
         sockets.listeners.push((l, address));
@@ -195,9 +193,8 @@ fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, F
         adopt_service(config, a, &mut sockets)?;
     }
     if sockets.listeners.is_empty() {
-        return Err((
-            EX_CONFIG,
-            "no listener: give at least one --listen, or pass a socket through systemd".into(),
+        return Err(StartError::config(
+            "no listener: give at least one --listen, or pass a socket through systemd",
         ));
     }
     if sockets.control.is_none() {
@@ -210,7 +207,7 @@ fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, F
         let allow = Arc::new(Swap::new(allow));
         let what = format!("--metrics {spec}");
         let l = net::bind_tcp(*addr, None, &what)
-            .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
+            .map_err(|e| StartError::os(startup::bind_hint(spec, &e)))?;
         let l = StreamListener::tcp(l, format!("metrics {}", spec.address()), allow);
         AllowSlot::keep(&mut sockets.slots, spec, l.allow());
         sockets.metrics = Some(l);
@@ -220,7 +217,7 @@ fn bind_sockets(config: &Config, activated: Vec<Activated>) -> Result<Sockets, F
 
 /// Takes over a socket systemd passed, refusing a syslog socket that every
 /// local user may write.
-fn adopt(a: Activated) -> Result<(net::Adopted, ListenSpec), Fatal> {
+fn adopt(a: Activated) -> Result<(net::Adopted, ListenSpec), StartError> {
     let what = format!("socket \"{}\" passed by systemd", a.name);
     let spec = a.spec.clone();
     if a.kind == Kind::UnixDatagram
@@ -228,28 +225,23 @@ fn adopt(a: Activated) -> Result<(net::Adopted, ListenSpec), Fatal> {
         && let Ok(meta) = std::fs::metadata(path)
         && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o002 != 0
     {
-        return Err((
-            EX_CONFIG,
-            format!(
-                "{what}: {} is writable by every local user (mode {}), so anyone could forge login records: set SocketMode=0600 (root, i.e. rsyslog, only) in the .socket unit",
-                path.display(),
-                net::mode_text(
-                    std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
-                )
-            ),
-        ));
+        return Err(StartError::config(format!(
+            "{what}: {} is writable by every local user (mode {}), so anyone could forge login records: set SocketMode=0600 (root, i.e. rsyslog, only) in the .socket unit",
+            path.display(),
+            net::mode_text(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777)
+        )));
     }
     let path = match &spec {
         ListenSpec::Unix(p, _) => p.clone(),
         _ => PathBuf::new(),
     };
-    let adopted = net::adopt(a.fd, a.kind, path, &what).map_err(|e| (EX_OSERR, e))?;
+    let adopted = net::adopt(a.fd, a.kind, path, &what).map_err(StartError::os)?;
     Ok((adopted, spec))
 }
 
 /// A passed socket for the control socket, a policy service, a socketmap
 /// or the metrics endpoint (by its FileDescriptorName=).
-fn adopt_service(config: &Config, a: Activated, sockets: &mut Sockets) -> Result<(), Fatal> {
+fn adopt_service(config: &Config, a: Activated, sockets: &mut Sockets) -> Result<(), StartError> {
     // take_listen_fds let through only unix stream sockets named control,
     // policy or socketmap; a TCP one is for policy or metrics.
     let what: &'static str = match a.name.as_str() {
@@ -268,10 +260,9 @@ fn adopt_service(config: &Config, a: Activated, sockets: &mut Sockets) -> Result
         }
         net::Adopted::UnixStream(l, file) => StreamListener::unix(l, file, label),
         _ => {
-            return Err((
-                EX_OSERR,
-                format!("socket \"{what}\" passed by systemd is not a stream socket"),
-            ));
+            return Err(StartError::os(format!(
+                "socket \"{what}\" passed by systemd is not a stream socket"
+            )));
         }
     };
     AllowSlot::keep(&mut sockets.slots, &spec, l.allow());
@@ -286,7 +277,7 @@ fn adopt_service(config: &Config, a: Activated, sockets: &mut Sockets) -> Result
 /// The configured syslog listeners, but those systemd passed (which
 /// replace the default listener, and a configured one at the same address:
 /// the same configuration works with and without the .socket unit).
-fn bind_listeners(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
+fn bind_listeners(config: &Config, sockets: &mut Sockets) -> Result<(), StartError> {
     if config.listen_is_default && !sockets.listeners.is_empty() {
         return Ok(());
     }
@@ -305,7 +296,7 @@ fn bind_listeners(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
         }
         let access = spec.access().cloned().unwrap_or_default().or(&defaults);
         let l = receiver::bind(spec, allow.clone(), &access, config.receive_buffer)
-            .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
+            .map_err(|e| StartError::os(startup::bind_hint(spec, &e)))?;
         AllowSlot::keep(&mut sockets.slots, spec, l.allow());
         sockets.listeners.push((l, spec.address()));
     }
@@ -315,7 +306,7 @@ fn bind_listeners(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
 /// The policy services and socketmaps: Postfix's side. A unix socket gets
 /// its URL's owner, group and mode, else --socket-group (or the daemon's
 /// group) and --socket-mode (or 0660).
-fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
+fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), StartError> {
     let allow: AllowList = Arc::new(Swap::new(config.allow_from.clone()));
     let defaults = Access {
         owner: None,
@@ -334,19 +325,18 @@ fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
                         .map(|a| Arc::new(Swap::new(a)))
                         .unwrap_or(allow.clone());
                     let l = net::bind_tcp(*addr, None, &format!("--{what} {spec}"))
-                        .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
+                        .map_err(|e| StartError::os(startup::bind_hint(spec, &e)))?;
                     StreamListener::tcp(l, format!("{what} {}", spec.address()), allow)
                 }
                 ListenSpec::Unix(path, own) => {
                     let access = own.or(&defaults);
                     StreamListener::bind_unix(path, &access, &format!("--{what} {spec}"))
-                        .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?
+                        .map_err(|e| StartError::os(startup::bind_hint(spec, &e)))?
                 }
                 ListenSpec::Udp(..) => {
-                    return Err((
-                        EX_CONFIG,
-                        format!("--{what} {spec}: expected a stream socket"),
-                    ));
+                    return Err(StartError::config(format!(
+                        "--{what} {spec}: expected a stream socket"
+                    )));
                 }
             };
             AllowSlot::keep(&mut sockets.slots, spec, l.allow());
@@ -358,18 +348,18 @@ fn bind_services(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
 
 /// The auth-policy listeners, and their secret, read now (before --user
 /// takes effect, so the file may be root's alone).
-fn bind_auth_policy(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal> {
+fn bind_auth_policy(config: &Config, sockets: &mut Sockets) -> Result<(), StartError> {
     let Some(path) = &config.auth_policy_secret else {
         return Ok(());
     };
-    sockets.auth_secret = Some(crate::authpolicy::Secret::read(path).map_err(|e| (EX_CONFIG, e))?);
+    sockets.auth_secret = Some(crate::authpolicy::Secret::read(path).map_err(StartError::config)?);
     for spec in &config.auth_policy {
         let ListenSpec::Tcp(addr, own) = spec else {
             continue;
         };
         let allow = own.clone().unwrap_or_else(|| config.allow_from.clone());
         let l = net::bind_tcp(*addr, None, &format!("--auth-policy {spec}"))
-            .map_err(|e| (EX_OSERR, startup::bind_hint(spec, &e)))?;
+            .map_err(|e| StartError::os(startup::bind_hint(spec, &e)))?;
         let l = StreamListener::tcp(
             l,
             format!("auth-policy {}", spec.address()),
@@ -384,7 +374,7 @@ fn bind_auth_policy(config: &Config, sockets: &mut Sockets) -> Result<(), Fatal>
 /// The control socket, unless systemd passed one: mode 0660, the daemon's
 /// group. With the default path, a missing directory or a socket in use
 /// (an installed daemon's) means no control socket, not a failed start.
-fn bind_control(config: &Config) -> Result<Option<StreamListener>, Fatal> {
+fn bind_control(config: &Config) -> Result<Option<StreamListener>, StartError> {
     let Some((path, is_default)) = &config.control else {
         return Ok(None);
     };
@@ -408,10 +398,10 @@ fn bind_control(config: &Config) -> Result<Option<StreamListener>, Fatal> {
             );
             Ok(None)
         }
-        Err(e) => Err((
-            EX_OSERR,
-            startup::bind_hint(&ListenSpec::Unix(path.clone(), Access::default()), &e),
-        )),
+        Err(e) => Err(StartError::os(startup::bind_hint(
+            &ListenSpec::Unix(path.clone(), Access::default()),
+            &e,
+        ))),
     }
 }
 
@@ -455,22 +445,67 @@ fn warn_deprecated(config: &Config) {
     }
 }
 
-/// Fatal start-up error: logs it and gives the exit status.
+/// Fatal error of a subcommand: logs it and gives the exit status.
 fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
     crate::logging::write(crate::logging::Level::Fatal, format_args!("{message}"));
     status
 }
 
-async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
+/// What the running daemon needs again when it stops.
+struct Started {
+    /// The inodes of the UDP listeners, whose kernel drop counts the stop
+    /// line reports.
+    udp_inodes: Vec<u64>,
+    state_writer: Option<StateWriter>,
+    pid_file: Option<PathBuf>,
+    stats: Arc<Stats>,
+}
+
+async fn run(config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
     let signals = catch_signals();
     crate::logging::set_level(config.log_level);
     crate::logging::set_format(config.log_format);
+    let mut tasks = tokio::task::JoinSet::new();
+    let (mut running, started) = match start(config, args, activated, &mut tasks).await {
+        Ok(s) => s,
+        Err(e) => return e.report(),
+    };
+    let status = wait_for_signal(&mut running, signals).await;
+    stop(started, tasks).await;
+    status
+}
+
+/// Starts the daemon: binds, gives up root, starts the sinks and services,
+/// says "started" and starts the listeners.
+async fn start(
+    mut config: Config,
+    args: DaemonArgs,
+    activated: Vec<Activated>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(Running, Started), StartError> {
     // Without systemd nobody made the runtime and state directories: make
     // them as the unit would, before the first socket is bound there.
-    if let Err(e) = startup::make_dirs(&config) {
-        return fatal(EX_CONFIG, e);
+    startup::make_dirs(&config)?;
+    let sockets = bind_sockets(&config, activated)?;
+    drop_privileges(&config)?;
+    startup::check_writable(&config)?;
+    if let Some(map) = config.map.as_mut() {
+        postmap_config(map);
+    }
+    let stats = Arc::new(Stats::default());
+    let table = Arc::new(GrantTable::with_limit(config.max_grants));
+    let settings = Settings::of(&config);
+    let state_writer = start_sinks(&config, &table, &stats, settings.window, tasks).await?;
+    check_postfix(&config).await;
+    if let Some(p) = &config.pid_file {
+        startup::write_pid_file(p)?;
     }
     let listener_counts = Arc::new(ListenerCounts::default());
+    let status = Arc::new(Status {
+        table: table.clone(),
+        stats: stats.clone(),
+        listeners: listener_counts.clone(),
+    });
     let Sockets {
         listeners,
         services,
@@ -479,89 +514,155 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
         auth_policy,
         auth_secret,
         slots,
-    } = match bind_sockets(&config, activated) {
-        Ok(s) => s,
-        Err((status, e)) => return fatal(status, e),
+    } = sockets;
+    spawn_services(services, &table, &stats, tasks);
+    let control_desc = spawn_status(control, metrics, &status, &stats, tasks);
+    let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
+    if let Some(secret) = auth_secret {
+        spawn_auth_policy(secret, auth_policy, &pipeline, &stats, tasks);
+    }
+    // Not rate-limited with the refusals it sums up.
+    tasks.spawn(
+        pipeline
+            .clone()
+            .run_full_summary(|line| crate::log_warning!("{line}")),
+    );
+    let names = listener_names(&config, &listeners);
+    log_started(&config, &names, control_desc);
+    // The sockets are bound, so datagrams that arrived meanwhile wait in
+    // their queues; say "started" before the first of them is handled.
+    // The kernel counts the datagrams it dropped for a full receive queue;
+    // the stop line reports them with our own counters.
+    let udp_inodes: Vec<u64> = listeners
+        .iter()
+        .filter_map(|(l, _)| l.udp_inode())
+        .collect();
+    for (l, name) in listeners {
+        let p = pipeline.clone();
+        let counter = listener_counts.counter(&name);
+        // Only a listener declared ?attested=yes carries attestation.
+        let attested = config.attested.contains(&name);
+        tasks.spawn(l.run(stats.clone(), counter, move |bytes, peer| {
+            p.handle_on(bytes, peer, attested)
+        }));
+    }
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=listening on {}; {}",
+        names.join(", "),
+        startup::count(table.len(), "grant", "grants")
+    ));
+    let started = Started {
+        udp_inodes,
+        state_writer,
+        pid_file: config.pid_file.clone(),
+        stats: stats.clone(),
     };
-    if let Some((user, group)) = &config.run_as {
-        if let Err(e) = privilege::drop_to(user.uid, group.gid) {
-            return fatal(
-                EX_OSERR,
-                format_args!(
-                    "cannot switch to user {} (uid {}) and group {} (gid {}): {e}; start the daemon as root to use --user",
-                    user.name, user.uid, group.name, group.gid
-                ),
-            );
-        }
-        crate::log_info!(
-            "running as user {} (uid {}), group {} (gid {})",
-            user.name,
-            user.uid,
-            group.name,
-            group.gid
-        );
+    let running = Running {
+        args,
+        config,
+        pipeline,
+        table,
+        stats,
+        slots,
+    };
+    Ok((running, started))
+}
+
+/// Stops the daemon: drains the senders, ends the tasks, writes the state
+/// a last time, removes the pid file and says what was counted.
+async fn stop(started: Started, mut tasks: tokio::task::JoinSet<()>) {
+    crate::systemd::notify("STOPPING=1");
+    // Read the kernel's count while the sockets are still open.
+    let kernel_dropped = receiver::kernel_drops(&started.udp_inodes);
+    // Senders are told to stop sending here, and what they sent before is
+    // handled (for at most half a second), so that those that retry send
+    // the rest to the next daemon rather than into closing sockets.
+    crate::shutdown::begin();
+    crate::shutdown::drained(crate::shutdown::DRAIN).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if let Some(w) = started.state_writer
+        && !w.stop(Duration::from_millis(800))
+    {
+        crate::log_error!("state: the last changes could not be written within 0.8 s");
     }
-    if let Err(e) = startup::check_writable(&config) {
-        return fatal(EX_CONFIG, e);
+    if let Some(p) = &started.pid_file {
+        startup::remove_pid_file(p);
     }
-    if let Some(map) = config.map.as_mut() {
-        match map.use_own_mail_config() {
-            Ok(Some((dir, true))) => crate::log_info!(
-                "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
-                dir.display()
-            ),
-            Ok(Some((dir, false))) => crate::log_debug!(
-                "postmap runs with MAIL_CONFIG={} (its main.cf links to /etc/postfix/main.cf)",
-                dir.display()
-            ),
-            Ok(None) => {}
-            Err(e) if !std::path::Path::new("/etc/postfix/main.cf").exists() => {
-                crate::log_warning!(
-                    "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
-                    map.path.display()
-                )
-            }
-            Err(e) => crate::log_debug!(
-                "postmap runs with /etc/postfix: cannot make its own configuration directory next to {}: {e}",
+    crate::log_info!(
+        "stopped: {} kernel_dropped={kernel_dropped}",
+        started
+            .stats
+            .snapshot()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
+/// Switches to --user and --group, once every socket is bound.
+fn drop_privileges(config: &Config) -> Result<(), StartError> {
+    let Some((user, group)) = &config.run_as else {
+        return Ok(());
+    };
+    privilege::drop_to(user.uid, group.gid).map_err(|e| {
+        StartError::os(format_args!(
+            "cannot switch to user {} (uid {}) and group {} (gid {}): {e}; start the daemon as root to use --user",
+            user.name, user.uid, group.name, group.gid
+        ))
+    })?;
+    crate::log_info!(
+        "running as user {} (uid {}), group {} (gid {})",
+        user.name,
+        user.uid,
+        group.name,
+        group.gid
+    );
+    Ok(())
+}
+
+/// Gives postmap a configuration directory of its own when the host has
+/// no Postfix configuration, and says so.
+fn postmap_config(map: &mut crate::sink::PostfixMap) {
+    match map.use_own_mail_config() {
+        Ok(Some((dir, true))) => crate::log_info!(
+            "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
+            dir.display()
+        ),
+        Ok(Some((dir, false))) => crate::log_debug!(
+            "postmap runs with MAIL_CONFIG={} (its main.cf links to /etc/postfix/main.cf)",
+            dir.display()
+        ),
+        Ok(None) => {}
+        Err(e) if !std::path::Path::new("/etc/postfix/main.cf").exists() => {
+            crate::log_warning!(
+                "no /etc/postfix/main.cf and no MAIL_CONFIG, and cannot write an empty configuration for postmap next to {}: {e}; set MAIL_CONFIG to a directory with a main.cf",
                 map.path.display()
-            ),
+            )
         }
+        Err(e) => crate::log_debug!(
+            "postmap runs with /etc/postfix: cannot make its own configuration directory next to {}: {e}",
+            map.path.display()
+        ),
     }
-    let stats = Arc::new(Stats::default());
-    let table = Arc::new(GrantTable::with_limit(config.max_grants));
-    let settings = Settings::of(&config);
+}
 
-    // Grants still open from the last run come back before the map is
-    // first written, with their original expiry.
-    let mut state_writer = None;
-    if let Some(path) = &config.state {
-        let loaded = match crate::state::load(path) {
-            Ok(l) => l,
-            Err(e) => return fatal(EX_CONFIG, e),
-        };
-        for bad in &loaded.bad_lines {
-            crate::log_warning!("state {bad}");
-        }
-        let (restored, expired, refused) = crate::state::restore(
-            &loaded,
-            &table,
-            &AddressPolicy::new(config.never_and_proxies()),
-            settings.window,
-        );
-        crate::log_info!(
-            "state {}: restored {} ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
-            path.display(),
-            startup::count(restored, "grant", "grants")
-        );
-        match StateWriter::start(path.clone(), table.clone()) {
-            Ok(w) => state_writer = Some(w),
-            Err(e) => return fatal(EX_OSERR, e),
-        }
-    }
-
-    let mut tasks = tokio::task::JoinSet::new();
+/// Starts the grant table's purge and the sinks: the state file (whose
+/// grants come back first, with their original expiry), the map (written
+/// before the daemon says it is ready) and memcached.
+async fn start_sinks(
+    config: &Config,
+    table: &Arc<GrantTable>,
+    stats: &Arc<Stats>,
+    window: Duration,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<Option<StateWriter>, StartError> {
+    let state_writer = match &config.state {
+        Some(path) => Some(start_state(path, config, table, window)?),
+        None => None,
+    };
     tasks.spawn(table.clone().run_purge(stats.clone()));
-
     if let Some(map) = config.map.clone() {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let shown = format!("{}:{}", map.map_type.name(), map.path.display());
@@ -577,15 +678,56 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
                 if let Some(w) = state_writer {
                     w.stop(Duration::from_millis(800));
                 }
-                return fatal(
-                    EX_CONFIG,
-                    format_args!("map {shown} cannot be built, so the daemon does not start: {e}"),
-                );
+                return Err(StartError::config(format_args!(
+                    "map {shown} cannot be built, so the daemon does not start: {e}"
+                )));
             }
-            Err(_) => return fatal(EX_OSERR, format_args!("map {shown}: the map task ended")),
+            Err(_) => {
+                return Err(StartError::os(format_args!(
+                    "map {shown}: the map task ended"
+                )));
+            }
         }
     }
-    // What Postfix's own configuration looks up, against what is served.
+    crate::memcache::start(
+        &config.memcache,
+        &config.memcache_prefix,
+        table,
+        stats,
+        tasks,
+    )
+    .await;
+    Ok(state_writer)
+}
+
+/// Restores the grants of the state file into the table, and starts its
+/// writer.
+fn start_state(
+    path: &std::path::Path,
+    config: &Config,
+    table: &Arc<GrantTable>,
+    window: Duration,
+) -> Result<StateWriter, StartError> {
+    let loaded = crate::state::load(path).map_err(StartError::config)?;
+    for bad in &loaded.bad_lines {
+        crate::log_warning!("state {bad}");
+    }
+    let (restored, expired, refused) = crate::state::restore(
+        &loaded,
+        table,
+        &AddressPolicy::new(config.never_and_proxies()),
+        window,
+    );
+    crate::log_info!(
+        "state {}: restored {} ({expired} expired meanwhile, {refused} refused by the never-grant rules)",
+        path.display(),
+        startup::count(restored, "grant", "grants")
+    );
+    StateWriter::start(path.to_path_buf(), table.clone()).map_err(StartError::os)
+}
+
+/// Says what Postfix's own configuration looks up, against what is served.
+async fn check_postfix(config: &Config) {
     let served = crate::postfix::Served {
         map: config.map.as_ref(),
         socketmaps: config
@@ -605,19 +747,15 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             crate::postfix::Level::Notice => crate::log_info!("{}", f.text),
         }
     }
-    if let Some(p) = &config.pid_file
-        && let Err(e) = startup::write_pid_file(p)
-    {
-        return fatal(EX_CONFIG, e);
-    }
-    crate::memcache::start(
-        &config.memcache,
-        &config.memcache_prefix,
-        &table,
-        &stats,
-        &mut tasks,
-    )
-    .await;
+}
+
+/// Serves the policy services and socketmaps.
+fn spawn_services(
+    services: Vec<(&'static str, StreamListener)>,
+    table: &Arc<GrantTable>,
+    stats: &Arc<Stats>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
     for (what, l) in services {
         let (table, served) = (table.clone(), stats.clone());
         let stats = stats.clone();
@@ -637,11 +775,17 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             ));
         }
     }
-    let status = Arc::new(Status {
-        table: table.clone(),
-        stats: stats.clone(),
-        listeners: listener_counts.clone(),
-    });
+}
+
+/// Serves the control socket and the metrics endpoint; gives the control
+/// socket's part of the start line.
+fn spawn_status(
+    control: Option<StreamListener>,
+    metrics: Option<StreamListener>,
+    status: &Arc<Status>,
+    stats: &Arc<Stats>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Option<String> {
     let control_desc = control
         .as_ref()
         .and_then(|l| l.socket_path())
@@ -664,29 +808,48 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             move |conn, io| metrics::session(conn, io, status.clone()),
         ));
     }
+    control_desc
+}
 
-    let pipeline = Arc::new(Pipeline::new(settings, table.clone(), stats.clone()));
-    if let Some(secret) = auth_secret {
-        let service = Arc::new(crate::authpolicy::AuthPolicy {
-            secret,
-            pipeline: pipeline.clone(),
-        });
-        for l in auth_policy {
-            let service = service.clone();
-            tasks.spawn(net::serve_stream(
-                l,
-                crate::authpolicy::LIMITS,
-                stats.clone(),
-                move |conn, io| service.clone().session(conn, io),
-            ));
-        }
+/// Serves Dovecot's auth-policy reports.
+fn spawn_auth_policy(
+    secret: crate::authpolicy::Secret,
+    listeners: Vec<StreamListener>,
+    pipeline: &Arc<Pipeline>,
+    stats: &Arc<Stats>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    let service = Arc::new(crate::authpolicy::AuthPolicy {
+        secret,
+        pipeline: pipeline.clone(),
+    });
+    for l in listeners {
+        let service = service.clone();
+        tasks.spawn(net::serve_stream(
+            l,
+            crate::authpolicy::LIMITS,
+            stats.clone(),
+            move |conn, io| service.clone().session(conn, io),
+        ));
     }
-    // Not rate-limited with the refusals it sums up.
-    tasks.spawn(
-        pipeline
-            .clone()
-            .run_full_summary(|line| crate::log_warning!("{line}")),
-    );
+}
+
+/// The listeners' names for the log, those declared attested marked.
+fn listener_names(config: &Config, listeners: &[(Listener, String)]) -> Vec<String> {
+    listeners
+        .iter()
+        .map(|(_, n)| {
+            if config.attested.contains(n) {
+                format!("{n} (attested)")
+            } else {
+                n.clone()
+            }
+        })
+        .collect()
+}
+
+/// What the daemon serves Postfix and its operator, for the start line.
+fn serving(config: &Config, control_desc: Option<String>) -> String {
     let mut serving = match &config.map {
         Some(m) => format!("map {}:{}", m.map_type.name(), m.path.display()),
         None => "no map file".to_string(),
@@ -723,16 +886,12 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     if let Some(p) = &config.pid_file {
         serving.push_str(&format!("; pid file {}", p.display()));
     }
-    let names: Vec<String> = listeners
-        .iter()
-        .map(|(_, n)| {
-            if config.attested.contains(n) {
-                format!("{n} (attested)")
-            } else {
-                n.clone()
-            }
-        })
-        .collect();
+    serving
+}
+
+/// The start line, and the notes on attestation and --ipv6-prefix.
+fn log_started(config: &Config, names: &[String], control_desc: Option<String>) {
+    let serving = serving(config, control_desc);
     crate::log_info!(
         "started: listening on {}; allow-from {}; never {}; window {}{}; {serving}",
         names.join(", "),
@@ -748,72 +907,10 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
             String::new()
         }
     );
-    attestation_notes(&config);
-    if let Some(note) = ipv6_prefix_note(&config) {
+    attestation_notes(config);
+    if let Some(note) = ipv6_prefix_note(config) {
         crate::log_info!("{note}");
     }
-
-    // The sockets are bound, so datagrams that arrived meanwhile wait in
-    // their queues; say "started" before the first of them is handled.
-    // The kernel counts the datagrams it dropped for a full receive queue;
-    // the stop line reports them with our own counters.
-    let udp_inodes: Vec<u64> = listeners
-        .iter()
-        .filter_map(|(l, _)| l.udp_inode())
-        .collect();
-    for (l, name) in listeners {
-        let p = pipeline.clone();
-        let counter = listener_counts.counter(&name);
-        // Only a listener declared ?attested=yes carries attestation.
-        let attested = config.attested.contains(&name);
-        tasks.spawn(l.run(stats.clone(), counter, move |bytes, peer| {
-            p.handle_on(bytes, peer, attested)
-        }));
-    }
-    crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=listening on {}; {}",
-        names.join(", "),
-        startup::count(table.len(), "grant", "grants")
-    ));
-
-    let pid_file = config.pid_file.clone();
-    let mut running = Running {
-        args,
-        config,
-        pipeline,
-        table: table.clone(),
-        stats: stats.clone(),
-        slots,
-    };
-    let status = wait_for_signal(&mut running, signals).await;
-    crate::systemd::notify("STOPPING=1");
-    // Read the kernel's count while the sockets are still open.
-    let kernel_dropped = receiver::kernel_drops(&udp_inodes);
-    // Senders are told to stop sending here, and what they sent before is
-    // handled (for at most half a second), so that those that retry send
-    // the rest to the next daemon rather than into closing sockets.
-    crate::shutdown::begin();
-    crate::shutdown::drained(crate::shutdown::DRAIN).await;
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    if let Some(w) = state_writer
-        && !w.stop(Duration::from_millis(800))
-    {
-        crate::log_error!("state: the last changes could not be written within 0.8 s");
-    }
-    if let Some(p) = &pid_file {
-        startup::remove_pid_file(p);
-    }
-    crate::log_info!(
-        "stopped: {} kernel_dropped={kernel_dropped}",
-        stats
-            .snapshot()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    status
 }
 
 /// What --ipv6-prefix means for this configuration's tables, said at start.
@@ -861,7 +958,8 @@ fn attestation_notes(config: &Config) {
 /// window, never-grant rules, attestation, allow-lists, the grant limit and
 /// logging change at once, live grants stay (but for those the new
 /// never-grant rules refuse, which end), and settings that need sockets
-/// or files opened again are reported as needing a restart.
+/// or files opened again are reported as needing a restart
+/// ([`Config::needs_restart`]).
 fn reload(r: &mut Running) {
     crate::systemd::notify(&format!(
         "RELOADING=1\nMONOTONIC_USEC={}",
@@ -876,92 +974,50 @@ fn reload(r: &mut Running) {
             return;
         }
     };
-    let old = &r.config;
-    let strip = |l: &[ListenSpec]| -> Vec<String> { l.iter().map(ListenSpec::address).collect() };
-    let mut restart = Vec::new();
-    if strip(&old.listen) != strip(&new.listen) || old.attested != new.attested {
-        restart.push("listen");
-    }
-    let access = |c: &Config| -> Vec<Option<Access>> {
-        c.listen
-            .iter()
-            .chain(&c.policy)
-            .chain(&c.socketmap)
-            .map(|s| s.access().cloned())
-            .collect()
-    };
-    if access(old) != access(&new) {
-        restart.push("a unix socket's owner=, group= or mode=");
-    }
-    if format!("{:?}", old.map) != format!("{:?}", new.map) {
-        restart.push("map, map-type or postmap");
-    }
-    if strip(&old.policy) != strip(&new.policy) {
-        restart.push("policy");
-    }
-    if strip(&old.socketmap) != strip(&new.socketmap) {
-        restart.push("socketmap");
-    }
-    if strip(&old.auth_policy) != strip(&new.auth_policy)
-        || old.auth_policy_secret != new.auth_policy_secret
-    {
-        restart.push("auth-policy or auth-policy-secret");
-    }
-    if old.state != new.state {
-        restart.push("state");
-    }
-    if old.memcache != new.memcache || old.memcache_prefix != new.memcache_prefix {
-        restart.push("memcache or memcache-prefix");
-    }
-    if old.pid_file != new.pid_file {
-        restart.push("pid-file");
-    }
-    if old.control != new.control {
-        restart.push("control");
-    }
-    if old.metrics.as_ref().map(ListenSpec::address)
-        != new.metrics.as_ref().map(ListenSpec::address)
-    {
-        restart.push("metrics");
-    }
-    if format!("{:?}", old.run_as) != format!("{:?}", new.run_as)
-        || format!("{:?}", old.socket_group) != format!("{:?}", new.socket_group)
-        || old.socket_mode != new.socket_mode
-        || old.receive_buffer != new.receive_buffer
-    {
-        restart.push("user, group, socket-group, socket-mode or receive-buffer");
-    }
-
+    let restart = r.config.needs_restart(&new);
     crate::logging::set_level(new.log_level);
     crate::logging::set_format(new.log_format);
     for slot in &r.slots {
         slot.update(&new);
     }
     r.table.set_limit(new.max_grants);
-    let settings = Settings::of(&new);
     let hold_off = r.config.hold_while_connected && !new.hold_while_connected;
-    r.pipeline.settings.store(settings);
+    r.pipeline.settings.store(Settings::of(&new));
     if hold_off {
-        // Grants held by open sessions get the window from now, unless
-        // they end sooner.
-        let now = tokio::time::Instant::now();
-        let ips = r.pipeline.holds.clear();
-        for ip in &ips {
-            if r.table
-                .get(*ip)
-                .is_some_and(|g| g.expires > now + new.window)
-            {
-                r.table.set_expiry(*ip, now + new.window);
-            }
-        }
-        crate::log_info!(
-            "hold-while-connected turned off: {} get the window from now",
-            startup::count(ips.len(), "held address", "held addresses")
-        );
+        end_holds(r, new.window);
     }
-    // "Never" means never: live grants the new rules refuse end now, and
-    // so do grants of addresses now named as trusted proxies (a proxy's
-    // own connection is never a client's).
+    revoke_refused(r, &new);
+    Stats::bump(&r.stats.reloads);
+    log_reloaded(r, &new, &restart);
+    attestation_notes(&new);
+    // What is in force now, for the next comparison.
+    r.config = new;
+    crate::systemd::notify(&format!(
+        "READY=1\nSTATUS=reloaded; {}",
+        startup::count(r.table.len(), "grant", "grants")
+    ));
+}
+
+/// hold-while-connected turned off: grants held by open sessions get the
+/// window from now, unless they end sooner.
+fn end_holds(r: &Running, window: Duration) {
+    let now = tokio::time::Instant::now();
+    let ips = r.pipeline.holds.clear();
+    for ip in &ips {
+        if r.table.get(*ip).is_some_and(|g| g.expires > now + window) {
+            r.table.set_expiry(*ip, now + window);
+        }
+    }
+    crate::log_info!(
+        "hold-while-connected turned off: {} get the window from now",
+        startup::count(ips.len(), "held address", "held addresses")
+    );
+}
+
+/// "Never" means never: live grants the new rules refuse end now, and so
+/// do grants of addresses now named as trusted proxies (a proxy's own
+/// connection is never a client's).
+fn revoke_refused(r: &Running, new: &Config) {
     let policy = AddressPolicy::new(new.never_and_proxies());
     for (key, _) in r.table.list_blocks() {
         if let Err(why) = policy.check_scope(&key)
@@ -974,7 +1030,10 @@ fn reload(r: &mut Running) {
             );
         }
     }
-    Stats::bump(&r.stats.reloads);
+}
+
+/// The reload's line, and its warning about what needs a restart.
+fn log_reloaded(r: &Running, new: &Config, restart: &[&str]) {
     crate::log_info!(
         "reloaded: window {}; allow-from {}; never {}; trusted-proxy {}; require-attestation {}; hold-while-connected {}; max-grants {}; {} kept",
         format_duration(new.window),
@@ -996,18 +1055,8 @@ fn reload(r: &mut Running) {
             restart.join("; ")
         );
     }
-    attestation_notes(&new);
-    // What is in force now, for the next comparison.
-    r.config = new;
-    crate::systemd::notify(&format!(
-        "READY=1\nSTATUS=reloaded; {}",
-        startup::count(r.table.len(), "grant", "grants")
-    ));
 }
 
-/// The networks a restored or kept grant may not be in: the never-grant
-/// rules and the trusted proxies (whose own connections are never a
-/// client's).
 /// The items joined, or `none`.
 fn join_or_none<T: std::fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {
@@ -1025,8 +1074,6 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
-/// status.
 /// The signals the daemon handles, caught from the start of `run`: one
 /// that arrives while the daemon is still starting (systemd stopping it
 /// then, or a quick restart) waits here instead of killing the process
@@ -1050,6 +1097,8 @@ fn catch_signals() -> Signals {
     }
 }
 
+/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP; returns the exit
+/// status.
 async fn wait_for_signal(r: &mut Running, signals: Signals) -> i32 {
     let Some((mut term, mut int, mut hup)) = signals else {
         crate::log_error!("cannot install signal handlers; stop the daemon with SIGKILL");

@@ -44,19 +44,23 @@
 //!   `stats`) and the Prometheus endpoint.
 //! - [`systemd`]: readiness notification and socket activation.
 //! - [`swap`]: the settings a reload (SIGHUP) replaces.
-//! - [`config`]: command line and configuration file, validated.
+//! - [`config`]: command line and configuration file, validated one group
+//!   of settings at a time; which settings a reload cannot change
+//!   ([`config::Config::needs_restart`]).
 //! - [`postfix_config`]: the main.cf line and memcache_table(5) file that
 //!   go with the daemon's configuration (`postfix-config`).
 //! - [`privilege`]: switching to an unprivileged user after binding.
 //! - [`shutdown`]: receivers that finish what senders sent before a stop.
-//! - [`startup`]: the directories and pid file made at start-up, and hints
-//!   for start-up failures.
+//! - [`startup`]: the directories and pid file made at start-up, hints for
+//!   start-up failures, and [`startup::StartError`], a failure with its exit
+//!   status.
 //! - [`postfix`]: Postfix's main.cf and master.cf compared with the map and
 //!   socketmaps served, at start-up.
 //! - [`pipeline`]: the per-datagram stage: parse, match, attest, check,
 //!   grant (with the two-line memory and the open sessions).
 //! - [`daemon`]: binds the sockets, wires the stages together and runs
-//!   them; reload; the subcommands.
+//!   them (start, then stop, each one function of steps); reload; the
+//!   subcommands.
 //! - [`stats`]: counters for everything received, dropped and decided.
 //! - [`logging`]: the daemon's own log, with escaping and rate limits.
 

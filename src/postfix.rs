@@ -244,16 +244,51 @@ fn resolved(path: &Path) -> PathBuf {
 /// The findings for a configuration (separate from running postconf, so
 /// that it can be tested on text).
 pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut consulted = false;
+    let mut memcache_consulted = false;
+    for (at, token) in places(conf) {
+        let Some((_, lookup)) = lookups(token).into_iter().next() else {
+            continue;
+        };
+        match lookup {
+            Lookup::File(ty, path) => {
+                consulted |= map_lookup(&at, token, ty, path, served, &mut out);
+            }
+            Lookup::Socketmap(path, name) => {
+                out.extend(socketmap_lookup(&at, token, path, name, served));
+            }
+            Lookup::Memcache(path) => {
+                let text = conf
+                    .memcache_files
+                    .iter()
+                    .find(|(p, _)| p == path)
+                    .and_then(|(_, t)| t.as_deref());
+                memcache_consulted |= memcache_table(&at, token, path, text, served, &mut out);
+            }
+        }
+    }
     let main_cf = conf.dir.join("main.cf");
-    let master_cf = conf.dir.join("master.cf");
-    let ours = served.map.map(|m| (m.map_type.name(), resolved(&m.path)));
-    let our_name = served
-        .map
-        .and_then(|m| m.path.file_name())
-        .map(|n| n.to_string_lossy().into_owned());
     let ours_text = served
         .map
         .map(|m| format!("{}:{}", m.map_type.name(), m.path.display()));
+    if let (false, false, Some(text)) = (consulted, memcache_consulted, &ours_text) {
+        out.push(Finding {
+            level: Level::Notice,
+            text: format!(
+                "Postfix's {} does not look up {text}, so Postfix does not see the grants: add check_client_access {text} to smtpd_relay_restrictions, before reject_unauth_destination, then postfix reload",
+                main_cf.display()
+            ),
+        });
+    }
+    out
+}
+
+/// Every lookup table Postfix's configuration names, with where it is
+/// written (file, line, parameter or service).
+fn places<'a>(conf: &Conf<'a>) -> Vec<(String, &'a str)> {
+    let main_cf = conf.dir.join("main.cf");
+    let master_cf = conf.dir.join("master.cf");
     let raw: Vec<(&str, &str)> = params(conf.raw);
     let mut places: Vec<(String, &str)> = Vec::new();
     for (name, value) in params(conf.main) {
@@ -298,24 +333,37 @@ pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
         }
     }
 
-    let mut out = Vec::new();
+    places
+}
+
+/// A lookup of a file-based table: whether it is this daemon's map (of
+/// the right type); a finding when it looks like ours but is not.
+fn map_lookup(
+    at: &str,
+    token: &str,
+    ty: &str,
+    path: &str,
+    served: &Served<'_>,
+    out: &mut Vec<Finding>,
+) -> bool {
+    let ours = served.map.map(|m| (m.map_type.name(), resolved(&m.path)));
+    let our_name = served
+        .map
+        .and_then(|m| m.path.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    let ours_text = served
+        .map
+        .map(|m| format!("{}:{}", m.map_type.name(), m.path.display()));
     let mut consulted = false;
-    let mut memcache_consulted = false;
-    for (at, token) in places {
-        let Some((_, lookup)) = lookups(token).into_iter().next() else {
-            continue;
-        };
-        match lookup {
-            Lookup::File(ty, path) => {
-                let file = Path::new(path)
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let same_path = ours
-                    .as_ref()
-                    .is_some_and(|(_, p)| *p == resolved(Path::new(path)));
-                let like_ours = file == MAP_NAME || our_name.as_deref() == Some(file.as_str());
-                match (&ours, &ours_text) {
+    let file = Path::new(path)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let same_path = ours
+        .as_ref()
+        .is_some_and(|(_, p)| *p == resolved(Path::new(path)));
+    let like_ours = file == MAP_NAME || our_name.as_deref() == Some(file.as_str());
+    match (&ours, &ours_text) {
                     (Some((our_ty, _)), Some(text)) if same_path => {
                         if *our_ty == ty {
                             consulted = true;
@@ -342,55 +390,44 @@ pub fn findings(conf: &Conf<'_>, served: &Served<'_>) -> Vec<Finding> {
                     }),
                     _ => {}
                 }
-            }
-            Lookup::Socketmap(path, name) => {
-                if name != crate::socketmap::MAP_NAME {
-                    continue;
-                }
-                if served
-                    .socketmaps
-                    .iter()
-                    .any(|s| resolved(s) == resolved(Path::new(path)))
-                {
-                    continue;
-                }
-                let serving = if served.socketmaps.is_empty() {
-                    "serves no socketmap (--socketmap)".to_string()
-                } else {
-                    let list: Vec<String> = served
-                        .socketmaps
-                        .iter()
-                        .map(|p| format!("socketmap:unix:{}:{name}", p.display()))
-                        .collect();
-                    format!("serves {}", list.join(", "))
-                };
-                out.push(Finding {
-                    level: Level::Warning,
-                    text: format!(
-                        "Postfix's {at} asks {token}, but this daemon {serving}: make the two agree, then postfix reload"
-                    ),
-                });
-            }
-            Lookup::Memcache(path) => {
-                let text = conf
-                    .memcache_files
-                    .iter()
-                    .find(|(p, _)| p == path)
-                    .and_then(|(_, t)| t.as_deref());
-                memcache_consulted |= memcache_table(&at, token, path, text, served, &mut out);
-            }
-        }
+    consulted
+}
+
+/// A socketmap lookup of our map name that no socketmap served here
+/// answers.
+fn socketmap_lookup(
+    at: &str,
+    token: &str,
+    path: &str,
+    name: &str,
+    served: &Served<'_>,
+) -> Option<Finding> {
+    if name != crate::socketmap::MAP_NAME {
+        return None;
     }
-    if let (false, false, Some(text)) = (consulted, memcache_consulted, &ours_text) {
-        out.push(Finding {
-            level: Level::Notice,
-            text: format!(
-                "Postfix's {} does not look up {text}, so Postfix does not see the grants: add check_client_access {text} to smtpd_relay_restrictions, before reject_unauth_destination, then postfix reload",
-                main_cf.display()
-            ),
-        });
+    if served
+        .socketmaps
+        .iter()
+        .any(|s| resolved(s) == resolved(Path::new(path)))
+    {
+        return None;
     }
-    out
+    let serving = if served.socketmaps.is_empty() {
+        "serves no socketmap (--socketmap)".to_string()
+    } else {
+        let list: Vec<String> = served
+            .socketmaps
+            .iter()
+            .map(|p| format!("socketmap:unix:{}:{name}", p.display()))
+            .collect();
+        format!("serves {}", list.join(", "))
+    };
+    Some(Finding {
+        level: Level::Warning,
+        text: format!(
+            "Postfix's {at} asks {token}, but this daemon {serving}: make the two agree, then postfix reload"
+        ),
+    })
 }
 
 /// A memcache_table(5) file's settings (`name = value`, continued on
@@ -683,6 +720,27 @@ mod tests {
             text[2]
         );
         assert!(f.iter().all(|f| f.level == Level::Warning));
+    }
+
+    #[test]
+    fn memcache_tables_of_others_or_missing_are_noticed() {
+        use crate::memcache::Server;
+        let servers = [Server::Inet("127.0.0.1".into(), 11211)];
+        let cf = "/etc/postfix/smtp-after-popd-memcache.cf".to_string();
+        let good = crate::postfix_config::memcache_cf(&servers[0], "smtp-after-popd:");
+        let main = format!(
+            "smtpd_relay_restrictions = permit_mynetworks, permit_auth_destination, check_client_access memcache:{cf}, reject_unauth_destination\n"
+        );
+        // The daemon writes memcached only (--map none), as postfix-config
+        // says: nothing to report, and no notice that Postfix does not
+        // look up a map.
+        let memcache_only = Served {
+            map: None,
+            socketmaps: vec![],
+            memcache: &servers,
+            memcache_prefix: "smtp-after-popd:",
+        };
+        let m = map("/nonexistent-sap/authenticated_ips");
         // A table of ours while the daemon writes no memcached: a notice
         // (another daemon may write it), beside the map's own check.
         let map_only = Served {

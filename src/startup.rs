@@ -19,6 +19,53 @@ use crate::privilege;
 /// The system user the package creates and the unit runs as.
 pub const SERVICE_USER: &str = "smtp-after-popd";
 
+/// Why the daemon does not start: the exit status it ends with
+/// ([`crate::config::EX_CONFIG`] for what the configuration must change, [`crate::daemon::EX_OSERR`] for
+/// what the system refused), and the message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartError {
+    /// The exit status.
+    pub status: i32,
+    /// The message, ready to log.
+    pub message: String,
+}
+
+impl StartError {
+    /// A failure the configuration must fix (exit status 78).
+    pub fn config(message: impl std::fmt::Display) -> StartError {
+        StartError {
+            status: crate::config::EX_CONFIG,
+            message: message.to_string(),
+        }
+    }
+
+    /// A failure of the system: a port in use, no permission (exit
+    /// status 71).
+    pub fn os(message: impl std::fmt::Display) -> StartError {
+        StartError {
+            status: crate::daemon::EX_OSERR,
+            message: message.to_string(),
+        }
+    }
+
+    /// Logs the failure; gives the exit status.
+    pub fn report(self) -> i32 {
+        crate::logging::write(
+            crate::logging::Level::Fatal,
+            format_args!("{}", self.message),
+        );
+        self.status
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StartError {}
+
 /// A directory the daemon needs, and what for.
 #[derive(Debug, PartialEq, Eq)]
 struct Needed {
@@ -126,7 +173,7 @@ fn needed(config: &Config) -> Vec<Needed> {
 /// with mode 0755 (0750 for sockets and the pid file), owned by `--user` and its group
 /// when the daemon starts as root to switch to it. Returns a message to
 /// stop with when one cannot be made.
-pub fn make_dirs(config: &Config) -> Result<(), String> {
+pub fn make_dirs(config: &Config) -> Result<(), StartError> {
     let root = privilege::effective_uid() == 0;
     for n in needed(config) {
         if n.dir.exists() || !crate::config::is_own_dir(&n.dir) {
@@ -150,7 +197,7 @@ pub fn make_dirs(config: &Config) -> Result<(), String> {
                     n.dir.display()
                 ));
             }
-            return Err(why);
+            return Err(StartError::config(why));
         }
         // The umask may have taken bits away.
         let _ = std::fs::set_permissions(&n.dir, std::fs::Permissions::from_mode(n.mode));
@@ -161,12 +208,13 @@ pub fn make_dirs(config: &Config) -> Result<(), String> {
         if (uid, gid) != (None, None)
             && let Err(e) = std::os::unix::fs::chown(&n.dir, uid, gid)
         {
-            return Err(format!(
+            return Err(StartError::config(format_args!(
                 "cannot give the directory {} to the daemon's user: {e}",
                 n.dir.display()
-            ));
+            )));
         }
-        let meta = std::fs::metadata(&n.dir).map_err(|e| format!("{}: {e}", n.dir.display()))?;
+        let meta = std::fs::metadata(&n.dir)
+            .map_err(|e| StartError::config(format_args!("{}: {e}", n.dir.display())))?;
         crate::log_info!(
             "created the directory {} for {what}: owner {}, {}, mode {:04o}",
             n.dir.display(),
@@ -180,7 +228,7 @@ pub fn make_dirs(config: &Config) -> Result<(), String> {
 
 /// Checks, as the user the daemon now runs as, that it may create the map,
 /// the state file and the pid file; the message to stop with otherwise.
-pub fn check_writable(config: &Config) -> Result<(), String> {
+pub fn check_writable(config: &Config) -> Result<(), StartError> {
     let mut files: Vec<(&str, &Path)> = Vec::new();
     if let Some(m) = &config.map {
         files.push(("--map", &m.path));
@@ -197,14 +245,14 @@ pub fn check_writable(config: &Config) -> Result<(), String> {
             let uid = privilege::effective_uid();
             let me = current_user();
             let name = privilege::user_name(uid).unwrap_or_else(|| uid.to_string());
-            return Err(format!(
+            return Err(StartError::config(format_args!(
                 "{key} {}: {me} may not create files in {}{}: give the directory to that user (chown {name} {}), {}, or choose a file in a directory it may write",
                 file.display(),
                 dir.display(),
                 owner_and_mode(&dir),
                 dir.display(),
                 who_should_run(&dir)
-            ));
+            )));
         }
     }
     Ok(())
@@ -307,7 +355,7 @@ pub fn bind_hint(spec: &ListenSpec, error: &str) -> String {
 }
 
 /// Writes the pid file (atomically: a temporary file renamed into place).
-pub fn write_pid_file(path: &Path) -> Result<(), String> {
+pub fn write_pid_file(path: &Path) -> Result<(), StartError> {
     let pid = std::process::id();
     let name = path
         .file_name()
@@ -319,7 +367,10 @@ pub fn write_pid_file(path: &Path) -> Result<(), String> {
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            format!("--pid-file {}: cannot write it: {e}", path.display())
+            StartError::config(format_args!(
+                "--pid-file {}: cannot write it: {e}",
+                path.display()
+            ))
         })
 }
 

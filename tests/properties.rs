@@ -501,7 +501,11 @@ fn injections_grant_nothing() {
             &(hostile_user(), server_ip(Family::V4)),
             |(user, (ip, _))| {
                 for line in failure_lines(&user, &ip) {
-                    prop_assert!(run(std::slice::from_ref(&line)).is_empty(), "line: {}", line);
+                    prop_assert!(
+                        run(std::slice::from_ref(&line)).is_empty(),
+                        "line: {}",
+                        line
+                    );
                 }
                 Ok(())
             },

@@ -123,11 +123,14 @@ impl Status {
 
 /// Whether the peer may use the control socket.
 fn permitted(conn: &Connection) -> Result<(), String> {
-    let cred = conn
-        .cred()
-        .ok_or_else(|| "cannot learn who connected".to_string())?;
     // SAFETY: geteuid and getegid cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    permitted_for(conn.cred(), uid, gid)
+}
+
+/// [`permitted`] for a daemon running as `uid` and `gid`.
+fn permitted_for(cred: Option<&crate::net::Cred>, uid: u32, gid: u32) -> Result<(), String> {
+    let cred = cred.ok_or_else(|| "cannot learn who connected".to_string())?;
     let ok =
         cred.uid == 0 || cred.uid == uid || cred.gid == Some(gid) || cred.groups.contains(&gid);
     if ok {
@@ -299,4 +302,66 @@ pub fn format_list(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::permitted_for;
+    use crate::net::Cred;
+
+    fn cred(uid: u32, gid: Option<u32>, groups: &[u32]) -> Cred {
+        Cred {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        }
+    }
+
+    /// The daemon runs as uid 120, gid 130 in these tests.
+    const UID: u32 = 120;
+    const GID: u32 = 130;
+
+    #[test]
+    fn root_the_daemons_user_and_its_group_are_permitted() {
+        for c in [
+            cred(0, Some(0), &[]),
+            cred(0, None, &[]),
+            cred(UID, Some(65534), &[]),
+            cred(1000, Some(GID), &[]),
+            cred(1000, Some(1000), &[27, GID, 100]),
+        ] {
+            assert_eq!(permitted_for(Some(&c), UID, GID), Ok(()), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn everyone_else_is_refused_with_their_uid_and_gid() {
+        let e = permitted_for(Some(&cred(65534, Some(65534), &[])), UID, GID).unwrap_err();
+        assert_eq!(
+            e,
+            "uid 65534 (gid 65534) is neither root, the daemon's user nor in its group"
+        );
+        for c in [
+            cred(1000, Some(1000), &[27, 100]),
+            // Near misses: the daemon's gid as a uid, its uid as a group.
+            cred(GID, Some(1000), &[UID]),
+            cred(UID + 1, Some(GID + 1), &[GID - 1, GID + 1]),
+            // A TCP-style credential: no gid, no groups.
+            cred(1000, None, &[]),
+        ] {
+            assert!(permitted_for(Some(&c), UID, GID).is_err(), "{c:?}");
+        }
+        let e = permitted_for(Some(&cred(1000, None, &[])), UID, GID).unwrap_err();
+        assert!(e.contains("(gid ?)"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_peer_is_refused() {
+        assert_eq!(
+            permitted_for(None, UID, GID),
+            Err("cannot learn who connected".to_string())
+        );
+        // Not even when the daemon runs as root.
+        assert!(permitted_for(None, 0, 0).is_err());
+    }
 }

@@ -235,6 +235,39 @@ proptest! {
     }
 }
 
+/// Law 1 is not vacuous: each login of LOGINS, with the element of its own
+/// sender in the attested header, on an attested unix listener, is
+/// believed and granted with attestation required (so the element, moved
+/// anywhere else, is what the property refuses).
+#[test]
+fn the_element_in_the_attested_header_is_believed() {
+    let own = [
+        "/usr/lib/dovecot/log",
+        "/usr/lib/dovecot/imap-login",
+        "/usr/sbin/courierlogger",
+    ];
+    for ((tag, msg), exe) in LOGINS.iter().zip(own) {
+        let sd = format!("[attest@32473 exe=\"{exe}\" uid=\"0\" pid=\"1\"]");
+        let text = misplaced(tag, msg, &sd, 7);
+        let p = pipeline(true, &[]);
+        p.handle_on(
+            text.as_bytes(),
+            &Peer::Unix("/run/attested.sock".into()),
+            true,
+        );
+        let got: Vec<IpAddr> = p.table.list().into_iter().map(|(ip, _)| ip).collect();
+        assert_eq!(
+            got,
+            vec![IpAddr::from([198, 51, 100, 40])],
+            "{text:?} not believed where it belongs"
+        );
+        assert_eq!(
+            p.stats.forgeries.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+}
+
 /// An IPv4 address inside a block of `prefix` bits around `net`.
 fn inside(net: u32, prefix: u8, host: u32) -> (Cidr, Ipv4Addr) {
     let mask = if prefix == 0 {

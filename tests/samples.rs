@@ -9,9 +9,18 @@
 //! Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<alice>, ...
 //! #= none
 //! Nov 23 10:00:02 mail dovecot: pop3-login: Disconnected (auth failed...
-//! #= none injection
+//! #= none injection dovecot-login
 //! Nov 23 10:00:03 mail dovecot: pop3-login: Disconnected ...: user=<x, rip=203.0.113.9>...
 //! ```
+//!
+//! The grammar of an annotation (see `parse_annotation`): `grant IP
+//! SERVICE [USER]`, `address IP`, `logout [session ID | pid N]`, and
+//! `none|counted|ambiguous [injection PATTERN-ID]`. Anything else is an
+//! error naming the file and line. `injection PATTERN-ID` marks a line
+//! built to attack that pattern (an address smuggled through a field the
+//! user controls); `ambiguous injection P` must be refused by P itself,
+//! `counted injection P` counted by P, `none injection P` must grant
+//! nothing. Every annotated line must parse as a syslog record.
 //!
 //! `#= ` applies to the next line that is not a comment. `grant` lines must
 //! yield exactly that login (address in the form Postfix looks up, service,
@@ -43,7 +52,11 @@
 //! - a built-in pattern is exercised by no positive sample (an address
 //!   pattern is exercised when a grant takes its address; a logout pattern
 //!   by a `logout` line);
-//! - a sample file has no `none injection` (or `ambiguous`) sample.
+//! - an annotated line does not parse as a syslog record;
+//! - a sample file has no `injection PATTERN-ID` sample;
+//! - a pattern of `src/patterns.toml` has no `injection PATTERN-ID` sample
+//!   naming it in a sample file of its server, or an `ambiguous` or
+//!   `counted` injection is refused or counted by another pattern.
 //!
 //! A second test, `generated_injections_never_grant`, builds injections
 //! from every positive sample: each server-written field of its pattern
@@ -67,16 +80,16 @@ enum Expect {
         service: String,
         user: String,
     },
-    None {
-        injection: bool,
-    },
+    /// `#= none [injection PATTERN-ID]`.
+    None { injection: Option<String> },
     /// The session id or pid expected, if given (`#= logout session ID`).
     Logout(Option<String>),
     /// A login recognised whose line carries no address: counted, nothing
-    /// granted (`#= counted`).
-    Counted,
-    /// A line a pattern matched but refused as ambiguous (`#= ambiguous`).
-    Ambiguous,
+    /// granted (`#= counted [injection PATTERN-ID]`).
+    Counted(Option<String>),
+    /// A line a pattern matched but refused as ambiguous (`#= ambiguous
+    /// [injection PATTERN-ID]`): with an id, by that pattern.
+    Ambiguous(Option<String>),
     /// The address line of a server that writes it before its login line
     /// (`#= address IP`): remembered, nothing granted by itself.
     Address(String),
@@ -89,7 +102,86 @@ struct Sample {
     expect: Expect,
 }
 
+/// The annotation grammar (after `#= `):
+///
+/// ```text
+/// grant IP SERVICE [USER]
+/// address IP
+/// logout [session ID | pid N]
+/// none [injection PATTERN-ID]
+/// counted [injection PATTERN-ID]
+/// ambiguous [injection PATTERN-ID]
+/// ```
+///
+/// Anything else (an unknown word, a word after `none` other than
+/// `injection`, an `injection` without a known pattern id, or words after
+/// it) is an error.
+fn parse_annotation(ann: &str, ids: &BTreeSet<String>) -> Result<Expect, String> {
+    let mut words = ann.split(' ');
+    let kind = words.next().unwrap_or("");
+    let injection = |words: &mut std::str::Split<'_, char>| -> Result<Option<String>, String> {
+        match words.next() {
+            None => Ok(None),
+            Some("injection") => {
+                let id = words
+                    .next()
+                    .ok_or("`injection` needs the PATTERN-ID the line attacks")?;
+                if !ids.contains(id) {
+                    return Err(format!("no built-in pattern has the id {id:?}"));
+                }
+                match words.next() {
+                    None => Ok(Some(id.to_string())),
+                    Some(w) => Err(format!("unexpected {w:?} after the pattern id")),
+                }
+            }
+            Some(w) => Err(format!(
+                "unexpected {w:?} after `{kind}` (only `injection PATTERN-ID` may follow)"
+            )),
+        }
+    };
+    Ok(match kind {
+        "grant" => {
+            let ip = words.next().ok_or("`grant` needs IP SERVICE [USER]")?;
+            let service = words.next().ok_or("`grant` needs IP SERVICE [USER]")?;
+            let user: Vec<&str> = words.collect();
+            Expect::Grant {
+                ip: ip.to_string(),
+                service: service.to_string(),
+                user: user.join(" "),
+            }
+        }
+        "none" => Expect::None {
+            injection: injection(&mut words)?,
+        },
+        "counted" => Expect::Counted(injection(&mut words)?),
+        "ambiguous" => Expect::Ambiguous(injection(&mut words)?),
+        "address" => {
+            let ip = words.next().ok_or("`address` needs IP")?;
+            if let Some(w) = words.next() {
+                return Err(format!("unexpected {w:?} after `address IP`"));
+            }
+            Expect::Address(ip.to_string())
+        }
+        "logout" => {
+            let rest: Vec<&str> = words.collect();
+            match rest.as_slice() {
+                [] => Expect::Logout(None),
+                ["session" | "pid", _, ..] => Expect::Logout(Some(rest.join(" "))),
+                _ => return Err("`logout` takes nothing, `session ID` or `pid N`".into()),
+            }
+        }
+        other => return Err(format!("unknown annotation {other:?}")),
+    })
+}
+
+/// The built-in patterns, as patterns.toml declares them.
+fn specs() -> Vec<smtp_after_popd::matcher::PatternSpec> {
+    smtp_after_popd::matcher::parse_pattern_specs(include_str!("../src/patterns.toml"))
+        .expect("src/patterns.toml")
+}
+
 fn load(dir: &Path) -> Vec<Sample> {
+    let ids: BTreeSet<String> = specs().into_iter().filter_map(|s| s.id).collect();
     let mut out = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .expect("tests/samples")
@@ -108,27 +200,8 @@ fn load(dir: &Path) -> Vec<Sample> {
                     pending.is_none(),
                     "{file}.log:{n}: two annotations in a row"
                 );
-                let mut words = ann.splitn(4, ' ');
-                let expect = match words.next() {
-                    Some("grant") => Expect::Grant {
-                        ip: words.next().expect("grant IP").to_string(),
-                        service: words.next().expect("grant IP SERVICE").to_string(),
-                        user: words.next().unwrap_or("").to_string(),
-                    },
-                    Some("none") => Expect::None {
-                        injection: words.next() == Some("injection"),
-                    },
-                    Some("counted") => Expect::Counted,
-                    Some("ambiguous") => Expect::Ambiguous,
-                    Some("address") => {
-                        Expect::Address(words.next().expect("address IP").to_string())
-                    }
-                    Some("logout") => {
-                        let rest: Vec<&str> = words.collect();
-                        Expect::Logout((!rest.is_empty()).then(|| rest.join(" ")))
-                    }
-                    other => panic!("{file}.log:{n}: unknown annotation {other:?}"),
-                };
+                let expect = parse_annotation(ann, &ids)
+                    .unwrap_or_else(|e| panic!("{file}.log:{n}: {e}: {ann:?}"));
                 pending = Some((n, expect));
             } else if line.starts_with('#') || line.trim().is_empty() {
                 continue;
@@ -170,6 +243,20 @@ fn samples_match_their_annotations() {
     let mut exercised: BTreeSet<String> = BTreeSet::new();
     let mut injections: BTreeMap<String, usize> = BTreeMap::new();
     let mut files: BTreeSet<String> = BTreeSet::new();
+    // Injection samples per pattern id they attack, and their files.
+    let mut injected: BTreeMap<String, usize> = BTreeMap::new();
+    let mut injection_files: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in &samples {
+        if let Expect::None { injection: Some(p) }
+        | Expect::Counted(Some(p))
+        | Expect::Ambiguous(Some(p)) = &s.expect
+        {
+            injection_files
+                .entry(p.clone())
+                .or_default()
+                .insert(s.file.clone());
+        }
+    }
 
     let mut memory = AddressMemory::new();
     let mut cut = CutLines::new();
@@ -183,12 +270,12 @@ fn samples_match_their_annotations() {
         }
         files.insert(s.file.clone());
         let place = format!("{}.log:{}", s.file, s.line_no);
+        // Every annotated line must be a syslog record: one that does not
+        // parse would pass as "grants nothing" without testing anything.
         let rec = match parse_str(&s.text) {
             Ok(r) => r,
             Err(e) => {
-                if let Expect::Grant { .. } = s.expect {
-                    failures.push(format!("{place}: does not parse as syslog: {e}"));
-                }
+                failures.push(format!("{place}: does not parse as syslog: {e}"));
                 continue;
             }
         };
@@ -246,7 +333,16 @@ fn samples_match_their_annotations() {
                 }
                 exercised.insert(pattern.to_string());
             }
-            (Expect::Counted, Outcome::Unaddressed { server, pattern }) => {
+            (Expect::Counted(want), Outcome::Unaddressed { server, pattern }) => {
+                if let Some(want) = want {
+                    if want.as_str() != &*pattern {
+                        failures.push(format!(
+                            "{place}: an injection into {want} must be counted by {want}, but {pattern} counted it"
+                        ));
+                    }
+                    *injected.entry(want.clone()).or_default() += 1;
+                    *injections.entry(s.file.clone()).or_default() += 1;
+                }
                 if !file_is_for_server(&s.file, &server) {
                     failures.push(format!(
                         "{place}: counted by pattern {pattern} of {server}, not of {}",
@@ -259,15 +355,23 @@ fn samples_match_their_annotations() {
             (Expect::Address(_), other) => {
                 failures.push(format!("{place}: expected an address line, got {other:?}"));
             }
-            (Expect::Ambiguous, Outcome::Ambiguous { .. }) => {
+            (Expect::Ambiguous(want), Outcome::Ambiguous { pattern, .. }) => {
+                if let Some(want) = want {
+                    if want.as_str() != &*pattern {
+                        failures.push(format!(
+                            "{place}: an injection into {want} must be refused by {want}, but {pattern} refused it"
+                        ));
+                    }
+                    *injected.entry(want.clone()).or_default() += 1;
+                }
                 *injections.entry(s.file.clone()).or_default() += 1;
             }
-            (Expect::Ambiguous, other) => {
+            (Expect::Ambiguous(_), other) => {
                 failures.push(format!(
                     "{place}: expected a line refused as ambiguous, got {other:?}"
                 ));
             }
-            (Expect::Counted, other) => {
+            (Expect::Counted(_), other) => {
                 failures.push(format!(
                     "{place}: expected a login without an address (counted), got {other:?}"
                 ));
@@ -298,13 +402,17 @@ fn samples_match_their_annotations() {
             (Expect::None { injection }, Outcome::Login(l)) => {
                 failures.push(format!(
                     "{place}: must grant nothing{}, but pattern {} granted {}",
-                    if *injection { " (injection)" } else { "" },
+                    injection
+                        .as_ref()
+                        .map(|p| format!(" (injection into {p})"))
+                        .unwrap_or_default(),
                     l.pattern,
                     l.ip
                 ));
             }
             (Expect::None { injection }, _) => {
-                if *injection {
+                if let Some(p) = injection {
+                    *injected.entry(p.clone()).or_default() += 1;
                     *injections.entry(s.file.clone()).or_default() += 1;
                 }
             }
@@ -320,7 +428,29 @@ fn samples_match_their_annotations() {
     for f in &files {
         if !injections.contains_key(f) {
             failures.push(format!(
-                "{f}.log has no `#= none injection` or `#= ambiguous` sample"
+                "{f}.log has no `#= none injection PATTERN-ID` or `#= ambiguous injection PATTERN-ID` sample"
+            ));
+        }
+    }
+    // Every pattern ships with injection samples of its own: lines, in a
+    // sample file of its server, that attack it and grant nothing.
+    for spec in specs() {
+        let id = spec.id.clone().unwrap_or_default();
+        let Some(n) = injected.get(&id) else {
+            failures.push(format!(
+                "pattern {id} has no `#= none injection {id}` (or ambiguous, counted) sample in tests/samples/{}*.log",
+                spec.server
+            ));
+            continue;
+        };
+        assert!(*n > 0);
+        if !injection_files
+            .get(&id)
+            .is_some_and(|fs| fs.iter().any(|f| file_is_for_server(f, &spec.server)))
+        {
+            failures.push(format!(
+                "pattern {id}: its injection samples are in no sample file of its server {}",
+                spec.server
             ));
         }
     }

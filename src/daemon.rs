@@ -1095,6 +1095,12 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
             if reader.read_until(b'\n', &mut line)? == 0 {
                 return Ok(());
             }
+            // Most of a log is no login: a line that holds none of the text
+            // the patterns need is not even parsed. (Logout lines print
+            // nothing here.)
+            if !matchers.may_match_with(&line, false) {
+                continue;
+            }
             let Ok(rec) = record::parse(&line) else {
                 continue;
             };
@@ -1109,7 +1115,10 @@ fn run_match(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
                     continue;
                 }
             }
-            let outcome = matchers.match_record(&rec);
+            let outcome = matchers.match_record_with(&rec, false);
+            if outcome == Outcome::NoMatch {
+                continue;
+            }
             let key = ProcessKey::of("-".to_string(), &rec, rec.pid);
             // Lines of a file carry no receive time: pair by order only.
             let (outcome, _) = memory.pair(key, outcome, tokio::time::Instant::now(), false);

@@ -160,11 +160,11 @@ impl Pipeline {
     pub fn handle_on(&self, bytes: &[u8], peer: &Peer, attested: bool) {
         let settings = self.settings.load();
         let s = &*settings;
-        // Most of a mail log is not a login: a record that names none of
-        // the patterns' programs is counted and not even parsed. (Records
+        // Most of a mail log is not a login: a record that holds none of
+        // the text the patterns need is counted and not even parsed. (Records
         // too long or not UTF-8 go on, to be counted as such.)
         if bytes.len() <= record::MAX_RECORD
-            && !s.matchers.may_match(bytes)
+            && !s.matchers.may_match_with(bytes, s.hold_while_connected)
             && std::str::from_utf8(bytes).is_ok()
         {
             Stats::bump(&self.stats.skipped);

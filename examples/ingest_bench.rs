@@ -4,12 +4,19 @@
 //!
 //! For each rate, one sender paces datagrams (one login in 50, the rest
 //! Postfix, Dovecot and other noise, as rsyslog forwards them) for
-//! `--seconds`; the figures are datagrams received, dropped by the kernel
-//! (the socket's drop counter), and for the daemon, logins granted.
+//! `--seconds`; the figures are datagrams sent, received and lost (sent
+//! but not received, and the socket's kernel drop counter), the share
+//! lost, and for the daemon, logins sent and granted.
+//!
+//! Default settings: the daemon and the baseline keep the kernel's default
+//! receive buffer (`net.core.rmem_default`) unless `--receive-buffer SIZE`
+//! is given. Unless `--load no`, another process keeps one core busy (a
+//! spinning loop) for the whole run. The sender sleeps between bursts of
+//! due datagrams (every 200 µs), so it does not take a core of its own.
 //!
 //! ```sh
 //! cargo build --release --bins --examples
-//! target/release/examples/ingest_bench [--seconds 10] [--rates 50000,100000,150000,200000,0]
+//! target/release/examples/ingest_bench [--seconds 10] [--rates 50000,100000,150000,200000,0] [--load yes|no] [--receive-buffer 4M]
 //! ```
 //! (rate 0 = as fast as the sender can go).
 
@@ -50,10 +57,11 @@ fn send(port: u16, rate: u64, secs: u64, base: u64) -> (u64, u64) {
     let total = Duration::from_secs(secs);
     while t0.elapsed() < total {
         if rate > 0 {
-            // Keep to the schedule: never ahead of rate * elapsed.
+            // Keep to the schedule: never ahead of rate * elapsed; sleep
+            // when all that is due is sent.
             let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
             if sent >= due {
-                std::hint::spin_loop();
+                std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
         }
@@ -76,6 +84,22 @@ fn send(port: u16, rate: u64, secs: u64, base: u64) -> (u64, u64) {
     (sent, logins)
 }
 
+/// The receive buffer to ask for (`--receive-buffer`, e.g. `4M`), if any.
+fn receive_buffer() -> Option<usize> {
+    let v = arg("--receive-buffer", "");
+    if v.is_empty() {
+        return None;
+    }
+    let (num, mul) = match v.strip_suffix(['M', 'm']) {
+        Some(n) => (n, 1 << 20),
+        None => match v.strip_suffix(['K', 'k']) {
+            Some(n) => (n, 1 << 10),
+            None => (v.as_str(), 1),
+        },
+    };
+    Some(num.parse::<usize>().expect("--receive-buffer SIZE") * mul)
+}
+
 fn socket_drops(fd: i32) -> u64 {
     // SAFETY: fstat on our own socket.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -95,7 +119,9 @@ fn socket_drops(fd: i32) -> u64 {
 fn baseline(rate: u64, secs: u64) -> (u64, u64, u64) {
     let sock =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
-    sock.set_recv_buffer_size(4 << 20).expect("rcvbuf");
+    if let Some(size) = receive_buffer() {
+        sock.set_recv_buffer_size(size).expect("rcvbuf");
+    }
     sock.bind(
         &"127.0.0.1:0"
             .parse::<std::net::SocketAddr>()
@@ -178,14 +204,12 @@ fn daemon_run(daemon: &PathBuf, rate: u64, secs: u64, base: u64) -> (u64, u64, u
         .args(["--listen", &format!("udp://127.0.0.1:{port}")])
         .arg("--map")
         .arg(dir.path().join("authenticated_ips"))
-        .args([
-            "--window",
-            "1h",
-            "--max-grants",
-            "1000000",
-            "--receive-buffer",
-            "4M",
-        ])
+        .args(["--window", "1h", "--max-grants", "1000000"])
+        .args(
+            receive_buffer()
+                .map(|b| vec!["--receive-buffer".to_string(), b.to_string()])
+                .unwrap_or_default(),
+        )
         .env("MAIL_CONFIG", dir.path().join("postfix"))
         .stderr(std::fs::File::create(&log).expect("log"))
         .stdout(Stdio::null())
@@ -216,33 +240,64 @@ fn daemon_run(daemon: &PathBuf, rate: u64, secs: u64, base: u64) -> (u64, u64, u
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--burn") {
+        // The load: one core kept busy until killed.
+        let mut x = 0u64;
+        loop {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
     let secs: u64 = arg("--seconds", "10").parse().expect("--seconds");
     let rates: Vec<u64> = arg("--rates", "50000,100000,150000,200000,0")
         .split(',')
         .map(|r| r.parse().expect("--rates"))
         .collect();
     let daemon = PathBuf::from(arg("--daemon", "target/release/smtp-after-popd"));
+    let load = arg("--load", "yes") == "yes";
+    /// Ends the load process however the run ends.
+    struct Burner(std::process::Child);
+    impl Drop for Burner {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let burner = load.then(|| {
+        Burner(
+            Command::new(std::env::current_exe().expect("own path"))
+                .arg("--burn")
+                .spawn()
+                .expect("load process"),
+        )
+    });
     println!(
-        "| target rate/s | baseline sent/s | baseline received/s | baseline lost | daemon sent/s | daemon received/s | daemon lost (kernel-counted) | logins sent | logins granted | daemon/baseline |"
+        "receive buffer: {}; other load: {}; {secs} s per run",
+        receive_buffer().map_or("the kernel's default".to_string(), |b| format!("{b} bytes")),
+        if load {
+            "one process spinning on one core"
+        } else {
+            "none"
+        }
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| target rate/s | baseline sent | baseline received | baseline lost (kernel-counted) | baseline lost % | daemon sent | daemon received | daemon lost (kernel-counted) | daemon lost % | logins sent | logins granted |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, rate) in rates.iter().enumerate() {
         let (bs, br, bd) = baseline(*rate, secs);
         let (ds, dr, dd, dl, dg) = daemon_run(&daemon, *rate, secs, i as u64 * 10_000_000);
-        let per = |n: u64| n as f64 / secs as f64;
         let shown = if *rate == 0 {
             "flat out".to_string()
         } else {
             rate.to_string()
         };
+        let pct = |lost: u64, sent: u64| 100.0 * lost as f64 / sent.max(1) as f64;
+        let (bl, dlost) = (bs - br.min(bs), ds - dr.min(ds));
         println!(
-            "| {shown} | {:.0} | {:.0} | {} ({bd} counted) | {:.0} | {:.0} | {dd} | {dl} | {dg} | {:.2} |",
-            per(bs),
-            per(br),
-            bs - br.min(bs),
-            per(ds),
-            per(dr),
-            per(dr) / per(br).max(1.0)
+            "| {shown} | {bs} | {br} | {bl} ({bd}) | {:.3} | {ds} | {dr} | {dlost} ({dd}) | {:.3} | {dl} | {dg} |",
+            pct(bl, bs),
+            pct(dlost, ds),
         );
     }
+    drop(burner);
 }

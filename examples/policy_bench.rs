@@ -122,6 +122,7 @@ fn main() {
     // Policy: one persistent connection, as one smtpd process uses it.
     let n = 100_000u32;
     let mut lat = Vec::with_capacity(n as usize);
+    let mut wrong = 0u32;
     let t0 = Instant::now();
     for i in 0..n {
         let a = if i % 2 == 0 {
@@ -130,10 +131,15 @@ fn main() {
             format!("192.0.2.{}", i % 250)
         };
         let t = Instant::now();
-        let _ = ask(&mut w, &mut r, &a);
+        let answer = ask(&mut w, &mut r, &a);
         lat.push(t.elapsed());
+        // Every answer is checked: a granted address OK, the others not.
+        if (answer == "action=OK\n") != (i % 2 == 0) {
+            wrong += 1;
+        }
     }
     let el = t0.elapsed();
+    assert_eq!(wrong, 0, "policy answers that were wrong");
     println!(
         "policy_one_connection: requests={n} per_s={:.0} p50_us={} p99_us={}",
         f64::from(n) / el.as_secs_f64(),
@@ -154,8 +160,9 @@ fn main() {
                 let mut lat = Vec::with_capacity(per as usize);
                 for i in 0..per {
                     let t = Instant::now();
-                    let _ = ask(&mut w, &mut r, &ip((i * 8 + k) % GRANTS));
+                    let answer = ask(&mut w, &mut r, &ip((i * 8 + k) % GRANTS));
                     lat.push(t.elapsed());
+                    assert_eq!(answer, "action=OK\n", "a granted address was not OK");
                 }
                 lat
             })

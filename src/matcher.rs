@@ -314,6 +314,41 @@ fn field_count(text: &str, f: &str) -> usize {
         .count()
 }
 
+/// Literal text of which every message the regex `anchored` matches holds
+/// one: the literal prefixes (or suffixes, if they are longer) of every
+/// match, found by the regex parser's literal extraction. `None` when there
+/// is no such finite set, or when one of its strings is shorter than three
+/// bytes (it would let nearly every line through).
+fn required_literals(anchored: &str) -> Option<Vec<Vec<u8>>> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+    let hir = regex_syntax::Parser::new().parse(anchored).ok()?;
+    let of = |prefix: bool| {
+        let kind = if prefix {
+            ExtractKind::Prefix
+        } else {
+            ExtractKind::Suffix
+        };
+        let mut seq = Extractor::new().kind(kind).extract(&hir);
+        if prefix {
+            seq.optimize_for_prefix_by_preference();
+        } else {
+            seq.optimize_for_suffix_by_preference();
+        }
+        let lits: Vec<Vec<u8>> = seq
+            .literals()?
+            .iter()
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
+        let shortest = lits.iter().map(Vec::len).min()?;
+        (shortest >= 3).then_some((shortest, lits))
+    };
+    match (of(true), of(false)) {
+        (Some((a, p)), Some((b, q))) => Some(if b > a { q } else { p }),
+        (Some((_, p)), None) | (None, Some((_, p))) => Some(p),
+        (None, None) => None,
+    }
+}
+
 /// One compiled pattern.
 #[derive(Clone, Debug)]
 struct Pattern {
@@ -337,6 +372,11 @@ struct Pattern {
     delimiters: Vec<(&'static str, String)>,
     /// The fields the server leaves out of some lines (sample harness).
     omitted: Vec<String>,
+    /// Literal text of which every message the regex matches holds one
+    /// (see [`required_literals`]); `None` when the regex has no such set.
+    literals: Option<Vec<Vec<u8>>>,
+    /// The program names the pattern applies to, as looked up.
+    programs: Vec<String>,
 }
 
 impl Pattern {
@@ -479,6 +519,78 @@ pub struct PatternError {
     pub message: String,
 }
 
+/// Two literal searches a record must pass to be parsed at all: the text
+/// the patterns require, and the patterns' program names (each a
+/// multi-substring search).
+#[derive(Clone, Debug)]
+struct Prefilter {
+    /// Each pattern's [`required_literals`], else its program names.
+    literals: Needles,
+    /// The patterns' program names (the part after the last '/' too).
+    programs: Needles,
+}
+
+/// A search for any of a few strings: SIMD (Teddy) where the processor
+/// allows, else one literal alternation of the regex crate.
+#[derive(Clone, Debug)]
+enum Needles {
+    Packed(aho_corasick::packed::Searcher),
+    Regex(regex::bytes::Regex),
+}
+
+impl Needles {
+    fn is_match(&self, bytes: &[u8]) -> bool {
+        match self {
+            Needles::Packed(s) => s.find(bytes).is_some(),
+            Needles::Regex(r) => r.is_match(bytes),
+        }
+    }
+}
+
+/// A search for any of `needles`, byte for byte.
+fn any_of(mut needles: Vec<Vec<u8>>) -> Option<Needles> {
+    needles.sort();
+    needles.dedup();
+    // A needle that holds another is found whenever that one is.
+    let kept: Vec<&Vec<u8>> = needles
+        .iter()
+        .filter(|n| {
+            !needles
+                .iter()
+                .any(|o| o.len() < n.len() && n.windows(o.len()).any(|w| w == o.as_slice()))
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    if let Some(s) = aho_corasick::packed::Config::new()
+        .builder()
+        .extend(&kept)
+        .build()
+    {
+        return Some(Needles::Packed(s));
+    }
+    let alternation: Vec<String> = kept
+        .iter()
+        .map(|n| {
+            n.iter()
+                .map(|&b| {
+                    if b.is_ascii_alphanumeric() || b == b' ' {
+                        (b as char).to_string()
+                    } else {
+                        format!("\\x{b:02x}")
+                    }
+                })
+                .collect::<String>()
+        })
+        .collect();
+    regex::bytes::RegexBuilder::new(&format!("(?-u:{})", alternation.join("|")))
+        .unicode(false)
+        .build()
+        .ok()
+        .map(Needles::Regex)
+}
+
 /// The set of patterns, indexed by program name. Cloning is cheap (the
 /// compiled regexes are shared).
 #[derive(Clone, Debug)]
@@ -487,9 +599,14 @@ pub struct Matchers {
     patterns: Vec<Pattern>,
     /// Program name to indexes into `patterns`.
     by_program: HashMap<String, Vec<usize>>,
-    /// Matches any of the program names: a record whose bytes hold none of
-    /// them cannot be a login, and is not even parsed.
-    prefilter: Option<regex::bytes::Regex>,
+    /// Matches the text one of which every line any pattern matches holds
+    /// (each pattern's [`required_literals`], else its program names): a
+    /// record whose bytes hold none of it cannot be a login, and is not
+    /// even parsed.
+    prefilter: Option<Prefilter>,
+    /// The same without the logout patterns, for when logout lines do not
+    /// matter (no `--hold-while-connected`, the `match` command).
+    prefilter_logins: Option<Prefilter>,
     /// Each pattern's accounts, for the start-up notes.
     accounts: Vec<PatternAccounts>,
     /// Program name to the length at which its logger cuts lines.
@@ -666,6 +783,7 @@ impl Matchers {
             patterns: Vec::new(),
             by_program: HashMap::new(),
             prefilter: None,
+            prefilter_logins: None,
             accounts: Vec::new(),
             line_limits: HashMap::new(),
         };
@@ -697,19 +815,8 @@ impl Matchers {
                 ));
             }
         }
-        // Every program name (the part after the last '/' too, which is how
-        // tags such as "cyrus/imap" are looked up) as one literal
-        // alternation, which the regex crate runs as a multi-substring
-        // search.
-        let mut names: Vec<&str> = m
-            .by_program
-            .keys()
-            .map(|k| k.rsplit('/').next().unwrap_or(k))
-            .collect();
-        names.sort();
-        names.dedup();
-        let alternation: Vec<String> = names.iter().map(|n| regex::escape(n)).collect();
-        m.prefilter = regex::bytes::Regex::new(&alternation.join("|")).ok();
+        m.prefilter = m.build_prefilter(true);
+        m.prefilter_logins = m.build_prefilter(false);
         Ok(m)
     }
 
@@ -924,6 +1031,8 @@ impl Matchers {
             fields,
             delimiters,
             omitted: spec.omitted.clone(),
+            literals: required_literals(&anchored),
+            programs: spec.program.clone(),
         });
         for p in &spec.program {
             self.by_program.entry(p.clone()).or_default().push(index);
@@ -935,6 +1044,41 @@ impl Matchers {
             }
         }
         Ok(())
+    }
+
+    /// The prefilter over the patterns (logout patterns only if
+    /// `logouts`). A record a pattern matches holds the pattern's program
+    /// name in its tag (the whole tag or the part after the last '/', which
+    /// is how tags such as "cyrus/imap" are looked up) and one of the
+    /// pattern's [`required_literals`] in its message. A pattern without
+    /// such literals contributes its program names instead, and so does
+    /// every pattern of a program whose logger cuts lines (`line_limit`):
+    /// every record of such a program must be seen, to know whether the
+    /// next one continues a cut line.
+    fn build_prefilter(&self, logouts: bool) -> Option<Prefilter> {
+        let mut literals: Vec<Vec<u8>> = Vec::new();
+        let mut programs: Vec<Vec<u8>> = Vec::new();
+        for p in &self.patterns {
+            if !logouts && p.kind == Kind::Logout {
+                continue;
+            }
+            let names = p
+                .programs
+                .iter()
+                .map(|n| n.rsplit('/').next().unwrap_or(n).as_bytes().to_vec());
+            programs.extend(names.clone());
+            let cut = p.programs.iter().any(|n| self.line_limit(n).is_some());
+            match &p.literals {
+                Some(lits) if !cut => literals.extend(lits.iter().cloned()),
+                _ => literals.extend(names),
+            }
+        }
+        // No patterns of this kind: no prefilter (every record is parsed,
+        // as it would be without one).
+        Some(Prefilter {
+            literals: any_of(literals)?,
+            programs: any_of(programs)?,
+        })
     }
 
     /// The pattern indexes that apply to a program name.
@@ -1064,12 +1208,26 @@ impl Matchers {
         Outcome::NoMatch
     }
 
-    /// Whether a datagram may hold a login at all: false when none of the
-    /// patterns' program names occurs anywhere in its bytes, so that the
-    /// daemon need not parse it. Never false for a record a pattern would
-    /// match (its tag holds the program name).
+    /// Whether a datagram may hold a login, address or logout line at
+    /// all: false when it holds none of the text the patterns require
+    /// ([`required_literals`], else their program names), so that it need
+    /// not be parsed. Never false for a record a pattern would match (its
+    /// message is part of its bytes), nor for a record of a program whose
+    /// logger cuts lines.
     pub fn may_match(&self, bytes: &[u8]) -> bool {
-        self.prefilter.as_ref().is_none_or(|p| p.is_match(bytes))
+        self.may_match_with(bytes, true)
+    }
+
+    /// [`Matchers::may_match`] for [`Matchers::match_record_with`]: the
+    /// logout patterns count only if `logouts`.
+    pub fn may_match_with(&self, bytes: &[u8], logouts: bool) -> bool {
+        let p = if logouts {
+            &self.prefilter
+        } else {
+            &self.prefilter_logins
+        };
+        p.as_ref()
+            .is_none_or(|p| p.literals.is_match(bytes) && p.programs.is_match(bytes))
     }
 
     /// The length at which the logger of `program` cuts lines, if a
@@ -1695,5 +1853,86 @@ mod tests {
         let r =
             parse_str("<22>Nov 23 10:00:01 mypop[3]: OK login bob from 198.51.100.4 x").unwrap();
         assert_eq!(m.match_record(&r), Outcome::NoMatch);
+    }
+}
+
+#[cfg(test)]
+mod prefilter_tests {
+    use super::*;
+    use crate::record::parse_str;
+
+    /// Every line of every sample file (its annotation aside) that any
+    /// pattern recognises, in any way, passes the prefilter; with logout
+    /// patterns off, every line the other patterns recognise does.
+    #[test]
+    fn the_prefilter_lets_every_recognised_sample_line_through() {
+        let m = Matchers::builtin();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("tests/samples") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("sample");
+            for (i, line) in text.lines().enumerate() {
+                if line.starts_with('#') || line.trim().is_empty() {
+                    continue;
+                }
+                let Ok(rec) = parse_str(line) else { continue };
+                let at = format!("{}:{}", path.display(), i + 1);
+                if m.match_record_with(&rec, true) != Outcome::NoMatch {
+                    assert!(m.may_match_with(line.as_bytes(), true), "{at}");
+                    assert!(m.may_match(line.as_bytes()), "{at}");
+                    seen += 1;
+                }
+                if m.match_record_with(&rec, false) != Outcome::NoMatch {
+                    assert!(m.may_match_with(line.as_bytes(), false), "{at}");
+                }
+                // A program whose logger cuts lines is always seen.
+                if m.line_limit(rec.program).is_some() {
+                    assert!(m.may_match_with(line.as_bytes(), false), "{at}");
+                }
+            }
+        }
+        assert!(seen > 200, "only {seen} recognised sample lines");
+    }
+
+    #[test]
+    fn the_prefilter_stops_common_noise() {
+        let m = Matchers::builtin();
+        for line in [
+            "Dec  2 01:00:01 mail1 postfix/smtpd[1234]: connect from unknown[198.51.1.2]",
+            "Dec  2 01:00:01 mail1 postfix/qmgr[345]: 0000ABCDE: from=<alice@example.net>, size=1234, nrcpt=1 (queue active)",
+            "<30>Nov 24 10:00:01 mail1 systemd[1]: Started session 42 of user alice.",
+        ] {
+            assert!(!m.may_match_with(line.as_bytes(), true), "{line}");
+        }
+        // A Dovecot mail process's logout line matters only for holds.
+        let logout = "Dec  2 01:00:01 mail1 dovecot: imap(alice)<7002><k0000abcd>: Disconnected: Logged out in=12 out=477";
+        assert!(m.may_match_with(logout.as_bytes(), true));
+        assert!(!m.may_match_with(logout.as_bytes(), false));
+        let login = "Dec  2 01:00:01 mail1 dovecot: imap-login: Login: user=<u1>, method=PLAIN, rip=10.0.0.1, lip=192.0.2.1, mpid=7001, TLS, session=<k00000001>";
+        assert!(m.may_match_with(login.as_bytes(), false));
+    }
+
+    #[test]
+    fn required_literals_are_found_or_refused() {
+        let lits = required_literals("^(?:(?:imap|pop3)-login: Login: user=<(?P<user>.*)>)$")
+            .expect("literals");
+        assert!(lits.iter().all(|l| l.len() >= 3), "{lits:?}");
+        assert!(required_literals("^(?:.*x)$").is_none());
+        assert!(required_literals("^(?:(?P<ip>[0-9.]+))$").is_none());
+    }
+
+    #[test]
+    fn a_custom_pattern_without_literals_falls_back_to_its_program() {
+        let src = "[[pattern]]\nid = \"mine\"\nserver = \"mine\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nregex = '''(?P<ip>[0-9.]+) (?P<user>\\S+)'''\n";
+        let specs = parse_pattern_specs(src).expect("spec");
+        let m = Matchers::new(&[(specs[0].clone(), src)]).expect("matchers");
+        let line = "<22>Nov 23 10:00:01 mail mypop[3]: 198.51.100.4 bob";
+        assert!(m.may_match_with(line.as_bytes(), false));
+        let rec = parse_str(line).unwrap();
+        assert!(matches!(m.match_record(&rec), Outcome::Login(_)));
     }
 }

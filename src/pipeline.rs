@@ -885,11 +885,11 @@ pub fn decide<'a>(
         addresses_dropped: 0,
         decision,
     };
-    // Most of a mail log is not a login: a record that names none of the
-    // patterns' programs is counted and not even parsed. (Records too
+    // Most of a mail log is not a login: a record that holds none of the
+    // text the patterns need is counted and not even parsed. (Records too
     // long or not UTF-8 go on, to be counted as such.)
     if bytes.len() <= record::MAX_RECORD
-        && !s.matchers.may_match(bytes)
+        && !s.matchers.may_match_with(bytes, s.hold_while_connected)
         && std::str::from_utf8(bytes).is_ok()
     {
         return bare(Decision::Skipped);

@@ -200,7 +200,57 @@ impl Listener {
     }
 }
 
+/// Datagrams a UDP receive thread reads with one `recvmmsg` call.
+const BATCH: usize = 64;
+
+/// Batches the receive thread may queue for the pipeline before it waits
+/// (and the kernel's buffer fills): 1,024 batches, up to 65,536 datagrams.
+const QUEUE_BATCHES: usize = 1024;
+
+/// Datagrams a UDP receive thread read, for the pipeline: their bytes one
+/// after the other, and for each its length and the peer the kernel
+/// reported for it.
+struct Batch {
+    data: Vec<u8>,
+    items: Vec<(usize, SocketAddr)>,
+}
+
+/// Tells the receive thread that its listener is gone: an eventfd the
+/// thread polls beside the socket (so that it sleeps until one of them
+/// is readable, and costs nothing while the socket is idle).
+struct StopOnDrop(Arc<std::os::fd::OwnedFd>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a u64 we own to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// A new eventfd, or why not.
+fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd has no memory preconditions; a valid descriptor it
+    // returns is ours alone.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Receives datagrams from the allowed peers of a UDP socket.
+///
+/// A thread of its own drains the socket (up to [`BATCH`] datagrams a
+/// `recvmmsg` call) into a queue, and this task hands each datagram to the
+/// pipeline: the socket is read as soon as the kernel wakes the thread,
+/// however busy the pipeline or the machine, so that the kernel's buffer
+/// (208 KiB by default, a millisecond or two of a busy log) does not
+/// overflow while the task waits for a core. Each datagram keeps its own
+/// peer address, checked against the allow-list here as before.
 async fn run_udp<F>(
     socket: UdpSocket,
     allow: AllowList,
@@ -210,11 +260,178 @@ async fn run_udp<F>(
 ) where
     F: Fn(&[u8], &Peer),
 {
-    // One byte more than the limit, to tell an oversized datagram.
-    let mut buf = vec![0u8; MAX_RECORD + 1];
+    use std::os::fd::AsFd;
     let local = socket
         .local_addr()
         .map_or_else(|_| "udp".to_string(), |a| format!("udp://{a}"));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(QUEUE_BATCHES);
+    let thread = eventfd().and_then(|stop| {
+        let stop = Arc::new(stop);
+        let fd = socket.as_fd().try_clone_to_owned()?;
+        let (theirs, local) = (stop.clone(), local.clone());
+        std::thread::Builder::new()
+            .name("udp-receive".to_string())
+            .spawn(move || receive_thread(fd, tx, &theirs, &local))?;
+        Ok(stop)
+    });
+    let stop = match thread {
+        Ok(stop) => stop,
+        Err(e) => {
+            crate::log_warning!(
+                "{local}: no receive thread ({e}): receiving in the pipeline's task"
+            );
+            return run_udp_in_task(socket, allow, stats, received, handle, &local).await;
+        }
+    };
+    let _stop = StopOnDrop(stop);
+    while let Some(batch) = rx.recv().await {
+        let mut start = 0;
+        for (n, peer) in batch.items {
+            let bytes = &batch.data[start..start + n];
+            start += n;
+            Stats::bump(&stats.received);
+            Stats::bump(received);
+            let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+            if !allowed(&allow.load(), peer.ip()) {
+                Stats::bump(&stats.dropped_peer);
+                crate::log_warning_limited!(
+                    PEER_WARNINGS,
+                    "{local}: datagram from {peer} dropped: peer not in allow-from"
+                );
+                continue;
+            }
+            handle(bytes, &Peer::Udp(peer));
+        }
+    }
+    // The thread stopped: it said why. Go on in this task.
+    run_udp_in_task(socket, allow, stats, received, handle, &local).await;
+}
+
+/// The receive thread of a UDP socket (`fd`, a duplicate of the listener's
+/// descriptor, non-blocking as the listener is): reads batches with
+/// `recvmmsg` and queues them, until `stop` (an eventfd) is readable or the
+/// queue is gone.
+fn receive_thread(
+    fd: std::os::fd::OwnedFd,
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    stop: &std::os::fd::OwnedFd,
+    local: &str,
+) {
+    use std::os::fd::AsRawFd;
+    // One byte more than the limit, to tell an oversized datagram.
+    const SLOT: usize = MAX_RECORD + 1;
+    let raw = fd.as_raw_fd();
+    let mut bufs = vec![0u8; BATCH * SLOT];
+    // SAFETY: sockaddr_storage and mmsghdr are plain old data, valid when
+    // zeroed.
+    let mut names: Vec<socket2::SockAddrStorage> = (0..BATCH)
+        .map(|_| socket2::SockAddrStorage::zeroed())
+        .collect();
+    let mut iovs: Vec<libc::iovec> = bufs
+        .chunks_mut(SLOT)
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        for ((m, iov), name) in msgs.iter_mut().zip(iovs.iter_mut()).zip(names.iter_mut()) {
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (name as *mut socket2::SockAddrStorage).cast();
+            m.msg_hdr.msg_namelen = name.size_of();
+            m.msg_len = 0;
+        }
+        // SAFETY: msgs holds BATCH headers, each pointing at its own slot
+        // of bufs and its own address buffer, all alive for the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                raw,
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            let e = std::io::Error::last_os_error();
+            if n < 0
+                && !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                )
+            {
+                crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let mut pfd = [
+                libc::pollfd {
+                    fd: raw,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll on two pollfds we own; no timeout: the thread
+            // sleeps until a datagram or the stop arrives.
+            unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+            if pfd[1].revents != 0 {
+                return;
+            }
+            continue;
+        }
+        let n = n as usize;
+        let total: usize = msgs[..n].iter().map(|m| m.msg_len as usize).sum();
+        let mut batch = Batch {
+            data: Vec::with_capacity(total),
+            items: Vec::with_capacity(n),
+        };
+        for (i, m) in msgs[..n].iter().enumerate() {
+            let len = (m.msg_len as usize).min(SLOT);
+            // SAFETY: the kernel wrote msg_namelen bytes of an address
+            // into names[i], a sockaddr_storage.
+            let storage = std::mem::replace(&mut names[i], socket2::SockAddrStorage::zeroed());
+            let addr = unsafe { socket2::SockAddr::new(storage, m.msg_hdr.msg_namelen) };
+            // A UDP datagram always has a source address; one that does
+            // not read as one is not believed to come from anywhere.
+            let Some(peer) = addr.as_socket() else {
+                continue;
+            };
+            batch
+                .data
+                .extend_from_slice(&bufs[i * SLOT..i * SLOT + len]);
+            batch.items.push((len, peer));
+        }
+        if tx.blocking_send(batch).is_err() {
+            return;
+        }
+    }
+}
+
+/// Receives datagrams from the allowed peers of a UDP socket in the
+/// pipeline's task, one `recv_from` each: when no receive thread could be
+/// started.
+async fn run_udp_in_task<F>(
+    socket: UdpSocket,
+    allow: AllowList,
+    stats: &Stats,
+    received: &AtomicU64,
+    handle: F,
+    local: &str,
+) where
+    F: Fn(&[u8], &Peer),
+{
+    // One byte more than the limit, to tell an oversized datagram.
+    let mut buf = vec![0u8; MAX_RECORD + 1];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,

@@ -85,7 +85,16 @@ pub fn parse_str(text: &str) -> Result<Record<'_>, ParseError> {
         return Err(ParseError::TooLong);
     }
     let text = text.trim_end_matches(['\n', '\r', '\0']);
-    let msg = syslog_loose::parse_message(text, syslog_loose::Variant::Either);
+    // The timestamp is ignored, so it is placed without the clock or the
+    // local time zone (which would cost a clock read and a time-zone
+    // lookup per record): a date without a year in 2000 (a leap year, so
+    // that Feb 29 places), one without an offset in UTC.
+    let msg = syslog_loose::parse_message_with_year_tz(
+        text,
+        |_| 2000,
+        Some(chrono::Utc),
+        syslog_loose::Variant::Either,
+    );
     if let Some(program) = msg.appname {
         let structured_data = msg
             .structured_data

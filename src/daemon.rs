@@ -566,10 +566,18 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(table.clone().run_purge(stats.clone()));
 
+    let mut map_visible = None;
     if let Some(map) = config.map.clone() {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let shown = format!("{}:{}", map.map_type.name(), map.path.display());
-        tasks.spawn(map.run(table.clone(), stats.clone(), Some(first_tx)));
+        let (visible_tx, visible_rx) = tokio::sync::watch::channel(0);
+        map_visible = Some(visible_rx);
+        tasks.spawn(map.run_reporting(
+            table.clone(),
+            stats.clone(),
+            Some(first_tx),
+            Some(visible_tx),
+        ));
         // Postfix fails every lookup of a missing map, so the map is
         // written before the daemon says it is ready; one that cannot be
         // built at all (a map type Postfix lacks, no postmap, a directory
@@ -791,13 +799,23 @@ async fn run(mut config: Config, args: DaemonArgs, activated: Vec<Activated>) ->
     };
     let status = wait_for_signal(&mut running, signals).await;
     crate::systemd::notify("STOPPING=1");
-    // Read the kernel's count while the sockets are still open.
-    let kernel_dropped = receiver::kernel_drops(&udp_inodes);
     // Senders are told to stop sending here, and what they sent before is
     // handled (for at most half a second), so that those that retry send
     // the rest to the next daemon rather than into closing sockets.
     crate::shutdown::begin();
     crate::shutdown::drained(crate::shutdown::DRAIN).await;
+    // Read the kernel's count while the sockets are still open.
+    let kernel_dropped = receiver::kernel_drops(&udp_inodes);
+    crate::log_info!(
+        "stopping: {} queued datagrams handled",
+        crate::shutdown::queued_handled()
+    );
+    // The map takes what the drain granted before the sink is stopped.
+    if let Some(v) = &mut map_visible
+        && !crate::shutdown::map_written(v, table.blocks().0, crate::shutdown::FLUSH).await
+    {
+        crate::log_error!("map: the last changes could not be written within 4 s");
+    }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(w) = state_writer

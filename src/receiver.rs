@@ -215,15 +215,13 @@ async fn run_udp<F>(
     let local = socket
         .local_addr()
         .map_or_else(|_| "udp".to_string(), |a| format!("udp://{a}"));
-    loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    // At a stop the queue is read to the end ([`crate::shutdown`]); the
+    // socket stays open after that, until the daemon has read the kernel's
+    // count of what it dropped, and the task is ended.
+    let draining = crate::shutdown::Draining::enter();
+    let stop = crate::shutdown::stopping();
+    tokio::pin!(stop);
+    let each = |bytes: &[u8], peer: SocketAddr| {
         Stats::bump(&stats.received);
         Stats::bump(received);
         let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
@@ -233,9 +231,31 @@ async fn run_udp<F>(
                 PEER_WARNINGS,
                 "{local}: datagram from {peer} dropped: peer not in allow-from"
             );
-            continue;
+            return;
         }
-        handle(&buf[..n], &Peer::Udp(peer));
+        handle(bytes, &Peer::Udp(peer));
+    };
+    loop {
+        let (n, peer) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => {
+                crate::shutdown::drain_queue(&socket, &mut buf, |d, from| {
+                    if let Some(from) = from {
+                        each(d, from);
+                    }
+                });
+                drop(draining);
+                return std::future::pending().await;
+            }
+        };
+        each(&buf[..n], peer);
     }
 }
 

@@ -27,8 +27,7 @@ const BASIC: &str = "ZG92ZWNvdDpzM2NyZXQ=";
 
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: end-to-end tests need root (CI runs them as root)");
+        if !require_root("the private Dovecot and Postfix") {
             return;
         }
     };

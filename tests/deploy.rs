@@ -24,8 +24,7 @@ use stack::*;
 
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: needs root");
+        if !require_root("namespaces and private servers") {
             return;
         }
     };

@@ -50,8 +50,7 @@ fn loopback_daemon_on(s: &Scratch, settings: &str, extra: &[&str]) -> (Daemon, s
 /// Skips (loudly) when not root: the servers need it.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: end-to-end tests need root (CI runs them as root)");
+        if !require_root("the private rsyslog, Dovecot and Postfix") {
             return;
         }
     };

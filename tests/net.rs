@@ -443,12 +443,14 @@ fn postfix_gets_action_ok_while_another_peer_holds_300_slow_connections() {
     let slow = SlowPeer::start(policy_port, 300);
     // Until the daemon has taken them all (asserted after Postfix's query,
     // so that a daemon which refuses some fails on the query itself).
-    let _ = wait_for(Duration::from_secs(3), || {
+    // (The slow peer is a shell, slow to open 300 connections on a loaded
+    // machine: the wait is long, and ends as soon as they are all up.)
+    let _ = wait_for(Duration::from_secs(60), || {
         established(65534, policy_port) == 300
     });
     send_udp(udp, LOGIN);
     assert!(
-        wait_for(Duration::from_secs(5), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("grant 127.0.0.5")),
         "{}",

@@ -400,7 +400,7 @@ pub fn connect_from(src: &str, port: u16) -> TcpStream {
     s.connect_timeout(&to.into(), Duration::from_secs(5))
         .expect("connect");
     let s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     s
 }

@@ -240,6 +240,35 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_queue_is_read_to_the_end_with_each_sender() {
+        let r = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        r.set_nonblocking(true).unwrap();
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..100u8 {
+            a.send_to(&[i], r.local_addr().unwrap()).unwrap();
+        }
+        let before = queued_handled();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        let n = drain_queue(&r, &mut buf, |d, from| {
+            assert_eq!(from, Some(a.local_addr().unwrap()));
+            got.push(d[0]);
+        });
+        assert_eq!(n, 100);
+        assert_eq!(got, (0..100).collect::<Vec<u8>>());
+        assert!(queued_handled() >= before + 100);
+    }
+
+    #[tokio::test]
+    async fn the_map_is_waited_for_until_it_holds_the_generation() {
+        let (tx, mut rx) = watch::channel(3u64);
+        assert!(map_written(&mut rx, 3, Duration::from_millis(10)).await);
+        assert!(!map_written(&mut rx, 4, Duration::from_millis(10)).await);
+        tx.send_replace(5);
+        assert!(map_written(&mut rx, 4, Duration::from_millis(10)).await);
+    }
+
+    #[test]
     fn connections_waiting_in_the_backlog_are_taken() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();

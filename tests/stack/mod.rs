@@ -19,8 +19,8 @@
 //!   from a chosen 127.0.0.x address.
 //!
 //! Everything needs root (network namespaces aside, Postfix and Dovecot
-//! start as root and drop privileges themselves); [`crate::common::is_root`] tells,
-//! and [`crate::common::require_root`] skips loudly.
+//! start as root and drop privileges themselves); [`is_root`] tells, and
+//! `common::require_root` skips loudly.
 
 #![allow(dead_code)]
 
@@ -31,6 +31,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::{free_tcp_port, wait_for};
+
+/// True when running as root, for the benchmarks that include this module
+/// without tests/common (the tests use `common::require_root`).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
 
 /// A child process that gets SIGTERM, then SIGKILL, when dropped.
 pub struct Proc {

@@ -107,7 +107,12 @@ pub fn skip(reason: &str) {
     if std::env::var("SMTP_AFTER_POPD_REQUIRE_ALL").as_deref() == Ok("1") {
         panic!("{test} cannot run here ({reason}), and SMTP_AFTER_POPD_REQUIRE_ALL=1");
     }
-    eprintln!("SKIPPED: {test}: {reason}");
+    // Straight to stderr, past the test harness's capture of eprintln!,
+    // so that the skip shows in a passing run too.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED: {test}: {reason}\n").as_bytes(),
+    );
 }
 
 /// True when running as root; otherwise [`skip`]s with `why` (what root

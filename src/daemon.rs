@@ -456,6 +456,9 @@ struct Started {
     /// The inodes of the UDP listeners, whose kernel drop counts the stop
     /// line reports.
     udp_inodes: Vec<u64>,
+    /// The generations of the table the map sink made visible.
+    map_visible: Option<tokio::sync::watch::Receiver<u64>>,
+    table: Arc<GrantTable>,
     state_writer: Option<StateWriter>,
     pid_file: Option<PathBuf>,
     stats: Arc<Stats>,
@@ -495,7 +498,8 @@ async fn start(
     let stats = Arc::new(Stats::default());
     let table = Arc::new(GrantTable::with_limit(config.max_grants));
     let settings = Settings::of(&config);
-    let state_writer = start_sinks(&config, &table, &stats, settings.window, tasks).await?;
+    let (state_writer, map_visible) =
+        start_sinks(&config, &table, &stats, settings.window, tasks).await?;
     check_postfix(&config).await;
     if let Some(p) = &config.pid_file {
         startup::write_pid_file(p)?;
@@ -553,6 +557,8 @@ async fn start(
     ));
     let started = Started {
         udp_inodes,
+        map_visible,
+        table: table.clone(),
         state_writer,
         pid_file: config.pid_file.clone(),
         stats: stats.clone(),
@@ -570,15 +576,30 @@ async fn start(
 
 /// Stops the daemon: drains the senders, ends the tasks, writes the state
 /// a last time, removes the pid file and says what was counted.
-async fn stop(started: Started, mut tasks: tokio::task::JoinSet<()>) {
+async fn stop(mut started: Started, mut tasks: tokio::task::JoinSet<()>) {
     crate::systemd::notify("STOPPING=1");
-    // Read the kernel's count while the sockets are still open.
-    let kernel_dropped = receiver::kernel_drops(&started.udp_inodes);
     // Senders are told to stop sending here, and what they sent before is
     // handled (for at most half a second), so that those that retry send
     // the rest to the next daemon rather than into closing sockets.
     crate::shutdown::begin();
     crate::shutdown::drained(crate::shutdown::DRAIN).await;
+    // Read the kernel's count while the sockets are still open.
+    let kernel_dropped = receiver::kernel_drops(&started.udp_inodes);
+    crate::log_info!(
+        "stopping: {} handled",
+        startup::count(
+            usize::try_from(crate::shutdown::queued_handled()).unwrap_or(usize::MAX),
+            "queued datagram",
+            "queued datagrams"
+        )
+    );
+    // The map takes what the drain granted before the sink is stopped.
+    if let Some(v) = &mut started.map_visible
+        && !crate::shutdown::map_written(v, started.table.blocks().0, crate::shutdown::FLUSH)
+            .await
+    {
+        crate::log_error!("map: the last changes could not be written within 4 s");
+    }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     if let Some(w) = started.state_writer
@@ -657,16 +678,24 @@ async fn start_sinks(
     stats: &Arc<Stats>,
     window: Duration,
     tasks: &mut tokio::task::JoinSet<()>,
-) -> Result<Option<StateWriter>, StartError> {
+) -> Result<(Option<StateWriter>, Option<tokio::sync::watch::Receiver<u64>>), StartError> {
     let state_writer = match &config.state {
         Some(path) => Some(start_state(path, config, table, window)?),
         None => None,
     };
     tasks.spawn(table.clone().run_purge(stats.clone()));
+    let mut map_visible = None;
     if let Some(map) = config.map.clone() {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let shown = format!("{}:{}", map.map_type.name(), map.path.display());
-        tasks.spawn(map.run(table.clone(), stats.clone(), Some(first_tx)));
+        let (visible_tx, visible_rx) = tokio::sync::watch::channel(0);
+        map_visible = Some(visible_rx);
+        tasks.spawn(map.run_reporting(
+            table.clone(),
+            stats.clone(),
+            Some(first_tx),
+            Some(visible_tx),
+        ));
         // Postfix fails every lookup of a missing map, so the map is
         // written before the daemon says it is ready; one that cannot be
         // built at all (a map type Postfix lacks, no postmap, a directory
@@ -697,7 +726,7 @@ async fn start_sinks(
         tasks,
     )
     .await;
-    Ok(state_writer)
+    Ok((state_writer, map_visible))
 }
 
 /// Restores the grants of the state file into the table, and starts its

@@ -283,28 +283,76 @@ async fn run_udp<F>(
             return run_udp_in_task(socket, allow, stats, received, handle, &local).await;
         }
     };
-    let _stop = StopOnDrop(stop);
-    while let Some(batch) = rx.recv().await {
-        let mut start = 0;
-        for (n, peer) in batch.items {
-            let bytes = &batch.data[start..start + n];
-            start += n;
-            Stats::bump(&stats.received);
-            Stats::bump(received);
-            let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-            if !allowed(&allow.load(), peer.ip()) {
-                Stats::bump(&stats.dropped_peer);
-                crate::log_warning_limited!(
-                    PEER_WARNINGS,
-                    "{local}: datagram from {peer} dropped: peer not in allow-from"
-                );
-                continue;
+    let stop_thread = StopOnDrop(stop);
+    // At a stop the queue is read to the end ([`crate::shutdown`]): the
+    // thread reads the socket until it is empty, then ends, and the batches
+    // it queued are handled here. The socket stays open after that, until
+    // the daemon has read the kernel's count of what it dropped, and the
+    // task is ended.
+    let draining = crate::shutdown::Draining::enter();
+    let stop = crate::shutdown::stopping();
+    tokio::pin!(stop);
+    let each = |bytes: &[u8], peer: SocketAddr| accept(bytes, peer, &allow, stats, received, &handle, &local);
+    loop {
+        tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => batch.each(each),
+                None => break,
+            },
+            () = &mut stop => {
+                drop(stop_thread);
+                let deadline = tokio::time::Instant::now() + crate::shutdown::DRAIN;
+                let mut n = 0;
+                while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                    n += batch.items.len() as u64;
+                    batch.each(each);
+                }
+                crate::shutdown::count_queued(n);
+                drop(draining);
+                return std::future::pending().await;
             }
-            handle(bytes, &Peer::Udp(peer));
         }
     }
+    drop(draining);
     // The thread stopped: it said why. Go on in this task.
     run_udp_in_task(socket, allow, stats, received, handle, &local).await;
+}
+
+impl Batch {
+    /// Hands each datagram of the batch to `each`, with its sender.
+    fn each(&self, mut each: impl FnMut(&[u8], SocketAddr)) {
+        let mut start = 0;
+        for &(n, peer) in &self.items {
+            each(&self.data[start..start + n], peer);
+            start += n;
+        }
+    }
+}
+
+/// Counts one datagram from `peer` and hands it on, if its peer is allowed.
+fn accept<F>(
+    bytes: &[u8],
+    peer: SocketAddr,
+    allow: &AllowList,
+    stats: &Stats,
+    received: &AtomicU64,
+    handle: &F,
+    local: &str,
+) where
+    F: Fn(&[u8], &Peer),
+{
+    Stats::bump(&stats.received);
+    Stats::bump(received);
+    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+    if !allowed(&allow.load(), peer.ip()) {
+        Stats::bump(&stats.dropped_peer);
+        crate::log_warning_limited!(
+            PEER_WARNINGS,
+            "{local}: datagram from {peer} dropped: peer not in allow-from"
+        );
+        return;
+    }
+    handle(bytes, &Peer::Udp(peer));
 }
 
 /// The receive thread of a UDP socket (`fd`, a duplicate of the listener's
@@ -432,27 +480,33 @@ async fn run_udp_in_task<F>(
 {
     // One byte more than the limit, to tell an oversized datagram.
     let mut buf = vec![0u8; MAX_RECORD + 1];
+    // At a stop the queue is read to the end ([`crate::shutdown`]); the
+    // socket stays open after that, as above.
+    let draining = crate::shutdown::Draining::enter();
+    let stop = crate::shutdown::stopping();
+    tokio::pin!(stop);
+    let each = |bytes: &[u8], peer: SocketAddr| accept(bytes, peer, &allow, stats, received, &handle, local);
     loop {
-        let (n, peer) = match socket.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        let (n, peer) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => {
+                crate::shutdown::drain_queue(&socket, &mut buf, |d, from| {
+                    if let Some(from) = from {
+                        each(d, from);
+                    }
+                });
+                drop(draining);
+                return std::future::pending().await;
             }
         };
-        Stats::bump(&stats.received);
-        Stats::bump(received);
-        let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-        if !allowed(&allow.load(), peer.ip()) {
-            Stats::bump(&stats.dropped_peer);
-            crate::log_warning_limited!(
-                PEER_WARNINGS,
-                "{local}: datagram from {peer} dropped: peer not in allow-from"
-            );
-            continue;
-        }
-        handle(&buf[..n], &Peer::Udp(peer));
+        each(&buf[..n], peer);
     }
 }
 

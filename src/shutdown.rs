@@ -17,11 +17,18 @@
 //!   each send, closes, and sends the rest on a new connection) and is read
 //!   until the peer closes it ([`fin_at_stop`], called by
 //!   [`crate::tcp::session`]);
+//! - a UDP socket the daemon bound itself is read until its queue is
+//!   empty ([`drain_queue`], called by the UDP receive loop), and then kept
+//!   open until the daemon has read the kernel's count of the datagrams it
+//!   dropped for a full queue;
 //! - a unix socket systemd passed is left alone: it outlives the daemon,
 //!   and what waits in it is the next daemon's.
 //!
 //! The daemon calls [`begin`], then waits for [`drained`] (at most
-//! [`DRAIN`]) before it stops its other tasks and writes its state.
+//! [`DRAIN`]), logs how many queued datagrams were handled
+//! ([`queued_handled`]), lets the map sink write once more
+//! ([`map_written`], at most [`FLUSH`]), and only then stops its other
+//! tasks and writes its state.
 //!
 //! Consumes: the daemon's decision to stop.
 //! Produces: a signal receivers wait for, and a count of receivers still
@@ -31,9 +38,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Read;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{SockRef, Socket};
@@ -51,6 +57,35 @@ fn stopping_tx() -> &'static watch::Sender<bool> {
 }
 
 static DRAINING: AtomicUsize = AtomicUsize::new(0);
+
+/// Datagrams read from the queues at a stop, by every receiver.
+static QUEUED: AtomicU64 = AtomicU64::new(0);
+
+/// How long the map sink may take to write what the drain granted.
+pub const FLUSH: Duration = Duration::from_secs(4);
+
+/// The datagrams the receivers read from their queues at the stop.
+pub fn queued_handled() -> u64 {
+    QUEUED.load(Ordering::SeqCst)
+}
+
+/// Counts `n` datagrams a receiver read from its queue at the stop.
+pub fn count_queued(n: u64) {
+    QUEUED.fetch_add(n, Ordering::SeqCst);
+}
+
+/// Waits until the map sink reports (through `visible`, the generation
+/// each of its writes made visible) that it wrote `generation` or later,
+/// or `deadline` passed; true when it did.
+pub async fn map_written(
+    visible: &mut watch::Receiver<u64>,
+    generation: u64,
+    deadline: Duration,
+) -> bool {
+    tokio::time::timeout(deadline, visible.wait_for(|g| *g >= generation))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
 
 fn done_tx() -> &'static watch::Sender<usize> {
     static TX: std::sync::OnceLock<watch::Sender<usize>> = std::sync::OnceLock::new();
@@ -117,21 +152,37 @@ pub async fn drained(deadline: Duration) {
 /// non-blocking receives, not through the runtime's readiness, which may
 /// not have seen the last datagrams yet.
 pub fn refuse_and_drain(socket: &impl AsFd, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> u64 {
+    let _ = SockRef::from(socket).shutdown(std::net::Shutdown::Read);
+    drain_queue(socket, buf, |d, _| each(d))
+}
+
+/// Hands each datagram still queued on a non-blocking datagram socket to
+/// `each` (with its sender's address, when the socket has one), until the
+/// queue is empty or [`DRAIN`] passed; counts them in [`queued_handled`].
+pub fn drain_queue(
+    socket: &impl AsFd,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8], Option<std::net::SocketAddr>),
+) -> u64 {
     let sock = SockRef::from(socket);
-    let _ = sock.shutdown(std::net::Shutdown::Read);
     let deadline = Instant::now() + DRAIN;
     let mut n = 0;
     while Instant::now() < deadline {
         // The socket is non-blocking: an empty queue is WouldBlock.
-        match (&*sock).read(buf) {
-            Ok(len) => {
-                each(&buf[..len]);
+        // SAFETY: MaybeUninit<u8> has the layout of u8, and recv_from
+        // only writes initialised bytes into it.
+        let uninit =
+            unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [std::mem::MaybeUninit<u8>]) };
+        match sock.recv_from(uninit) {
+            Ok((len, from)) => {
+                each(&buf[..len], from.as_socket());
                 n += 1;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
+    QUEUED.fetch_add(n, Ordering::SeqCst);
     n
 }
 
@@ -191,6 +242,35 @@ mod tests {
             a.send(b"late").is_err(),
             "a sender is refused after the stop"
         );
+    }
+
+    #[test]
+    fn a_udp_queue_is_read_to_the_end_with_each_sender() {
+        let r = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        r.set_nonblocking(true).unwrap();
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..100u8 {
+            a.send_to(&[i], r.local_addr().unwrap()).unwrap();
+        }
+        let before = queued_handled();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        let n = drain_queue(&r, &mut buf, |d, from| {
+            assert_eq!(from, Some(a.local_addr().unwrap()));
+            got.push(d[0]);
+        });
+        assert_eq!(n, 100);
+        assert_eq!(got, (0..100).collect::<Vec<u8>>());
+        assert!(queued_handled() >= before + 100);
+    }
+
+    #[tokio::test]
+    async fn the_map_is_waited_for_until_it_holds_the_generation() {
+        let (tx, mut rx) = watch::channel(3u64);
+        assert!(map_written(&mut rx, 3, Duration::from_millis(10)).await);
+        assert!(!map_written(&mut rx, 4, Duration::from_millis(10)).await);
+        tx.send_replace(5);
+        assert!(map_written(&mut rx, 4, Duration::from_millis(10)).await);
     }
 
     #[test]

@@ -81,9 +81,9 @@ fn udp_logins_reach_the_postfix_map() {
         send_udp(port, msg);
         if let Some(ip) = want {
             assert!(
-                wait_for(Duration::from_secs(1), || s.postmap_q(ip).as_deref()
+                wait_for(Duration::from_secs(30), || s.postmap_q(ip).as_deref()
                     == Some("OK")),
-                "{ip} not in the map within a second:\n{}",
+                "{ip} not in the map:\n{}",
                 d.log_text()
             );
         }
@@ -107,7 +107,7 @@ fn udp_logins_reach_the_postfix_map() {
         port,
         "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip=192.0.2.200, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>",
     );
-    assert!(wait_for(Duration::from_secs(1), || s
+    assert!(wait_for(Duration::from_secs(30), || s
         .postmap_q("192.0.2.200")
         .is_some()));
     for ip in NOT_GRANTED {
@@ -157,7 +157,7 @@ fn unix_socket_grants_and_window_expires() {
             "--map",
             map.to_str().unwrap(),
             "--window",
-            "2s",
+            "8s",
         ],
     );
     // By default only its owner and root (rsyslog) may write to it.
@@ -173,16 +173,16 @@ fn unix_socket_grants_and_window_expires() {
         "<22>Nov 23 10:00:01 dovecot: imap-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.8, lip=192.0.2.1, mpid=77, session=<Vb0F8x8s4NzAAAAH>",
     );
     assert!(
-        wait_for(Duration::from_secs(1), || s
+        wait_for(Duration::from_secs(30), || s
             .postmap_q("192.0.2.8")
             .as_deref()
             == Some("OK")),
         "{}",
         d.log_text()
     );
-    // Gone from the source file and the database a few seconds later.
+    // Gone from the source file and the database when the window ends.
     assert!(
-        wait_for(Duration::from_secs(6), || s
+        wait_for(Duration::from_secs(60), || s
             .postmap_q("192.0.2.8")
             .is_none()
             && map_lines(&map).is_empty()),
@@ -218,9 +218,11 @@ fn peers_outside_allow_from_grant_nothing() {
         )
     };
     send_udp_from("127.0.0.1", port, &line("192.0.2.10"));
+    // Sent after the refused one, so it is the marker that the refusal
+    // was decided: datagrams are handled in order.
     send_udp_from("127.0.0.2", port, &line("192.0.2.11"));
     assert!(
-        wait_for(Duration::from_secs(1), || s
+        wait_for(Duration::from_secs(30), || s
             .postmap_q("192.0.2.11")
             .is_some()),
         "{}",
@@ -247,17 +249,18 @@ fn a_burst_of_logins_costs_few_rebuilds() {
             "1h",
         ],
     );
-    for i in 0..200u32 {
-        send_udp(
-            port,
-            &format!(
+    // Paced only so that none is lost to a small receive buffer.
+    send_udp_paced(
+        port,
+        (0..200u32).map(|i| {
+            format!(
                 "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<u{i}>, method=PLAIN, rip=198.51.100.{}, lip=192.0.2.1, mpid={i}, session=<Vb0F8x8s4NzAAAAJ>",
                 i % 250 + 1
-            ),
-        );
-    }
+            )
+        }),
+    );
     assert!(
-        wait_for(Duration::from_secs(5), || map_lines(&map).len() == 200),
+        wait_for(Duration::from_secs(60), || map_lines(&map).len() == 200),
         "{}",
         d.log_text()
     );
@@ -294,17 +297,17 @@ fn postmap_failure_is_retried_and_not_fatal() {
         port,
         "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<a>, method=PLAIN, rip=192.0.2.12, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAK>",
     );
-    assert!(wait_for(Duration::from_secs(3), || d
+    assert!(wait_for(Duration::from_secs(30), || d
         .log_text()
         .contains("grant 192.0.2.12")));
-    assert!(wait_for(Duration::from_secs(3), || d
+    assert!(wait_for(Duration::from_secs(30), || d
         .log_text()
         .contains("not updated: cannot run")));
     assert!(!d.exited());
     // Once postmap exists, the retry writes the map with the kept grant.
     std::os::unix::fs::symlink(which_postmap(), &fake).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || s
+        wait_for(Duration::from_secs(60), || s
             .postmap_q("192.0.2.12")
             .is_some()),
         "{}",
@@ -410,9 +413,11 @@ fn match_prints_one_line_per_login() {
 }
 
 /// Every line of every annotated sample log (real Dovecot lines among
-/// them), sent as a datagram the way rsyslog forwards it: the map ends up
-/// holding exactly the addresses annotated `grant`, and nothing from the
-/// failures, disconnects and injections.
+/// them), sent as a datagram the way rsyslog forwards it, one file after
+/// the other: each file's lines grant (or renew) exactly the addresses
+/// annotated `grant` in that file, and nothing from its failures,
+/// disconnects and injections, even where another file grants the same
+/// address; the map ends up holding exactly all of them.
 #[test]
 fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     let s = Scratch::new();
@@ -434,19 +439,24 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
             // The Zimbra samples' proxy, whose oip= is then believed.
             "--trusted-proxy",
             "198.51.100.31",
-            // Several hundred sample lines are sent at once: more than the
-            // kernel's default receive buffer holds (about 270 datagrams).
-            "--receive-buffer",
-            "4M",
         ],
     );
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/samples");
-    let mut want = std::collections::BTreeSet::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let mut all = std::collections::BTreeSet::new();
     let mut sent = 0;
     let mut counted = 0;
     let mut ambiguous = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    // The log lines already accounted to earlier files.
+    let mut seen = 0;
+    for (i, file) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(file).unwrap();
+        let mut want = std::collections::BTreeSet::new();
+        let mut lines = Vec::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("#= grant ") {
                 want.insert(rest.split(' ').next().unwrap().to_string());
@@ -458,31 +468,59 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
             {
                 ambiguous += 1;
             } else if !line.starts_with('#') && !line.trim().is_empty() {
-                send_udp(port, &format!("<22>{line}"));
-                sent += 1;
+                lines.push(format!("<22>{line}"));
             }
         }
+        // A last login of its own ends each file: datagrams are handled
+        // in order, so once it is granted, the file's lines have been.
+        // 198.18.0.0/15 appears in no sample.
+        let barrier = format!("198.18.0.{}", i + 1);
+        lines.push(format!(
+            "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip={barrier}, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>"
+        ));
+        sent += send_udp_paced(port, &lines);
+        let marker = format!("info: grant {barrier} ");
+        assert!(
+            wait_for(Duration::from_secs(60), || d.log_text().contains(&marker)),
+            "{}: barrier {barrier} not granted:\n{}",
+            file.display(),
+            d.log_text()
+        );
+        let log = d.log_text();
+        let log: Vec<&str> = log.lines().collect();
+        let end = log
+            .iter()
+            .position(|l| l.contains(&marker))
+            .expect("barrier line");
+        let got: std::collections::BTreeSet<String> = log[seen..end]
+            .iter()
+            .filter_map(|l| {
+                let (_, rest) = l
+                    .split_once("info: grant ")
+                    .or_else(|| l.split_once("info: renew "))?;
+                rest.split(' ').next().map(str::to_string)
+            })
+            .collect();
+        seen = end + 1;
+        assert_eq!(
+            got,
+            want,
+            "{}: what its lines granted or renewed, against its annotations",
+            file.display()
+        );
+        all.extend(want);
+        all.insert(barrier);
     }
-    // A last login acts as a barrier: datagrams are handled in order.
-    send_udp(
-        port,
-        "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip=192.0.2.250, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>",
-    );
-    want.insert("192.0.2.250".to_string());
-    assert!(
-        wait_for(Duration::from_secs(5), || s
-            .postmap_q("192.0.2.250")
-            .is_some()),
-        "{}",
-        d.log_text()
-    );
-    let mut got: Vec<String> = map_lines(&map)
-        .into_iter()
-        .map(|l| l.trim_end_matches(" OK").to_string())
-        .collect();
-    got.sort();
-    let want: Vec<String> = want.into_iter().collect();
-    assert_eq!(got, want, "after {sent} datagrams:\n{}", d.log_text());
+    let in_map = || -> std::collections::BTreeSet<String> {
+        map_lines(&map)
+            .into_iter()
+            .map(|l| l.trim_end_matches(" OK").to_string())
+            .collect()
+    };
+    // The map follows the table shortly after the last barrier's grant.
+    wait_for(Duration::from_secs(60), || in_map() == all);
+    assert_eq!(in_map(), all, "after {sent} datagrams:\n{}", d.log_text());
+    let want: Vec<String> = all.into_iter().collect();
     for ip in &want {
         assert_eq!(s.postmap_q(ip).as_deref(), Some("OK"), "{ip}");
     }
@@ -500,6 +538,11 @@ fn sample_logs_sent_as_datagrams_grant_exactly_their_annotations() {
     assert!(
         log.contains(&format!(" refused_ambiguous={ambiguous} ")),
         "{ambiguous} ambiguous samples:\n{log}"
+    );
+    // Nothing was lost on the way.
+    assert!(
+        log.contains(&format!(" received={sent} ")) && log.contains(" kernel_dropped=0"),
+        "{sent} sent:\n{log}"
     );
 }
 
@@ -526,7 +569,7 @@ fn without_mail_config_postmap_runs_with_the_daemons_own_configuration() {
         "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1, mpid=4242, session=<Vb0F8x8s4NzAAAAB>",
     );
     assert!(
-        wait_for(Duration::from_secs(2), || postmap_q(
+        wait_for(Duration::from_secs(30), || postmap_q(
             &private,
             &map,
             "192.0.2.7"
@@ -560,7 +603,7 @@ fn tcp_listener_bounds_connections_and_frames() {
     let line = "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.41, lip=192.0.2.1";
     let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || d.log_text().contains(
+        wait_for(Duration::from_secs(30), || d.log_text().contains(
             "without completing a request, to make room for one from tcp:127.0.0.1:"
         )),
         "{}",
@@ -576,14 +619,14 @@ fn tcp_listener_bounds_connections_and_frames() {
         .unwrap();
     for ip in ["192.0.2.41", "192.0.2.42"] {
         assert!(
-            wait_for(Duration::from_secs(5), || s.postmap_q(ip).is_some()),
+            wait_for(Duration::from_secs(30), || s.postmap_q(ip).is_some()),
             "{ip}\n{}",
             d.log_text()
         );
     }
     conns[1].write_all(&vec![b'x'; 9000]).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("longer than 8192 bytes: connection closed")),
         "{}",
@@ -596,11 +639,6 @@ fn tcp_listener_bounds_connections_and_frames() {
     assert!(log.contains("dropped_too_long=1"), "{log}");
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Started as root with --user, the daemon binds its sockets, gives each
 /// its own group and mode (the syslog socket's from its URL; the deprecated
 /// --socket-group only to the policy socket, never to a syslog socket),
@@ -609,8 +647,7 @@ fn is_root() -> bool {
 #[test]
 fn drops_root_after_binding() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if !is_root() {
-        eprintln!("SKIPPED: needs root");
+    if !require_root("to change users") {
         return;
     }
     let s = Scratch::new();
@@ -690,7 +727,7 @@ fn drops_root_after_binding() {
         "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1",
     );
     assert!(
-        wait_for(Duration::from_secs(2), || s
+        wait_for(Duration::from_secs(30), || s
             .postmap_q_at(&map, "192.0.2.7")
             .as_deref()
             == Some("OK")),
@@ -710,8 +747,7 @@ fn drops_root_after_binding() {
 /// at start-up with a message that says what to do.
 #[test]
 fn a_map_directory_the_user_cannot_write_is_a_start_up_error() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root");
+    if !require_root("to change users") {
         return;
     }
     let s = Scratch::new();
@@ -783,11 +819,11 @@ fn attestation_is_believed_only_on_attested_listeners_from_trusted_peers() {
     send_udp(port2, &line("192.0.2.51"));
     send_unix(&plain_sock, &line("192.0.2.54"));
     send_unix(&sock, &line("192.0.2.52"));
-    assert!(wait_for(Duration::from_secs(2), || s
+    assert!(wait_for(Duration::from_secs(30), || s
         .postmap_q("192.0.2.52")
         .is_some()));
     assert!(
-        wait_for(Duration::from_secs(2), || {
+        wait_for(Duration::from_secs(30), || {
             d.log_text()
                 .matches("forgery: an attestation element on a listener not declared attested")
                 .count()
@@ -817,7 +853,7 @@ fn attestation_is_believed_only_on_attested_listeners_from_trusted_peers() {
     );
     send_udp(port, &line("192.0.2.53"));
     assert!(
-        wait_for(Duration::from_secs(2), || s
+        wait_for(Duration::from_secs(30), || s
             .postmap_q("192.0.2.53")
             .is_some()),
         "{}",
@@ -851,24 +887,50 @@ fn a_flood_loses_nothing_silently() {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.connect(("127.0.0.1", port)).unwrap();
     let noise = "<22>Nov 24 10:00:01 mail1 postfix/smtpd[1234]: connect from unknown[198.51.100.7]";
+    let login = |n: u64| {
+        format!(
+            "<22>Nov 24 10:00:01 mail1 dovecot: pop3-login: Login: user=<u>, method=PLAIN, rip=10.0.{}.{}, lip=192.0.2.1",
+            n / 250,
+            n % 250 + 1
+        )
+    };
+    // As fast as the daemon reads, in bursts of 128 (far less than the
+    // smallest default receive buffer holds), so that the kernel drops
+    // little and a login the daemon read but lost would show.
     let t0 = std::time::Instant::now();
     let (mut sent, mut logins) = (0u64, 0u64);
     while t0.elapsed() < Duration::from_secs(2) {
+        if sent % 128 == 0 {
+            wait_udp_read(port);
+        }
         let msg = if sent % 500 == 0 {
             logins += 1;
-            format!(
-                "<22>Nov 24 10:00:01 mail1 dovecot: pop3-login: Login: user=<u>, method=PLAIN, rip=10.0.{}.{}, lip=192.0.2.1",
-                logins / 250,
-                logins % 250 + 1
-            )
+            login(logins)
         } else {
             noise.to_string()
         };
         sock.send(msg.as_bytes()).unwrap();
         sent += 1;
     }
-    // Let the daemon drain its queue before it stops.
-    std::thread::sleep(Duration::from_millis(500));
+    // A last login as a barrier: datagrams are handled in order.
+    logins += 1;
+    sock.send(login(logins).as_bytes()).unwrap();
+    sent += 1;
+    let barrier = format!("10.0.{}.{}", logins / 250, logins % 250 + 1);
+    assert!(
+        wait_for(Duration::from_secs(60), || s.postmap_q(&barrier).is_some()),
+        "{}",
+        d.log_text()
+    );
+    // Then a burst the daemon may not have read when it gets SIGTERM: it
+    // reads its queue to the end, and the map takes the last login.
+    for _ in 0..100 {
+        sock.send(noise.as_bytes()).unwrap();
+        sent += 1;
+    }
+    logins += 1;
+    sock.send(login(logins).as_bytes()).unwrap();
+    sent += 1;
     assert_eq!(d.stop(), Some(0));
     let log = d.log_text();
     let counter = |key: &str| -> u64 {
@@ -889,9 +951,22 @@ fn a_flood_loses_nothing_silently() {
     eprintln!(
         "flood: sent={sent} received={received} kernel_dropped={dropped} logins={logins} granted={granted}"
     );
+    let queued = log
+        .lines()
+        .find(|l| l.contains("stopping: ") && l.contains(" handled"))
+        .unwrap_or_else(|| panic!("no drain line in {log}"));
+    eprintln!("flood: {queued}");
     assert_eq!(received + dropped, sent, "{log}");
+    // Paced: the kernel drops little, if anything.
+    assert!(dropped * 100 <= sent, "{dropped} of {sent} dropped:\n{log}");
     assert!(logins - granted <= dropped, "{log}");
-    assert_eq!(map_lines(&map).len() as u64, granted);
+    let last = format!("10.0.{}.{} OK", logins / 250, logins % 250 + 1);
+    let lines = map_lines(&map);
+    assert_eq!(lines.len() as u64, granted);
+    assert!(
+        dropped > 0 || lines.contains(&last),
+        "{last} not in the map after the stop:\n{log}"
+    );
 }
 
 /// Started unprivileged from the start (as nobody, through setpriv), with
@@ -899,8 +974,7 @@ fn a_flood_loses_nothing_silently() {
 #[test]
 fn runs_unprivileged_from_the_start() {
     use std::os::unix::fs::PermissionsExt;
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to become nobody");
+    if !require_root("to become nobody") {
         return;
     }
     let s = Scratch::new();
@@ -924,7 +998,7 @@ fn runs_unprivileged_from_the_start() {
         .unwrap();
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        wait_for(Duration::from_secs(10), || text()
+        wait_for(Duration::from_secs(30), || text()
             .contains("info: started:")),
         "{}",
         text()
@@ -934,7 +1008,7 @@ fn runs_unprivileged_from_the_start() {
         "<22>Nov 23 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.61, lip=192.0.2.1",
     );
     assert!(
-        wait_for(Duration::from_secs(2), || s
+        wait_for(Duration::from_secs(30), || s
             .postmap_q_at(&map, "192.0.2.61")
             .is_some()),
         "{}",
@@ -979,7 +1053,7 @@ fn policy_service_over_tcp_answers_allowed_peers_only() {
         port,
         "<22>Nov 24 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=192.0.2.1",
     );
-    assert!(wait_for(Duration::from_secs(2), || d
+    assert!(wait_for(Duration::from_secs(30), || d
         .log_text()
         .contains("grant 192.0.2.7")));
     let c = std::net::TcpStream::connect(("127.0.0.1", open_port)).unwrap();
@@ -1002,11 +1076,16 @@ fn policy_service_over_tcp_answers_allowed_peers_only() {
     assert_eq!(ask("192.0.2.8"), "action=DUNNO\n");
     assert_eq!(ask("::ffff:192.0.2.7"), "action=OK\n");
     let mut c = std::net::TcpStream::connect(("127.0.0.1", closed_port)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let _ = c.write_all(b"request=smtpd_access_policy\nclient_address=192.0.2.7\n\n");
     let mut buf = [0u8; 64];
-    let n = std::io::Read::read(&mut c, &mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "a refused peer gets no answer");
+    // Closed without an answer: end of file, or a reset if the request
+    // was still unread. A timeout would be no decision at all.
+    match std::io::Read::read(&mut c, &mut buf) {
+        Ok(n) => assert_eq!(n, 0, "a refused peer gets no answer"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the refused peer's connection stayed open: {e}"),
+    }
     assert_eq!(d.stop(), Some(0));
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtp-after-popd"))
@@ -1041,11 +1120,10 @@ fn small_changes_update_the_map_incrementally() {
             &listen,
             "--map",
             map.to_str().unwrap(),
+            // Long enough that none expires before the 301st login is
+            // in, on a loaded machine.
             "--window",
-            "6s",
-            // 300 datagrams at once: more than the default buffer holds.
-            "--receive-buffer",
-            "4M",
+            "30s",
         ],
     );
     let login = |i: u32| {
@@ -1056,21 +1134,16 @@ fn small_changes_update_the_map_incrementally() {
         )
     };
     // Paced: the kernel's default receive buffer holds only about 270
-    // small datagrams, and a debug build is slow to drain it.
-    for i in 0..300 {
-        send_udp(port, &login(i));
-        if i % 50 == 49 {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    // small datagrams.
+    send_udp_paced(port, (0..300).map(login));
     assert!(
-        wait_for(Duration::from_secs(5), || map_lines(&map).len() == 300),
+        wait_for(Duration::from_secs(60), || map_lines(&map).len() == 300),
         "{}",
         d.log_text()
     );
     send_udp(port, &login(300));
     assert!(
-        wait_for(Duration::from_secs(3), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("updated (+1 -0) to 301 addresses")),
         "{}",
@@ -1081,13 +1154,13 @@ fn small_changes_update_the_map_incrementally() {
         assert_eq!(s.postmap_q(&ip).as_deref(), Some("OK"), "{ip}");
     }
     assert!(
-        wait_for(Duration::from_secs(15), || map_lines(&map).is_empty()),
+        wait_for(Duration::from_secs(90), || map_lines(&map).is_empty()),
         "{}",
         d.log_text()
     );
     // The line is logged just after the map is renamed into place.
     assert!(
-        wait_for(Duration::from_secs(5), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("to 0 addresses")),
         "{}",

@@ -50,8 +50,7 @@ fn loopback_daemon_on(s: &Scratch, settings: &str, extra: &[&str]) -> (Daemon, s
 /// Skips (loudly) when not root: the servers need it.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: end-to-end tests need root (CI runs them as root)");
+        if !require_root("the private rsyslog, Dovecot and Postfix") {
             return;
         }
     };
@@ -194,7 +193,7 @@ fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
         PASSWORD
     ));
     assert!(
-        wait_for(Duration::from_secs(10), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("matched pattern dovecot-login but is ambiguous")),
         "{}",
@@ -221,7 +220,7 @@ fn dovecot_rsyslog_daemon_postfix_relays_for_logged_in_clients_only() {
         .expect("logger");
     assert!(st.success());
     assert!(
-        wait_for(Duration::from_secs(5), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("refuse 127.0.0.12: forgery:")),
         "the forged line was not refused\n{}",
@@ -244,7 +243,8 @@ fn relay_closes_when_the_window_is_over() {
     require_root!();
     let s = Scratch::new();
     let map = s.map();
-    let (mut d, daemon_socket) = loopback_daemon(&s, &["--window", "3s"]);
+    // Long enough to see the relay open on a loaded machine.
+    let (mut d, daemon_socket) = loopback_daemon(&s, &["--window", "10s"]);
     let rs = rsyslog_with_local_rule(&s, "rsyslog", &daemon_socket);
     let dovecot = Dovecot::start(&s.path("dovecot"), &rs.socket, &["alice"], "");
     let pf = Postfix::start(&s.path("postfix"), &readme_relay_restrictions(&map), "");
@@ -256,13 +256,13 @@ fn relay_closes_when_the_window_is_over() {
         PASSWORD
     ));
     assert!(
-        until_relay("127.0.0.5", pf.port, Duration::from_secs(3)).is_some(),
+        until_relay("127.0.0.5", pf.port, Duration::from_secs(30)).is_some(),
         "{}",
         d.log_text()
     );
     let t0 = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(15), || !may_relay("127.0.0.5", pf.port)),
+        wait_for(Duration::from_secs(60), || !may_relay("127.0.0.5", pf.port)),
         "127.0.0.5 may still relay after its window\n{}",
         d.log_text()
     );
@@ -350,11 +350,11 @@ fn two_mail_hosts_feed_one_daemon_over_udp() {
         );
     }
     // The outsider's line reached its rsyslog; the daemon dropped it.
-    assert!(wait_for(Duration::from_secs(5), || outsider
+    assert!(wait_for(Duration::from_secs(30), || outsider
         .received()
         .contains("rip=127.0.0.22")));
     assert!(
-        wait_for(Duration::from_secs(5), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("127.0.0.4")),
         "{}",
@@ -406,6 +406,20 @@ fn dovecot_syslog_ng_daemon_postfix() {
         "alice",
         "wrong"
     ));
+    // A later login is the marker that the failure before it was handled
+    // (the lines come in order through syslog-ng's one connection).
+    assert!(pop3_login(
+        "127.0.0.8",
+        dovecot.pop3_port,
+        "alice",
+        PASSWORD
+    ));
+    assert!(
+        until_relay("127.0.0.8", pf.port, Duration::from_secs(30)).is_some(),
+        "{}",
+        d.log_text()
+    );
+    assert!(!d.log_text().contains("127.0.0.6 for"), "{}", d.log_text());
     assert!(rcpt("127.0.0.6", pf.port).contains("Relay access denied"));
     assert!(
         d.log_text()
@@ -525,7 +539,7 @@ fn dovecots_log_binary_run_by_a_user_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        wait_for(Duration::from_secs(5), || d.log_text().contains(
+        wait_for(Duration::from_secs(30), || d.log_text().contains(
             "refuse 127.0.0.13: forgery: sent by /usr/lib/dovecot/log (uid 65534"
         )),
         "{}\nrsyslog saw:\n{}",
@@ -592,13 +606,13 @@ fn rsyslog_over_tcp_in_both_framings_with_a_per_listener_allow_list() {
     login(&outsider, "192.0.2.33");
     for ip in ["192.0.2.31", "192.0.2.32"] {
         assert!(
-            wait_for(Duration::from_secs(10), || s.postmap_q(ip).is_some()),
+            wait_for(Duration::from_secs(30), || s.postmap_q(ip).is_some()),
             "{ip}\n{}",
             d.log_text()
         );
     }
     assert!(
-        wait_for(Duration::from_secs(10), || d.log_text().contains(&format!(
+        wait_for(Duration::from_secs(30), || d.log_text().contains(&format!(
             "tcp://127.0.0.1:{closed_port}: connection from 127.0.0.1"
         ))),
         "{}",
@@ -646,8 +660,9 @@ fn policy_service_and_socketmap_answer_postfix_at_once() {
             &socketmap,
             "--socket-group",
             "postfix",
+            // Long enough for six SMTP conversations on a loaded machine.
             "--window",
-            "3s",
+            "30s",
             "--never",
             "none",
         ],
@@ -686,7 +701,7 @@ fn policy_service_and_socketmap_answer_postfix_at_once() {
         port,
         "<22>Nov 24 10:00:01 mail1 dovecot: pop3-login: Login: user=<alice>, method=PLAIN, rip=127.0.0.5, lip=127.0.0.1, mpid=1, session=<abcdefgh>",
     );
-    assert!(wait_for(Duration::from_secs(2), || d
+    assert!(wait_for(Duration::from_secs(30), || d
         .log_text()
         .contains("grant 127.0.0.5")));
     // The very first connection after the grant relays: no polling.
@@ -698,7 +713,7 @@ fn policy_service_and_socketmap_answer_postfix_at_once() {
     }
     // After the window: refused again.
     assert!(
-        wait_for(Duration::from_secs(10), || d
+        wait_for(Duration::from_secs(90), || d
             .log_text()
             .contains("expire 127.0.0.5")),
         "{}",
@@ -739,7 +754,7 @@ fn an_open_imap_session_holds_its_grant_until_one_window_after_logout() {
     let session = imap_session("127.0.0.5", dovecot.imap_port, "alice", PASSWORD);
     assert!(session.logged_in);
     assert!(
-        wait_for(Duration::from_secs(10), || s
+        wait_for(Duration::from_secs(30), || s
             .postmap_q("127.0.0.5")
             .is_some()),
         "127.0.0.5 not granted\n{}",
@@ -760,21 +775,28 @@ fn an_open_imap_session_holds_its_grant_until_one_window_after_logout() {
         "alice",
         PASSWORD
     ));
+    assert!(
+        wait_for(Duration::from_secs(30), || d
+            .log_text()
+            .contains("grant 127.0.0.6 ")),
+        "127.0.0.6 not granted\n{}",
+        d.log_text()
+    );
 
     drop(session);
     let t0 = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(5), || d.log_text().contains(
+        wait_for(Duration::from_secs(30), || d.log_text().contains(
             "logout from 127.0.0.5 of user \"alice\": last session closed"
         )),
         "the logout was not paired with the login\n{}",
         d.log_text()
     );
     assert!(
-        wait_for(Duration::from_secs(10), || s
+        wait_for(Duration::from_secs(60), || s
             .postmap_q("127.0.0.5")
             .is_none()),
-        "127.0.0.5 still in the map 10 s after logout\n{}",
+        "127.0.0.5 still in the map a minute after logout\n{}",
         d.log_text()
     );
     let after = t0.elapsed();
@@ -784,7 +806,20 @@ fn an_open_imap_session_holds_its_grant_until_one_window_after_logout() {
         "left the map {after:?} after logout, before the 3 s window\n{}",
         d.log_text()
     );
-    assert!(s.postmap_q("127.0.0.6").is_none());
+    // Its POP3 session ended at once, so its grant ended one window
+    // later.
+    assert!(
+        wait_for(Duration::from_secs(60), || s
+            .postmap_q("127.0.0.6")
+            .is_none()),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("expire 127.0.0.6"),
+        "{}",
+        d.log_text()
+    );
     let log = d.log_text();
     assert!(
         log.contains(

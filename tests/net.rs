@@ -30,8 +30,7 @@ use stack::*;
 /// Skips (loudly) when not root.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: needs root (CI runs it as root)");
+        if !require_root("the private servers and test users") {
             return;
         }
     };
@@ -238,7 +237,7 @@ fn the_drop_in_passes_systemd_analyze_with_the_hardened_unit() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: no systemd-analyze");
+        skip("no systemd-analyze (install systemd)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -444,12 +443,14 @@ fn postfix_gets_action_ok_while_another_peer_holds_300_slow_connections() {
     let slow = SlowPeer::start(policy_port, 300);
     // Until the daemon has taken them all (asserted after Postfix's query,
     // so that a daemon which refuses some fails on the query itself).
-    let _ = wait_for(Duration::from_secs(3), || {
+    // (The slow peer is a shell, slow to open 300 connections on a loaded
+    // machine: the wait is long, and ends as soon as they are all up.)
+    let _ = wait_for(Duration::from_secs(60), || {
         established(65534, policy_port) == 300
     });
     send_udp(udp, LOGIN);
     assert!(
-        wait_for(Duration::from_secs(5), || d
+        wait_for(Duration::from_secs(30), || d
             .log_text()
             .contains("grant 127.0.0.5")),
         "{}",
@@ -485,20 +486,26 @@ fn two_thousand_oversized_policy_requests_write_a_handful_of_warnings() {
     let request: String = (0..=100).map(|i| format!("a{i}=b\n")).collect();
     let ask = |text: &str| -> String {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", policy_port)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let _ = c.write_all(text.as_bytes());
         let mut answer = String::new();
         let _ = BufReader::new(c).read_line(&mut answer);
         answer
     };
+    let t0 = std::time::Instant::now();
     for _ in 0..2000 {
         assert_eq!(ask(&request), "action=DUNNO\n");
     }
+    // The limit is per minute: a loaded machine may take more than one.
+    let minutes = t0.elapsed().as_secs() as usize / 60 + 1;
     let normal = "request=smtpd_access_policy\nclient_address=192.0.2.7\n\n";
     assert_eq!(ask(normal), "action=DUNNO\n");
     assert_eq!(d.stop(), Some(0));
     let log = d.log_text();
     let warnings = log.lines().filter(|l| l.contains("larger than")).count();
-    assert!((1..=12).contains(&warnings), "{warnings} warnings:\n{log}");
+    assert!(
+        (1..=12 * minutes).contains(&warnings),
+        "{warnings} warnings in {minutes} minute(s):\n{log}"
+    );
     assert!(log.contains("policy_requests=2001 "), "{log}");
 }

@@ -36,8 +36,7 @@ const PACE: Duration = Duration::from_millis(8);
 /// Skips (loudly) when not root.
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: needs root (private rsyslog and syslog-ng)");
+        if !require_root("the private rsyslog and syslog-ng") {
             return;
         }
     };
@@ -98,7 +97,7 @@ impl Instance {
     fn stop(&mut self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let stopped = wait_for(Duration::from_secs(10), || {
+        let stopped = wait_for(Duration::from_secs(30), || {
             matches!(self.child.try_wait(), Ok(Some(_)))
         });
         if !stopped {
@@ -154,7 +153,7 @@ fn start(s: &Scratch, n: usize, held: Option<&Held>, args: &[String]) -> Instanc
         child: cmd.spawn().expect("spawn daemon"),
         log,
     };
-    let up = wait_for(Duration::from_secs(10), || {
+    let up = wait_for(Duration::from_secs(30), || {
         i.log_text().contains("started: ") || !matches!(i.child.try_wait(), Ok(None))
     });
     assert!(

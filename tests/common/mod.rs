@@ -50,7 +50,8 @@ impl Scratch {
         self.path("authenticated_ips")
     }
 
-    /// `postmap -q ADDRESS hash:MAP`: `Some(value)` when found.
+    /// `postmap -q ADDRESS hash:MAP`: `Some(value)` when found, `None`
+    /// when not; panics when postmap fails (see [`postmap_lookup`]).
     pub fn postmap_q(&self, ip: &str) -> Option<String> {
         postmap_q(&self.mail_config(), &self.map(), ip)
     }
@@ -61,19 +62,118 @@ impl Scratch {
     }
 }
 
+/// `postmap -q ip hash:MAP`: `Some(value)` when found, `None` when not
+/// found; panics when postmap itself fails (a missing or unreadable
+/// database, a bad configuration), which is not an answer.
 pub fn postmap_q(mail_config: &Path, map: &Path, ip: &str) -> Option<String> {
+    postmap_lookup(mail_config, map, ip).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `postmap -q ip hash:MAP`: `Ok(Some(value))` when found, `Ok(None)` when
+/// not found (exit 1 and nothing on stderr), `Err` when postmap failed.
+pub fn postmap_lookup(mail_config: &Path, map: &Path, ip: &str) -> Result<Option<String>, String> {
     let out = Command::new("postmap")
         .env("MAIL_CONFIG", mail_config)
         .arg("-q")
         .arg(ip)
         .arg(format!("hash:{}", map.display()))
         .output()
-        .expect("run postmap (install postfix)");
-    if out.status.success() {
-        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        None
+        .map_err(|e| format!("cannot run postmap (install postfix): {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => Ok(Some(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )),
+        Some(1) if stderr.trim().is_empty() => Ok(None),
+        code => Err(format!(
+            "postmap -q {ip} hash:{} failed ({code:?}): {stderr}",
+            map.display()
+        )),
     }
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Says loudly that the running test is skipped, and why: "SKIPPED:
+/// <test>: <reason>" on stderr. With SMTP_AFTER_POPD_REQUIRE_ALL=1 in
+/// the environment (CI sets it), a skip is a failure instead.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    if std::env::var("SMTP_AFTER_POPD_REQUIRE_ALL").as_deref() == Ok("1") {
+        panic!("{test} cannot run here ({reason}), and SMTP_AFTER_POPD_REQUIRE_ALL=1");
+    }
+    // Straight to stderr, past the test harness's capture of eprintln!,
+    // so that the skip shows in a passing run too.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED: {test}: {reason}\n").as_bytes(),
+    );
+}
+
+/// True when running as root; otherwise [`skip`]s with `why` (what root
+/// is needed for) and returns false.
+pub fn require_root(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skip(&format!("needs root ({why})"));
+    false
+}
+
+/// The receive queue (bytes waiting) and the kernel's drop count of the
+/// UDP socket bound to local `port`, from /proc/self/net/udp and udp6.
+pub fn udp_queue(port: u16) -> Option<(u64, u64)> {
+    let hex = format!(":{port:04X}");
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() >= 13 && f[1].ends_with(&hex) {
+                let rx = f[4].split(':').nth(1)?;
+                let rx = u64::from_str_radix(rx, 16).ok()?;
+                return Some((rx, f[12].parse().ok()?));
+            }
+        }
+    }
+    None
+}
+
+/// Waits (at most 60 s) until the daemon has read everything queued on
+/// its UDP socket at `port`; panics if it does not.
+pub fn wait_udp_read(port: u16) {
+    let ok = wait_for(Duration::from_secs(60), || {
+        udp_queue(port).is_none_or(|(rx, _)| rx == 0)
+    });
+    assert!(ok, "the daemon did not read its UDP queue on port {port}");
+}
+
+/// How many datagrams a paced sender sends before it waits for the
+/// daemon to read them: far fewer than the smallest default receive
+/// buffer holds (212,992 bytes, about 270 small datagrams).
+pub const PACE: usize = 64;
+
+/// Sends each message as one datagram to `port`, waiting after every
+/// [`PACE`] until the daemon has read its queue, so that nothing depends
+/// on the size of its receive buffer. Returns how many were sent.
+pub fn send_udp_paced<S: AsRef<str>>(port: u16, msgs: impl IntoIterator<Item = S>) -> usize {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+    let mut n = 0;
+    for m in msgs {
+        if n > 0 && n % PACE == 0 {
+            wait_udp_read(port);
+        }
+        s.send_to(m.as_ref().as_bytes(), ("127.0.0.1", port))
+            .expect("send");
+        n += 1;
+    }
+    n
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
@@ -200,7 +300,7 @@ impl Daemon {
         let child = command.stderr(stderr).spawn().expect("spawn daemon");
         let mut d = Daemon { child, log };
         // "started: " in every log format (text, journal, JSON).
-        let ok = wait_for(Duration::from_secs(10), || {
+        let ok = wait_for(Duration::from_secs(60), || {
             d.log_text().contains("started: ") || d.exited()
         });
         assert!(ok && !d.exited(), "daemon did not start:\n{}", d.log_text());
@@ -227,7 +327,9 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit status.
     pub fn stop(&mut self) -> Option<i32> {
         unsafe_kill(self.child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // The stop drains the receivers (0.5 s), lets the map be written
+        // once more (4 s) and writes the state (0.8 s), at most.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return st.code();

@@ -19,7 +19,8 @@
 //!   from a chosen 127.0.0.x address.
 //!
 //! Everything needs root (network namespaces aside, Postfix and Dovecot
-//! start as root and drop privileges themselves); [`is_root`] tells.
+//! start as root and drop privileges themselves); [`is_root`] tells, and
+//! `common::require_root` skips loudly.
 
 #![allow(dead_code)]
 
@@ -31,7 +32,8 @@ use std::time::Duration;
 
 use crate::common::{free_tcp_port, wait_for};
 
-/// True when the tests run as root, which the real servers need.
+/// True when running as root, for the benchmarks that include this module
+/// without tests/common (the tests use `common::require_root`).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -405,7 +407,7 @@ pub fn connect_from(src: &str, port: u16) -> TcpStream {
     s.connect_timeout(&to.into(), Duration::from_secs(5))
         .expect("connect");
     let s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     s
 }

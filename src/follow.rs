@@ -335,3 +335,118 @@ fn publish(reports: &mut Reports, ok: bool, seq: u64) {
         v.send_replace(seq);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grants::Grant;
+    use crate::matcher::Service;
+    use std::collections::HashSet;
+    use std::net::IpAddr;
+
+    /// A store that keeps the blocks it was given, and whose writes wait
+    /// for a gate: a sink that falls behind.
+    struct Slow {
+        held: Arc<Mutex<HashSet<Cidr>>>,
+        refills: Arc<AtomicU64>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Sink for Slow {
+        fn name(&self) -> String {
+            "slow".into()
+        }
+        async fn refill(&mut self, live: &[Live]) -> Result<u64, SinkError> {
+            self.refills
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut h = self.held.lock().unwrap();
+            *h = live.iter().map(|l| l.key).collect();
+            Ok(live.len() as u64)
+        }
+        async fn apply(&mut self, changes: &[Change]) -> Result<u64, SinkError> {
+            let _pass = self
+                .gate
+                .acquire()
+                .await
+                .map_err(|e| SinkError(e.to_string()))?;
+            let mut h = self.held.lock().unwrap();
+            for c in changes {
+                match c {
+                    Change::Grant(k, _) => h.insert(*k),
+                    Change::Revoke(k) | Change::Expire(k) => h.remove(k),
+                };
+            }
+            Ok(changes.len() as u64)
+        }
+        async fn intact(&mut self) -> Result<bool, SinkError> {
+            Ok(true)
+        }
+        fn check_every(&self) -> Option<Duration> {
+            None
+        }
+    }
+
+    fn grant() -> Grant {
+        Grant {
+            expires: Instant::now() + Duration::from_secs(600),
+            server: "dovecot".into(),
+            service: Service::Imap,
+            user: "u".into(),
+            reporter: "test".into(),
+            host: "mail".into(),
+        }
+    }
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | i))
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_falls_behind_gets_a_full_refill_not_a_gap() {
+        let table = Arc::new(GrantTable::new());
+        let feed = Feed::subscribe(&table);
+        let held = Arc::new(Mutex::new(HashSet::new()));
+        let refills = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sink = Slow {
+            held: held.clone(),
+            refills: refills.clone(),
+            gate: gate.clone(),
+        };
+        let (first_tx, first_rx) = oneshot::channel();
+        let (visible_tx, mut visible_rx) = watch::channel(0);
+        let counters = Counters {
+            stats: Arc::new(Stats::default()),
+            writes: |s| &s.memcache_writes,
+            failures: |s| &s.memcache_failures,
+            refills: |s| &s.memcache_refills,
+        };
+        let reports = Reports {
+            first_write: Some(first_tx),
+            visible: Some(visible_tx),
+        };
+        let task = tokio::spawn(follow(sink, table.clone(), feed, counters, reports));
+        assert!(first_rx.await.unwrap());
+
+        // One change, whose write hangs at the gate.
+        table.grant(ip(0), grant());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Meanwhile more changes than the queue holds: some are dropped.
+        let n = QUEUE as u32 + 100;
+        for i in 1..=n {
+            table.grant(ip(i), grant());
+        }
+        table.revoke(ip(7));
+        gate.add_permits(1_000);
+        let want: HashSet<Cidr> = table.blocks().1.into_iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *held.lock().unwrap() != want {
+            assert!(Instant::now() < deadline, "the sink never caught up");
+            let _ = tokio::time::timeout(Duration::from_millis(100), visible_rx.changed()).await;
+        }
+        // The first fill, then the refill that replaced the dropped changes.
+        assert_eq!(refills.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(want.len(), n as usize);
+        task.abort();
+    }
+}

@@ -23,6 +23,7 @@
 //! from the table instead, so no change is lost, only coalesced.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,6 +83,57 @@ pub trait Sink: Send + 'static {
 
     /// How often to ask [`Sink::intact`]; `None`: never.
     fn check_every(&self) -> Option<Duration>;
+}
+
+/// What a running sink gives [`register`]: a future, made on demand, that
+/// ends once the sink's store holds what the table held when it was made.
+pub type CaughtUp = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+static RUNNING: Mutex<Vec<(u64, CaughtUp)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn running() -> std::sync::MutexGuard<'static, Vec<(u64, CaughtUp)>> {
+    match RUNNING.lock() {
+        Ok(r) => r,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A sink's place among those [`flush_all`] waits for; dropping it (the
+/// sink's task ending) takes the sink out.
+pub struct Registered(u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        running().retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// Enters a running sink (the map, the state file, each memcached) for
+/// [`flush_all`].
+pub fn register(caught_up: CaughtUp) -> Registered {
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    running().push((id, caught_up));
+    Registered(id)
+}
+
+/// For the shutdown path, once the receivers are drained: makes every
+/// running sink write what the table holds now, and waits until they all
+/// have, at most `deadline` (say 4 s); false when one had not by then (it
+/// is failing: its error is in the log). Every sink writes on its own at
+/// every change; this only waits for the last writes, so it must be called
+/// before the sinks' tasks are aborted.
+pub async fn flush_all(deadline: Duration) -> bool {
+    let waits: Vec<_> = running().iter().map(|(_, f)| f()).collect();
+    tokio::time::timeout(deadline, async {
+        // The sinks write concurrently on their own tasks: waiting for
+        // them one after the other takes as long as the slowest.
+        for w in waits {
+            w.await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// Which of the daemon's counters a sink's follow loop bumps.
@@ -253,6 +305,19 @@ pub async fn follow<S: Sink>(
     let writes = |n: u64| {
         (counters.writes)(&counters.stats).fetch_add(n, std::sync::atomic::Ordering::Relaxed)
     };
+    let (done_tx, done_rx) = watch::channel(None::<u64>);
+    let f = feed.clone();
+    let _registered = register(Box::new(move || {
+        let want = f.lock().seq;
+        let mut done = done_rx.clone();
+        Box::pin(async move {
+            while done.borrow_and_update().is_none_or(|d| d < want) {
+                if done.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }));
     let mut need_refill = true;
     let mut next_check = sink.check_every().map(|d| Instant::now() + d);
     loop {
@@ -272,6 +337,7 @@ pub async fn follow<S: Sink>(
                     );
                     health.ok();
                     need_refill = false;
+                    done_tx.send_replace(Some(seq));
                     publish(&mut reports, true, seq);
                 }
                 Err(e) => {
@@ -315,6 +381,7 @@ pub async fn follow<S: Sink>(
             Ok(n) => {
                 writes(n);
                 health.ok();
+                done_tx.send_replace(Some(seq));
                 publish(&mut reports, true, seq);
             }
             Err(e) => {

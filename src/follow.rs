@@ -23,6 +23,7 @@
 //! from the table instead, so no change is lost, only coalesced.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,6 +83,57 @@ pub trait Sink: Send + 'static {
 
     /// How often to ask [`Sink::intact`]; `None`: never.
     fn check_every(&self) -> Option<Duration>;
+}
+
+/// What a running sink gives [`register`]: a future, made on demand, that
+/// ends once the sink's store holds what the table held when it was made.
+pub type CaughtUp = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+static RUNNING: Mutex<Vec<(u64, CaughtUp)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn running() -> std::sync::MutexGuard<'static, Vec<(u64, CaughtUp)>> {
+    match RUNNING.lock() {
+        Ok(r) => r,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A sink's place among those [`flush_all`] waits for; dropping it (the
+/// sink's task ending) takes the sink out.
+pub struct Registered(u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        running().retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// Enters a running sink (the map, the state file, each memcached) for
+/// [`flush_all`].
+pub fn register(caught_up: CaughtUp) -> Registered {
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    running().push((id, caught_up));
+    Registered(id)
+}
+
+/// For the shutdown path, once the receivers are drained: makes every
+/// running sink write what the table holds now, and waits until they all
+/// have, at most `deadline` (say 4 s); false when one had not by then (it
+/// is failing: its error is in the log). Every sink writes on its own at
+/// every change; this only waits for the last writes, so it must be called
+/// before the sinks' tasks are aborted.
+pub async fn flush_all(deadline: Duration) -> bool {
+    let waits: Vec<_> = running().iter().map(|(_, f)| f()).collect();
+    tokio::time::timeout(deadline, async {
+        // The sinks write concurrently on their own tasks: waiting for
+        // them one after the other takes as long as the slowest.
+        for w in waits {
+            w.await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 /// Which of the daemon's counters a sink's follow loop bumps.
@@ -253,6 +305,19 @@ pub async fn follow<S: Sink>(
     let writes = |n: u64| {
         (counters.writes)(&counters.stats).fetch_add(n, std::sync::atomic::Ordering::Relaxed)
     };
+    let (done_tx, done_rx) = watch::channel(None::<u64>);
+    let f = feed.clone();
+    let _registered = register(Box::new(move || {
+        let want = f.lock().seq;
+        let mut done = done_rx.clone();
+        Box::pin(async move {
+            while done.borrow_and_update().is_none_or(|d| d < want) {
+                if done.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }));
     let mut need_refill = true;
     let mut next_check = sink.check_every().map(|d| Instant::now() + d);
     loop {
@@ -272,6 +337,7 @@ pub async fn follow<S: Sink>(
                     );
                     health.ok();
                     need_refill = false;
+                    done_tx.send_replace(Some(seq));
                     publish(&mut reports, true, seq);
                 }
                 Err(e) => {
@@ -315,6 +381,7 @@ pub async fn follow<S: Sink>(
             Ok(n) => {
                 writes(n);
                 health.ok();
+                done_tx.send_replace(Some(seq));
                 publish(&mut reports, true, seq);
             }
             Err(e) => {
@@ -333,5 +400,120 @@ fn publish(reports: &mut Reports, ok: bool, seq: u64) {
     }
     if ok && let Some(v) = &reports.visible {
         v.send_replace(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grants::Grant;
+    use crate::matcher::Service;
+    use std::collections::HashSet;
+    use std::net::IpAddr;
+
+    /// A store that keeps the blocks it was given, and whose writes wait
+    /// for a gate: a sink that falls behind.
+    struct Slow {
+        held: Arc<Mutex<HashSet<Cidr>>>,
+        refills: Arc<AtomicU64>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Sink for Slow {
+        fn name(&self) -> String {
+            "slow".into()
+        }
+        async fn refill(&mut self, live: &[Live]) -> Result<u64, SinkError> {
+            self.refills
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut h = self.held.lock().unwrap();
+            *h = live.iter().map(|l| l.key).collect();
+            Ok(live.len() as u64)
+        }
+        async fn apply(&mut self, changes: &[Change]) -> Result<u64, SinkError> {
+            let _pass = self
+                .gate
+                .acquire()
+                .await
+                .map_err(|e| SinkError(e.to_string()))?;
+            let mut h = self.held.lock().unwrap();
+            for c in changes {
+                match c {
+                    Change::Grant(k, _) => h.insert(*k),
+                    Change::Revoke(k) | Change::Expire(k) => h.remove(k),
+                };
+            }
+            Ok(changes.len() as u64)
+        }
+        async fn intact(&mut self) -> Result<bool, SinkError> {
+            Ok(true)
+        }
+        fn check_every(&self) -> Option<Duration> {
+            None
+        }
+    }
+
+    fn grant() -> Grant {
+        Grant {
+            expires: Instant::now() + Duration::from_secs(600),
+            server: "dovecot".into(),
+            service: Service::Imap,
+            user: "u".into(),
+            reporter: "test".into(),
+            host: "mail".into(),
+        }
+    }
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | i))
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_falls_behind_gets_a_full_refill_not_a_gap() {
+        let table = Arc::new(GrantTable::new());
+        let feed = Feed::subscribe(&table);
+        let held = Arc::new(Mutex::new(HashSet::new()));
+        let refills = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let sink = Slow {
+            held: held.clone(),
+            refills: refills.clone(),
+            gate: gate.clone(),
+        };
+        let (first_tx, first_rx) = oneshot::channel();
+        let (visible_tx, mut visible_rx) = watch::channel(0);
+        let counters = Counters {
+            stats: Arc::new(Stats::default()),
+            writes: |s| &s.memcache_writes,
+            failures: |s| &s.memcache_failures,
+            refills: |s| &s.memcache_refills,
+        };
+        let reports = Reports {
+            first_write: Some(first_tx),
+            visible: Some(visible_tx),
+        };
+        let task = tokio::spawn(follow(sink, table.clone(), feed, counters, reports));
+        assert!(first_rx.await.unwrap());
+
+        // One change, whose write hangs at the gate.
+        table.grant(ip(0), grant());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Meanwhile more changes than the queue holds: some are dropped.
+        let n = QUEUE as u32 + 100;
+        for i in 1..=n {
+            table.grant(ip(i), grant());
+        }
+        table.revoke(ip(7));
+        gate.add_permits(1_000);
+        let want: HashSet<Cidr> = table.blocks().1.into_iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *held.lock().unwrap() != want {
+            assert!(Instant::now() < deadline, "the sink never caught up");
+            let _ = tokio::time::timeout(Duration::from_millis(100), visible_rx.changed()).await;
+        }
+        // The first fill, then the refill that replaced the dropped changes.
+        assert_eq!(refills.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(want.len(), n as usize);
+        task.abort();
     }
 }

@@ -12,22 +12,34 @@
 //! Trusts: its callers; every address reaching it has passed the matchers
 //! and the never-grant rules.
 //!
-//! Expiry lives in one data structure with one owner: a map from address to
-//! grant plus an ordered set of `(expiry, address)`, under one mutex, and one
-//! purge task that sleeps until the earliest expiry (it does not poll). The
-//! mutex is a `std::sync::Mutex`, not tokio's: it is never held across an
-//! `.await`, and critical sections are a few map operations.
+//! Expiry lives in one data structure with one owner, under one mutex, with
+//! one purge task that sleeps until the earliest expiry (it does not poll).
+//! The mutex is a `std::sync::Mutex`, not tokio's: it is never held across
+//! an `.await`, and critical sections are a few map operations.
+//!
+//! Storage is compact (issue 17: about 100 bytes a grant, against 331
+//! before): the grants are 64-byte slots in one dense vector (expiry as
+//! nanoseconds from the table's base instant, server, reporter and host as
+//! numbers into a counted name table, a user name of up to 22 bytes
+//! inline), found through a hash index of `u32` slot numbers; the expiries
+//! are a queue in insertion order (one window for every grant: they
+//! arrive sorted), with a small ordered set for those that arrive out of
+//! order, and renewals leave stale entries that are skipped when met and
+//! dropped in bulk once they outnumber the live ones.
 //!
 //! A renewal (a new login from an address already granted) moves the expiry
 //! but leaves the set of addresses, and so the generation, unchanged: the
 //! Postfix map is rewritten only when the set changes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -119,12 +131,166 @@ pub enum GrantResult {
     Full,
 }
 
+/// A user name as a grant stores it: up to [`Text::SHORT`] bytes inline
+/// (most names), longer ones in a box of their own.
+#[derive(Debug)]
+enum Text {
+    Short(u8, [u8; Text::SHORT]),
+    Long(Box<str>),
+}
+
+impl Text {
+    /// The longest name kept inline (the enum stays 24 bytes).
+    const SHORT: usize = 22;
+
+    fn new(s: &str) -> Text {
+        if s.len() <= Self::SHORT {
+            let mut b = [0u8; Self::SHORT];
+            b[..s.len()].copy_from_slice(s.as_bytes());
+            Text::Short(s.len() as u8, b)
+        } else {
+            Text::Long(s.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Always valid: the bytes were copied from a `&str`.
+            Text::Short(n, b) => std::str::from_utf8(&b[..usize::from(*n)]).unwrap_or_default(),
+            Text::Long(s) => s,
+        }
+    }
+}
+
+/// The names (servers, reporters, host names) of the live grants, each
+/// stored once and named by a number in the grants, counted so that a
+/// name goes when its last grant does.
+#[derive(Debug, Default)]
+struct NameIds {
+    ids: HashMap<Arc<str>, u32>,
+    /// By id: the name and how many grants carry it (`None`: free).
+    names: Vec<Option<(Arc<str>, u32)>>,
+    free: Vec<u32>,
+}
+
+impl NameIds {
+    fn acquire(&mut self, name: &Arc<str>) -> u32 {
+        if let Some(&id) = self.ids.get(&**name) {
+            if let Some(Some((_, n))) = self.names.get_mut(id as usize) {
+                *n += 1;
+            }
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = Some((name.clone(), 1));
+                id
+            }
+            None => {
+                self.names.push(Some((name.clone(), 1)));
+                (self.names.len() - 1) as u32
+            }
+        };
+        self.ids.insert(name.clone(), id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some(entry) = self.names.get_mut(id as usize) else {
+            return;
+        };
+        if let Some((name, n)) = entry {
+            *n -= 1;
+            if *n == 0 {
+                self.ids.remove(&**name);
+                *entry = None;
+                self.free.push(id);
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> Arc<str> {
+        match self.names.get(id as usize) {
+            Some(Some((name, _))) => name.clone(),
+            _ => "".into(),
+        }
+    }
+}
+
+/// One live grant as the table stores it (64 bytes): the expiry as
+/// nanoseconds from the table's base instant, names by number.
+#[derive(Debug)]
+struct Slot {
+    expires: i64,
+    user: Text,
+    key: Cidr,
+    server: u32,
+    reporter: u32,
+    host: u32,
+    service: Service,
+}
+
+/// Expiries in the order they were set. With one window for every grant
+/// (the usual case) they arrive sorted, so a queue holds them; the few
+/// that arrive earlier than the queue's last go to a small ordered set.
+/// An entry is `(expiry, slot)`; a renewal leaves the old entry behind,
+/// which is dropped when it is met (its slot's expiry differs) or when
+/// stale entries outnumber the live ones.
+#[derive(Debug, Default)]
+struct ExpiryQueue {
+    fifo: VecDeque<(i64, u32)>,
+    rest: BTreeSet<(i64, u32)>,
+}
+
+impl ExpiryQueue {
+    fn push(&mut self, t: i64, slot: u32) {
+        if self.fifo.back().is_none_or(|b| b.0 <= t) {
+            self.fifo.push_back((t, slot));
+        } else {
+            self.rest.insert((t, slot));
+        }
+    }
+
+    fn peek(&self) -> Option<(i64, u32)> {
+        match (self.fifo.front(), self.rest.first()) {
+            (Some(a), Some(b)) => Some(*a.min(b)),
+            (a, b) => a.or(b).copied(),
+        }
+    }
+
+    fn pop(&mut self) {
+        let from_fifo = match (self.fifo.front(), self.rest.first()) {
+            (Some(a), Some(b)) => a <= b,
+            (a, _) => a.is_some(),
+        };
+        if from_fifo {
+            self.fifo.pop_front();
+        } else {
+            self.rest.pop_first();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.fifo.len() + self.rest.len()
+    }
+
+    fn retain(&mut self, mut live: impl FnMut(i64, u32) -> bool) {
+        self.fifo.retain(|&(t, s)| live(t, s));
+        self.rest.retain(|&(t, s)| live(t, s));
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    /// Live grants by block.
-    grants: HashMap<Cidr, Grant>,
+    /// Live grants, by number; `None` is a free place.
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    /// Block -> number of its slot.
+    index: HashTable<u32>,
+    hasher: RandomState,
+    names: NameIds,
     /// The same grants ordered by expiry, for the purge task.
-    expiries: BTreeSet<(Instant, Cidr)>,
+    expiries: ExpiryQueue,
     /// Bumped whenever the set of addresses changes.
     generation: u64,
     /// How many live grants are IPv6 prefixes of each length (not single
@@ -148,11 +314,159 @@ impl Inner {
         }
     }
 
-    fn remove(&mut self, key: Cidr) -> Option<Grant> {
-        let old = self.grants.remove(&key)?;
-        self.expiries.remove(&(old.expires, key));
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn find(&self, key: Cidr) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&i| {
+                slots
+                    .get(i as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|s| s.key == key)
+            })
+            .copied()
+    }
+
+    fn slot(&self, i: u32) -> Option<&Slot> {
+        self.slots.get(i as usize).and_then(Option::as_ref)
+    }
+
+    fn contains(&self, key: Cidr) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// Whether a queue entry still names its slot's expiry.
+    fn current(&self, t: i64, i: u32) -> bool {
+        self.slot(i).is_some_and(|s| s.expires == t)
+    }
+
+    fn fill(&mut self, i: u32, key: Cidr, g: &Grant, expires: i64) {
+        let slot = Slot {
+            expires,
+            user: Text::new(&g.user),
+            key,
+            server: self.names.acquire(&g.server),
+            reporter: self.names.acquire(&g.reporter),
+            host: self.names.acquire(&g.host),
+            service: g.service,
+        };
+        if let Some(old) = self.slots.get_mut(i as usize).and_then(Option::take) {
+            self.release(&old);
+        }
+        self.slots[i as usize] = Some(slot);
+    }
+
+    fn release(&mut self, s: &Slot) {
+        self.names.release(s.server);
+        self.names.release(s.reporter);
+        self.names.release(s.host);
+    }
+
+    /// Adds a new block (not in the table); returns its slot.
+    fn insert(&mut self, key: Cidr, g: &Grant, expires: i64) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.fill(i, key, g, expires);
+        let hash = self.hasher.hash_one(key);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, i, |&j| {
+            slots
+                .get(j as usize)
+                .and_then(Option::as_ref)
+                .map_or(0, |s| hasher.hash_one(s.key))
+        });
+        self.count_prefix(key, true);
+        i
+    }
+
+    fn remove(&mut self, key: Cidr, base: Instant) -> Option<Grant> {
+        let hash = self.hasher.hash_one(key);
+        let slots = &self.slots;
+        let entry = self
+            .index
+            .find_entry(hash, |&i| {
+                slots
+                    .get(i as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|s| s.key == key)
+            })
+            .ok()?;
+        let (i, _) = entry.remove();
+        let old = self.slots.get_mut(i as usize).and_then(Option::take)?;
+        let g = self.grant_of(&old, base);
+        self.release(&old);
+        self.free.push(i);
         self.count_prefix(key, false);
-        Some(old)
+        self.compact();
+        Some(g)
+    }
+
+    /// Drops the stale queue entries once they outnumber the live ones.
+    fn compact(&mut self) {
+        if self.expiries.len() > 2 * self.len() + 1024 {
+            let slots = &self.slots;
+            self.expiries.retain(|t, i| {
+                slots
+                    .get(i as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|s| s.expires == t)
+            });
+        }
+    }
+
+    /// Drops stale entries at the head of the queue; then the head is the
+    /// earliest real expiry.
+    fn clean_head(&mut self) -> Option<(i64, u32)> {
+        while let Some((t, i)) = self.expiries.peek() {
+            if self.current(t, i) {
+                return Some((t, i));
+            }
+            self.expiries.pop();
+        }
+        None
+    }
+
+    fn grant_of(&self, s: &Slot, base: Instant) -> Grant {
+        Grant {
+            expires: from_nanos(base, s.expires),
+            server: self.names.get(s.server),
+            service: s.service,
+            user: s.user.as_str().into(),
+            reporter: self.names.get(s.reporter),
+            host: self.names.get(s.host),
+        }
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().filter_map(Option::as_ref)
+    }
+}
+
+/// `t` as signed nanoseconds from `base` (saturating: about 292 years).
+fn to_nanos(base: Instant, t: Instant) -> i64 {
+    if t >= base {
+        i64::try_from((t - base).as_nanos()).unwrap_or(i64::MAX)
+    } else {
+        i64::try_from((base - t).as_nanos()).map_or(i64::MIN, |n| -n)
+    }
+}
+
+/// The instant `n` nanoseconds from `base`.
+fn from_nanos(base: Instant, n: i64) -> Instant {
+    let d = Duration::from_nanos(n.unsigned_abs());
+    if n >= 0 {
+        base.checked_add(d).unwrap_or(base)
+    } else {
+        base.checked_sub(d).unwrap_or(base)
     }
 }
 
@@ -166,6 +480,8 @@ pub struct GrantTable {
     purge_wake: Notify,
     /// Most live grants; new addresses are refused beyond it.
     max_grants: AtomicUsize,
+    /// The instant stored expiries count from.
+    base: Instant,
     /// Told of every change, in the order they were added.
     hooks: std::sync::RwLock<Vec<ChangeHook>>,
 }
@@ -198,6 +514,7 @@ impl GrantTable {
             generation_tx: watch::Sender::new(0),
             purge_wake: Notify::new(),
             max_grants: AtomicUsize::new(max_grants),
+            base: Instant::now(),
             hooks: std::sync::RwLock::new(Vec::new()),
         }
     }
@@ -250,21 +567,47 @@ impl GrantTable {
     /// are told after it (a sink's refill).
     pub fn with_snapshot<T>(
         &self,
-        f: impl FnOnce(&mut dyn Iterator<Item = (Cidr, &Grant)>) -> T,
+        f: impl FnOnce(&mut dyn Iterator<Item = (Cidr, Grant)>) -> T,
     ) -> T {
         let inner = self.lock();
-        let mut it = inner.grants.iter().map(|(k, g)| (*k, g));
+        let mut it = inner.live().map(|s| (s.key, inner.grant_of(s, self.base)));
         f(&mut it)
     }
 
+    /// Calls `f` with up to `max` live grants, from place `from` in the
+    /// table's storage on, under the lock; returns the place to go on
+    /// from, or `None` once every place was seen. A writer walks the table
+    /// this way, a chunk at a time, without copying it whole and without
+    /// holding the lock for long (changes made meanwhile reach it through
+    /// its change hook, as always).
+    pub fn visit(&self, from: usize, max: usize, mut f: impl FnMut(Cidr, &Grant)) -> Option<usize> {
+        let inner = self.lock();
+        let mut seen = 0;
+        for (i, slot) in inner.slots.iter().enumerate().skip(from) {
+            if seen == max {
+                return Some(i);
+            }
+            if let Some(s) = slot {
+                f(s.key, &inner.grant_of(s, self.base));
+                seen += 1;
+            }
+        }
+        None
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the two structures out
-        // of step (each operation updates both before it can fail), so the
-        // data is still good after a poisoning.
+        // A panic while holding the lock cannot leave the structures out
+        // of step in a way that matters (a slot is filled before it is
+        // indexed, and a stale queue entry is skipped), so the data is
+        // still good after a poisoning.
         match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    fn nanos(&self, t: Instant) -> i64 {
+        to_nanos(self.base, t)
     }
 
     /// Grants `ip` until `grant.expires`, or renews its grant.
@@ -275,27 +618,30 @@ impl GrantTable {
     /// Grants block `key` (one address or an IPv6 prefix) until
     /// `grant.expires`, or renews its grant.
     pub fn grant_block(&self, key: Cidr, grant: Grant) -> GrantResult {
-        let expires = grant.expires;
+        let expires = self.nanos(grant.expires);
         let mut inner = self.lock();
-        if inner.grants.len() >= self.max_grants.load(Ordering::Relaxed)
-            && !inner.grants.contains_key(&key)
-        {
+        let found = inner.find(key);
+        if found.is_none() && inner.len() >= self.max_grants.load(Ordering::Relaxed) {
             return GrantResult::Full;
         }
         self.tell(|| Change::Grant(key, grant.clone()));
-        let earliest_before = inner.expiries.first().map(|(t, _)| *t);
-        let result = match inner.grants.insert(key, grant) {
-            Some(old) => {
-                inner.expiries.remove(&(old.expires, key));
-                GrantResult::Renewed
+        let earliest_before = inner.expiries.peek().map(|(t, _)| t);
+        let (result, slot, moved) = match found {
+            Some(i) => {
+                let moved = inner.slot(i).is_none_or(|s| s.expires != expires);
+                inner.fill(i, key, &grant, expires);
+                (GrantResult::Renewed, i, moved)
             }
             None => {
-                inner.count_prefix(key, true);
+                let i = inner.insert(key, &grant, expires);
                 inner.generation += 1;
-                GrantResult::New
+                (GrantResult::New, i, true)
             }
         };
-        inner.expiries.insert((expires, key));
+        if moved {
+            inner.expiries.push(expires, slot);
+            inner.compact();
+        }
         let generation = inner.generation;
         drop(inner);
         if result == GrantResult::New {
@@ -316,19 +662,27 @@ impl GrantTable {
 
     /// [`GrantTable::set_expiry`] for the grant of block `key`.
     pub fn set_block_expiry(&self, key: Cidr, expires: Instant) -> bool {
+        let t = self.nanos(expires);
         let mut inner = self.lock();
-        let earliest_before = inner.expiries.first().map(|(t, _)| *t);
-        let Some(g) = inner.grants.get_mut(&key) else {
+        let earliest_before = inner.expiries.peek().map(|(t, _)| t);
+        let Some(i) = inner.find(key) else {
             return false;
         };
-        let old = g.expires;
-        g.expires = expires;
-        let g = g.clone();
-        self.tell(|| Change::Grant(key, g));
-        inner.expiries.remove(&(old, key));
-        inner.expiries.insert((expires, key));
+        let Some(s) = inner.slots.get_mut(i as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        let moved = s.expires != t;
+        s.expires = t;
+        if let Some(s) = inner.slot(i) {
+            let g = inner.grant_of(s, self.base);
+            self.tell(|| Change::Grant(key, g));
+        }
+        if moved {
+            inner.expiries.push(t, i);
+            inner.compact();
+        }
         drop(inner);
-        if earliest_before.is_none_or(|t| expires < t) {
+        if earliest_before.is_none_or(|e| t < e) {
             self.purge_wake.notify_one();
         }
         true
@@ -344,7 +698,7 @@ impl GrantTable {
     /// one.
     pub fn revoke_block(&self, key: Cidr) -> Option<Grant> {
         let mut inner = self.lock();
-        let old = inner.remove(key)?;
+        let old = inner.remove(key, self.base)?;
         self.tell(|| Change::Revoke(key));
         inner.generation += 1;
         let generation = inner.generation;
@@ -376,7 +730,7 @@ impl GrantTable {
             .map(move |&len| Cidr::new(ip, len));
         std::iter::once(host)
             .chain(prefixes)
-            .filter(|k| inner.grants.contains_key(k))
+            .filter(|k| inner.contains(*k))
     }
 
     /// The grant that lets `ip` relay, if any: its own, or the IPv6 prefix
@@ -384,7 +738,8 @@ impl GrantTable {
     pub fn lookup(&self, ip: IpAddr) -> Option<(Cidr, Grant)> {
         let inner = self.lock();
         let key = Self::covering(&inner, ip).next()?;
-        inner.grants.get(&key).map(|g| (key, g.clone()))
+        let s = inner.find(key).and_then(|i| inner.slot(i))?;
+        Some((key, inner.grant_of(s, self.base)))
     }
 
     /// Removes every grant whose window has closed by `now`. Returns them and
@@ -396,23 +751,26 @@ impl GrantTable {
 
     /// [`GrantTable::purge`], naming the blocks.
     pub fn purge_blocks(&self, now: Instant) -> (Vec<(Cidr, Grant)>, Option<Instant>) {
+        let now = self.nanos(now);
         let mut inner = self.lock();
         let mut gone = Vec::new();
-        while let Some(&(t, key)) = inner.expiries.first() {
+        while let Some((t, i)) = inner.clean_head() {
             if t > now {
                 break;
             }
-            if let Some(g) = inner.remove(key) {
+            inner.expiries.pop();
+            let Some(key) = inner.slot(i).map(|s| s.key) else {
+                continue;
+            };
+            if let Some(g) = inner.remove(key, self.base) {
                 self.tell(|| Change::Expire(key));
                 gone.push((key, g));
-            } else {
-                inner.expiries.pop_first();
             }
         }
         if !gone.is_empty() {
             inner.generation += 1;
         }
-        let next = inner.expiries.first().map(|(t, _)| *t);
+        let next = inner.clean_head().map(|(t, _)| from_nanos(self.base, t));
         let generation = inner.generation;
         drop(inner);
         if !gone.is_empty() {
@@ -433,7 +791,7 @@ impl GrantTable {
     /// by address, then by prefix length).
     pub fn blocks(&self) -> (u64, Vec<Cidr>) {
         let inner = self.lock();
-        let mut v: Vec<Cidr> = inner.grants.keys().copied().collect();
+        let mut v: Vec<Cidr> = inner.live().map(|s| s.key).collect();
         let generation = inner.generation;
         drop(inner);
         // The same order as sorting Cidr, by a plain integer key, which
@@ -448,7 +806,9 @@ impl GrantTable {
     /// A copy of the grant of address `ip` (not of a prefix covering it:
     /// see [`GrantTable::lookup`]).
     pub fn get(&self, ip: IpAddr) -> Option<Grant> {
-        self.lock().grants.get(&Cidr::host(ip)).cloned()
+        let inner = self.lock();
+        let s = inner.find(Cidr::host(ip)).and_then(|i| inner.slot(i))?;
+        Some(inner.grant_of(s, self.base))
     }
 
     /// A copy of every grant, ordered by expiry, by network address.
@@ -462,16 +822,18 @@ impl GrantTable {
     /// A copy of every grant, ordered by expiry.
     pub fn list_blocks(&self) -> Vec<(Cidr, Grant)> {
         let inner = self.lock();
-        inner
-            .expiries
-            .iter()
-            .filter_map(|(_, k)| inner.grants.get(k).map(|g| (*k, g.clone())))
-            .collect()
+        let mut v: Vec<(i64, Cidr, Grant)> = inner
+            .live()
+            .map(|s| (s.expires, s.key, inner.grant_of(s, self.base)))
+            .collect();
+        drop(inner);
+        v.sort_unstable_by_key(|(t, k, _)| (*t, *k));
+        v.into_iter().map(|(_, k, g)| (k, g)).collect()
     }
 
     /// How many grants are live.
     pub fn len(&self) -> usize {
-        self.lock().grants.len()
+        self.lock().len()
     }
 
     /// Whether no grant is live.
@@ -713,5 +1075,98 @@ mod tests {
         }
         want.sort();
         assert_eq!(t.addresses().1, want);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_leave_a_bounded_queue_and_expire_at_the_last_window() {
+        let table = Arc::new(GrantTable::new());
+        let stats = Arc::new(Stats::default());
+        let purge = tokio::spawn(table.clone().run_purge(stats.clone()));
+        let a = ip("192.0.2.7");
+        let w = Duration::from_secs(60);
+        // 10,000 renewals, one every 10 ms: each leaves a stale entry.
+        for _ in 0..10_000 {
+            table.grant(a, g(expiry(w)));
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        let queued = table.lock().expiries.len();
+        assert!(queued <= 2 * table.len() + 1025, "{queued} entries queued");
+        // 59 s after the last renewal: still live (the stale entries did
+        // not expire it early).
+        tokio::time::advance(Duration::from_secs(59)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.len(), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert!(table.is_empty());
+        assert_eq!(stats.expired.load(Ordering::Relaxed), 1);
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_window_after_a_longer_one_expires_first() {
+        let table = Arc::new(GrantTable::new());
+        let stats = Arc::new(Stats::default());
+        let purge = tokio::spawn(table.clone().run_purge(stats.clone()));
+        // Out of insertion order: 300 s, then 30 s, then 120 s.
+        table.grant(ip("192.0.2.1"), g(expiry(Duration::from_secs(300))));
+        table.grant(ip("192.0.2.2"), g(expiry(Duration::from_secs(30))));
+        table.grant(ip("192.0.2.3"), g(expiry(Duration::from_secs(120))));
+        let order: Vec<IpAddr> = table.list().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(order, [ip("192.0.2.2"), ip("192.0.2.3"), ip("192.0.2.1")]);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.addresses().1, [ip("192.0.2.1"), ip("192.0.2.3")]);
+        tokio::time::advance(Duration::from_secs(90)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.addresses().1, [ip("192.0.2.1")]);
+        tokio::time::advance(Duration::from_secs(180)).await;
+        tokio::task::yield_now().await;
+        assert!(table.is_empty());
+        purge.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_slot_is_not_expired_by_its_former_grant() {
+        let table = Arc::new(GrantTable::new());
+        let stats = Arc::new(Stats::default());
+        let purge = tokio::spawn(table.clone().run_purge(stats.clone()));
+        table.grant(ip("192.0.2.1"), g(expiry(Duration::from_secs(10))));
+        table.revoke(ip("192.0.2.1"));
+        // Takes the freed slot, with a later window.
+        table.grant(ip("192.0.2.2"), g(expiry(Duration::from_secs(100))));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(table.addresses().1, [ip("192.0.2.2")]);
+        tokio::time::advance(Duration::from_secs(90)).await;
+        tokio::task::yield_now().await;
+        assert!(table.is_empty());
+        purge.abort();
+    }
+
+    #[test]
+    fn stored_grants_come_back_exactly() {
+        let table = GrantTable::new();
+        let before = Instant::now() - Duration::from_millis(1500);
+        let long = "a-user-name-longer-than-the-inline-room@example.org";
+        for (a, user, t) in [
+            ("192.0.2.1", "bob", before),
+            (
+                "192.0.2.2",
+                long,
+                Instant::now() + Duration::from_nanos(123_456_789),
+            ),
+        ] {
+            let mut want = g(t);
+            want.user = user.into();
+            want.host = format!("host-of-{a}").into();
+            table.grant(ip(a), want.clone());
+            assert_eq!(table.get(ip(a)), Some(want));
+        }
+        // Names go with their last grant.
+        table.revoke(ip("192.0.2.1"));
+        assert_eq!(table.lock().names.ids.len(), 3);
+        assert_eq!(table.lock().index.len(), 1);
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
     }
 }

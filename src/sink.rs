@@ -291,8 +291,7 @@ impl PostfixMap {
     ) -> Result<(), SinkError> {
         let tmp = self.temp_path();
         let tmp_db = with_suffix(&tmp, self.map_type.suffix());
-        let text = Self::render_blocks(blocks);
-        let result = self.build(&tmp, &tmp_db, text, delta).await;
+        let result = self.build(&tmp, &tmp_db, blocks, delta).await;
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
             let _ = std::fs::remove_file(&tmp_db);
@@ -365,11 +364,14 @@ impl PostfixMap {
         &self,
         tmp: &Path,
         tmp_db: &Path,
-        text: String,
+        blocks: &[Cidr],
         delta: Option<(&[Cidr], &[Cidr])>,
     ) -> Result<(), SinkError> {
-        let tmp_owned = tmp.to_path_buf();
-        tokio::task::spawn_blocking(move || write_synced(&tmp_owned, text.as_bytes()))
+        // Streamed into the page cache here, a chunk at a time (never the
+        // whole text in memory); synced aside, as that is what waits.
+        let file = write_source(tmp, blocks)
+            .map_err(|e| SinkError(format!("cannot write {}: {e}", tmp.display())))?;
+        tokio::task::spawn_blocking(move || file.sync_all())
             .await
             .map_err(|e| SinkError(format!("writing {}: {e}", tmp.display())))?
             .map_err(|e| SinkError(format!("cannot write {}: {e}", tmp.display())))?;
@@ -466,6 +468,20 @@ impl PostfixMap {
     ) {
         let mut changes = table.subscribe();
         let mut written: Option<u64> = None;
+        // For crate::follow::flush_all: the generation last written.
+        let (done_tx, done_rx) = tokio::sync::watch::channel(None::<u64>);
+        let t = table.clone();
+        let _registered = crate::follow::register(Box::new(move || {
+            let want = *t.subscribe().borrow();
+            let mut done = done_rx.clone();
+            Box::pin(async move {
+                while done.borrow_and_update().is_none_or(|d| d < want) {
+                    if done.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        }));
         // What the database holds, when we wrote it and know it.
         let mut in_db: Option<Vec<Cidr>> = None;
         let mut backoff = Duration::from_secs(1);
@@ -520,6 +536,7 @@ impl PostfixMap {
                             ),
                         }
                         in_db = Some(addrs);
+                        done_tx.send_replace(Some(generation));
                         if let Some(v) = &visible {
                             v.send_replace(generation);
                         }
@@ -640,16 +657,29 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes the map's source text for `blocks` to a new file at `path`
+/// (what [`PostfixMap::render_blocks`] returns, in chunks of about
+/// 64 KiB); returns the file, written but not yet synced.
+fn write_source(path: &Path, blocks: &[Cidr]) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 64 * 1024;
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+    let mut s = PostfixMap::render_blocks(&[]);
+    s.reserve(CHUNK + 1024);
+    for b in blocks {
+        push_block(&mut s, b);
+        if s.len() >= CHUNK {
+            f.write_all(s.as_bytes())?;
+            s.clear();
+        }
+    }
+    f.write_all(s.as_bytes())?;
+    Ok(f)
 }
 
 /// Makes `new`'s modification time at least one whole second later than
@@ -746,5 +776,19 @@ mod tests {
         let mut s = String::new();
         push_entry(&mut s, &"2001:db8::2a".parse().unwrap());
         assert_eq!(s, "2001:db8::2a OK\n");
+    }
+
+    #[test]
+    fn the_streamed_source_is_the_rendered_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        let mut blocks: Vec<Cidr> = (0..20_000u32)
+            .map(|i| Cidr::host(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | i))))
+            .collect();
+        blocks.push("2001:db8:1::/48".parse().unwrap());
+        drop(write_source(&path, &blocks).unwrap());
+        let want = PostfixMap::render_blocks(&blocks);
+        assert!(want.len() > 4 * 64 * 1024);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), want);
     }
 }

@@ -55,6 +55,8 @@ use crate::matcher::Service;
 
 /// The first line of a state file.
 pub const HEADER: &str = "smtp-after-popd state 1";
+/// Grants written per look at the table when the file is rewritten.
+const COMPACT_CHUNK: usize = 16_384;
 /// Fewest appended lines before a rewrite is considered.
 pub const MIN_COMPACT: usize = 4096;
 /// Changes waiting for the writer; beyond this the writer rewrites the
@@ -313,6 +315,8 @@ pub fn restore(
 
 enum Msg {
     Change(Change),
+    /// Write what is pending, then say so (`crate::follow::flush_all`).
+    Flush(tokio::sync::oneshot::Sender<()>),
     Stop(SyncSender<()>),
 }
 
@@ -321,6 +325,8 @@ enum Msg {
 pub struct StateWriter {
     tx: SyncSender<Msg>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Its place among the sinks `crate::follow::flush_all` waits for.
+    _registered: crate::follow::Registered,
 }
 
 struct Writer {
@@ -334,27 +340,33 @@ struct Writer {
 }
 
 impl Writer {
-    /// Rewrites the whole file from the table, atomically.
+    /// Rewrites the whole file from the table, atomically: walked a chunk
+    /// at a time into the temporary file (never the whole text in memory),
+    /// synced, renamed over the file.
     fn compact(&mut self) -> std::io::Result<()> {
-        let grants = self.table.list_blocks();
         let (now, now_ms) = (Instant::now(), now_ms());
-        let mut text = String::with_capacity(64 + grants.len() * 96);
-        text.push_str(HEADER);
-        text.push('\n');
-        for (key, g) in &grants {
-            grant_line(&mut text, *key, wall_ms(g.expires, now, now_ms), g);
-        }
         {
             use std::os::unix::fs::OpenOptionsExt;
             // User names are nobody else's business: owner only.
-            let mut f = OpenOptions::new()
+            let f = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
                 .open(&self.tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_data()?;
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
+            let mut text = String::with_capacity(COMPACT_CHUNK * 96);
+            text.push_str(HEADER);
+            text.push('\n');
+            let mut from = Some(0);
+            while let Some(at) = from {
+                from = self.table.visit(at, COMPACT_CHUNK, |key, g| {
+                    grant_line(&mut text, key, wall_ms(g.expires, now, now_ms), g)
+                });
+                f.write_all(text.as_bytes())?;
+                text.clear();
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_data()?;
         }
         std::fs::rename(&self.tmp, &self.path)?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -418,6 +430,8 @@ impl Writer {
 
     fn run(mut self, rx: Receiver<Msg>) {
         let mut batch = Vec::new();
+        // Flushes asked for, answered once a write has worked.
+        let mut flushed = Vec::new();
         loop {
             // While failing, retry every second even if nothing changes.
             let first = if self.failing {
@@ -437,6 +451,10 @@ impl Writer {
             while let Some(m) = next {
                 match m {
                     Msg::Change(c) => batch.push(c),
+                    Msg::Flush(reply) => {
+                        flushed.push(reply);
+                        break;
+                    }
                     Msg::Stop(reply) => {
                         stop = Some(reply);
                         break;
@@ -450,6 +468,11 @@ impl Writer {
             if !batch.is_empty() || self.failing {
                 self.write(&batch);
                 batch.clear();
+            }
+            if !self.failing {
+                for reply in flushed.drain(..) {
+                    let _ = reply.send(());
+                }
             }
             if let Some(reply) = stop {
                 let _ = reply.send(());
@@ -508,9 +531,28 @@ impl StateWriter {
                 w.run(rx)
             })
             .map_err(|e| format!("cannot start the state writer: {e}"))?;
+        let flush_tx = tx.clone();
+        let registered = crate::follow::register(Box::new(move || {
+            let tx = flush_tx.clone();
+            Box::pin(async move {
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                let sent = match tx.try_send(Msg::Flush(reply_tx)) {
+                    Ok(()) => true,
+                    // A full queue: wait for room off the runtime.
+                    Err(TrySendError::Full(m)) => tokio::task::spawn_blocking(move || tx.send(m))
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                    Err(TrySendError::Disconnected(_)) => false,
+                };
+                if sent {
+                    let _ = reply_rx.await;
+                }
+            })
+        }));
         Ok(StateWriter {
             tx,
             thread: Some(thread),
+            _registered: registered,
         })
     }
 

@@ -456,9 +456,6 @@ struct Started {
     /// The inodes of the UDP listeners, whose kernel drop counts the stop
     /// line reports.
     udp_inodes: Vec<u64>,
-    /// The generations of the table the map sink made visible.
-    map_visible: Option<tokio::sync::watch::Receiver<u64>>,
-    table: Arc<GrantTable>,
     state_writer: Option<StateWriter>,
     pid_file: Option<PathBuf>,
     stats: Arc<Stats>,
@@ -498,8 +495,7 @@ async fn start(
     let stats = Arc::new(Stats::default());
     let table = Arc::new(GrantTable::with_limit(config.max_grants));
     let settings = Settings::of(&config);
-    let (state_writer, map_visible) =
-        start_sinks(&config, &table, &stats, settings.window, tasks).await?;
+    let state_writer = start_sinks(&config, &table, &stats, settings.window, tasks).await?;
     check_postfix(&config).await;
     if let Some(p) = &config.pid_file {
         startup::write_pid_file(p)?;
@@ -557,8 +553,6 @@ async fn start(
     ));
     let started = Started {
         udp_inodes,
-        map_visible,
-        table: table.clone(),
         state_writer,
         pid_file: config.pid_file.clone(),
         stats: stats.clone(),
@@ -576,7 +570,7 @@ async fn start(
 
 /// Stops the daemon: drains the senders, ends the tasks, writes the state
 /// a last time, removes the pid file and says what was counted.
-async fn stop(mut started: Started, mut tasks: tokio::task::JoinSet<()>) {
+async fn stop(started: Started, mut tasks: tokio::task::JoinSet<()>) {
     crate::systemd::notify("STOPPING=1");
     // Senders are told to stop sending here, and what they sent before is
     // handled (for at most half a second), so that those that retry send
@@ -593,12 +587,12 @@ async fn stop(mut started: Started, mut tasks: tokio::task::JoinSet<()>) {
             "queued datagrams"
         )
     );
-    // The map takes what the drain granted before the sink is stopped.
-    if let Some(v) = &mut started.map_visible
-        && !crate::shutdown::map_written(v, started.table.blocks().0, crate::shutdown::FLUSH)
-            .await
-    {
-        crate::log_error!("map: the last changes could not be written within 4 s");
+    // The sinks (map, state file, memcached) take what the drain granted
+    // before they are stopped.
+    if !crate::follow::flush_all(crate::shutdown::FLUSH).await {
+        crate::log_error!(
+            "sinks: the last changes could not be written within 4 s (the errors above say which sink failed)"
+        );
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -678,24 +672,16 @@ async fn start_sinks(
     stats: &Arc<Stats>,
     window: Duration,
     tasks: &mut tokio::task::JoinSet<()>,
-) -> Result<(Option<StateWriter>, Option<tokio::sync::watch::Receiver<u64>>), StartError> {
+) -> Result<Option<StateWriter>, StartError> {
     let state_writer = match &config.state {
         Some(path) => Some(start_state(path, config, table, window)?),
         None => None,
     };
     tasks.spawn(table.clone().run_purge(stats.clone()));
-    let mut map_visible = None;
     if let Some(map) = config.map.clone() {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let shown = format!("{}:{}", map.map_type.name(), map.path.display());
-        let (visible_tx, visible_rx) = tokio::sync::watch::channel(0);
-        map_visible = Some(visible_rx);
-        tasks.spawn(map.run_reporting(
-            table.clone(),
-            stats.clone(),
-            Some(first_tx),
-            Some(visible_tx),
-        ));
+        tasks.spawn(map.run_reporting(table.clone(), stats.clone(), Some(first_tx), None));
         // Postfix fails every lookup of a missing map, so the map is
         // written before the daemon says it is ready; one that cannot be
         // built at all (a map type Postfix lacks, no postmap, a directory
@@ -726,7 +712,7 @@ async fn start_sinks(
         tasks,
     )
     .await;
-    Ok((state_writer, map_visible))
+    Ok(state_writer)
 }
 
 /// Restores the grants of the state file into the table, and starts its

@@ -292,7 +292,9 @@ async fn run_udp<F>(
     let draining = crate::shutdown::Draining::enter();
     let stop = crate::shutdown::stopping();
     tokio::pin!(stop);
-    let each = |bytes: &[u8], peer: SocketAddr| accept(bytes, peer, &allow, stats, received, &handle, &local);
+    let each = |bytes: &[u8], peer: SocketAddr| {
+        accept(bytes, peer, &allow, stats, received, &handle, &local)
+    };
     loop {
         tokio::select! {
             batch = rx.recv() => match batch {
@@ -485,7 +487,9 @@ async fn run_udp_in_task<F>(
     let draining = crate::shutdown::Draining::enter();
     let stop = crate::shutdown::stopping();
     tokio::pin!(stop);
-    let each = |bytes: &[u8], peer: SocketAddr| accept(bytes, peer, &allow, stats, received, &handle, local);
+    let each = |bytes: &[u8], peer: SocketAddr| {
+        accept(bytes, peer, &allow, stats, received, &handle, local)
+    };
     loop {
         let (n, peer) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {

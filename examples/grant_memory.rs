@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smtp_after_popd::grants::{Grant, GrantTable};
-use smtp_after_popd::matcher::Service;
+use smtp_after_popd::grants::table::{Grant, GrantTable};
+use smtp_after_popd::recognise::matcher::Service;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -15,8 +15,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use smtp_after_popd::matcher::{Matchers, Outcome};
-use smtp_after_popd::record;
+use smtp_after_popd::ingest::record;
+use smtp_after_popd::recognise::matcher::{Matchers, Outcome};
 
 fn mix() -> Vec<String> {
     let noise = [

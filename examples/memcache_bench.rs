@@ -18,12 +18,12 @@ use std::net::{IpAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use smtp_after_popd::follow::{self, Counters, Feed, Live, Reports, Sink};
-use smtp_after_popd::grants::{Grant, GrantTable};
-use smtp_after_popd::matcher::Service;
-use smtp_after_popd::memcache::{Memcache, Server};
-use smtp_after_popd::sink::{MapType, PostfixMap};
-use smtp_after_popd::stats::Stats;
+use smtp_after_popd::grants::follow::{self, Counters, Feed, Live, Reports, Sink};
+use smtp_after_popd::grants::table::{Grant, GrantTable};
+use smtp_after_popd::postfix::map::{MapType, PostfixMap};
+use smtp_after_popd::postfix::memcache::{Memcache, Server};
+use smtp_after_popd::recognise::matcher::Service;
+use smtp_after_popd::service::stats::Stats;
 use tokio::time::Instant;
 
 const LIVE: u32 = 100_000;

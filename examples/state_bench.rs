@@ -18,9 +18,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smtp_after_popd::grants::{Grant, GrantTable};
-use smtp_after_popd::matcher::Service;
-use smtp_after_popd::state::StateWriter;
+use smtp_after_popd::grants::state::StateWriter;
+use smtp_after_popd::grants::table::{Grant, GrantTable};
+use smtp_after_popd::recognise::matcher::Service;
 
 fn grant(server: &Arc<str>, reporter: &Arc<str>, i: u32) -> Grant {
     Grant {

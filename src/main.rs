@@ -2,7 +2,7 @@
 //! library; see `lib.rs` for the layout.
 
 use clap::Parser;
-use smtp_after_popd::config::Cli;
+use smtp_after_popd::service::config::Cli;
 
 fn main() {
     // glibc gives each thread that allocates its own malloc arena; with a
@@ -15,5 +15,5 @@ fn main() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = Cli::parse();
-    std::process::exit(smtp_after_popd::daemon::main(cli));
+    std::process::exit(smtp_after_popd::service::daemon::main(cli));
 }

@@ -19,18 +19,20 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use smtp_after_popd::addr::{AddressPolicy, Cidr};
-use smtp_after_popd::daemon::{Pipeline, Settings};
-use smtp_after_popd::grants::GrantTable;
-use smtp_after_popd::matcher::{Matchers, Outcome};
-use smtp_after_popd::receiver::Peer;
-use smtp_after_popd::record::parse_str;
-use smtp_after_popd::stats::Stats;
+use smtp_after_popd::grants::addr::{AddressPolicy, Cidr};
+use smtp_after_popd::grants::table::GrantTable;
+use smtp_after_popd::ingest::receiver::Peer;
+use smtp_after_popd::ingest::record::parse_str;
+use smtp_after_popd::recognise::matcher::{Matchers, Outcome};
+use smtp_after_popd::service::daemon::{Pipeline, Settings};
+use smtp_after_popd::service::stats::Stats;
 
 fn matchers() -> &'static Matchers {
     static M: OnceLock<Matchers> = OnceLock::new();
     M.get_or_init(|| {
-        smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
+        smtp_after_popd::service::logging::set_level(
+            smtp_after_popd::service::logging::Level::Fatal,
+        );
         Matchers::builtin()
     })
 }

@@ -11,7 +11,7 @@
 use clap::CommandFactory;
 use clap_mangen::Man;
 use clap_mangen::roff::{Roff, bold, italic, roman};
-use smtp_after_popd::config::Cli;
+use smtp_after_popd::service::config::Cli;
 
 fn section(roff: &mut Roff, title: &str, paragraphs: &[&str]) {
     roff.control("SH", [title]);

@@ -35,14 +35,14 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use smtp_after_popd::addr::{AddressPolicy, Cidr, canonical};
-use smtp_after_popd::daemon::{Pipeline, Settings};
-use smtp_after_popd::grants::GrantTable;
-use smtp_after_popd::matcher::{Matchers, Outcome};
-use smtp_after_popd::receiver::Peer;
-use smtp_after_popd::record::parse_str;
-use smtp_after_popd::sink::PostfixMap;
-use smtp_after_popd::stats::Stats;
+use smtp_after_popd::grants::addr::{AddressPolicy, Cidr, canonical};
+use smtp_after_popd::grants::table::GrantTable;
+use smtp_after_popd::ingest::receiver::Peer;
+use smtp_after_popd::ingest::record::parse_str;
+use smtp_after_popd::postfix::map::PostfixMap;
+use smtp_after_popd::recognise::matcher::{Matchers, Outcome};
+use smtp_after_popd::service::daemon::{Pipeline, Settings};
+use smtp_after_popd::service::stats::Stats;
 
 fn matchers() -> &'static Matchers {
     static MATCHERS: OnceLock<Matchers> = OnceLock::new();
@@ -52,7 +52,7 @@ fn matchers() -> &'static Matchers {
 /// A fresh pipeline per case; the patterns are compiled once (a clone
 /// shares the compiled regexes), which makes a case cost microseconds.
 fn pipeline(never: &[&str]) -> Pipeline {
-    smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
+    smtp_after_popd::service::logging::set_level(smtp_after_popd::service::logging::Level::Fatal);
     Pipeline::new(
         Settings {
             matchers: matchers().clone(),
@@ -260,18 +260,19 @@ fn load_samples() -> Samples {
             });
         }
     }
-    let granting =
-        smtp_after_popd::matcher::parse_pattern_specs(include_str!("../src/patterns.toml"))
-            .expect("patterns.toml")
-            .into_iter()
-            .filter(|s| {
-                matches!(
-                    s.kind.as_deref(),
-                    None | Some("login") | Some("login-after-address")
-                )
-            })
-            .filter_map(|s| s.id)
-            .collect();
+    let granting = smtp_after_popd::recognise::matcher::parse_pattern_specs(include_str!(
+        "../src/recognise/patterns.toml"
+    ))
+    .expect("patterns.toml")
+    .into_iter()
+    .filter(|s| {
+        matches!(
+            s.kind.as_deref(),
+            None | Some("login") | Some("login-after-address")
+        )
+    })
+    .filter_map(|s| s.id)
+    .collect();
     Samples {
         templates,
         injections,

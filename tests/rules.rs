@@ -2,12 +2,12 @@
 //! whatever their facility, exactly the syslog tags the built-in patterns
 //! know: a server that logs on daemon or local0 (popa3d, Solid POP3) still
 //! reaches the daemon, and no other program's records are sent. This test
-//! keeps the rules' tag lists in step with src/patterns.toml.
+//! keeps the rules' tag lists in step with src/recognise/patterns.toml.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use smtp_after_popd::matcher::{BUILTIN_PATTERNS, parse_pattern_specs};
+use smtp_after_popd::recognise::matcher::{BUILTIN_PATTERNS, parse_pattern_specs};
 
 /// The tags the built-in patterns apply to, as rsyslog's `$programname`
 /// and syslog-ng's `${PROGRAM}` give them (the part after a "/" prefix).

@@ -54,7 +54,7 @@
 //!   by a `logout` line);
 //! - an annotated line does not parse as a syslog record;
 //! - a sample file has no `injection PATTERN-ID` sample;
-//! - a pattern of `src/patterns.toml` has no `injection PATTERN-ID` sample
+//! - a pattern of `src/recognise/patterns.toml` has no `injection PATTERN-ID` sample
 //!   naming it in a sample file of its server, or an `ambiguous` or
 //!   `counted` injection is refused or counted by another pattern.
 //!
@@ -69,9 +69,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use smtp_after_popd::addr::canonical;
-use smtp_after_popd::matcher::{AddressMemory, CutKey, CutLines, Matchers, Outcome, ProcessKey};
-use smtp_after_popd::record::parse_str;
+use smtp_after_popd::grants::addr::canonical;
+use smtp_after_popd::ingest::record::parse_str;
+use smtp_after_popd::recognise::matcher::{
+    AddressMemory, CutKey, CutLines, Matchers, Outcome, ProcessKey,
+};
 
 #[derive(Debug)]
 enum Expect {
@@ -175,9 +177,11 @@ fn parse_annotation(ann: &str, ids: &BTreeSet<String>) -> Result<Expect, String>
 }
 
 /// The built-in patterns, as patterns.toml declares them.
-fn specs() -> Vec<smtp_after_popd::matcher::PatternSpec> {
-    smtp_after_popd::matcher::parse_pattern_specs(include_str!("../src/patterns.toml"))
-        .expect("src/patterns.toml")
+fn specs() -> Vec<smtp_after_popd::recognise::matcher::PatternSpec> {
+    smtp_after_popd::recognise::matcher::parse_pattern_specs(include_str!(
+        "../src/recognise/patterns.toml"
+    ))
+    .expect("src/recognise/patterns.toml")
 }
 
 fn load(dir: &Path) -> Vec<Sample> {

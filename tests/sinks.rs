@@ -7,10 +7,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smtp_after_popd::grants::{Grant, GrantTable};
-use smtp_after_popd::matcher::Service;
-use smtp_after_popd::sink::{MapType, PostfixMap};
-use smtp_after_popd::state::StateWriter;
+use smtp_after_popd::grants::state::StateWriter;
+use smtp_after_popd::grants::table::{Grant, GrantTable};
+use smtp_after_popd::postfix::map::{MapType, PostfixMap};
+use smtp_after_popd::recognise::matcher::Service;
 
 fn grant() -> Grant {
     Grant {
@@ -37,7 +37,7 @@ async fn flush_all_returns_once_every_sink_holds_the_table() {
         incremental: true,
     };
     let table = Arc::new(GrantTable::new());
-    let stats = Arc::new(smtp_after_popd::stats::Stats::default());
+    let stats = Arc::new(smtp_after_popd::service::stats::Stats::default());
     let state = dir.path().join("state");
     let writer = StateWriter::start(state.clone(), table.clone()).unwrap();
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
@@ -52,7 +52,7 @@ async fn flush_all_returns_once_every_sink_holds_the_table() {
         table.grant(*ip, grant());
     }
     table.revoke(ips[0]);
-    assert!(smtp_after_popd::follow::flush_all(Duration::from_secs(4)).await);
+    assert!(smtp_after_popd::grants::follow::flush_all(Duration::from_secs(4)).await);
 
     let source = std::fs::read_to_string(dir.path().join("authenticated_ips")).unwrap();
     let in_map: Vec<&str> = source.lines().filter(|l| l.ends_with(" OK")).collect();

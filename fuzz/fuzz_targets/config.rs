@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use smtp_after_popd::config::{Cli, Config};
+use smtp_after_popd::service::config::{Cli, Config};
 
 fn dir() -> &'static tempfile::TempDir {
     static D: OnceLock<tempfile::TempDir> = OnceLock::new();

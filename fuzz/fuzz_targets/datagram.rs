@@ -9,17 +9,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use smtp_after_popd::addr::AddressPolicy;
-use smtp_after_popd::daemon::{Pipeline, Settings};
-use smtp_after_popd::grants::GrantTable;
-use smtp_after_popd::matcher::Matchers;
-use smtp_after_popd::receiver::Peer;
-use smtp_after_popd::stats::Stats;
+use smtp_after_popd::grants::addr::AddressPolicy;
+use smtp_after_popd::service::daemon::{Pipeline, Settings};
+use smtp_after_popd::grants::table::GrantTable;
+use smtp_after_popd::recognise::matcher::Matchers;
+use smtp_after_popd::ingest::receiver::Peer;
+use smtp_after_popd::service::stats::Stats;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
+        smtp_after_popd::service::logging::set_level(smtp_after_popd::service::logging::Level::Fatal);
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

@@ -234,7 +234,7 @@ impl StreamListener {
     /// Marks a listener whose senders must lose nothing at a stop (TCP
     /// syslog): [`super::serve_stream`] then takes the connections waiting
     /// in its backlog before it closes, and the daemon waits for the
-    /// connections' handlers to end ([`crate::shutdown`]).
+    /// connections' handlers to end ([`crate::ingest::shutdown`]).
     pub fn drain_at_stop(mut self) -> StreamListener {
         self.drain_at_stop = true;
         self

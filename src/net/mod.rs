@@ -35,6 +35,7 @@
 
 mod bind;
 mod deadline;
+pub mod http;
 mod peer;
 mod serve;
 mod unix;
@@ -43,9 +44,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::addr::Cidr;
-use crate::logging::RateLimit;
-use crate::swap::Swap;
+use crate::grants::addr::Cidr;
+use crate::service::logging::RateLimit;
+use crate::service::swap::Swap;
 
 pub use bind::{
     Adopted, Kind, StreamListener, adopt, bind_tcp, bind_udp, kind_of, set_recv_buffer,

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::addr::canonical;
+use crate::grants::addr::canonical;
 
 /// A local peer's credentials, as the kernel recorded them.
 #[derive(Clone, Debug, PartialEq, Eq)]

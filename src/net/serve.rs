@@ -16,9 +16,9 @@ use super::bind::{Listening, StreamListener};
 use super::deadline::{Deadlined, Expired, Progress};
 use super::peer::{self, Cred, Peer, PeerKey};
 use super::{PEER_WARNINGS, allowed};
-use crate::addr::canonical;
-use crate::logging::RateLimit;
-use crate::stats::Stats;
+use crate::grants::addr::canonical;
+use crate::service::logging::RateLimit;
+use crate::service::stats::Stats;
 
 /// A bidirectional byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -85,7 +85,7 @@ static ACCEPT_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(60), 10);
 /// A listener marked [`StreamListener::drain_at_stop`] returns at a stop,
 /// after taking the connections still waiting in its backlog; the daemon
 /// waits for the handlers of its connections to end (within
-/// [`crate::shutdown::DRAIN`]).
+/// [`crate::ingest::shutdown::DRAIN`]).
 pub async fn serve_stream<H, F>(
     listener: StreamListener,
     limits: Limits,
@@ -106,8 +106,8 @@ pub async fn serve_stream<H, F>(
     let drains = listener.drain_at_stop;
     // Held until the backlog is taken at a stop, so that the daemon waits
     // for that too.
-    let _draining = drains.then(crate::shutdown::Draining::enter);
-    let stop = crate::shutdown::stopping_if(drains);
+    let _draining = drains.then(crate::ingest::shutdown::Draining::enter);
+    let stop = crate::ingest::shutdown::stopping_if(drains);
     tokio::pin!(stop);
     let start = |peer: Peer, io: Accepted| {
         served.make_room(peer.key, &peer.shown);
@@ -125,7 +125,7 @@ pub async fn serve_stream<H, F>(
         };
         let task = handler(conn, io);
         // Counted from here, so that a stop waits for it to be read.
-        let draining = drains.then(crate::shutdown::Draining::enter);
+        let draining = drains.then(crate::ingest::shutdown::Draining::enter);
         let handle = tokio::spawn(run(served.clone(), id, progress, draining, task));
         served.set_abort(id, handle.abort_handle());
     };
@@ -181,7 +181,7 @@ fn pending(listener: &StreamListener) -> Vec<(Option<SocketAddr>, Accepted)> {
     let mut out = Vec::new();
     match &listener.socket {
         Listening::Tcp(l) => {
-            for s in crate::shutdown::pending_connections(l) {
+            for s in crate::ingest::shutdown::pending_connections(l) {
                 let s = std::net::TcpStream::from(s);
                 if let Ok(addr) = s.peer_addr()
                     && let Ok(s) = tokio::net::TcpStream::from_std(s)
@@ -192,7 +192,7 @@ fn pending(listener: &StreamListener) -> Vec<(Option<SocketAddr>, Accepted)> {
             }
         }
         Listening::Unix(l) => {
-            for s in crate::shutdown::pending_connections(l) {
+            for s in crate::ingest::shutdown::pending_connections(l) {
                 let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(s));
                 if let Ok(s) = tokio::net::UnixStream::from_std(s) {
                     out.push((None, Accepted::Unix(s)));
@@ -235,7 +235,7 @@ async fn run<F: Future<Output = ()>>(
     served: Arc<Served>,
     id: u64,
     progress: Arc<Progress>,
-    draining: Option<crate::shutdown::Draining>,
+    draining: Option<crate::ingest::shutdown::Draining>,
     task: F,
 ) {
     let _draining = draining;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::privilege::{self, Group, User};
+use crate::service::privilege::{self, Group, User};
 
 /// Who may use a unix socket file. What is not set is left as the system
 /// makes it (owner and group of the daemon's process; mode 0600).

@@ -5,7 +5,7 @@
 //!
 //! Consumes: netstring requests `NAME KEY` on a unix stream connection
 //! accepted by [`crate::net::serve_stream`] within the policy service's
-//! bounds ([`crate::policy::LIMITS`]); the grant table.
+//! bounds ([`crate::postfix::policy::LIMITS`]); the grant table.
 //! Produces: one netstring reply per request: `OK OK` for a live grant of
 //! the map [`MAP_NAME`], `NOTFOUND ` for any other key, `PERM ...` for a
 //! malformed request or an unknown map name (Postfix then defers, which an
@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::addr::canonical;
-use crate::grants::GrantTable;
-use crate::logging::RateLimit;
+use crate::grants::addr::canonical;
+use crate::grants::table::GrantTable;
 use crate::net::{Connection, Io};
-use crate::stats::Stats;
+use crate::service::logging::RateLimit;
+use crate::service::stats::Stats;
 
 /// The map name this daemon answers for.
 pub const MAP_NAME: &str = "authenticated_ips";
@@ -140,8 +140,8 @@ pub async fn session(conn: Connection, io: Box<dyn Io>, table: Arc<GrantTable>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grants::Grant;
-    use crate::matcher::Service;
+    use crate::grants::table::Grant;
+    use crate::recognise::matcher::Service;
 
     fn table() -> GrantTable {
         let t = GrantTable::new();

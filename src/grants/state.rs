@@ -2,7 +2,7 @@
 //! (`--state FILE`).
 //!
 //! Consumes: at start-up, the file an earlier run wrote; then every change
-//! of the grant table ([`crate::grants::Change`], through the table's hook).
+//! of the grant table ([`crate::grants::table::Change`], through the table's hook).
 //! Produces: the grants of the file still inside their window, back in the
 //! table with their original expiry; and the file, kept in step.
 //! Trusts: the file is the daemon's own (its directory should be writable
@@ -49,9 +49,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::addr::{AddressPolicy, Cidr};
-use crate::grants::{Change, Grant, GrantTable, Names};
-use crate::matcher::Service;
+use crate::grants::addr::{AddressPolicy, Cidr};
+use crate::grants::table::{Change, Grant, GrantTable, Names};
+use crate::recognise::matcher::Service;
 
 /// The first line of a state file.
 pub const HEADER: &str = "smtp-after-popd state 1";
@@ -158,16 +158,27 @@ fn parse_line(line: &str) -> Result<(Cidr, Option<Entry>), String> {
             .parse::<Cidr>()
             .ok()
             .filter(|c| c.addr().is_ipv6())
-            .ok_or_else(|| format!("\"{}\" is not an IP address", crate::logging::escape(s))),
+            .ok_or_else(|| {
+                format!(
+                    "\"{}\" is not an IP address",
+                    crate::service::logging::escape(s)
+                )
+            }),
     };
     match f.as_slice() {
         ["revoke", a] => Ok((ip(a)?, None)),
         ["grant", a, exp, server, service, reporter, host, user] => {
             let expires_ms = exp.parse::<u64>().map_err(|_| {
-                format!("expiry \"{}\" is not a number", crate::logging::escape(exp))
+                format!(
+                    "expiry \"{}\" is not a number",
+                    crate::service::logging::escape(exp)
+                )
             })?;
             let service = Service::from_text(service).ok_or_else(|| {
-                format!("unknown service \"{}\"", crate::logging::escape(service))
+                format!(
+                    "unknown service \"{}\"",
+                    crate::service::logging::escape(service)
+                )
             })?;
             let text = |s: &str| decode(s).ok_or_else(|| "bad percent-encoding".to_string());
             Ok((
@@ -236,7 +247,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
                 return Err(format!(
                     "--state {}, line 1: \"{}\" is not a state file header (\"{HEADER}\"); is this the right file? Move it away to start without saved grants",
                     path.display(),
-                    crate::logging::escape(line)
+                    crate::service::logging::escape(line)
                 ));
             }
             continue;
@@ -300,7 +311,7 @@ pub fn restore(
                 host: intern(&e.host),
             },
         );
-        if result == crate::grants::GrantResult::Full {
+        if result == crate::grants::table::GrantResult::Full {
             crate::log_warning!(
                 "state: not restoring {}: the table is full (--max-grants)",
                 key.shown()
@@ -315,7 +326,7 @@ pub fn restore(
 
 enum Msg {
     Change(Change),
-    /// Write what is pending, then say so (`crate::follow::flush_all`).
+    /// Write what is pending, then say so (`crate::grants::follow::flush_all`).
     Flush(tokio::sync::oneshot::Sender<()>),
     Stop(SyncSender<()>),
 }
@@ -325,8 +336,8 @@ enum Msg {
 pub struct StateWriter {
     tx: SyncSender<Msg>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Its place among the sinks `crate::follow::flush_all` waits for.
-    _registered: crate::follow::Registered,
+    /// Its place among the sinks `crate::grants::follow::flush_all` waits for.
+    _registered: crate::grants::follow::Registered,
 }
 
 struct Writer {
@@ -532,7 +543,7 @@ impl StateWriter {
             })
             .map_err(|e| format!("cannot start the state writer: {e}"))?;
         let flush_tx = tx.clone();
-        let registered = crate::follow::register(Box::new(move || {
+        let registered = crate::grants::follow::register(Box::new(move || {
             let tx = flush_tx.clone();
             Box::pin(async move {
                 let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();

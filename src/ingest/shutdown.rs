@@ -7,7 +7,7 @@
 //! - a unix datagram socket the daemon bound itself is shut for reading
 //!   (senders now get EPIPE) and its queue is read to the end
 //!   ([`refuse_and_drain`], called by the unix receive loop in
-//!   [`crate::receiver`]);
+//!   [`crate::ingest::receiver`]);
 //! - a TCP syslog listener accepts no more, but takes the connections
 //!   already made and still waiting in its backlog, which closing it would
 //!   reset with what their senders sent ([`pending_connections`], called
@@ -16,7 +16,7 @@
 //! - each TCP syslog connection gets our FIN (rsyslog checks for it before
 //!   each send, closes, and sends the rest on a new connection) and is read
 //!   until the peer closes it ([`fin_at_stop`], called by
-//!   [`crate::tcp::session`]);
+//!   [`crate::ingest::tcp::session`]);
 //! - a UDP socket the daemon bound itself is read until its queue is
 //!   empty ([`drain_queue`], called by the UDP receive loop), and then kept
 //!   open until the daemon has read the kernel's count of the datagrams it

@@ -15,8 +15,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use crate::config::ListenSpec;
 use crate::net::{Access, Kind};
+use crate::service::config::ListenSpec;
 
 /// The first descriptor systemd passes.
 const SD_LISTEN_FDS_START: RawFd = 3;

@@ -3,8 +3,8 @@
 //! (`check_client_access memcache:/etc/postfix/smtp-after-popd-memcache.cf`,
 //! memcache_table(5)), so that several relays share one truth.
 //!
-//! Consumes: the table's changes and refills from [`crate::follow`].
-//! Produces: for every key of a live grant ([`crate::addr::postfix_keys`]),
+//! Consumes: the table's changes and refills from [`crate::grants::follow`].
+//! Produces: for every key of a live grant ([`crate::grants::addr::postfix_keys`]),
 //! `set PREFIX KEY 0 SECONDS-LEFT` with the value `OK`, so that the entry
 //! ends on time even if the daemon dies; `delete PREFIX KEY` for a
 //! revocation or an expiry. One connection per server, writes pipelined
@@ -35,9 +35,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufStream};
 use tokio::time::Instant;
 
-use crate::addr::{Cidr, postfix_keys};
-use crate::follow::{Live, Sink, SinkError};
-use crate::grants::Change;
+use crate::grants::addr::{Cidr, postfix_keys};
+use crate::grants::follow::{Live, Sink, SinkError};
+use crate::grants::table::Change;
 
 /// Commands written before their replies are read.
 pub const PIPELINE: usize = 1024;
@@ -261,7 +261,7 @@ async fn stats_on(c: &mut Conn) -> Result<Identity, SinkError> {
         let (Some("STAT"), Some(k), Some(v)) = (w.next(), w.next(), w.next()) else {
             return Err(SinkError(format!(
                 "unexpected answer to stats: \"{}\"",
-                crate::logging::escape(l)
+                crate::service::logging::escape(l)
             )));
         };
         let v = v.parse::<u64>().unwrap_or(0);
@@ -292,7 +292,7 @@ async fn send_on(c: &mut Conn, chunk: &[Vec<u8>]) -> Result<(), SinkError> {
             other => {
                 return Err(SinkError(format!(
                     "memcached answered \"{}\"",
-                    crate::logging::escape(other)
+                    crate::service::logging::escape(other)
                 )));
             }
         }
@@ -392,26 +392,26 @@ impl Sink for Memcache {
 pub async fn start(
     servers: &[Server],
     prefix: &str,
-    table: &std::sync::Arc<crate::grants::GrantTable>,
-    stats: &std::sync::Arc<crate::stats::Stats>,
+    table: &std::sync::Arc<crate::grants::table::GrantTable>,
+    stats: &std::sync::Arc<crate::service::stats::Stats>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
     let mut firsts = Vec::new();
     for server in servers {
-        let feed = crate::follow::Feed::subscribe(table);
+        let feed = crate::grants::follow::Feed::subscribe(table);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let counters = crate::follow::Counters {
+        let counters = crate::grants::follow::Counters {
             stats: stats.clone(),
             writes: |s| &s.memcache_writes,
             failures: |s| &s.memcache_failures,
             refills: |s| &s.memcache_refills,
         };
-        let reports = crate::follow::Reports {
+        let reports = crate::grants::follow::Reports {
             first_write: Some(tx),
             visible: None,
         };
         let sink = Memcache::new(server.clone(), prefix.to_string());
-        tasks.spawn(crate::follow::follow(
+        tasks.spawn(crate::grants::follow::follow(
             sink,
             table.clone(),
             feed,

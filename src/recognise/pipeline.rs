@@ -2,13 +2,13 @@
 //!
 //! Consumes: one datagram's bytes and the [`Peer`] the kernel reported;
 //! or a login another input reported, already typed ([`Reported`], from
-//! [`crate::authpolicy`]), which joins at the address rules.
+//! [`crate::ingest::authpolicy`]), which joins at the address rules.
 //! Produces: a grant, renewal or hold in the table, or a counted and logged
 //! refusal; one log line per decision. Two steps: [`decide`] turns the
 //! bytes and their [`Transport`] into one [`Decision`] (a grant, or a
 //! [`Refusal`] with its reason), changing only the two-line and cut-line
 //! memories; [`Pipeline::apply`] carries it out (table, counters, log).
-//! `smtp-after-popd match` ([`crate::inspect`]) prints the same
+//! `smtp-after-popd match` ([`crate::service::inspect`]) prints the same
 //! decisions.
 //! Trusts: what each stage's module doc says it trusts (the attestation is
 //! believed only on listeners declared `?attested=yes`, from unix sockets
@@ -24,19 +24,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::addr::{AddressPolicy, Cidr};
-use crate::attest::{self, Verdict};
-use crate::config::{Config, format_duration};
-use crate::grants::{Grant, GrantResult, GrantTable, Names};
-use crate::hold::{Closed, Holds, SessionKey};
-use crate::logging::{RateLimit, escape};
-use crate::matcher::{
+use crate::grants::addr::{AddressPolicy, Cidr};
+use crate::grants::table::{Grant, GrantResult, GrantTable, Names};
+use crate::ingest::attest::{self, Verdict};
+use crate::ingest::receiver::Peer;
+use crate::ingest::record::{self, ParseError};
+use crate::recognise::hold::{Closed, Holds, SessionKey};
+use crate::recognise::matcher::{
     AddressMemory, Ambiguity, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey,
 };
-use crate::receiver::Peer;
-use crate::record::{self, ParseError};
-use crate::stats::Stats;
-use crate::swap::Swap;
+use crate::service::config::{Config, format_duration};
+use crate::service::logging::{RateLimit, escape};
+use crate::service::stats::Stats;
+use crate::service::swap::Swap;
 
 /// The settings a reload (SIGHUP) may change, read by each datagram.
 pub struct Settings {
@@ -294,7 +294,7 @@ impl Pipeline {
     }
 
     /// A login reported by an input other than a syslog record (Dovecot's
-    /// auth-policy client, [`crate::authpolicy`]): typed, so nothing is
+    /// auth-policy client, [`crate::ingest::authpolicy`]): typed, so nothing is
     /// parsed or attested here; it goes through the same address rules,
     /// table and log line as a logged login, and the same login from both
     /// inputs is one grant (the second renews it).
@@ -440,8 +440,8 @@ impl Pipeline {
                             crate::log_warning_limited!(
                                 REFUSAL_WARNINGS,
                                 "{ip}: session not held, too many open ({} per address at most, {} in all); the window alone applies",
-                                crate::hold::MAX_PER_ADDRESS,
-                                crate::hold::MAX_SESSIONS
+                                crate::recognise::hold::MAX_PER_ADDRESS,
+                                crate::recognise::hold::MAX_SESSIONS
                             );
                         }
                     }
@@ -535,7 +535,7 @@ pub struct Reported<'a> {
     /// The server software, e.g. `dovecot`.
     pub server: &'a str,
     /// POP3 or IMAP.
-    pub service: crate::matcher::Service,
+    pub service: crate::recognise::matcher::Service,
     /// The user name (untrusted text).
     pub user: &'a str,
     /// The input, as the log names it: `auth-policy`.
@@ -753,7 +753,7 @@ pub enum Refusal {
         /// The login.
         login: Login,
         /// Why.
-        why: crate::addr::Refusal,
+        why: crate::grants::addr::Refusal,
     },
 }
 
@@ -791,12 +791,11 @@ impl Refusal {
             Refusal::UntrustedProxy { .. } => "untrusted-proxy",
             Refusal::ProxyOwn { .. } => "proxy-own-address",
             Refusal::Address { why, .. } => match why {
-                crate::addr::Refusal::Unspecified => "unspecified-address",
-                crate::addr::Refusal::Multicast => "multicast",
-                crate::addr::Refusal::Broadcast => "broadcast",
-                crate::addr::Refusal::Never(_) | crate::addr::Refusal::Embedded { .. } => {
-                    "never-grant"
-                }
+                crate::grants::addr::Refusal::Unspecified => "unspecified-address",
+                crate::grants::addr::Refusal::Multicast => "multicast",
+                crate::grants::addr::Refusal::Broadcast => "broadcast",
+                crate::grants::addr::Refusal::Never(_)
+                | crate::grants::addr::Refusal::Embedded { .. } => "never-grant",
             },
         }
     }
@@ -845,14 +844,14 @@ impl Refusal {
             ),
             Refusal::NoAddress { pattern } => format!(
                 "matched pattern {pattern}, but no address line of the same process came before it (within {}s)",
-                crate::matcher::MEMORY_TTL.as_secs()
+                crate::recognise::matcher::MEMORY_TTL.as_secs()
             ),
             Refusal::ForgedLine { what, why, .. } => format!("{what}: forgery: {why}"),
             Refusal::ForgedLogin { why, .. } => format!("forgery: {why}"),
             Refusal::ForgedProcessLine { login } => format!(
                 "forgery: pattern {} lines are written after the server switched to the user who logged in, so their uid proves nothing; such a line is believed only after an attested address line of the same process naming the same address, and none came within {}s",
                 login.pattern,
-                crate::matcher::MEMORY_TTL.as_secs()
+                crate::recognise::matcher::MEMORY_TTL.as_secs()
             ),
             Refusal::UntrustedProxy { via, .. } => format!(
                 "the address was reported by the proxy {via}, which is not a --trusted-proxy"
@@ -1162,7 +1161,7 @@ impl Line<'_, '_> {
 /// [`Decision::Refused`].
 pub fn admit(s: &Settings, login: Login) -> Decision {
     if let Some(via) = login.via {
-        let via = crate::addr::canonical(via);
+        let via = crate::grants::addr::canonical(via);
         if !s.trusted_proxy.iter().any(|c| c.contains(via)) {
             return Decision::Refused(Refusal::UntrustedProxy { login, via });
         }
@@ -1171,7 +1170,7 @@ pub fn admit(s: &Settings, login: Login) -> Decision {
     // does not pass the client on, nginx in front of Zimbra) is the
     // proxy's own connection: granting it would open the relay to
     // everyone the proxy serves.
-    let client = crate::addr::canonical(login.ip);
+    let client = crate::grants::addr::canonical(login.ip);
     if let Some(proxy) = s.trusted_proxy.iter().find(|c| c.contains(client)) {
         let proxy = *proxy;
         return Decision::Refused(Refusal::ProxyOwn {
@@ -1829,7 +1828,7 @@ mod tests {
 
     #[test]
     fn the_settings_keep_prefix_grants_off_trusted_proxies() {
-        let args = <crate::config::Cli as clap::Parser>::try_parse_from([
+        let args = <crate::service::config::Cli as clap::Parser>::try_parse_from([
             "smtp-after-popd",
             "--map",
             "none",

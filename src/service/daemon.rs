@@ -1,5 +1,5 @@
 //! The daemon: binds the receivers, wires them to the per-datagram stage
-//! ([`crate::pipeline`]), the grant table and the sinks, and runs them until
+//! ([`crate::recognise::pipeline`]), the grant table and the sinks, and runs them until
 //! SIGTERM or SIGINT, reloading on SIGHUP. Also the subcommands: `match`,
 //! which runs the same parser and matchers over files, and the control
 //! clients `list`, `revoke` and `stats`.
@@ -14,25 +14,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::addr::{AddressPolicy, Cidr};
-use crate::config::{
+use crate::grants::addr::{AddressPolicy, Cidr};
+use crate::grants::state::StateWriter;
+use crate::grants::table::GrantTable;
+use crate::ingest::receiver::{self, Listener};
+use crate::net::{self, Access, AllowList, Kind, StreamListener};
+use crate::postfix::policy;
+use crate::service::config::{
     Cli, Command, Config, ControlArgs, DEFAULT_SYSLOG_SOCKET_MODE, DaemonArgs, EX_CONFIG,
     ListenSpec, format_duration,
 };
-use crate::control::{self, Status};
-use crate::grants::GrantTable;
-use crate::metrics;
-use crate::net::{self, Access, AllowList, Kind, StreamListener};
-use crate::policy;
-use crate::privilege;
-use crate::receiver::{self, Listener};
-use crate::startup::{self, StartError};
-use crate::state::StateWriter;
-use crate::stats::{ListenerCounts, Stats};
-use crate::swap::Swap;
-use crate::systemd::Activated;
+use crate::service::control::{self, Status};
+use crate::service::metrics;
+use crate::service::privilege;
+use crate::service::startup::{self, StartError};
+use crate::service::stats::{ListenerCounts, Stats};
+use crate::service::swap::Swap;
+use crate::service::systemd::Activated;
 
-pub use crate::pipeline::{Pipeline, Settings};
+pub use crate::recognise::pipeline::{Pipeline, Settings};
 
 /// Exit status when the daemon cannot start for a reason other than its
 /// configuration (a port in use, no permission).
@@ -43,12 +43,12 @@ pub const EX_NOINPUT: i32 = 66;
 /// Runs the command line; returns the exit status.
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
-        Some(Command::Match { config, files }) => crate::inspect::run(config, files),
-        Some(Command::List(c)) => client(&c, "list", crate::control::format_list),
+        Some(Command::Match { config, files }) => crate::service::inspect::run(config, files),
+        Some(Command::List(c)) => client(&c, "list", crate::service::control::format_list),
         Some(Command::Stats(c)) => client(&c, "stats", |s| s.to_string()),
         Some(Command::PostfixConfig { daemon, cf_dir }) => match Config::from_args(&daemon) {
             Ok(c) => {
-                print!("{}", crate::postfix_config::render(&c, &cf_dir));
+                print!("{}", crate::postfix::lines::render(&c, &cf_dir));
                 0
             }
             Err(e) => fatal(EX_CONFIG, e),
@@ -71,7 +71,7 @@ pub fn main(cli: Cli) -> i32 {
 fn prepare(
     args: &DaemonArgs,
 ) -> Result<(Config, Vec<Activated>, tokio::runtime::Runtime), StartError> {
-    let activated = crate::systemd::take_listen_fds().map_err(StartError::os)?;
+    let activated = crate::service::systemd::take_listen_fds().map_err(StartError::os)?;
     let config = Config::from_args(args).map_err(StartError::config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -82,11 +82,11 @@ fn prepare(
 
 /// `list`, `stats`, `revoke`: one request to the control socket.
 fn client(args: &ControlArgs, request: &str, format: impl Fn(&str) -> String) -> i32 {
-    let path = match crate::config::control_path(args) {
+    let path = match crate::service::config::control_path(args) {
         Ok(p) => p,
         Err(e) => return fatal(EX_CONFIG, e),
     };
-    match crate::control::request(&path, request) {
+    match crate::service::control::request(&path, request) {
         Ok(body) => {
             print!("{}", format(&body));
             0
@@ -161,7 +161,7 @@ struct Sockets {
     metrics: Option<StreamListener>,
     /// Auth-policy listeners, and the secret their requests must carry.
     auth_policy: Vec<StreamListener>,
-    auth_secret: Option<crate::authpolicy::Secret>,
+    auth_secret: Option<crate::ingest::authpolicy::Secret>,
     /// The allow-lists a reload replaces.
     slots: Vec<AllowSlot>,
 }
@@ -352,7 +352,8 @@ fn bind_auth_policy(config: &Config, sockets: &mut Sockets) -> Result<(), StartE
     let Some(path) = &config.auth_policy_secret else {
         return Ok(());
     };
-    sockets.auth_secret = Some(crate::authpolicy::Secret::read(path).map_err(StartError::config)?);
+    sockets.auth_secret =
+        Some(crate::ingest::authpolicy::Secret::read(path).map_err(StartError::config)?);
     for spec in &config.auth_policy {
         let ListenSpec::Tcp(addr, own) = spec else {
             continue;
@@ -415,10 +416,10 @@ fn warn_few_descriptors(config: &Config) {
         .count();
     let services = config.policy.len() + config.socketmap.len();
     let needed = 64
-        + tcp_syslog * crate::tcp::LIMITS.total
+        + tcp_syslog * crate::ingest::tcp::LIMITS.total
         + services * policy::LIMITS.total
         + config.metrics.iter().count() * metrics::LIMITS.total
-        + config.auth_policy.len() * crate::authpolicy::LIMITS.total
+        + config.auth_policy.len() * crate::ingest::authpolicy::LIMITS.total
         + control::LIMITS.total;
     let have = net::raise_fd_limit(16384);
     if have < needed as u64 {
@@ -447,7 +448,10 @@ fn warn_deprecated(config: &Config) {
 
 /// Fatal error of a subcommand: logs it and gives the exit status.
 fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
-    crate::logging::write(crate::logging::Level::Fatal, format_args!("{message}"));
+    crate::service::logging::write(
+        crate::service::logging::Level::Fatal,
+        format_args!("{message}"),
+    );
     status
 }
 
@@ -463,8 +467,8 @@ struct Started {
 
 async fn run(config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
     let signals = catch_signals();
-    crate::logging::set_level(config.log_level);
-    crate::logging::set_format(config.log_format);
+    crate::service::logging::set_level(config.log_level);
+    crate::service::logging::set_format(config.log_format);
     let mut tasks = tokio::task::JoinSet::new();
     let (mut running, started) = match start(config, args, activated, &mut tasks).await {
         Ok(s) => s,
@@ -546,7 +550,7 @@ async fn start(
             p.handle_on(bytes, peer, attested)
         }));
     }
-    crate::systemd::notify(&format!(
+    crate::service::systemd::notify(&format!(
         "READY=1\nSTATUS=listening on {}; {}",
         names.join(", "),
         startup::count(table.len(), "grant", "grants")
@@ -571,25 +575,25 @@ async fn start(
 /// Stops the daemon: drains the senders, ends the tasks, writes the state
 /// a last time, removes the pid file and says what was counted.
 async fn stop(started: Started, mut tasks: tokio::task::JoinSet<()>) {
-    crate::systemd::notify("STOPPING=1");
+    crate::service::systemd::notify("STOPPING=1");
     // Senders are told to stop sending here, and what they sent before is
     // handled (for at most half a second), so that those that retry send
     // the rest to the next daemon rather than into closing sockets.
-    crate::shutdown::begin();
-    crate::shutdown::drained(crate::shutdown::DRAIN).await;
+    crate::ingest::shutdown::begin();
+    crate::ingest::shutdown::drained(crate::ingest::shutdown::DRAIN).await;
     // Read the kernel's count while the sockets are still open.
     let kernel_dropped = receiver::kernel_drops(&started.udp_inodes);
     crate::log_info!(
         "stopping: {} handled",
         startup::count(
-            usize::try_from(crate::shutdown::queued_handled()).unwrap_or(usize::MAX),
+            usize::try_from(crate::ingest::shutdown::queued_handled()).unwrap_or(usize::MAX),
             "queued datagram",
             "queued datagrams"
         )
     );
     // The sinks (map, state file, memcached) take what the drain granted
     // before they are stopped.
-    if !crate::follow::flush_all(crate::shutdown::FLUSH).await {
+    if !crate::grants::follow::flush_all(crate::ingest::shutdown::FLUSH).await {
         crate::log_error!(
             "sinks: the last changes could not be written within 4 s (the errors above say which sink failed)"
         );
@@ -639,7 +643,7 @@ fn drop_privileges(config: &Config) -> Result<(), StartError> {
 
 /// Gives postmap a configuration directory of its own when the host has
 /// no Postfix configuration, and says so.
-fn postmap_config(map: &mut crate::sink::PostfixMap) {
+fn postmap_config(map: &mut crate::postfix::map::PostfixMap) {
     match map.use_own_mail_config() {
         Ok(Some((dir, true))) => crate::log_info!(
             "no /etc/postfix/main.cf and no MAIL_CONFIG: postmap runs with Postfix's built-in defaults (MAIL_CONFIG={})",
@@ -704,7 +708,7 @@ async fn start_sinks(
             }
         }
     }
-    crate::memcache::start(
+    crate::postfix::memcache::start(
         &config.memcache,
         &config.memcache_prefix,
         table,
@@ -723,11 +727,11 @@ fn start_state(
     table: &Arc<GrantTable>,
     window: Duration,
 ) -> Result<StateWriter, StartError> {
-    let loaded = crate::state::load(path).map_err(StartError::config)?;
+    let loaded = crate::grants::state::load(path).map_err(StartError::config)?;
     for bad in &loaded.bad_lines {
         crate::log_warning!("state {bad}");
     }
-    let (restored, expired, refused) = crate::state::restore(
+    let (restored, expired, refused) = crate::grants::state::restore(
         &loaded,
         table,
         &AddressPolicy::new(config.never_and_proxies()),
@@ -743,7 +747,7 @@ fn start_state(
 
 /// Says what Postfix's own configuration looks up, against what is served.
 async fn check_postfix(config: &Config) {
-    let served = crate::postfix::Served {
+    let served = crate::postfix::check::Served {
         map: config.map.as_ref(),
         socketmaps: config
             .socketmap
@@ -756,10 +760,10 @@ async fn check_postfix(config: &Config) {
         memcache: &config.memcache,
         memcache_prefix: &config.memcache_prefix,
     };
-    for f in crate::postfix::check(&served).await {
+    for f in crate::postfix::check::check(&served).await {
         match f.level {
-            crate::postfix::Level::Warning => crate::log_warning!("{}", f.text),
-            crate::postfix::Level::Notice => crate::log_info!("{}", f.text),
+            crate::postfix::check::Level::Warning => crate::log_warning!("{}", f.text),
+            crate::postfix::check::Level::Notice => crate::log_info!("{}", f.text),
         }
     }
 }
@@ -786,7 +790,9 @@ fn spawn_services(
                 l,
                 policy::LIMITS,
                 served,
-                move |conn, io| crate::socketmap::session(conn, io, table.clone(), stats.clone()),
+                move |conn, io| {
+                    crate::postfix::socketmap::session(conn, io, table.clone(), stats.clone())
+                },
             ));
         }
     }
@@ -828,13 +834,13 @@ fn spawn_status(
 
 /// Serves Dovecot's auth-policy reports.
 fn spawn_auth_policy(
-    secret: crate::authpolicy::Secret,
+    secret: crate::ingest::authpolicy::Secret,
     listeners: Vec<StreamListener>,
     pipeline: &Arc<Pipeline>,
     stats: &Arc<Stats>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
-    let service = Arc::new(crate::authpolicy::AuthPolicy {
+    let service = Arc::new(crate::ingest::authpolicy::AuthPolicy {
         secret,
         pipeline: pipeline.clone(),
     });
@@ -842,7 +848,7 @@ fn spawn_auth_policy(
         let service = service.clone();
         tasks.spawn(net::serve_stream(
             l,
-            crate::authpolicy::LIMITS,
+            crate::ingest::authpolicy::LIMITS,
             stats.clone(),
             move |conn, io| service.clone().session(conn, io),
         ));
@@ -883,7 +889,7 @@ fn serving(config: &Config, control_desc: Option<String>) -> String {
         serving.push_str(&format!(
             "; socketmap {} (map name {})",
             join(&config.socketmap),
-            crate::socketmap::MAP_NAME
+            crate::postfix::socketmap::MAP_NAME
         ));
     }
     if !config.auth_policy.is_empty() {
@@ -951,7 +957,7 @@ fn ipv6_prefix_note(config: &Config) -> Option<String> {
 /// Says at start (and after a reload) who may speak for the patterns, when
 /// attestation is in use: accounts that do not exist here, patterns that
 /// accept no attested line, patterns that the account nobody may speak
-/// for (see [`crate::matcher::Matchers::attestation_notes`]).
+/// for (see [`crate::recognise::matcher::Matchers::attestation_notes`]).
 fn attestation_notes(config: &Config) {
     if !config.require_attestation && config.attested.is_empty() {
         return;
@@ -976,22 +982,22 @@ fn attestation_notes(config: &Config) {
 /// or files opened again are reported as needing a restart
 /// ([`Config::needs_restart`]).
 fn reload(r: &mut Running) {
-    crate::systemd::notify(&format!(
+    crate::service::systemd::notify(&format!(
         "RELOADING=1\nMONOTONIC_USEC={}",
-        crate::systemd::monotonic_usec()
+        crate::service::systemd::monotonic_usec()
     ));
     let new = match Config::from_args(&r.args) {
         Ok(c) => c,
         Err(e) => {
             Stats::bump(&r.stats.reload_failures);
             crate::log_error!("reload refused, the running configuration stays in force: {e}");
-            crate::systemd::notify("READY=1\nSTATUS=reload refused: see the log");
+            crate::service::systemd::notify("READY=1\nSTATUS=reload refused: see the log");
             return;
         }
     };
     let restart = r.config.needs_restart(&new);
-    crate::logging::set_level(new.log_level);
-    crate::logging::set_format(new.log_format);
+    crate::service::logging::set_level(new.log_level);
+    crate::service::logging::set_format(new.log_format);
     for slot in &r.slots {
         slot.update(&new);
     }
@@ -1007,7 +1013,7 @@ fn reload(r: &mut Running) {
     attestation_notes(&new);
     // What is in force now, for the next comparison.
     r.config = new;
-    crate::systemd::notify(&format!(
+    crate::service::systemd::notify(&format!(
         "READY=1\nSTATUS=reloaded; {}",
         startup::count(r.table.len(), "grant", "grants")
     ));

@@ -43,8 +43,8 @@ use regex::Regex;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::attest::Speakers;
-use crate::record::Record;
+use crate::ingest::attest::Speakers;
+use crate::ingest::record::Record;
 
 /// The built-in patterns, in the configuration file's `[[pattern]]` form.
 pub const BUILTIN_PATTERNS: &str = include_str!("patterns.toml");
@@ -100,7 +100,7 @@ pub struct Login {
     pub user: String,
     /// The id of the pattern that recognised the line.
     pub pattern: Arc<str>,
-    /// Who may send lines for that pattern (see [`crate::attest`]).
+    /// Who may send lines for that pattern (see [`crate::ingest::attest`]).
     pub speakers: Arc<Speakers>,
     /// What pairs this login with its logout line (`--hold-while-connected`):
     /// the session id the server wrote, or the process id; `None` when the
@@ -180,7 +180,7 @@ pub enum Ambiguity {
 
 impl fmt::Display for Ambiguity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let e = crate::logging::escape;
+        let e = crate::service::logging::escape;
         match self {
             Ambiguity::Repeated(field) => write!(
                 f,
@@ -994,7 +994,7 @@ impl Matchers {
         for a in &spec.uids {
             match a {
                 Account::Uid(n) => uids.push(*n),
-                Account::Name(name) => match crate::privilege::user(name) {
+                Account::Name(name) => match crate::service::privilege::user(name) {
                     Ok(u) => uids.push(u.uid),
                     Err(_) => missing.push(name.clone()),
                 },
@@ -1311,7 +1311,7 @@ impl Matchers {
                 ),
             ));
         }
-        let nobody = crate::privilege::user("nobody").map_or(65534, |u| u.uid);
+        let nobody = crate::service::privilege::user("nobody").map_or(65534, |u| u.uid);
         let shared: Vec<&str> = self
             .accounts
             .iter()
@@ -1600,7 +1600,7 @@ impl AddressMemory {
         Self::expire(&mut inner, now);
         let ok = inner.map.get(&key).is_some_and(|e| {
             &*e.server == server
-                && crate::addr::canonical(e.ip) == crate::addr::canonical(ip)
+                && crate::grants::addr::canonical(e.ip) == crate::grants::addr::canonical(ip)
                 && (e.attested || !attested)
         });
         if ok {
@@ -1673,7 +1673,7 @@ impl CutLines {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::parse_str;
+    use crate::ingest::record::parse_str;
 
     #[test]
     fn builtin_patterns_load() {
@@ -1859,7 +1859,7 @@ mod tests {
 #[cfg(test)]
 mod prefilter_tests {
     use super::*;
-    use crate::record::parse_str;
+    use crate::ingest::record::parse_str;
 
     /// Every line of every sample file (its annotation aside) that any
     /// pattern recognises, in any way, passes the prefilter; with logout

@@ -31,9 +31,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::addr::Cidr;
-use crate::grants::{Change, GrantTable};
-use crate::stats::Stats;
+use crate::grants::addr::Cidr;
+use crate::grants::table::{Change, GrantTable};
+use crate::service::stats::Stats;
 
 /// Most changes waiting for one sink; beyond it the sink is refilled from
 /// the table instead.
@@ -406,8 +406,8 @@ fn publish(reports: &mut Reports, ok: bool, seq: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grants::Grant;
-    use crate::matcher::Service;
+    use crate::grants::table::Grant;
+    use crate::recognise::matcher::Service;
     use std::collections::HashSet;
     use std::net::IpAddr;
 

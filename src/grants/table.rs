@@ -43,10 +43,10 @@ use hashbrown::HashTable;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::addr::Cidr;
-use crate::logging::escape;
-use crate::matcher::Service;
-use crate::stats::Stats;
+use crate::grants::addr::Cidr;
+use crate::recognise::matcher::Service;
+use crate::service::logging::escape;
+use crate::service::stats::Stats;
 
 /// What is known about one live grant.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -58,7 +58,7 @@
 
 use std::fmt::Write as _;
 
-use crate::record::Record;
+use crate::ingest::record::Record;
 
 /// The SD-ID of the attestation element (32473 is the private enterprise
 /// number that RFC 5612 reserves for documentation and examples).
@@ -144,7 +144,7 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
         exe => {
             return Err(format!(
                 "the attested executable \"{}\" is not a plain absolute path",
-                crate::logging::escape(exe)
+                crate::service::logging::escape(exe)
             ));
         }
     };
@@ -153,7 +153,7 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
         v.parse().map_err(|_| {
             format!(
                 "the attested {name} \"{}\" is not a number",
-                crate::logging::escape(v)
+                crate::service::logging::escape(v)
             )
         })
     };

@@ -23,12 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::addr::AddressPolicy;
-use crate::config::EX_CONFIG;
-use crate::logging::escape;
-use crate::matcher::{AddressMemory, CutLines, Login};
-use crate::pipeline::{Decided, Decision, Settings, Transport, decide};
-use crate::receiver::Peer;
+use crate::grants::addr::AddressPolicy;
+use crate::ingest::receiver::Peer;
+use crate::recognise::matcher::{AddressMemory, CutLines, Login};
+use crate::recognise::pipeline::{Decided, Decision, Settings, Transport, decide};
+use crate::service::config::EX_CONFIG;
+use crate::service::logging::escape;
 
 /// Exit status when an input cannot be read (sysexits.h EX_NOINPUT).
 pub const EX_NOINPUT: i32 = 66;
@@ -64,7 +64,10 @@ pub fn run(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let settings = match settings(config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
+            crate::service::logging::write(
+                crate::service::logging::Level::Fatal,
+                format_args!("{e}"),
+            );
             return EX_CONFIG;
         }
     };
@@ -107,8 +110,8 @@ pub fn run(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
 }
 
 /// The daemon's reloadable settings as `match` uses them.
-fn settings(config: Option<&Path>) -> Result<Settings, crate::config::ConfigError> {
-    let (matchers, never, trusted_proxy) = crate::config::match_rules(config)?;
+fn settings(config: Option<&Path>) -> Result<Settings, crate::service::config::ConfigError> {
+    let (matchers, never, trusted_proxy) = crate::service::config::match_rules(config)?;
     let mut no_grant = never;
     no_grant.extend(trusted_proxy.iter().copied());
     Ok(Settings {
@@ -197,7 +200,9 @@ impl Summary {
             Decision::Logout(l) => {
                 self.logouts += 1;
                 let fields = Fields {
-                    ip: l.ip.map(|ip| crate::addr::canonical(ip).to_string()),
+                    ip: l
+                        .ip
+                        .map(|ip| crate::grants::addr::canonical(ip).to_string()),
                     server: Some(l.server.to_string()),
                     service: None,
                     user: Some(l.user.clone()),
@@ -294,7 +299,7 @@ struct Fields {
 impl Fields {
     fn of(l: &Login) -> Fields {
         Fields {
-            ip: Some(crate::addr::canonical(l.ip).to_string()),
+            ip: Some(crate::grants::addr::canonical(l.ip).to_string()),
             server: Some(l.server.to_string()),
             service: Some(l.service.as_str()),
             user: Some(l.user.clone()),

@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::grants::GrantTable;
-use crate::logging::{RateLimit, escape};
+use crate::grants::table::GrantTable;
 use crate::net::{Access, Connection, Io, Limits, StreamListener};
-use crate::stats::{ListenerCounts, Stats};
+use crate::service::logging::{RateLimit, escape};
+use crate::service::stats::{ListenerCounts, Stats};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 512;
@@ -183,7 +183,7 @@ fn revoke(status: &Status, arg: &str) -> String {
     let Ok(ip) = arg.parse::<IpAddr>() else {
         return format!("error: \"{}\" is not an IP address\n", escape(arg));
     };
-    let ip = crate::addr::canonical(ip);
+    let ip = crate::grants::addr::canonical(ip);
     let gone = status.table.revoke_covering(ip);
     if gone.is_empty() {
         return format!("error: {ip} is not granted\n");
@@ -205,7 +205,10 @@ fn revoke(status: &Status, arg: &str) -> String {
 
 /// Binds the control socket at `path`: mode 0660, group `group` (the
 /// daemon's, when it switches to one), in an existing directory.
-pub fn bind(path: &Path, group: Option<crate::privilege::Group>) -> Result<StreamListener, String> {
+pub fn bind(
+    path: &Path,
+    group: Option<crate::service::privilege::Group>,
+) -> Result<StreamListener, String> {
     let access = Access {
         owner: None,
         group,

@@ -23,7 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::sink::PostfixMap;
+use crate::postfix::map::PostfixMap;
 
 /// The file name the documentation gives the map.
 const MAP_NAME: &str = "authenticated_ips";
@@ -53,7 +53,7 @@ pub struct Served<'a> {
     /// The socketmap sockets.
     pub socketmaps: Vec<PathBuf>,
     /// The memcached servers written (`--memcache`).
-    pub memcache: &'a [crate::memcache::Server],
+    pub memcache: &'a [crate::postfix::memcache::Server],
     /// Their key prefix (`--memcache-prefix`).
     pub memcache_prefix: &'a str,
 }
@@ -402,7 +402,7 @@ fn socketmap_lookup(
     name: &str,
     served: &Served<'_>,
 ) -> Option<Finding> {
-    if name != crate::socketmap::MAP_NAME {
+    if name != crate::postfix::socketmap::MAP_NAME {
         return None;
     }
     if served
@@ -454,8 +454,8 @@ fn cf_settings(text: &str) -> Vec<(String, String)> {
 
 /// Whether the server a memcache_table(5) file names (`memcache = ...`,
 /// Postfix's default `inet:localhost:11211`) is `ours`.
-fn same_server(theirs: &str, ours: &crate::memcache::Server) -> bool {
-    use crate::memcache::Server;
+fn same_server(theirs: &str, ours: &crate::postfix::memcache::Server) -> bool {
+    use crate::postfix::memcache::Server;
     let Ok(theirs) = Server::parse(theirs) else {
         return false;
     };
@@ -565,7 +565,7 @@ fn memcache_table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::MapType;
+    use crate::postfix::map::MapType;
 
     fn map(path: &str) -> PostfixMap {
         PostfixMap {
@@ -671,10 +671,10 @@ mod tests {
 
     #[test]
     fn memcache_tables_are_recognised_and_checked() {
-        use crate::memcache::Server;
+        use crate::postfix::memcache::Server;
         let servers = [Server::Inet("127.0.0.1".into(), 11211)];
         let cf = "/etc/postfix/smtp-after-popd-memcache.cf".to_string();
-        let good = crate::postfix_config::memcache_cf(&servers[0], "smtp-after-popd:");
+        let good = crate::postfix::lines::memcache_cf(&servers[0], "smtp-after-popd:");
         let main = format!(
             "smtpd_relay_restrictions = permit_mynetworks, permit_auth_destination, check_client_access memcache:{cf}, reject_unauth_destination\n"
         );
@@ -724,10 +724,10 @@ mod tests {
 
     #[test]
     fn memcache_tables_of_others_or_missing_are_noticed() {
-        use crate::memcache::Server;
+        use crate::postfix::memcache::Server;
         let servers = [Server::Inet("127.0.0.1".into(), 11211)];
         let cf = "/etc/postfix/smtp-after-popd-memcache.cf".to_string();
-        let good = crate::postfix_config::memcache_cf(&servers[0], "smtp-after-popd:");
+        let good = crate::postfix::lines::memcache_cf(&servers[0], "smtp-after-popd:");
         let main = format!(
             "smtpd_relay_restrictions = permit_mynetworks, permit_auth_destination, check_client_access memcache:{cf}, reject_unauth_destination\n"
         );

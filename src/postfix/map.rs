@@ -31,9 +31,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::addr::Cidr;
-use crate::grants::GrantTable;
-use crate::stats::Stats;
+use crate::grants::addr::Cidr;
+use crate::grants::table::GrantTable;
+use crate::service::stats::Stats;
 
 /// The Postfix lookup table types the daemon can build atomically: one
 /// database file each, built by `postmap`.
@@ -136,7 +136,7 @@ impl PostfixMap {
         }
         let system = Path::new("/etc/postfix/main.cf");
         let has_main_cf = system.exists();
-        let dir = crate::config::dir_of(&self.path).join(".smtp-after-popd-postfix");
+        let dir = crate::service::config::dir_of(&self.path).join(".smtp-after-popd-postfix");
         match std::fs::create_dir(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
@@ -204,7 +204,7 @@ impl PostfixMap {
         if text.starts_with("cannot run ") {
             if text.contains("(os error 2)") {
                 return Some(
-                    if self.postmap == Path::new(crate::config::DEFAULT_POSTMAP) {
+                    if self.postmap == Path::new(crate::service::config::DEFAULT_POSTMAP) {
                         "postmap is not installed, or not in PATH: install postfix (apt-get install postfix), or give postmap's path with --postmap".to_string()
                     } else {
                         format!(
@@ -221,7 +221,7 @@ impl PostfixMap {
                 ));
             }
         }
-        let dir = crate::config::dir_of(&self.path);
+        let dir = crate::service::config::dir_of(&self.path);
         if text.contains("(os error 30)") || text.contains("Read-only file system") {
             return Some(format!(
                 "{} is read-only for the daemon (under the packaged systemd unit only /var/lib/smtp-after-popd and /run/smtp-after-popd may be written): keep the map in /var/lib/smtp-after-popd",
@@ -231,7 +231,7 @@ impl PostfixMap {
         if text.contains("(os error 13)") || text.contains("Permission denied") {
             return Some(format!(
                 "{} may not write in {}: give the directory to the daemon's user (chown), run the daemon as the directory's owner, or start it as root with --user smtp-after-popd",
-                crate::privilege::describe_uid(crate::privilege::effective_uid()),
+                crate::service::privilege::describe_uid(crate::service::privilege::effective_uid()),
                 dir.display()
             ));
         }
@@ -264,7 +264,7 @@ impl PostfixMap {
     }
 
     /// The map's source text for these blocks: one `KEY OK` line for each
-    /// key Postfix tries for a block ([`crate::addr::postfix_keys`]).
+    /// key Postfix tries for a block ([`crate::grants::addr::postfix_keys`]).
     pub fn render_blocks(blocks: &[Cidr]) -> String {
         let mut s = String::with_capacity(64 + blocks.len() * 20);
         s.push_str("# Written by smtp-after-popd; do not edit: changes are overwritten.\n");
@@ -405,7 +405,7 @@ impl PostfixMap {
                 if !removed.is_empty() {
                     let keys: String = removed
                         .iter()
-                        .flat_map(|b| crate::addr::postfix_keys(b).unwrap_or_default())
+                        .flat_map(|b| crate::grants::addr::postfix_keys(b).unwrap_or_default())
                         .map(|k| k + "\n")
                         .collect();
                     self.postmap(&["-d", "-", &arg], Some(keys)).await?;
@@ -468,10 +468,10 @@ impl PostfixMap {
     ) {
         let mut changes = table.subscribe();
         let mut written: Option<u64> = None;
-        // For crate::follow::flush_all: the generation last written.
+        // For crate::grants::follow::flush_all: the generation last written.
         let (done_tx, done_rx) = tokio::sync::watch::channel(None::<u64>);
         let t = table.clone();
-        let _registered = crate::follow::register(Box::new(move || {
+        let _registered = crate::grants::follow::register(Box::new(move || {
             let want = *t.subscribe().borrow();
             let mut done = done_rx.clone();
             Box::pin(async move {
@@ -582,7 +582,7 @@ fn push_block(s: &mut String, b: &Cidr) {
     if b.is_host() {
         return push_entry(s, &b.addr());
     }
-    for key in crate::addr::postfix_keys(b).unwrap_or_default() {
+    for key in crate::grants::addr::postfix_keys(b).unwrap_or_default() {
         let _ = writeln!(s, "{key} OK");
     }
 }

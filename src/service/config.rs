@@ -21,12 +21,12 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::addr::Cidr;
-use crate::logging::{Format as LogFormat, Level};
-use crate::matcher::{Matchers, PatternSpec};
+use crate::grants::addr::Cidr;
 use crate::net::Access;
-use crate::privilege::{self, Group, User};
-use crate::sink::{MapType, PostfixMap};
+use crate::postfix::map::{MapType, PostfixMap};
+use crate::recognise::matcher::{Matchers, PatternSpec};
+use crate::service::logging::{Format as LogFormat, Level};
+use crate::service::privilege::{self, Group, User};
 
 /// Exit status for configuration errors (sysexits.h EX_CONFIG).
 pub const EX_CONFIG: i32 = 78;
@@ -491,7 +491,7 @@ pub struct Config {
     /// Auth-policy listeners (TCP only).
     pub auth_policy: Vec<ListenSpec>,
     /// The file of the auth-policy credentials (read by the daemon at
-    /// start: [`crate::authpolicy::Secret::read`]).
+    /// start: [`crate::ingest::authpolicy::Secret::read`]).
     pub auth_policy_secret: Option<PathBuf>,
     /// Deprecated `--socket-mode`: the default mode of the policy and
     /// socketmap sockets, if set.
@@ -532,7 +532,7 @@ pub struct Config {
     /// The log line format.
     pub log_format: LogFormat,
     /// The memcached servers written (`--memcache`).
-    pub memcache: Vec<crate::memcache::Server>,
+    pub memcache: Vec<crate::postfix::memcache::Server>,
     /// The memcached key prefix.
     pub memcache_prefix: String,
     /// The prefix length an IPv6 login grants.
@@ -1568,21 +1568,21 @@ fn sink_group(
     path: &Path,
     source: &str,
     map: bool,
-) -> Result<(Vec<crate::memcache::Server>, String, u8), ConfigError> {
+) -> Result<(Vec<crate::postfix::memcache::Server>, String, u8), ConfigError> {
     let mut servers = Vec::new();
     for (v, origin) in pick_list(&args.memcache, &file.memcache, &[], path, source) {
-        let server =
-            crate::memcache::Server::parse(v).map_err(|e| origin.error("memcache", v, &e))?;
+        let server = crate::postfix::memcache::Server::parse(v)
+            .map_err(|e| origin.error("memcache", v, &e))?;
         servers.push(server);
     }
     let (prefix, origin) = pick(
         &args.memcache_prefix,
         &file.memcache_prefix,
-        crate::memcache::DEFAULT_PREFIX,
+        crate::postfix::memcache::DEFAULT_PREFIX,
         path,
         source,
     );
-    crate::memcache::check_prefix(prefix)
+    crate::postfix::memcache::check_prefix(prefix)
         .map_err(|e| origin.error("memcache-prefix", prefix, &e))?;
     let (text, origin) = match (&args.ipv6_prefix, &file.ipv6_prefix) {
         (Some(v), _) => (v.clone(), Origin::Flag),

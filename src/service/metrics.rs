@@ -3,9 +3,9 @@
 //!
 //! Consumes: HTTP requests on a TCP listener, each connection accepted by
 //! [`crate::net::serve_stream`] within [`LIMITS`] and served by
-//! [`crate::http::serve`] (one request per connection).
+//! [`crate::net::http::serve`] (one request per connection).
 //! Produces: the text exposition format (version 0.0.4) of
-//! [`crate::control::Status::prometheus`] for `GET /metrics`; 404 for any
+//! [`crate::service::control::Status::prometheus`] for `GET /metrics`; 404 for any
 //! other path, 400 for any other method.
 //! Trusts: peers in the listener's allow-list (`?allow=`, else
 //! `--allow-from`), checked before a byte is read; nothing in the request
@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use hyper::{Method, Request, StatusCode};
 
-use crate::control::Status;
-use crate::http::{self, Answer};
+use crate::net::http::{self, Answer};
 use crate::net::{Connection, Io, Limits};
+use crate::service::control::Status;
 
 /// The bounds of the metrics endpoint: a scraper asks once in a while.
 pub const LIMITS: Limits = Limits {

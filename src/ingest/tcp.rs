@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader, ReadHalf};
 
-use crate::logging::RateLimit;
+use crate::ingest::record::MAX_RECORD;
 use crate::net::{Connection, Io, Limits};
-use crate::record::MAX_RECORD;
-use crate::stats::Stats;
+use crate::service::logging::RateLimit;
+use crate::service::stats::Stats;
 
 /// The bounds of a TCP syslog listener.
 pub const LIMITS: Limits = Limits {
@@ -62,7 +62,7 @@ impl From<std::io::Error> for FrameError {
 /// to `on_frame`. At a stop, the sender is told to send no more here
 /// (our FIN: rsyslog checks for it before each send, then reconnects to
 /// the next daemon) and what it sent before is read until it closes its
-/// side ([`crate::shutdown::fin_at_stop`]).
+/// side ([`crate::ingest::shutdown::fin_at_stop`]).
 pub async fn session<F>(
     conn: Connection,
     io: Box<dyn Io>,
@@ -73,7 +73,8 @@ pub async fn session<F>(
     F: Fn(&[u8]),
 {
     Stats::bump(&stats.tcp_connections);
-    crate::shutdown::fin_at_stop(io, |read| frames(read, &conn, stats, received, on_frame)).await;
+    crate::ingest::shutdown::fin_at_stop(io, |read| frames(read, &conn, stats, received, on_frame))
+        .await;
 }
 
 /// Reads the frames of a connection's read half.

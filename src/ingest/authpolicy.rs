@@ -19,7 +19,7 @@
 //!
 //! Consumes: HTTP requests on a connection accepted by
 //! [`crate::net::serve_stream`] within [`LIMITS`] and served by
-//! [`crate::http::serve`], kept alive as Dovecot's client keeps them.
+//! [`crate::net::http::serve`], kept alive as Dovecot's client keeps them.
 //! Produces: for a report of a successful IMAP or POP3 login (`success`
 //! true, `policy_reject` false, `protocol` `imap` or `pop3`), a
 //! [`Reported`] login into the pipeline, which grants `remote` through the
@@ -50,12 +50,12 @@ use hyper::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::http::{self, Answer, BodyError};
-use crate::logging::{RateLimit, escape};
-use crate::matcher::Service;
+use crate::net::http::{self, Answer, BodyError};
 use crate::net::{Connection, Io, Limits};
-use crate::pipeline::{Pipeline, Reported};
-use crate::stats::Stats;
+use crate::recognise::matcher::Service;
+use crate::recognise::pipeline::{Pipeline, Reported};
+use crate::service::logging::{RateLimit, escape};
+use crate::service::stats::Stats;
 
 /// The input's name in the log and in grants.
 pub const INPUT: &str = "auth-policy";
@@ -420,10 +420,10 @@ fn command(query: Option<&str>) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addr::{AddressPolicy, Cidr};
-    use crate::grants::GrantTable;
-    use crate::matcher::Matchers;
-    use crate::pipeline::Settings;
+    use crate::grants::addr::{AddressPolicy, Cidr};
+    use crate::grants::table::GrantTable;
+    use crate::recognise::matcher::Matchers;
+    use crate::recognise::pipeline::Settings;
     use http_body_util::{BodyExt, Full};
     use std::sync::atomic::Ordering;
 
@@ -668,7 +668,7 @@ mod tests {
         let line = "<22>Nov 24 15:36:30 vm dovecot: pop3-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.41, lip=192.0.2.1, mpid=24472, session=<eNtdP5dhdK9/AAAB>";
         s.pipeline.handle(
             line.as_bytes(),
-            &crate::receiver::Peer::Unix("/run/s.sock".into()),
+            &crate::ingest::receiver::Peer::Unix("/run/s.sock".into()),
         );
         ask(&s, post("/?command=report", Some(HEADER), REPORT)).await;
         assert_eq!(s.pipeline.table.len(), 1);

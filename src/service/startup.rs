@@ -13,14 +13,14 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ListenSpec, dir_of};
-use crate::privilege;
+use crate::service::config::{Config, ListenSpec, dir_of};
+use crate::service::privilege;
 
 /// The system user the package creates and the unit runs as.
 pub const SERVICE_USER: &str = "smtp-after-popd";
 
 /// Why the daemon does not start: the exit status it ends with
-/// ([`crate::config::EX_CONFIG`] for what the configuration must change, [`crate::daemon::EX_OSERR`] for
+/// ([`crate::service::config::EX_CONFIG`] for what the configuration must change, [`crate::service::daemon::EX_OSERR`] for
 /// what the system refused), and the message that says what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartError {
@@ -34,7 +34,7 @@ impl StartError {
     /// A failure the configuration must fix (exit status 78).
     pub fn config(message: impl std::fmt::Display) -> StartError {
         StartError {
-            status: crate::config::EX_CONFIG,
+            status: crate::service::config::EX_CONFIG,
             message: message.to_string(),
         }
     }
@@ -43,15 +43,15 @@ impl StartError {
     /// status 71).
     pub fn os(message: impl std::fmt::Display) -> StartError {
         StartError {
-            status: crate::daemon::EX_OSERR,
+            status: crate::service::daemon::EX_OSERR,
             message: message.to_string(),
         }
     }
 
     /// Logs the failure; gives the exit status.
     pub fn report(self) -> i32 {
-        crate::logging::write(
-            crate::logging::Level::Fatal,
+        crate::service::logging::write(
+            crate::service::logging::Level::Fatal,
             format_args!("{}", self.message),
         );
         self.status
@@ -169,14 +169,14 @@ fn needed(config: &Config) -> Vec<Needed> {
 
 /// Creates the missing directories of the files and sockets the daemon is
 /// configured to write, when they are its own (named smtp-after-popd, in
-/// an existing parent: [`crate::config::is_own_dir`]),
+/// an existing parent: [`crate::service::config::is_own_dir`]),
 /// with mode 0755 (0750 for sockets and the pid file), owned by `--user` and its group
 /// when the daemon starts as root to switch to it. Returns a message to
 /// stop with when one cannot be made.
 pub fn make_dirs(config: &Config) -> Result<(), StartError> {
     let root = privilege::effective_uid() == 0;
     for n in needed(config) {
-        if n.dir.exists() || !crate::config::is_own_dir(&n.dir) {
+        if n.dir.exists() || !crate::service::config::is_own_dir(&n.dir) {
             // Another missing directory is reported by whoever needs it.
             continue;
         }
@@ -424,7 +424,7 @@ mod tests {
         let map = dir.path().join("lib/smtp-after-popd/authenticated_ips");
         let sock = dir.path().join("run/smtp-after-popd/syslog.sock");
         use clap::Parser;
-        let args = crate::config::Cli::try_parse_from([
+        let args = crate::service::config::Cli::try_parse_from([
             "smtp-after-popd",
             "--map",
             map.to_str().unwrap(),
@@ -442,7 +442,7 @@ mod tests {
         assert_eq!(mode(&dir.path().join("run/smtp-after-popd")), 0o750);
         // Another missing directory is not made: the path may be a typo.
         let other = dir.path().join("lib/smtp-after-pop/authenticated_ips");
-        let args = crate::config::Cli::try_parse_from([
+        let args = crate::service::config::Cli::try_parse_from([
             "smtp-after-popd",
             "--map",
             other.to_str().unwrap(),
@@ -466,7 +466,7 @@ mod tests {
         let run = dir.path().join("run/smtp-after-popd");
         let spool = dir.path().join("spool/smtp-after-popd");
         use clap::Parser;
-        let args = crate::config::Cli::try_parse_from([
+        let args = crate::service::config::Cli::try_parse_from([
             "smtp-after-popd",
             "--map",
             "none",

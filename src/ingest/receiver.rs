@@ -11,7 +11,7 @@
 //! counted before anything is parsed ([`crate::net`]). A TCP peer address
 //! cannot be forged without the TCP handshake, so TCP is the choice where
 //! UDP spoofing is possible; each connection is bounded and no peer can
-//! shut out another ([`crate::tcp::LIMITS`]). A unix socket is trusted as
+//! shut out another ([`crate::ingest::tcp::LIMITS`]). A unix socket is trusted as
 //! far as its file's owner, group and mode reach: by default mode 0600, so
 //! only its owner and root (rsyslog) may write to it; its URL may name a
 //! group that may (`unix:///PATH?group=adm&mode=0620`), never every user.
@@ -29,15 +29,15 @@ use std::time::Duration;
 use socket2::SockRef;
 use tokio::net::{UdpSocket, UnixDatagram};
 
-use crate::addr::canonical;
-use crate::config::ListenSpec;
-use crate::logging::RateLimit;
+use crate::grants::addr::canonical;
+use crate::ingest::record::MAX_RECORD;
 use crate::net::{
     self, Access, Adopted, AllowList, PEER_WARNINGS, SocketFile, StreamListener, UnixKind, allowed,
 };
-use crate::record::MAX_RECORD;
-use crate::stats::Stats;
-use crate::swap::Swap;
+use crate::service::config::ListenSpec;
+use crate::service::logging::RateLimit;
+use crate::service::stats::Stats;
+use crate::service::swap::Swap;
 
 /// Who sent a datagram, as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub enum Listener {
         allow: AllowList,
     },
     /// A TCP listener (with the peers it accepts), served by
-    /// [`net::serve_stream`] with [`crate::tcp::LIMITS`].
+    /// [`net::serve_stream`] with [`crate::ingest::tcp::LIMITS`].
     Tcp(StreamListener),
     /// A unix datagram socket; its file is removed when it is dropped.
     Unix {
@@ -284,13 +284,13 @@ async fn run_udp<F>(
         }
     };
     let stop_thread = StopOnDrop(stop);
-    // At a stop the queue is read to the end ([`crate::shutdown`]): the
+    // At a stop the queue is read to the end ([`crate::ingest::shutdown`]): the
     // thread reads the socket until it is empty, then ends, and the batches
     // it queued are handled here. The socket stays open after that, until
     // the daemon has read the kernel's count of what it dropped, and the
     // task is ended.
-    let draining = crate::shutdown::Draining::enter();
-    let stop = crate::shutdown::stopping();
+    let draining = crate::ingest::shutdown::Draining::enter();
+    let stop = crate::ingest::shutdown::stopping();
     tokio::pin!(stop);
     let each = |bytes: &[u8], peer: SocketAddr| {
         accept(bytes, peer, &allow, stats, received, &handle, &local)
@@ -303,13 +303,13 @@ async fn run_udp<F>(
             },
             () = &mut stop => {
                 drop(stop_thread);
-                let deadline = tokio::time::Instant::now() + crate::shutdown::DRAIN;
+                let deadline = tokio::time::Instant::now() + crate::ingest::shutdown::DRAIN;
                 let mut n = 0;
                 while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
                     n += batch.items.len() as u64;
                     batch.each(each);
                 }
-                crate::shutdown::count_queued(n);
+                crate::ingest::shutdown::count_queued(n);
                 drop(draining);
                 return std::future::pending().await;
             }
@@ -482,10 +482,10 @@ async fn run_udp_in_task<F>(
 {
     // One byte more than the limit, to tell an oversized datagram.
     let mut buf = vec![0u8; MAX_RECORD + 1];
-    // At a stop the queue is read to the end ([`crate::shutdown`]); the
+    // At a stop the queue is read to the end ([`crate::ingest::shutdown`]); the
     // socket stays open after that, as above.
-    let draining = crate::shutdown::Draining::enter();
-    let stop = crate::shutdown::stopping();
+    let draining = crate::ingest::shutdown::Draining::enter();
+    let stop = crate::ingest::shutdown::stopping();
     tokio::pin!(stop);
     let each = |bytes: &[u8], peer: SocketAddr| {
         accept(bytes, peer, &allow, stats, received, &handle, local)
@@ -501,7 +501,7 @@ async fn run_udp_in_task<F>(
                 }
             },
             () = &mut stop => {
-                crate::shutdown::drain_queue(&socket, &mut buf, |d, from| {
+                crate::ingest::shutdown::drain_queue(&socket, &mut buf, |d, from| {
                     if let Some(from) = from {
                         each(d, from);
                     }
@@ -529,11 +529,11 @@ async fn run_unix<F>(
     let peer = Peer::Unix(file.path().to_string_lossy().into());
     // A socket we bound ourselves dies with us: at a stop its senders are
     // refused and what they sent before is read to the end
-    // ([`crate::shutdown`]). One systemd passed outlives us, and what
+    // ([`crate::ingest::shutdown`]). One systemd passed outlives us, and what
     // waits in it is the next daemon's.
     let owned = file.owned();
-    let _draining = owned.then(crate::shutdown::Draining::enter);
-    let stop = crate::shutdown::stopping_if(owned);
+    let _draining = owned.then(crate::ingest::shutdown::Draining::enter);
+    let stop = crate::ingest::shutdown::stopping_if(owned);
     tokio::pin!(stop);
     loop {
         let n = tokio::select! {
@@ -546,7 +546,7 @@ async fn run_unix<F>(
                 }
             },
             () = &mut stop => {
-                crate::shutdown::refuse_and_drain(&socket, &mut buf, |d| {
+                crate::ingest::shutdown::refuse_and_drain(&socket, &mut buf, |d| {
                     Stats::bump(&stats.received);
                     Stats::bump(received);
                     handle(d, &peer);
@@ -561,21 +561,22 @@ async fn run_unix<F>(
 }
 
 /// Serves a TCP listener: one task per connection, each reading RFC 6587
-/// frames, within the limits of [`crate::tcp::LIMITS`].
+/// frames, within the limits of [`crate::ingest::tcp::LIMITS`].
 async fn run_tcp<F>(l: StreamListener, stats: Arc<Stats>, received: Arc<AtomicU64>, handle: F)
 where
     F: Fn(&[u8], &Peer) + Send + Sync + 'static,
 {
     let handle = Arc::new(handle);
     let served = stats.clone();
-    // Logins sent before a stop are read to the end ([`crate::shutdown`]).
+    // Logins sent before a stop are read to the end ([`crate::ingest::shutdown`]).
     let l = l.drain_at_stop();
-    net::serve_stream(l, crate::tcp::LIMITS, served, move |conn, io| {
+    net::serve_stream(l, crate::ingest::tcp::LIMITS, served, move |conn, io| {
         let (stats, received, handle) = (stats.clone(), received.clone(), handle.clone());
         async move {
             let Some(addr) = conn.tcp_peer() else { return };
             let peer = Peer::Tcp(addr);
-            crate::tcp::session(conn, io, &stats, &received, |frame| handle(frame, &peer)).await;
+            crate::ingest::tcp::session(conn, io, &stats, &received, |frame| handle(frame, &peer))
+                .await;
         }
     })
     .await;

@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ListenSpec};
+use crate::service::config::{Config, ListenSpec};
 
 /// Where Postfix's queue (smtpd's chroot on Debian) is.
 const QUEUE_DIR: &str = "/var/spool/postfix";
@@ -28,7 +28,7 @@ pub fn cf_path(dir: &Path, n: usize, of: usize) -> PathBuf {
 }
 
 /// The text of one memcache_table(5) file.
-pub fn memcache_cf(server: &crate::memcache::Server, prefix: &str) -> String {
+pub fn memcache_cf(server: &crate::postfix::memcache::Server, prefix: &str) -> String {
     format!(
         "# memcache_table(5) for smtp-after-popd (smtp-after-popd postfix-config).\n\
          # Leave domain unset (it skips every key without @, which is every\n\
@@ -57,7 +57,7 @@ pub fn checks(config: &Config, cf_dir: &Path) -> Vec<String> {
             out.push(format!(
                 "check_client_access socketmap:unix:{}:{}",
                 path.display(),
-                crate::socketmap::MAP_NAME
+                crate::postfix::socketmap::MAP_NAME
             ));
         }
     }

@@ -29,11 +29,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::addr::canonical;
-use crate::grants::GrantTable;
-use crate::logging::RateLimit;
+use crate::grants::addr::canonical;
+use crate::grants::table::GrantTable;
 use crate::net::{Connection, Io, Limits};
-use crate::stats::Stats;
+use crate::service::logging::RateLimit;
+use crate::service::stats::Stats;
 
 /// Most bytes in one request (Postfix sends well under 2 KiB).
 pub const MAX_REQUEST: usize = 16 * 1024;
@@ -181,8 +181,8 @@ pub async fn session(conn: Connection, io: Box<dyn Io>, table: Arc<GrantTable>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grants::Grant;
-    use crate::matcher::Service;
+    use crate::grants::table::Grant;
+    use crate::recognise::matcher::Service;
 
     fn table() -> GrantTable {
         let t = GrantTable::new();

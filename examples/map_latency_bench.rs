@@ -20,7 +20,7 @@ use std::time::Duration;
 use smtp_after_popd::grants::table::{Grant, GrantTable};
 use smtp_after_popd::postfix::map::{MapType, PostfixMap};
 use smtp_after_popd::recognise::matcher::Service;
-use smtp_after_popd::service::stats::Stats;
+use smtp_after_popd::stats::Stats;
 use tokio::time::Instant;
 
 fn grant(table: &GrantTable, ip: IpAddr) -> u64 {
@@ -128,7 +128,7 @@ async fn run(live: u32, incremental: bool, seconds: u64) -> (Duration, Duration,
 }
 
 fn main() {
-    smtp_after_popd::service::logging::set_level(smtp_after_popd::service::logging::Level::Warning);
+    smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Warning);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -23,7 +23,7 @@ use smtp_after_popd::grants::table::{Grant, GrantTable};
 use smtp_after_popd::postfix::map::{MapType, PostfixMap};
 use smtp_after_popd::postfix::memcache::{Memcache, Server};
 use smtp_after_popd::recognise::matcher::Service;
-use smtp_after_popd::service::stats::Stats;
+use smtp_after_popd::stats::Stats;
 use tokio::time::Instant;
 
 const LIVE: u32 = 100_000;

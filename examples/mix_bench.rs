@@ -31,7 +31,7 @@ use smtp_after_popd::ingest::receiver::Peer;
 use smtp_after_popd::ingest::record;
 use smtp_after_popd::recognise::matcher::{Matchers, Outcome};
 use smtp_after_popd::service::daemon::{Pipeline, Settings};
-use smtp_after_popd::service::stats::Stats;
+use smtp_after_popd::stats::Stats;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -119,7 +119,7 @@ fn best(rounds: usize, mut f: impl FnMut() -> usize) -> (Duration, usize) {
 }
 
 fn main() {
-    smtp_after_popd::service::logging::set_level(smtp_after_popd::service::logging::Level::Fatal);
+    smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
     let n: usize = arg("--lines", "1000000").parse().expect("--lines N");
     let rounds: usize = arg("--rounds", "3").parse().expect("--rounds N");
     let bin = PathBuf::from(arg("--bin", "target/release/smtp-after-popd"));

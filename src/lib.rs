@@ -15,10 +15,12 @@
 //!  authpolicy ─reported login───────────────▶│   follow: the Sink trait and loop
 //!  (Dovecot, HTTP)                               state (file across restarts)
 //!
-//!  service/: config, daemon (start, reload, stop), control, metrics, stats,
-//!            systemd, privilege, startup, logging, inspect (`match`)
+//!  service/: config, daemon (start, reload, stop), control, metrics,
+//!            systemd, privilege, startup, inspect (`match`)
 //!  net/:     every socket: bind (unix with owner, group, mode), peer
 //!            allow-lists, one accept loop with per-peer limits; HTTP
+//!  logging, stats, swap: what every stage uses (the daemon's own log,
+//!            the counters, settings a reload replaces)
 //! ```
 //!
 //! Each folder's `mod.rs` says what its stage consumes, produces and
@@ -38,10 +40,16 @@
 //!   socket, metrics, systemd, privileges, logging, and the `match`
 //!   subcommand ([`service::inspect`]), which runs the same decision.
 //! - [`net`]: the network layer under every listener and service.
+//! - [`logging`], [`stats`], [`swap`]: the daemon's own log (escaping,
+//!   rate limits), the counters of everything received, dropped and
+//!   decided, and the settings a reload (SIGHUP) replaces.
 
 pub mod grants;
 pub mod ingest;
+pub mod logging;
 pub mod net;
 pub mod postfix;
 pub mod recognise;
 pub mod service;
+pub mod stats;
+pub mod swap;

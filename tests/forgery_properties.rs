@@ -25,14 +25,12 @@ use smtp_after_popd::ingest::receiver::Peer;
 use smtp_after_popd::ingest::record::parse_str;
 use smtp_after_popd::recognise::matcher::{Matchers, Outcome};
 use smtp_after_popd::service::daemon::{Pipeline, Settings};
-use smtp_after_popd::service::stats::Stats;
+use smtp_after_popd::stats::Stats;
 
 fn matchers() -> &'static Matchers {
     static M: OnceLock<Matchers> = OnceLock::new();
     M.get_or_init(|| {
-        smtp_after_popd::service::logging::set_level(
-            smtp_after_popd::service::logging::Level::Fatal,
-        );
+        smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
         Matchers::builtin()
     })
 }

@@ -42,7 +42,7 @@ use smtp_after_popd::ingest::record::parse_str;
 use smtp_after_popd::postfix::map::PostfixMap;
 use smtp_after_popd::recognise::matcher::{Matchers, Outcome};
 use smtp_after_popd::service::daemon::{Pipeline, Settings};
-use smtp_after_popd::service::stats::Stats;
+use smtp_after_popd::stats::Stats;
 
 fn matchers() -> &'static Matchers {
     static MATCHERS: OnceLock<Matchers> = OnceLock::new();
@@ -52,7 +52,7 @@ fn matchers() -> &'static Matchers {
 /// A fresh pipeline per case; the patterns are compiled once (a clone
 /// shares the compiled regexes), which makes a case cost microseconds.
 fn pipeline(never: &[&str]) -> Pipeline {
-    smtp_after_popd::service::logging::set_level(smtp_after_popd::service::logging::Level::Fatal);
+    smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
     Pipeline::new(
         Settings {
             matchers: matchers().clone(),

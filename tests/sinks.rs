@@ -37,7 +37,7 @@ async fn flush_all_returns_once_every_sink_holds_the_table() {
         incremental: true,
     };
     let table = Arc::new(GrantTable::new());
-    let stats = Arc::new(smtp_after_popd::service::stats::Stats::default());
+    let stats = Arc::new(smtp_after_popd::stats::Stats::default());
     let state = dir.path().join("state");
     let writer = StateWriter::start(state.clone(), table.clone()).unwrap();
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();

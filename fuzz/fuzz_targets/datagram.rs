@@ -14,12 +14,12 @@ use smtp_after_popd::service::daemon::{Pipeline, Settings};
 use smtp_after_popd::grants::table::GrantTable;
 use smtp_after_popd::recognise::matcher::Matchers;
 use smtp_after_popd::ingest::receiver::Peer;
-use smtp_after_popd::service::stats::Stats;
+use smtp_after_popd::stats::Stats;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        smtp_after_popd::service::logging::set_level(smtp_after_popd::service::logging::Level::Fatal);
+        smtp_after_popd::logging::set_level(smtp_after_popd::logging::Level::Fatal);
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::grants::addr::Cidr;
 use crate::grants::table::{Change, GrantTable};
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// Most changes waiting for one sink; beyond it the sink is refilled from
 /// the table instead.

@@ -158,27 +158,16 @@ fn parse_line(line: &str) -> Result<(Cidr, Option<Entry>), String> {
             .parse::<Cidr>()
             .ok()
             .filter(|c| c.addr().is_ipv6())
-            .ok_or_else(|| {
-                format!(
-                    "\"{}\" is not an IP address",
-                    crate::service::logging::escape(s)
-                )
-            }),
+            .ok_or_else(|| format!("\"{}\" is not an IP address", crate::logging::escape(s))),
     };
     match f.as_slice() {
         ["revoke", a] => Ok((ip(a)?, None)),
         ["grant", a, exp, server, service, reporter, host, user] => {
             let expires_ms = exp.parse::<u64>().map_err(|_| {
-                format!(
-                    "expiry \"{}\" is not a number",
-                    crate::service::logging::escape(exp)
-                )
+                format!("expiry \"{}\" is not a number", crate::logging::escape(exp))
             })?;
             let service = Service::from_text(service).ok_or_else(|| {
-                format!(
-                    "unknown service \"{}\"",
-                    crate::service::logging::escape(service)
-                )
+                format!("unknown service \"{}\"", crate::logging::escape(service))
             })?;
             let text = |s: &str| decode(s).ok_or_else(|| "bad percent-encoding".to_string());
             Ok((
@@ -247,7 +236,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
                 return Err(format!(
                     "--state {}, line 1: \"{}\" is not a state file header (\"{HEADER}\"); is this the right file? Move it away to start without saved grants",
                     path.display(),
-                    crate::service::logging::escape(line)
+                    crate::logging::escape(line)
                 ));
             }
             continue;

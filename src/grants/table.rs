@@ -44,9 +44,9 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::grants::addr::Cidr;
+use crate::logging::escape;
 use crate::recognise::matcher::Service;
-use crate::service::logging::escape;
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// What is known about one live grant.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -144,7 +144,7 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
         exe => {
             return Err(format!(
                 "the attested executable \"{}\" is not a plain absolute path",
-                crate::service::logging::escape(exe)
+                crate::logging::escape(exe)
             ));
         }
     };
@@ -153,7 +153,7 @@ pub fn sender<'a>(rec: &'a Record<'_>) -> Result<Option<Sender<'a>>, String> {
         v.parse().map_err(|_| {
             format!(
                 "the attested {name} \"{}\" is not a number",
-                crate::service::logging::escape(v)
+                crate::logging::escape(v)
             )
         })
     };

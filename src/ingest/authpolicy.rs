@@ -50,12 +50,12 @@ use hyper::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use crate::logging::{RateLimit, escape};
 use crate::net::http::{self, Answer, BodyError};
 use crate::net::{Connection, Io, Limits};
 use crate::recognise::matcher::Service;
 use crate::recognise::pipeline::{Pipeline, Reported};
-use crate::service::logging::{RateLimit, escape};
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// The input's name in the log and in grants.
 pub const INPUT: &str = "auth-policy";

@@ -31,13 +31,13 @@ use tokio::net::{UdpSocket, UnixDatagram};
 
 use crate::grants::addr::canonical;
 use crate::ingest::record::MAX_RECORD;
+use crate::logging::RateLimit;
 use crate::net::{
     self, Access, Adopted, AllowList, PEER_WARNINGS, SocketFile, StreamListener, UnixKind, allowed,
 };
 use crate::service::config::ListenSpec;
-use crate::service::logging::RateLimit;
-use crate::service::stats::Stats;
-use crate::service::swap::Swap;
+use crate::stats::Stats;
+use crate::swap::Swap;
 
 /// Who sent a datagram, as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]

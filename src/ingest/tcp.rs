@@ -26,9 +26,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader, ReadHalf};
 
 use crate::ingest::record::MAX_RECORD;
+use crate::logging::RateLimit;
 use crate::net::{Connection, Io, Limits};
-use crate::service::logging::RateLimit;
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// The bounds of a TCP syslog listener.
 pub const LIMITS: Limits = Limits {

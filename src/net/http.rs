@@ -164,7 +164,7 @@ impl AsyncWrite for Tracked {
 mod tests {
     use super::*;
     use crate::net::{Access, Limits, StreamListener, serve_stream};
-    use crate::service::stats::Stats;
+    use crate::stats::Stats;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;

@@ -45,8 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::grants::addr::Cidr;
-use crate::service::logging::RateLimit;
-use crate::service::swap::Swap;
+use crate::logging::RateLimit;
+use crate::swap::Swap;
 
 pub use bind::{
     Adopted, Kind, StreamListener, adopt, bind_tcp, bind_udp, kind_of, set_recv_buffer,

@@ -17,8 +17,8 @@ use super::deadline::{Deadlined, Expired, Progress};
 use super::peer::{self, Cred, Peer, PeerKey};
 use super::{PEER_WARNINGS, allowed};
 use crate::grants::addr::canonical;
-use crate::service::logging::RateLimit;
-use crate::service::stats::Stats;
+use crate::logging::RateLimit;
+use crate::stats::Stats;
 
 /// A bidirectional byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

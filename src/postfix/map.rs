@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::grants::addr::Cidr;
 use crate::grants::table::GrantTable;
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// The Postfix lookup table types the daemon can build atomically: one
 /// database file each, built by `postmap`.

@@ -261,7 +261,7 @@ async fn stats_on(c: &mut Conn) -> Result<Identity, SinkError> {
         let (Some("STAT"), Some(k), Some(v)) = (w.next(), w.next(), w.next()) else {
             return Err(SinkError(format!(
                 "unexpected answer to stats: \"{}\"",
-                crate::service::logging::escape(l)
+                crate::logging::escape(l)
             )));
         };
         let v = v.parse::<u64>().unwrap_or(0);
@@ -292,7 +292,7 @@ async fn send_on(c: &mut Conn, chunk: &[Vec<u8>]) -> Result<(), SinkError> {
             other => {
                 return Err(SinkError(format!(
                     "memcached answered \"{}\"",
-                    crate::service::logging::escape(other)
+                    crate::logging::escape(other)
                 )));
             }
         }
@@ -393,7 +393,7 @@ pub async fn start(
     servers: &[Server],
     prefix: &str,
     table: &std::sync::Arc<crate::grants::table::GrantTable>,
-    stats: &std::sync::Arc<crate::service::stats::Stats>,
+    stats: &std::sync::Arc<crate::stats::Stats>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
     let mut firsts = Vec::new();

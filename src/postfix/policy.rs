@@ -31,9 +31,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::grants::addr::canonical;
 use crate::grants::table::GrantTable;
+use crate::logging::RateLimit;
 use crate::net::{Connection, Io, Limits};
-use crate::service::logging::RateLimit;
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// Most bytes in one request (Postfix sends well under 2 KiB).
 pub const MAX_REQUEST: usize = 16 * 1024;

@@ -22,9 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::grants::addr::canonical;
 use crate::grants::table::GrantTable;
+use crate::logging::RateLimit;
 use crate::net::{Connection, Io};
-use crate::service::logging::RateLimit;
-use crate::service::stats::Stats;
+use crate::stats::Stats;
 
 /// The map name this daemon answers for.
 pub const MAP_NAME: &str = "authenticated_ips";

@@ -180,7 +180,7 @@ pub enum Ambiguity {
 
 impl fmt::Display for Ambiguity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let e = crate::service::logging::escape;
+        let e = crate::logging::escape;
         match self {
             Ambiguity::Repeated(field) => write!(
                 f,

@@ -29,14 +29,14 @@ use crate::grants::table::{Grant, GrantResult, GrantTable, Names};
 use crate::ingest::attest::{self, Verdict};
 use crate::ingest::receiver::Peer;
 use crate::ingest::record::{self, ParseError};
+use crate::logging::{RateLimit, escape};
 use crate::recognise::hold::{Closed, Holds, SessionKey};
 use crate::recognise::matcher::{
     AddressMemory, Ambiguity, CutKey, CutLines, Login, Matchers, Outcome, ProcessKey,
 };
 use crate::service::config::{Config, format_duration};
-use crate::service::logging::{RateLimit, escape};
-use crate::service::stats::Stats;
-use crate::service::swap::Swap;
+use crate::stats::Stats;
+use crate::swap::Swap;
 
 /// The settings a reload (SIGHUP) may change, read by each datagram.
 pub struct Settings {

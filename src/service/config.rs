@@ -22,10 +22,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::grants::addr::Cidr;
+use crate::logging::{Format as LogFormat, Level};
 use crate::net::Access;
 use crate::postfix::map::{MapType, PostfixMap};
 use crate::recognise::matcher::{Matchers, PatternSpec};
-use crate::service::logging::{Format as LogFormat, Level};
 use crate::service::privilege::{self, Group, User};
 
 /// Exit status for configuration errors (sysexits.h EX_CONFIG).

@@ -22,9 +22,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::grants::table::GrantTable;
+use crate::logging::{RateLimit, escape};
 use crate::net::{Access, Connection, Io, Limits, StreamListener};
-use crate::service::logging::{RateLimit, escape};
-use crate::service::stats::{ListenerCounts, Stats};
+use crate::stats::{ListenerCounts, Stats};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 512;

@@ -28,9 +28,9 @@ use crate::service::control::{self, Status};
 use crate::service::metrics;
 use crate::service::privilege;
 use crate::service::startup::{self, StartError};
-use crate::service::stats::{ListenerCounts, Stats};
-use crate::service::swap::Swap;
 use crate::service::systemd::Activated;
+use crate::stats::{ListenerCounts, Stats};
+use crate::swap::Swap;
 
 pub use crate::recognise::pipeline::{Pipeline, Settings};
 
@@ -448,10 +448,7 @@ fn warn_deprecated(config: &Config) {
 
 /// Fatal error of a subcommand: logs it and gives the exit status.
 fn fatal(status: i32, message: impl std::fmt::Display) -> i32 {
-    crate::service::logging::write(
-        crate::service::logging::Level::Fatal,
-        format_args!("{message}"),
-    );
+    crate::logging::write(crate::logging::Level::Fatal, format_args!("{message}"));
     status
 }
 
@@ -467,8 +464,8 @@ struct Started {
 
 async fn run(config: Config, args: DaemonArgs, activated: Vec<Activated>) -> i32 {
     let signals = catch_signals();
-    crate::service::logging::set_level(config.log_level);
-    crate::service::logging::set_format(config.log_format);
+    crate::logging::set_level(config.log_level);
+    crate::logging::set_format(config.log_format);
     let mut tasks = tokio::task::JoinSet::new();
     let (mut running, started) = match start(config, args, activated, &mut tasks).await {
         Ok(s) => s,
@@ -996,8 +993,8 @@ fn reload(r: &mut Running) {
         }
     };
     let restart = r.config.needs_restart(&new);
-    crate::service::logging::set_level(new.log_level);
-    crate::service::logging::set_format(new.log_format);
+    crate::logging::set_level(new.log_level);
+    crate::logging::set_format(new.log_format);
     for slot in &r.slots {
         slot.update(&new);
     }

@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use crate::grants::addr::AddressPolicy;
 use crate::ingest::receiver::Peer;
+use crate::logging::escape;
 use crate::recognise::matcher::{AddressMemory, CutLines, Login};
 use crate::recognise::pipeline::{Decided, Decision, Settings, Transport, decide};
 use crate::service::config::EX_CONFIG;
-use crate::service::logging::escape;
 
 /// Exit status when an input cannot be read (sysexits.h EX_NOINPUT).
 pub const EX_NOINPUT: i32 = 66;
@@ -64,10 +64,7 @@ pub fn run(config: Option<PathBuf>, files: Vec<PathBuf>) -> i32 {
     let settings = match settings(config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            crate::service::logging::write(
-                crate::service::logging::Level::Fatal,
-                format_args!("{e}"),
-            );
+            crate::logging::write(crate::logging::Level::Fatal, format_args!("{e}"));
             return EX_CONFIG;
         }
     };

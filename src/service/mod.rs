@@ -1,5 +1,5 @@
 //! Service: the daemon as a system service: configuration, start-up,
-//! reload, the control socket, metrics, systemd, privileges and logging.
+//! reload, the control socket, metrics, systemd and privileges.
 //!
 //! Consumes: the command line, the configuration file, signals, and
 //! requests on the control socket.
@@ -13,13 +13,10 @@
 //!   them; reload; the subcommands.
 //! - [`startup`]: the directories and pid file made at start-up, and
 //!   hints for start-up failures.
-//! - [`swap`]: the settings a reload (SIGHUP) replaces.
 //! - [`control`], [`metrics`]: the control socket (`list`, `revoke`,
 //!   `stats`) and the Prometheus endpoint.
-//! - [`stats`]: counters for everything received, dropped and decided.
 //! - [`systemd`]: readiness notification and socket activation.
 //! - [`privilege`]: switching to an unprivileged user after binding.
-//! - [`logging`]: the daemon's own log, with escaping and rate limits.
 //! - [`inspect`]: the `match` subcommand: each line of a log file through
 //!   the daemon's own decision, and a summary.
 
@@ -27,10 +24,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod inspect;
-pub mod logging;
 pub mod metrics;
 pub mod privilege;
 pub mod startup;
-pub mod stats;
-pub mod swap;
 pub mod systemd;

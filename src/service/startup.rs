@@ -50,8 +50,8 @@ impl StartError {
 
     /// Logs the failure; gives the exit status.
     pub fn report(self) -> i32 {
-        crate::service::logging::write(
-            crate::service::logging::Level::Fatal,
+        crate::logging::write(
+            crate::logging::Level::Fatal,
             format_args!("{}", self.message),
         );
         self.status

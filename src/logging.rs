@@ -204,16 +204,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Logs at info level.
 #[macro_export]
-macro_rules! log_info { ($($t:tt)*) => { $crate::service::logging::write($crate::service::logging::Level::Info, format_args!($($t)*)) } }
+macro_rules! log_info { ($($t:tt)*) => { $crate::logging::write($crate::logging::Level::Info, format_args!($($t)*)) } }
 /// Logs at debug level.
 #[macro_export]
-macro_rules! log_debug { ($($t:tt)*) => { if $crate::service::logging::enabled($crate::service::logging::Level::Debug) { $crate::service::logging::write($crate::service::logging::Level::Debug, format_args!($($t)*)) } } }
+macro_rules! log_debug { ($($t:tt)*) => { if $crate::logging::enabled($crate::logging::Level::Debug) { $crate::logging::write($crate::logging::Level::Debug, format_args!($($t)*)) } } }
 /// Logs at warning level.
 #[macro_export]
-macro_rules! log_warning { ($($t:tt)*) => { $crate::service::logging::write($crate::service::logging::Level::Warning, format_args!($($t)*)) } }
+macro_rules! log_warning { ($($t:tt)*) => { $crate::logging::write($crate::logging::Level::Warning, format_args!($($t)*)) } }
 /// Logs at error level.
 #[macro_export]
-macro_rules! log_error { ($($t:tt)*) => { $crate::service::logging::write($crate::service::logging::Level::Error, format_args!($($t)*)) } }
+macro_rules! log_error { ($($t:tt)*) => { $crate::logging::write($crate::logging::Level::Error, format_args!($($t)*)) } }
 
 /// Text from the network, made safe to put in a log line: printable ASCII
 /// stays, backslash and double quote are escaped, anything else becomes

@@ -14,10 +14,24 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// The bounds of one stream service.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once by one listener.
+    pub total: usize,
+    /// Connections served at once for one peer (one uid for a local peer,
+    /// one IPv4 address or IPv6 /64 for a remote one).
+    pub per_peer: usize,
+    /// From a request's first byte until it is complete and answered.
+    pub request: Duration,
+    /// Before the first request, and between requests.
+    pub idle: Duration,
+    /// A connection older than this is closed when it is next idle.
+    pub lifetime: Option<Duration>,
+}
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
-
-use super::serve::Limits;
 
 /// `busy` when no request is under way.
 const IDLE: u64 = u64::MAX;

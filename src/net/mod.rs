@@ -51,8 +51,9 @@ use crate::swap::Swap;
 pub use bind::{
     Adopted, Kind, StreamListener, adopt, bind_tcp, bind_udp, kind_of, set_recv_buffer,
 };
+pub use deadline::Limits;
 pub use peer::Cred;
-pub use serve::{Connection, Io, Limits, serve_stream};
+pub use serve::{Connection, Io, serve_stream};
 pub use unix::{Access, SocketFile, UnixKind, bind_unix, mode_text};
 
 /// A listener's allow-list, replaced by a reload.

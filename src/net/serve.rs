@@ -13,7 +13,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::bind::{Listening, StreamListener};
-use super::deadline::{Deadlined, Expired, Progress};
+use super::deadline::{Deadlined, Expired, Limits, Progress};
 use super::peer::{self, Cred, Peer, PeerKey};
 use super::{PEER_WARNINGS, allowed};
 use crate::grants::addr::canonical;
@@ -23,22 +23,6 @@ use crate::stats::Stats;
 /// A bidirectional byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// The bounds of one stream service.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Connections served at once by one listener.
-    pub total: usize,
-    /// Connections served at once for one peer (one uid for a local peer,
-    /// one IPv4 address or IPv6 /64 for a remote one).
-    pub per_peer: usize,
-    /// From a request's first byte until it is complete and answered.
-    pub request: Duration,
-    /// Before the first request, and between requests.
-    pub idle: Duration,
-    /// A connection older than this is closed when it is next idle.
-    pub lifetime: Option<Duration>,
-}
 
 /// One accepted connection, as its handler sees it.
 pub struct Connection {

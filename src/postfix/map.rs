@@ -31,6 +31,17 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// Default postmap command (looked up in PATH).
+pub const DEFAULT_POSTMAP: &str = "postmap";
+
+/// The directory a file is created in (`.` for a bare file name).
+pub fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 use crate::grants::addr::Cidr;
 use crate::grants::table::GrantTable;
 use crate::stats::Stats;
@@ -136,7 +147,7 @@ impl PostfixMap {
         }
         let system = Path::new("/etc/postfix/main.cf");
         let has_main_cf = system.exists();
-        let dir = crate::service::config::dir_of(&self.path).join(".smtp-after-popd-postfix");
+        let dir = dir_of(&self.path).join(".smtp-after-popd-postfix");
         match std::fs::create_dir(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
@@ -203,16 +214,14 @@ impl PostfixMap {
         }
         if text.starts_with("cannot run ") {
             if text.contains("(os error 2)") {
-                return Some(
-                    if self.postmap == Path::new(crate::service::config::DEFAULT_POSTMAP) {
-                        "postmap is not installed, or not in PATH: install postfix (apt-get install postfix), or give postmap's path with --postmap".to_string()
-                    } else {
-                        format!(
-                            "--postmap {} does not exist: install postfix (apt-get install postfix), or give the path of postmap (usually /usr/sbin/postmap)",
-                            self.postmap.display()
-                        )
-                    },
-                );
+                return Some(if self.postmap == Path::new(DEFAULT_POSTMAP) {
+                    "postmap is not installed, or not in PATH: install postfix (apt-get install postfix), or give postmap's path with --postmap".to_string()
+                } else {
+                    format!(
+                        "--postmap {} does not exist: install postfix (apt-get install postfix), or give the path of postmap (usually /usr/sbin/postmap)",
+                        self.postmap.display()
+                    )
+                });
             }
             if text.contains("(os error 13)") {
                 return Some(format!(
@@ -221,7 +230,7 @@ impl PostfixMap {
                 ));
             }
         }
-        let dir = crate::service::config::dir_of(&self.path);
+        let dir = dir_of(&self.path);
         if text.contains("(os error 30)") || text.contains("Read-only file system") {
             return Some(format!(
                 "{} is read-only for the daemon (under the packaged systemd unit only /var/lib/smtp-after-popd and /run/smtp-after-popd may be written): keep the map in /var/lib/smtp-after-popd",

@@ -24,7 +24,7 @@ use toml::Spanned;
 use crate::grants::addr::Cidr;
 use crate::logging::{Format as LogFormat, Level};
 use crate::net::Access;
-use crate::postfix::map::{MapType, PostfixMap};
+use crate::postfix::map::{MapType, PostfixMap, dir_of};
 use crate::recognise::matcher::{Matchers, PatternSpec};
 use crate::service::privilege::{self, Group, User};
 
@@ -45,8 +45,7 @@ pub const DEFAULT_WINDOW: &str = "2m";
 pub const DEFAULT_MAP: &str = "/var/lib/smtp-after-popd/authenticated_ips";
 /// Default map type.
 pub const DEFAULT_MAP_TYPE: &str = "hash";
-/// Default postmap command (looked up in PATH).
-pub const DEFAULT_POSTMAP: &str = "postmap";
+pub use crate::postfix::map::DEFAULT_POSTMAP;
 /// Default cap on live grants.
 pub const DEFAULT_MAX_GRANTS: usize = 100_000;
 /// Default upper limit on holding a grant for an open session.
@@ -713,14 +712,6 @@ fn creatable_dir(file: &Path) -> Result<(), Invalid> {
         "the directory {} does not exist: create it or choose another path (the daemon makes only its own directories, named {OWN_DIR}, when they are missing)",
         dir.display()
     ))
-}
-
-/// The directory a file is created in (`.` for a bare file name).
-pub fn dir_of(file: &Path) -> PathBuf {
-    match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// A yes/no setting: the flag (`yes`, `no`, `true`, `false`), else the

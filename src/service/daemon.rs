@@ -34,11 +34,7 @@ use crate::swap::Swap;
 
 pub use crate::recognise::pipeline::{Pipeline, Settings};
 
-/// Exit status when the daemon cannot start for a reason other than its
-/// configuration (a port in use, no permission).
-pub const EX_OSERR: i32 = 71;
-/// Exit status of `match` when an input file cannot be read.
-pub const EX_NOINPUT: i32 = 66;
+pub use crate::service::startup::{EX_NOINPUT, EX_OSERR};
 
 /// Runs the command line; returns the exit status.
 pub fn main(cli: Cli) -> i32 {

@@ -13,14 +13,21 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::service::config::{Config, ListenSpec, dir_of};
+/// Exit status when the daemon cannot start for a reason other than its
+/// configuration (a port in use, no permission).
+pub const EX_OSERR: i32 = 71;
+/// Exit status of `match` when an input file cannot be read.
+pub const EX_NOINPUT: i32 = 66;
+
+use crate::postfix::map::dir_of;
+use crate::service::config::{Config, ListenSpec};
 use crate::service::privilege;
 
 /// The system user the package creates and the unit runs as.
 pub const SERVICE_USER: &str = "smtp-after-popd";
 
 /// Why the daemon does not start: the exit status it ends with
-/// ([`crate::service::config::EX_CONFIG`] for what the configuration must change, [`crate::service::daemon::EX_OSERR`] for
+/// ([`crate::service::config::EX_CONFIG`] for what the configuration must change, [`EX_OSERR`] for
 /// what the system refused), and the message that says what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartError {
@@ -43,7 +50,7 @@ impl StartError {
     /// status 71).
     pub fn os(message: impl std::fmt::Display) -> StartError {
         StartError {
-            status: crate::service::daemon::EX_OSERR,
+            status: EX_OSERR,
             message: message.to_string(),
         }
     }

@@ -1,0 +1,192 @@
+//! Tests written for mutants that the fast suites (`--lib --test samples
+//! --test properties`) let survive (see TESTING.md, "Mutation testing").
+//! Each goes through the library's public API only, so that it outlives
+//! rewrites of the internals; each names the mutant it kills.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use smtp_after_popd::addr::{AddressPolicy, Cidr, embedded_ipv4};
+use smtp_after_popd::matcher::{
+    AddressMemory, MEMORY_ENTRIES, Matchers, Outcome, ProcessKey, parse_pattern_specs,
+    regex_delimiter,
+};
+use smtp_after_popd::pipeline::Settings;
+use smtp_after_popd::record::parse_str;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `::1` is the loopback address, not the IPv4-compatible form of
+/// 0.0.0.1 (nor is `::`, the unspecified address).
+/// Kills `addr.rs: replace > with >= in embedded_ipv4`.
+#[test]
+fn loopback_and_unspecified_carry_no_ipv4_address() {
+    assert_eq!(embedded_ipv4(Ipv6Addr::LOCALHOST), vec![]);
+    assert_eq!(embedded_ipv4(Ipv6Addr::UNSPECIFIED), vec![]);
+    let two: Ipv6Addr = "::2".parse().unwrap();
+    assert_eq!(embedded_ipv4(two).len(), 1, "::2 is ::0.0.0.2");
+}
+
+/// A login grants its address alone, with no reason to log, when no
+/// prefix was asked for (`--ipv6-prefix 128`, the default) and for every
+/// IPv4 address; a reason is given only when a prefix was asked for and
+/// the address alone is granted.
+/// Kills `addr.rs: replace || with && in AddressPolicy::scope`.
+#[test]
+fn the_address_alone_is_granted_without_a_reason_when_no_prefix_was_asked() {
+    let plain = AddressPolicy::new(vec!["192.0.2.0/24".parse::<Cidr>().unwrap()]);
+    for a in [
+        "::2",
+        "64:ff9b::1",
+        "2001:db8::5",
+        "192.0.2.5",
+        "198.51.100.5",
+    ] {
+        assert_eq!(plain.scope(ip(a)), (Cidr::host(ip(a)), None), "{a}");
+    }
+    let wide = plain.clone().with_ipv6_prefix(64, true);
+    assert_eq!(
+        wide.scope(ip("192.0.2.5")),
+        (Cidr::host(ip("192.0.2.5")), None)
+    );
+    let (c, why) = wide.scope(ip("::2"));
+    assert!(c.is_host() && why.is_some(), "{c} {why:?}");
+}
+
+/// The text that ends a user's group is found after the group's own
+/// closing parenthesis, not after one inside a character class of the
+/// group: `(?P<user>[^)]*)' logged` ends with `' logged`. Without it, a
+/// custom pattern whose user group excludes `)` would have no delimiter,
+/// and a user name holding the server's text would not be refused as
+/// ambiguous.
+/// Kills `matcher.rs: delete ! in regex_delimiter`.
+#[test]
+fn a_parenthesis_inside_a_class_does_not_close_the_user_group() {
+    assert_eq!(
+        regex_delimiter(r"User '(?P<user>[^)]*)' logged in from (?P<ip>\S+)", "user").as_deref(),
+        Some("' logged in from ")
+    );
+    assert_eq!(
+        regex_delimiter(r"login \((?P<user>[^()]+)\) from", "user").as_deref(),
+        Some(") from")
+    );
+}
+
+/// A login-after-address line may be written by the user who logged in
+/// (popa3d, vm-pop3d write it after switching to that user), so its uid
+/// proves nothing: a custom pattern that declares `credential = "uid"`
+/// for one is refused at start, naming the pattern and the fix.
+/// Kills `matcher.rs: replace match guard kind == Kind::LoginAfterAddress
+/// with false in Matchers::add`.
+#[test]
+fn a_login_after_address_pattern_may_not_take_the_uid_as_credential() {
+    let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"login-after-address\"\ncredential = \"uid\"\nexecutables = [\"/usr/sbin/mypop\"]\nregex = 'Authentication passed for (?P<user>\\S+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let Err((builtin, e)) = Matchers::new(&pairs) else {
+        panic!("a login-after-address pattern with credential = \"uid\" was accepted");
+    };
+    assert!(!builtin);
+    assert!(e.message.contains("pattern \"mine\""), "{}", e.message);
+    assert!(e.message.contains("uid is no credential"), "{}", e.message);
+    // The same pattern with the default credential (the process) loads.
+    let src = src.replace("credential = \"uid\"\n", "");
+    let specs = parse_pattern_specs(&src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
+    assert!(Matchers::new(&pairs).is_ok());
+}
+
+/// At start, with require-attestation, the daemon names the patterns
+/// that grant nothing because every account they name is missing here,
+/// and not the patterns that name no account at all (another note names
+/// those).
+/// Kills `matcher.rs: delete ! in Matchers::attestation_notes` (1120:60)
+/// and `replace && with || in Matchers::attestation_notes` (1127:25): a
+/// start-up note only, but the one that tells the administrator why a
+/// server's logins are refused.
+#[test]
+fn the_start_up_note_names_the_patterns_whose_accounts_are_all_missing() {
+    let src = "[[pattern]]\nid = \"h6mute\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nexecutables = [\"/usr/sbin/mypop\"]\nuids = [\"h6-no-such-account\"]\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n\n[[pattern]]\nid = \"h6unnamed\"\nserver = \"yourpop\"\nprogram = [\"yourpop\"]\nservice = \"pop3\"\nexecutables = [\"/usr/sbin/yourpop\"]\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let m = Matchers::new(&pairs).unwrap();
+    let notes = m.attestation_notes(true);
+    let missing = notes
+        .iter()
+        .map(|(_, n)| n)
+        .find(|n| n.starts_with("accounts named by patterns that do not exist"))
+        .expect("a note on the missing account");
+    assert!(missing.contains("h6-no-such-account (h6mute)"), "{missing}");
+    let (_, mute) = missing
+        .split_once(", so with require-attestation ")
+        .unwrap_or_else(|| panic!("no patterns that grant nothing in: {missing}"));
+    assert!(mute.contains("h6mute"), "{missing}");
+    assert!(!mute.contains("h6unnamed"), "{missing}");
+    // Without require-attestation those patterns still grant unattested
+    // lines: the note does not say they grant nothing.
+    let notes = m.attestation_notes(false);
+    let missing = notes
+        .iter()
+        .map(|(_, n)| n)
+        .find(|n| n.starts_with("accounts named by patterns that do not exist"))
+        .expect("a note on the missing account");
+    assert!(!missing.contains("grant nothing"), "{missing}");
+}
+
+/// The two-line memory (popa3d's `Session from IP`, then `Authentication
+/// passed` from the same process) holds at most `MEMORY_ENTRIES`
+/// addresses: a flood of address lines from new processes pushes the
+/// oldest out (counted as dropped) instead of growing without bound.
+/// Kills `matcher.rs: delete ! in AddressMemory::pair` (1347:60).
+#[tokio::test(start_paused = true)]
+async fn the_address_memory_stays_bounded_under_a_flood_of_new_processes() {
+    let m = Matchers::builtin();
+    let memory = AddressMemory::new();
+    let now = tokio::time::Instant::now();
+    let mut dropped = 0;
+    for pid in 1..=(MEMORY_ENTRIES + 10) {
+        let line = format!(
+            "<22>Dec  1 21:33:29 mail popa3d[{pid}]: Session from 192.0.{}.{}",
+            pid / 250,
+            pid % 250 + 1
+        );
+        let rec = parse_str(&line).unwrap();
+        let outcome = m.match_record(&rec);
+        assert!(
+            matches!(outcome, Outcome::Address { .. }),
+            "{line}: {outcome:?}"
+        );
+        let key = ProcessKey::of("127.0.0.1".to_string(), &rec, rec.pid);
+        let (_, d) = memory.pair(key, outcome, now, false);
+        dropped += d;
+    }
+    assert_eq!(memory.len(), MEMORY_ENTRIES);
+    assert_eq!(dropped, 10);
+}
+
+/// With a Postfix map (and no memcached), an IPv6 prefix is granted only
+/// when it has a key Postfix tries for every address in it: 2001:0:0:1::/64
+/// has none (a run of zero groups), so its login grants the address alone.
+/// Kills `pipeline.rs: replace || with && in Settings::of`.
+#[test]
+fn with_a_map_a_prefix_without_postfix_keys_grants_the_address_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("access");
+    let args = <smtp_after_popd::config::Cli as clap::Parser>::try_parse_from([
+        "smtp-after-popd",
+        "--map",
+        map.to_str().unwrap(),
+        "--ipv6-prefix",
+        "64",
+    ])
+    .unwrap()
+    .daemon;
+    let config = smtp_after_popd::config::Config::from_args(&args).unwrap();
+    let s = Settings::of(&config);
+    let (scope, why) = s.policy.scope(ip("2001:0:0:1::5"));
+    assert!(scope.is_host(), "{scope}");
+    assert!(why.is_some_and(|w| w.contains("no key")));
+    let (scope, _) = s.policy.scope(ip("2001:db8:1:2::5"));
+    assert_eq!(scope.to_string(), "2001:db8:1:2::/64");
+}

@@ -5,13 +5,13 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use smtp_after_popd::addr::{AddressPolicy, Cidr, embedded_ipv4};
-use smtp_after_popd::matcher::{
+use smtp_after_popd::grants::addr::{AddressPolicy, Cidr, embedded_ipv4};
+use smtp_after_popd::recognise::matcher::{
     AddressMemory, MEMORY_ENTRIES, Matchers, Outcome, ProcessKey, parse_pattern_specs,
     regex_delimiter,
 };
-use smtp_after_popd::pipeline::Settings;
-use smtp_after_popd::record::parse_str;
+use smtp_after_popd::recognise::pipeline::Settings;
+use smtp_after_popd::ingest::record::parse_str;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -173,7 +173,7 @@ async fn the_address_memory_stays_bounded_under_a_flood_of_new_processes() {
 fn with_a_map_a_prefix_without_postfix_keys_grants_the_address_alone() {
     let dir = tempfile::tempdir().unwrap();
     let map = dir.path().join("access");
-    let args = <smtp_after_popd::config::Cli as clap::Parser>::try_parse_from([
+    let args = <smtp_after_popd::service::config::Cli as clap::Parser>::try_parse_from([
         "smtp-after-popd",
         "--map",
         map.to_str().unwrap(),
@@ -182,7 +182,7 @@ fn with_a_map_a_prefix_without_postfix_keys_grants_the_address_alone() {
     ])
     .unwrap()
     .daemon;
-    let config = smtp_after_popd::config::Config::from_args(&args).unwrap();
+    let config = smtp_after_popd::service::config::Config::from_args(&args).unwrap();
     let s = Settings::of(&config);
     let (scope, why) = s.policy.scope(ip("2001:0:0:1::5"));
     assert!(scope.is_host(), "{scope}");

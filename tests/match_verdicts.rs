@@ -119,6 +119,28 @@ fn the_summary_counts_lines_patterns_grants_and_refusals() {
 }
 
 #[test]
+fn lines_the_prefilter_skips_still_count_as_a_known_programs_unmatched_lines() {
+    // None of these holds the text of a login pattern, so the prefilter
+    // skips them before any parse; two are of programs that have patterns.
+    let log = "\
+Nov 23 10:00:05 mail dovecot: imap(alice)<7002><Vb0F8x8s4NzAAAAB>: Disconnected: Logged out in=12 out=477
+Nov 23 10:00:06 mail imapd: Connection, ip=[::ffff:192.0.2.126], port=[52487]
+Nov 23 10:00:07 mail postfix/qmgr[200]: 4F2A1: removed
+";
+    let (status, verdicts, summary) = run(log, None);
+    assert_eq!(status, Some(0));
+    assert!(verdicts.is_empty(), "{verdicts:#?}");
+    let line = summary
+        .iter()
+        .find(|l| l.starts_with("# lines of a known program that no pattern matched: "))
+        .unwrap_or_else(|| panic!("{summary:#?}"));
+    assert_eq!(
+        line,
+        "# lines of a known program that no pattern matched: 2 (dovecot 1, imapd 1)"
+    );
+}
+
+#[test]
 fn the_configuration_file_changes_the_verdicts_as_it_changes_the_daemons() {
     let config = "never = [\"192.0.2.0/29\"]\ntrusted-proxy = [\"198.51.100.31\"]\n";
     let (status, verdicts, summary) = run(LOG, Some(config));

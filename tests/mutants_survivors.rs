@@ -6,12 +6,12 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use smtp_after_popd::grants::addr::{AddressPolicy, Cidr, embedded_ipv4};
+use smtp_after_popd::ingest::record::parse_str;
 use smtp_after_popd::recognise::matcher::{
     AddressMemory, MEMORY_ENTRIES, Matchers, Outcome, ProcessKey, parse_pattern_specs,
     regex_delimiter,
 };
 use smtp_after_popd::recognise::pipeline::Settings;
-use smtp_after_popd::ingest::record::parse_str;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -1373,6 +1373,15 @@ impl Matchers {
     pub fn knows_program(&self, program: &str) -> bool {
         !self.candidates(program).is_empty()
     }
+
+    /// Whether the line may name a program some pattern is written for
+    /// (the prefilter's program half): a line the prefilter skipped that
+    /// does may still be a known program's line that no pattern matched.
+    pub fn may_name_program(&self, bytes: &[u8]) -> bool {
+        self.prefilter
+            .as_ref()
+            .is_none_or(|p| p.programs.is_match(bytes))
+    }
 }
 
 /// The process a line of a two-line server comes from: who reported it,

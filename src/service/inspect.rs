@@ -142,6 +142,8 @@ impl Scan {
     ) -> std::io::Result<()> {
         let mut line = Vec::new();
         let mut n = 0u64;
+        // Lines of a file carry no receive time: pairing is by order.
+        let now = tokio::time::Instant::now();
         loop {
             line.clear();
             if reader.read_until(b'\n', &mut line)? == 0 {
@@ -155,8 +157,6 @@ impl Scan {
                 peer: &self.peer,
                 attested: false,
             };
-            // Lines of a file carry no receive time: pairing is by order.
-            let now = tokio::time::Instant::now();
             let d = decide(
                 &self.settings,
                 &self.memory,
@@ -165,6 +165,19 @@ impl Scan {
                 transport,
                 now,
             );
+            // A line the prefilter skipped may still be one of a known
+            // program's that no pattern recognised: the summary counts it.
+            if matches!(d.decision, Decision::Skipped)
+                && self.settings.matchers.may_name_program(text)
+                && let Ok(rec) = crate::ingest::record::parse(text)
+                && self.settings.matchers.knows_program(rec.program)
+            {
+                *self
+                    .summary
+                    .unmatched
+                    .entry(rec.program.to_string())
+                    .or_default() += 1;
+            }
             if let Some(v) = self.summary.count(&self.settings, &d) {
                 writeln!(out, "{v}\t{name}:{n}{}", reason_of(&d.decision))?;
             }

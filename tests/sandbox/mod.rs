@@ -330,7 +330,7 @@ impl Sandbox {
             });
         }
         let mut unshare = cmd.spawn().expect("spawn unshare");
-        let up = wait_for(Duration::from_secs(10), || {
+        let up = wait_for(Duration::from_secs(60), || {
             s.join("ready").exists() || matches!(unshare.try_wait(), Ok(Some(_)))
         });
         assert!(
@@ -534,7 +534,7 @@ impl Sandbox {
             .arg("-i")
             .arg(dir.join("rsyslogd.pid"));
         let mut p = self.spawn("rsyslogd", cmd);
-        let up = wait_for(Duration::from_secs(10), || {
+        let up = wait_for(Duration::from_secs(60), || {
             self.path("devlog.sock").exists() || !p.running()
         });
         assert!(
@@ -582,7 +582,7 @@ impl Sandbox {
             socket,
             map,
         };
-        let ok = wait_for(Duration::from_secs(10), || {
+        let ok = wait_for(Duration::from_secs(60), || {
             d.log_text().contains("started: ") || !d.proc.running()
         });
         assert!(
@@ -642,10 +642,10 @@ impl Sandbox {
             }
             s.bind(&SocketAddr::new(src, 0).into())
                 .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-            s.connect_timeout(&SocketAddr::new(dst, port).into(), Duration::from_secs(5))
+            s.connect_timeout(&SocketAddr::new(dst, port).into(), Duration::from_secs(30))
                 .unwrap_or_else(|e| panic!("connect {dst}:{port} from {src}: {e}"));
             let s: TcpStream = s.into();
-            s.set_read_timeout(Some(Duration::from_secs(10)))
+            s.set_read_timeout(Some(Duration::from_secs(60)))
                 .expect("timeout");
             s
         })
@@ -661,7 +661,7 @@ impl Sandbox {
     /// (`addr` as `ss` prints it; "" for any), or panics with `what`'s
     /// output.
     pub fn wait_listening_on(&self, addr: &str, port: u16, what: &str) {
-        let ok = wait_for(Duration::from_secs(20), || {
+        let ok = wait_for(Duration::from_secs(60), || {
             let out = self.command("ss").args(["-Hltn"]).output().expect("ss");
             String::from_utf8_lossy(&out.stdout).lines().any(|l| {
                 l.split_whitespace()
@@ -748,7 +748,7 @@ impl Drop for Sandbox {
         unsafe { libc::kill(self.holder as i32, libc::SIGKILL) };
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
-        let gone = wait_for(Duration::from_secs(5), || {
+        let gone = wait_for(Duration::from_secs(30), || {
             !Path::new(&format!("/proc/{}", self.holder)).exists()
         });
         assert!(
@@ -941,7 +941,7 @@ impl Client {
             }
             Transport::Child { lines, .. } => lines
                 .rx
-                .recv_timeout(Duration::from_secs(10))
+                .recv_timeout(Duration::from_secs(60))
                 .unwrap_or_default(),
         };
         self.transcript.push_str(&format!("S: {l}"));

@@ -169,6 +169,16 @@ pub enum Ambiguity {
         /// The capture group.
         group: &'static str,
     },
+    /// The address follows a user-controlled capture with one character
+    /// between (`USER@DOMAIN:IP`), and the text reads as a different
+    /// address when split at another such character: the user's text may
+    /// hold part of the address (`":2001:db8::bad` before `11.0.0.1`).
+    Split {
+        /// The character between the two.
+        glue: char,
+        /// The capture group before the address.
+        group: &'static str,
+    },
     /// The text that ends a user-controlled capture appears inside it.
     Undelimited {
         /// The text that ends the capture.
@@ -191,6 +201,12 @@ impl fmt::Display for Ambiguity {
                 f,
                 "the {group} text holds the server's field \"{}\"",
                 e(field)
+            ),
+            Ambiguity::Split { glue, group } => write!(
+                f,
+                "the {group} text and the address, joined by \"{}\", split into another address at another \"{}\"",
+                e(&glue.to_string()),
+                e(&glue.to_string())
             ),
             Ambiguity::Undelimited { delimiter, group } => write!(
                 f,
@@ -244,22 +260,16 @@ pub fn regex_fields(regex: &str) -> Vec<String> {
     out
 }
 
-/// The literal text that follows group `name` in a regex, up to the first
-/// construct that is not a literal character (escaped punctuation counts
-/// as literal); a character made optional by a quantifier is left out.
-/// `user=<(?P<user>.*)>(?:, ...` gives `>`; `'(?P<user>[^']*)' logged in
-/// from (?P<ip>...)` gives `' logged in from `.
-pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
-    let open = format!("(?P<{name}>");
+/// The byte offset of the parenthesis that closes group `name` in a regex.
+fn group_end(regex: &str, name: &str) -> Option<usize> {
     let start = regex
-        .find(&open)
+        .find(&format!("(?P<{name}>"))
         .or_else(|| regex.find(&format!("(?<{name}>")))?;
     let b = regex.as_bytes();
-    // Find the group's closing parenthesis.
     let mut depth = 0usize;
     let mut i = start;
     let mut in_class = false;
-    let end = loop {
+    loop {
         let c = *b.get(i)?;
         match c {
             b'\\' => i += 1,
@@ -269,13 +279,37 @@ pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
             b')' if !in_class => {
                 depth -= 1;
                 if depth == 0 {
-                    break i;
+                    return Some(i);
                 }
             }
             _ => {}
         }
         i += 1;
-    };
+    }
+}
+
+/// The one character (`:` or a space) between a user-controlled group
+/// and the `ip` group that directly follows it, as in vchkpw's
+/// `USER@DOMAIN:IP`: the address might begin at any such character of
+/// the user's text (see [`Ambiguity::Split`]).
+pub fn regex_glue(regex: &str) -> Option<(&'static str, char)> {
+    USER_GROUPS.iter().find_map(|&g| {
+        let rest = &regex[group_end(regex, g)? + 1..];
+        [':', ' '].into_iter().find_map(|c| {
+            let after = rest.strip_prefix(c)?;
+            (after.starts_with("(?P<ip>") || after.starts_with("(?<ip>")).then_some((g, c))
+        })
+    })
+}
+
+/// The literal text that follows group `name` in a regex, up to the first
+/// construct that is not a literal character (escaped punctuation counts
+/// as literal); a character made optional by a quantifier is left out.
+/// `user=<(?P<user>.*)>(?:, ...` gives `>`; `'(?P<user>[^']*)' logged in
+/// from (?P<ip>...)` gives `' logged in from `.
+pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
+    let b = regex.as_bytes();
+    let end = group_end(regex, name)?;
     let mut out = String::new();
     let mut i = end + 1;
     while let Some(&c) = b.get(i) {
@@ -370,6 +404,9 @@ struct Pattern {
     fields: Vec<String>,
     /// For each user-controlled group, the literal text that ends it.
     delimiters: Vec<(&'static str, String)>,
+    /// The group and character that join a user-controlled capture to the
+    /// address ([`regex_glue`]).
+    glue: Option<(&'static str, char)>,
     /// The fields the server leaves out of some lines (sample harness).
     omitted: Vec<String>,
     /// Literal text of which every message the regex matches holds one
@@ -380,12 +417,34 @@ struct Pattern {
 }
 
 impl Pattern {
+    /// Whether the user's text and the address it is joined to
+    /// ([`regex_glue`]) read as another address when split at another
+    /// joining character: `":2001:db8::bad:11.0.0.1` is the address
+    /// 2001:db8::bad:b00:1 after the first ':' and 11.0.0.1 after the last.
+    /// Addresses that differ only as IPv4 and IPv4-mapped IPv6 are one.
+    fn split(&self, message: &str, caps: &regex::Captures<'_>) -> Option<Ambiguity> {
+        let (group, glue) = self.glue?;
+        let (user, ip) = (caps.name(group)?, caps.name("ip")?);
+        let chosen = parse_ip(ip.as_str()).ok().map(|a| a.to_canonical());
+        let joined = &message[user.start()..ip.end()];
+        let at = ip.start() - user.start() - 1;
+        joined
+            .match_indices(glue)
+            .filter(|&(i, _)| i != at)
+            .filter_map(|(i, _)| parse_ip(&joined[i + 1..]).ok())
+            .any(|a| Some(a.to_canonical()) != chosen)
+            .then_some(Ambiguity::Split { glue, group })
+    }
+
     /// Whether the match `caps` of `message` is ambiguous, and why.
     fn ambiguity(&self, message: &str, caps: &regex::Captures<'_>) -> Option<Ambiguity> {
         for f in &self.fields {
             if field_count(message, f) > 1 {
                 return Some(Ambiguity::Repeated(f.clone()));
             }
+        }
+        if let Some(why) = self.split(message, caps) {
+            return Some(why);
         }
         for group in USER_GROUPS {
             let Some(m) = caps.name(group) else { continue };
@@ -1030,6 +1089,7 @@ impl Matchers {
             hold,
             fields,
             delimiters,
+            glue: regex_glue(text),
             omitted: spec.omitted.clone(),
             literals: required_literals(&anchored),
             programs: spec.program.clone(),
@@ -1762,6 +1822,63 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_address_joined_to_the_user_by_one_character_must_split_one_way() {
+        assert_eq!(
+            regex_glue("success (?P<user>[^\\s:]+):(?P<ip>[0-9.:]+)"),
+            Some(("user", ':'))
+        );
+        assert_eq!(
+            regex_glue("(?P<user>\\S+) (?P<ip>[0-9.]{7,15}) \\d+"),
+            Some(("user", ' '))
+        );
+        assert_eq!(
+            regex_glue("user=(?P<user>.*) host=\\[(?P<ip>[0-9.]+)\\]"),
+            None
+        );
+        let m = Matchers::builtin();
+        let line = |tail: &str| {
+            format!(
+                "<22>Nov 24 10:00:01 mail vpopmail[1]: vchkpw-pop3: (PLAIN) login success {tail}"
+            )
+        };
+        for tail in [
+            "\":2001:db8::bad:11.0.0.1",
+            "a@b:1:192.0.2.7",
+            "a@b:2001:db8::1",
+        ] {
+            let text = line(tail);
+            let r = parse_str(&text).unwrap();
+            let Outcome::Ambiguous { why, .. } = m.match_record(&r) else {
+                panic!("{tail}: {:?}", m.match_record(&r))
+            };
+            assert_eq!(
+                why,
+                Ambiguity::Split {
+                    glue: ':',
+                    group: "user"
+                }
+            );
+            assert_eq!(
+                why.to_string(),
+                "the user text and the address, joined by \":\", split into another address at another \":\""
+            );
+        }
+        // One address however it is split: IPv4, IPv4-mapped, full IPv6.
+        for (tail, ip) in [
+            ("a@b:192.0.2.7", "192.0.2.7"),
+            ("a@b:::ffff:192.0.2.7", "::ffff:192.0.2.7"),
+            ("a@b:2001:db8:0:0:0:0:0:1", "2001:db8::1"),
+        ] {
+            let text = line(tail);
+            let r = parse_str(&text).unwrap();
+            let Outcome::Login(l) = m.match_record(&r) else {
+                panic!("{tail}: {:?}", m.match_record(&r))
+            };
+            assert_eq!(l.ip, ip.parse::<IpAddr>().unwrap(), "{tail}");
+        }
     }
 
     fn custom(src: &str) -> Result<Matchers, (bool, PatternError)> {

@@ -417,6 +417,84 @@ struct Pattern {
 }
 
 impl Pattern {
+    /// What a match of this pattern is, its addresses parsed.
+    fn outcome(
+        &self,
+        rec: &Record<'_>,
+        caps: &regex::Captures<'_>,
+        ip: Option<IpAddr>,
+        via: Option<IpAddr>,
+    ) -> Outcome {
+        let service = match self.service {
+            ServiceFrom::Fixed(s) => Some(s),
+            ServiceFrom::Group => caps
+                .name("service")
+                .and_then(|m| Service::from_text(m.as_str())),
+            ServiceFrom::Program => Service::from_text(rec.program),
+        };
+        let user = caps.name("user").map_or("", |m| m.as_str()).to_string();
+        let session = match self.hold {
+            None => None,
+            Some(HoldBy::Session) => caps
+                .name("session")
+                .map(|m| format!("session {}", m.as_str())),
+            Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
+        };
+        let bad = || Outcome::BadAddress {
+            pattern: self.id.clone(),
+            text: caps.name("ip").map_or("", |m| m.as_str()).to_string(),
+        };
+        match self.kind {
+            Kind::Login => {
+                let (Some(ip), Some(service)) = (ip, service) else {
+                    return bad();
+                };
+                Outcome::Login(Login {
+                    ip,
+                    server: self.server.clone(),
+                    service,
+                    user,
+                    pattern: self.id.clone(),
+                    speakers: self.speakers.clone(),
+                    session,
+                    address_pattern: None,
+                    via,
+                })
+            }
+            Kind::Address => {
+                let Some(ip) = ip else { return bad() };
+                Outcome::Address {
+                    ip,
+                    server: self.server.clone(),
+                    pattern: self.id.clone(),
+                    speakers: self.speakers.clone(),
+                }
+            }
+            Kind::LoginAfterAddress => {
+                let Some(service) = service else { return bad() };
+                Outcome::LoginWithoutAddress {
+                    server: self.server.clone(),
+                    service,
+                    user,
+                    pattern: self.id.clone(),
+                    speakers: self.speakers.clone(),
+                }
+            }
+            Kind::Unaddressed => Outcome::Unaddressed {
+                server: self.server.clone(),
+                pattern: self.id.clone(),
+            },
+            Kind::Logout => Outcome::Logout {
+                ip,
+                server: self.server.clone(),
+                session,
+                user,
+                pattern: self.id.clone(),
+                speakers: self.speakers.clone(),
+            },
+        }
+    }
+
     /// Whether the user's text and the address it is joined to
     /// ([`regex_glue`]) read as another address when split at another
     /// joining character: `":2001:db8::bad:11.0.0.1` is the address
@@ -906,97 +984,9 @@ impl Matchers {
         let regex =
             Regex::new(&anchored).map_err(|e| err(format!("pattern \"{id}\": bad regex: {e}")))?;
         let names: Vec<&str> = regex.capture_names().flatten().collect();
-        let kind = match spec.kind.as_deref() {
-            None | Some("login") => Kind::Login,
-            Some("address") => Kind::Address,
-            Some("login-after-address") => Kind::LoginAfterAddress,
-            Some("logout") => Kind::Logout,
-            Some("login-without-address") => Kind::Unaddressed,
-            Some(other) => {
-                return Err(err(format!(
-                    "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\", \"login-without-address\" or \"logout\""
-                )));
-            }
-        };
-        match kind {
-            Kind::Login | Kind::Address if !names.contains(&"ip") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
-                )));
-            }
-            Kind::Unaddressed if names.contains(&"ip") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": a login-without-address pattern recognises lines that carry no address and must not capture (?P<ip>...)"
-                )));
-            }
-            Kind::LoginAfterAddress if names.contains(&"ip") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": a login-after-address pattern grants the address of its process's address line and must not capture (?P<ip>...) itself"
-                )));
-            }
-            _ => {}
-        }
-        let hold = match spec.hold.as_deref() {
-            None => None,
-            Some(_)
-                if matches!(
-                    kind,
-                    Kind::Address | Kind::LoginAfterAddress | Kind::Unaddressed
-                ) =>
-            {
-                return Err(err(format!(
-                    "pattern \"{id}\": hold is only for login and logout patterns"
-                )));
-            }
-            Some("session") if names.contains(&"session") => Some(HoldBy::Session),
-            Some("session") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": hold = \"session\" but the regex has no named group \"session\": capture the session id with (?P<session>...)"
-                )));
-            }
-            Some("pid") => Some(HoldBy::Pid),
-            Some(other) => {
-                return Err(err(format!(
-                    "pattern \"{id}\": hold = \"{other}\" is not known: expected \"session\" or \"pid\""
-                )));
-            }
-        };
-        if kind == Kind::Logout && hold.is_none() {
-            return Err(err(format!(
-                "pattern \"{id}\": a logout pattern needs hold = \"session\" or \"pid\" to say which login it ends"
-            )));
-        }
-        let service = match spec.service.as_deref() {
-            None if matches!(kind, Kind::Address | Kind::Logout | Kind::Unaddressed) => {
-                ServiceFrom::Fixed(Service::Pop3)
-            }
-            None if names.contains(&"service") => ServiceFrom::Group,
-            None => {
-                return Err(err(format!(
-                    "pattern \"{id}\": say which service it is: service = \"pop3\", \"imap\" or \"program\", or capture (?P<service>...)"
-                )));
-            }
-            Some("program") => ServiceFrom::Program,
-            Some(s) => match s {
-                "pop3" => ServiceFrom::Fixed(Service::Pop3),
-                "imap" => ServiceFrom::Fixed(Service::Imap),
-                other => {
-                    return Err(err(format!(
-                        "pattern \"{id}\": service = \"{other}\" is not known: expected \"pop3\", \"imap\" or \"program\""
-                    )));
-                }
-            },
-        };
-        if let ServiceFrom::Program = service
-            && let Some(p) = spec
-                .program
-                .iter()
-                .find(|p| Service::from_text(p).is_none())
-        {
-            return Err(err(format!(
-                "pattern \"{id}\": service = \"program\" but program \"{p}\" names neither pop3 nor imap: set service = \"pop3\" or \"imap\""
-            )));
-        }
+        let kind = kind_of(spec, &id, &names).map_err(err)?;
+        let hold = hold_of(spec, &id, &names, kind).map_err(err)?;
+        let service = service_of(spec, &id, &names, kind).map_err(err)?;
         if let Some(e) = spec.executables.iter().find(|e| !e.starts_with('/')) {
             return Err(err(format!(
                 "pattern \"{id}\": executables = [\"{e}\"]: expected absolute paths, e.g. \"/usr/lib/dovecot/log\""
@@ -1018,47 +1008,8 @@ impl Matchers {
             .filter(|g| names.contains(g))
             .filter_map(|g| regex_delimiter(text, g).map(|d| (*g, d)))
             .collect();
-        let process = match spec.credential.as_deref() {
-            None => kind == Kind::LoginAfterAddress,
-            Some("uid") if kind == Kind::LoginAfterAddress => {
-                return Err(err(format!(
-                    "pattern \"{id}\": a login-after-address line may be written by the user who logged in, so its uid is no credential: leave out credential (it is \"process\")"
-                )));
-            }
-            Some("uid") => false,
-            Some("process") => true,
-            Some(other) => {
-                return Err(err(format!(
-                    "pattern \"{id}\": credential = \"{other}\" is not known: expected \"uid\" or \"process\""
-                )));
-            }
-        };
-        if process && !spec.uids.is_empty() {
-            return Err(err(format!(
-                "pattern \"{id}\": its credential is the process (the line may be written as the user who logged in), so uids are not checked: leave them out, and name them on the server's address pattern"
-            )));
-        }
-        if process && kind == Kind::Logout && hold != Some(HoldBy::Pid) {
-            return Err(err(format!(
-                "pattern \"{id}\": a logout line whose credential is its process must be paired by it: hold = \"pid\" (the attested pid, which only that process can send)"
-            )));
-        }
-        if process && matches!(kind, Kind::Address | Kind::Unaddressed) {
-            return Err(err(format!(
-                "pattern \"{id}\": credential = \"process\" is for lines written after the server switched users (login, login-after-address, logout); an address line's uid is its credential"
-            )));
-        }
-        let mut uids = Vec::new();
-        let mut missing = Vec::new();
-        for a in &spec.uids {
-            match a {
-                Account::Uid(n) => uids.push(*n),
-                Account::Name(name) => match crate::service::privilege::user(name) {
-                    Ok(u) => uids.push(u.uid),
-                    Err(_) => missing.push(name.clone()),
-                },
-            }
-        }
+        let process = process_of(spec, &id, kind, hold).map_err(err)?;
+        let (uids, missing) = resolve(&spec.uids);
         if spec.line_limit == Some(0) {
             return Err(err(format!(
                 "pattern \"{id}\": line_limit = 0: give the length in bytes at which the server's logger cuts a line, e.g. line_limit = 500"
@@ -1196,74 +1147,7 @@ impl Matchers {
                     };
                 }
             };
-            let service = match p.service {
-                ServiceFrom::Fixed(s) => Some(s),
-                ServiceFrom::Group => caps
-                    .name("service")
-                    .and_then(|m| Service::from_text(m.as_str())),
-                ServiceFrom::Program => Service::from_text(rec.program),
-            };
-            let user = caps.name("user").map_or("", |m| m.as_str()).to_string();
-            let session = match p.hold {
-                None => None,
-                Some(HoldBy::Session) => caps
-                    .name("session")
-                    .map(|m| format!("session {}", m.as_str())),
-                Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
-            };
-            let bad = || Outcome::BadAddress {
-                pattern: p.id.clone(),
-                text: caps.name("ip").map_or("", |m| m.as_str()).to_string(),
-            };
-            return match p.kind {
-                Kind::Login => {
-                    let (Some(ip), Some(service)) = (ip, service) else {
-                        return bad();
-                    };
-                    Outcome::Login(Login {
-                        ip,
-                        server: p.server.clone(),
-                        service,
-                        user,
-                        pattern: p.id.clone(),
-                        speakers: p.speakers.clone(),
-                        session,
-                        address_pattern: None,
-                        via,
-                    })
-                }
-                Kind::Address => {
-                    let Some(ip) = ip else { return bad() };
-                    Outcome::Address {
-                        ip,
-                        server: p.server.clone(),
-                        pattern: p.id.clone(),
-                        speakers: p.speakers.clone(),
-                    }
-                }
-                Kind::LoginAfterAddress => {
-                    let Some(service) = service else { return bad() };
-                    Outcome::LoginWithoutAddress {
-                        server: p.server.clone(),
-                        service,
-                        user,
-                        pattern: p.id.clone(),
-                        speakers: p.speakers.clone(),
-                    }
-                }
-                Kind::Unaddressed => Outcome::Unaddressed {
-                    server: p.server.clone(),
-                    pattern: p.id.clone(),
-                },
-                Kind::Logout => Outcome::Logout {
-                    ip,
-                    server: p.server.clone(),
-                    session,
-                    user,
-                    pattern: p.id.clone(),
-                    speakers: p.speakers.clone(),
-                },
-            };
+            return p.outcome(rec, &caps, ip, via);
         }
         Outcome::NoMatch
     }
@@ -1668,6 +1552,178 @@ impl AddressMemory {
         }
         ok
     }
+}
+
+/// The pattern's `kind`, checked against its `ip` group.
+fn kind_of(spec: &PatternSpec, id: &str, names: &[&str]) -> Result<Kind, String> {
+    let kind = match spec.kind.as_deref() {
+        None | Some("login") => Kind::Login,
+        Some("address") => Kind::Address,
+        Some("login-after-address") => Kind::LoginAfterAddress,
+        Some("logout") => Kind::Logout,
+        Some("login-without-address") => Kind::Unaddressed,
+        Some(other) => {
+            return Err(format!(
+                "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\", \"login-without-address\" or \"logout\""
+            ));
+        }
+    };
+    match kind {
+        Kind::Login | Kind::Address if !names.contains(&"ip") => {
+            return Err(format!(
+                "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
+            ));
+        }
+        Kind::Unaddressed if names.contains(&"ip") => {
+            return Err(format!(
+                "pattern \"{id}\": a login-without-address pattern recognises lines that carry no address and must not capture (?P<ip>...)"
+            ));
+        }
+        Kind::LoginAfterAddress if names.contains(&"ip") => {
+            return Err(format!(
+                "pattern \"{id}\": a login-after-address pattern grants the address of its process's address line and must not capture (?P<ip>...) itself"
+            ));
+        }
+        _ => {}
+    }
+    Ok(kind)
+}
+
+/// How the pattern's logins are held (`hold`), checked against its kind.
+fn hold_of(
+    spec: &PatternSpec,
+    id: &str,
+    names: &[&str],
+    kind: Kind,
+) -> Result<Option<HoldBy>, String> {
+    let hold = match spec.hold.as_deref() {
+        None => None,
+        Some(_)
+            if matches!(
+                kind,
+                Kind::Address | Kind::LoginAfterAddress | Kind::Unaddressed
+            ) =>
+        {
+            return Err(format!(
+                "pattern \"{id}\": hold is only for login and logout patterns"
+            ));
+        }
+        Some("session") if names.contains(&"session") => Some(HoldBy::Session),
+        Some("session") => {
+            return Err(format!(
+                "pattern \"{id}\": hold = \"session\" but the regex has no named group \"session\": capture the session id with (?P<session>...)"
+            ));
+        }
+        Some("pid") => Some(HoldBy::Pid),
+        Some(other) => {
+            return Err(format!(
+                "pattern \"{id}\": hold = \"{other}\" is not known: expected \"session\" or \"pid\""
+            ));
+        }
+    };
+    if kind == Kind::Logout && hold.is_none() {
+        return Err(format!(
+            "pattern \"{id}\": a logout pattern needs hold = \"session\" or \"pid\" to say which login it ends"
+        ));
+    }
+    Ok(hold)
+}
+
+/// Where the pattern's service comes from.
+fn service_of(
+    spec: &PatternSpec,
+    id: &str,
+    names: &[&str],
+    kind: Kind,
+) -> Result<ServiceFrom, String> {
+    let service = match spec.service.as_deref() {
+        None if matches!(kind, Kind::Address | Kind::Logout | Kind::Unaddressed) => {
+            ServiceFrom::Fixed(Service::Pop3)
+        }
+        None if names.contains(&"service") => ServiceFrom::Group,
+        None => {
+            return Err(format!(
+                "pattern \"{id}\": say which service it is: service = \"pop3\", \"imap\" or \"program\", or capture (?P<service>...)"
+            ));
+        }
+        Some("program") => ServiceFrom::Program,
+        Some(s) => match s {
+            "pop3" => ServiceFrom::Fixed(Service::Pop3),
+            "imap" => ServiceFrom::Fixed(Service::Imap),
+            other => {
+                return Err(format!(
+                    "pattern \"{id}\": service = \"{other}\" is not known: expected \"pop3\", \"imap\" or \"program\""
+                ));
+            }
+        },
+    };
+    if let ServiceFrom::Program = service
+        && let Some(p) = spec
+            .program
+            .iter()
+            .find(|p| Service::from_text(p).is_none())
+    {
+        return Err(format!(
+            "pattern \"{id}\": service = \"program\" but program \"{p}\" names neither pop3 nor imap: set service = \"pop3\" or \"imap\""
+        ));
+    }
+    Ok(service)
+}
+
+/// Whether the pattern's credential is its process (`credential`).
+fn process_of(
+    spec: &PatternSpec,
+    id: &str,
+    kind: Kind,
+    hold: Option<HoldBy>,
+) -> Result<bool, String> {
+    let process = match spec.credential.as_deref() {
+        None => kind == Kind::LoginAfterAddress,
+        Some("uid") if kind == Kind::LoginAfterAddress => {
+            return Err(format!(
+                "pattern \"{id}\": a login-after-address line may be written by the user who logged in, so its uid is no credential: leave out credential (it is \"process\")"
+            ));
+        }
+        Some("uid") => false,
+        Some("process") => true,
+        Some(other) => {
+            return Err(format!(
+                "pattern \"{id}\": credential = \"{other}\" is not known: expected \"uid\" or \"process\""
+            ));
+        }
+    };
+    if process && !spec.uids.is_empty() {
+        return Err(format!(
+            "pattern \"{id}\": its credential is the process (the line may be written as the user who logged in), so uids are not checked: leave them out, and name them on the server's address pattern"
+        ));
+    }
+    if process && kind == Kind::Logout && hold != Some(HoldBy::Pid) {
+        return Err(format!(
+            "pattern \"{id}\": a logout line whose credential is its process must be paired by it: hold = \"pid\" (the attested pid, which only that process can send)"
+        ));
+    }
+    if process && matches!(kind, Kind::Address | Kind::Unaddressed) {
+        return Err(format!(
+            "pattern \"{id}\": credential = \"process\" is for lines written after the server switched users (login, login-after-address, logout); an address line's uid is its credential"
+        ));
+    }
+    Ok(process)
+}
+
+/// The uids of `accounts`, and the names that do not exist here.
+fn resolve(accounts: &[Account]) -> (Vec<u32>, Vec<String>) {
+    let mut uids = Vec::new();
+    let mut missing = Vec::new();
+    for a in accounts {
+        match a {
+            Account::Uid(n) => uids.push(*n),
+            Account::Name(name) => match crate::service::privilege::user(name) {
+                Ok(u) => uids.push(u.uid),
+                Err(_) => missing.push(name.clone()),
+            },
+        }
+    }
+    (uids, missing)
 }
 
 /// Parses an address as servers write it: brackets around it are allowed,

@@ -357,6 +357,14 @@ fn accept<F>(
     handle(bytes, &Peer::Udp(peer));
 }
 
+/// Logs (rate-limited) that a receive on the socket `what` failed, and
+/// says how long to pause before the next, so that a failing socket does
+/// not spin.
+fn receive_failed(what: impl std::fmt::Display, e: &std::io::Error) -> Duration {
+    crate::log_warning_limited!(RECEIVE_WARNINGS, "{what}: receive failed: {e}");
+    Duration::from_millis(100)
+}
+
 /// Sleeps until `raw` is readable or `stop` is: whether it was the stop.
 fn stopped(raw: std::os::fd::RawFd, stop: &std::os::fd::OwnedFd) -> bool {
     use std::os::fd::AsRawFd;
@@ -469,8 +477,7 @@ fn receive_thread(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                 )
             {
-                crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(receive_failed(local, &e));
                 continue;
             }
             if stopped(raw, stop) {
@@ -513,8 +520,7 @@ async fn run_udp_in_task<F>(
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(receive_failed(local, &e)).await;
                     continue;
                 }
             },
@@ -558,8 +564,7 @@ async fn run_unix<F>(
             r = socket.recv(&mut buf) => match r {
                 Ok(n) => n,
                 Err(e) => {
-                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{peer}: receive failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(receive_failed(&peer, &e)).await;
                     continue;
                 }
             },

@@ -29,7 +29,7 @@
 //! - [`ingest`]: datagrams and connections from outside, up to one parsed
 //!   syslog record with the transport's word on who sent it; Dovecot's
 //!   auth-policy reports.
-//! - [`recognise`]: from a record to one decision ([`recognise::pipeline::decide`]):
+//! - [`recognise`]: from a record to one decision (`recognise::pipeline::decide`):
 //!   a grant, or a refusal with its reason and counter.
 //! - [`grants`]: the table of live grants (the single owner of expiry),
 //!   the address rules, the state file, and [`grants::follow`], the one
@@ -38,18 +38,50 @@
 //!   services, and the check of Postfix's own configuration.
 //! - [`service`]: configuration, start-up and stop, reload, the control
 //!   socket, metrics, systemd, privileges, logging, and the `match`
-//!   subcommand ([`service::inspect`]), which runs the same decision.
-//! - [`net`]: the network layer under every listener and service.
-//! - [`logging`], [`stats`], [`swap`]: the daemon's own log (escaping,
+//!   subcommand (`service::inspect`), which runs the same decision.
+//! - `net`: the network layer under every listener and service.
+//! - [`logging`], [`stats`], `swap`: the daemon's own log (escaping,
 //!   rate limits), the counters of everything received, dropped and
 //!   decided, and the settings a reload (SIGHUP) replaces.
+
+//!
+//! # Public API
+//!
+//! The crate is a daemon; its library exists for the binary
+//! (`src/main.rs`), the tests, the benchmarks (`examples/`) and the fuzz
+//! targets (`fuzz/`), and exports only what they use. Everything else is
+//! `pub(crate)`: `net`, `swap`, and inside the stages `ingest::{attest,
+//! authpolicy, shutdown, tcp}`, `recognise::{hold, pipeline}`,
+//! `postfix::{check, lines, policy, socketmap}` and `service::{control,
+//! inspect, metrics, privilege, startup, systemd}`.
+//!
+//! - the binary: [`service::daemon::main`], given a [`service::config::Cli`];
+//! - one line through the daemon's decision, as the daemon takes it:
+//!   [`service::daemon::Pipeline`] with its [`service::daemon::Settings`],
+//!   [`ingest::receiver::Peer`] (who sent it), [`ingest::record`]
+//!   (syslog parsing), [`stats::Stats`] (the counters), and
+//!   [`logging::set_level`];
+//! - recognition: [`recognise::matcher`] (`Matchers`, `Outcome`,
+//!   `PatternSpec`, `parse_pattern_specs`, `Service`, `BUILTIN_PATTERNS`,
+//!   `AddressMemory`, `ProcessKey`, `CutLines`, `CutKey`);
+//! - grants: [`grants::table`] (`GrantTable`, `Grant`), [`grants::addr`]
+//!   (`AddressPolicy`, `Cidr`, `canonical`), [`grants::state`]
+//!   (`StateWriter`) and [`grants::follow`] (the `Sink` trait and its
+//!   loop, for a test's own sink);
+//! - backends: [`postfix::map`] (`PostfixMap`, `MapType`) and
+//!   [`postfix::memcache`] (`Memcache`, `Server`);
+//! - configuration: [`service::config`] (`Cli`, `Config`).
+
+// The module docs link freely to crate-private items: they are for the
+// people who work on the daemon (`cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod grants;
 pub mod ingest;
 pub mod logging;
-pub mod net;
+pub(crate) mod net;
 pub mod postfix;
 pub mod recognise;
 pub mod service;
 pub mod stats;
-pub mod swap;
+pub(crate) mod swap;

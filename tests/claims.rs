@@ -15,14 +15,15 @@
 //! Both need root (mount, setpriv); without it they fail loudly rather
 //! than skip, unless SAP_SKIP_ROOT_TESTS=1 says so.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_smtp-after-popd");
+use common::{Daemon, Scratch, free_udp_port, postmap_lookup, send_udp, wait_for};
 
 fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid cannot fail.
@@ -36,32 +37,6 @@ fn root_or_skip(test: &str) -> bool {
     panic!("{test} needs root (set SAP_SKIP_ROOT_TESTS=1 to skip it, loudly)");
 }
 
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn send_udp(port: u16, msg: &str) {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.send_to(msg.as_bytes(), ("127.0.0.1", port))
-        .expect("send");
-}
-
 fn login(user: &str, ip: &str) -> String {
     format!(
         "<22>Nov 23 10:00:01 mail dovecot: pop3-login: Login: user=<{user}>, method=PLAIN, rip={ip}, lip=192.0.2.1, mpid=1, session=<Vb0F8x8s4NzAAAAB>"
@@ -69,109 +44,6 @@ fn login(user: &str, ip: &str) -> String {
 }
 
 /// A scratch directory with an empty Postfix configuration for postmap.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        let dir = tempfile::Builder::new()
-            .prefix("sap-claims-")
-            .tempdir()
-            .expect("temp dir");
-        std::fs::create_dir(dir.path().join("postfix")).expect("mkdir");
-        let main_cf = dir.path().join("postfix/main.cf");
-        std::fs::write(&main_cf, "").expect("main.cf");
-        // Postfix waits for a main.cf modified within the last second.
-        std::fs::File::options()
-            .write(true)
-            .open(&main_cf)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60)))
-            .expect("main.cf mtime");
-        Scratch { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `postmap -q IP hash:MAP`: Ok(Some(value)) found, Ok(None) not
-    /// found (exit 1), Err for any other failure.
-    fn postmap_q(&self, map: &Path, ip: &str) -> Result<Option<String>, String> {
-        let out = Command::new("postmap")
-            .env("MAIL_CONFIG", self.path("postfix"))
-            .args(["-q", ip])
-            .arg(format!("hash:{}", map.display()))
-            .output()
-            .map_err(|e| format!("postmap: {e}"))?;
-        match out.status.code() {
-            Some(0) => Ok(Some(
-                String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            )),
-            Some(1) => Ok(None),
-            _ => Err(format!(
-                "postmap -q failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )),
-        }
-    }
-}
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(s: &Scratch, args: &[&str]) -> Daemon {
-        let log = s.path("daemon.log");
-        let stderr = std::fs::File::create(&log).expect("log");
-        let child = Command::new(BIN)
-            .args(args)
-            .env("MAIL_CONFIG", s.path("postfix"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn daemon");
-        let mut d = Daemon { child, log };
-        let ok = wait_for(Duration::from_secs(20), || {
-            d.log_text().contains("started: ") || d.exited()
-        });
-        assert!(ok && !d.exited(), "daemon did not start:\n{}", d.log_text());
-        d
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    fn stop(&mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        if wait_for(Duration::from_secs(10), || self.exited()) {
-            return self.child.wait().ok().and_then(|s| s.code());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if !self.exited() {
-            self.stop();
-        }
-    }
-}
-
 /// A small tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs(PathBuf);
 
@@ -242,9 +114,12 @@ fn when_postmap_fails_the_old_map_stays_and_the_daemon_retries() {
     // 1. A good map, written by the real postmap.
     send_udp(port, &login("alice", "192.0.2.201"));
     assert!(
-        wait_for(Duration::from_secs(20), || s
-            .postmap_q(&map, "192.0.2.201")
-            .is_ok_and(|v| v.as_deref() == Some("OK"))),
+        wait_for(Duration::from_secs(20), || postmap_lookup(
+            &s.mail_config(),
+            &map,
+            "192.0.2.201"
+        )
+        .is_ok_and(|v| v.as_deref() == Some("OK"))),
         "the first grant never reached the map:\n{}",
         d.log_text()
     );
@@ -276,21 +151,31 @@ fn when_postmap_fails_the_old_map_stays_and_the_daemon_retries() {
     assert!(!d.exited(), "a failing postmap stopped the daemon:\n{log}");
     // Postfix's lookup still answers from the old map, which is whole.
     assert_eq!(
-        s.postmap_q(&map, "192.0.2.201"),
+        postmap_lookup(&s.mail_config(), &map, "192.0.2.201"),
         Ok(Some("OK".to_string())),
         "the old map is gone:\n{log}"
     );
-    assert_eq!(s.postmap_q(&map, "192.0.2.202"), Ok(None), "{log}");
+    assert_eq!(
+        postmap_lookup(&s.mail_config(), &map, "192.0.2.202"),
+        Ok(None),
+        "{log}"
+    );
     // 3. Room again: the retry writes the new grant, and keeps the old.
     std::fs::remove_file(&filler).expect("remove filler");
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q(&map, "192.0.2.202")
-            .is_ok_and(|v| v.as_deref() == Some("OK"))),
+        wait_for(Duration::from_secs(30), || postmap_lookup(
+            &s.mail_config(),
+            &map,
+            "192.0.2.202"
+        )
+        .is_ok_and(|v| v.as_deref() == Some("OK"))),
         "the retry never wrote the map:\n{}",
         d.log_text()
     );
-    assert_eq!(s.postmap_q(&map, "192.0.2.201"), Ok(Some("OK".to_string())));
+    assert_eq!(
+        postmap_lookup(&s.mail_config(), &map, "192.0.2.201"),
+        Ok(Some("OK".to_string()))
+    );
     assert_eq!(d.stop(), Some(0), "{}", d.log_text());
 }
 

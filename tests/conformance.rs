@@ -23,6 +23,7 @@
 //! inside user names (an injected address is never a client);
 //! 198.51.100.0/24 is for proxies.
 
+mod common;
 mod sandbox;
 
 use std::collections::BTreeSet;

@@ -81,8 +81,7 @@ fn udp_logins_reach_the_postfix_map() {
         send_udp(port, msg);
         if let Some(ip) = want {
             assert!(
-                wait_for(Duration::from_secs(30), || s.postmap_q(ip).as_deref()
-                    == Some("OK")),
+                s.wait_ok(ip, Duration::from_secs(30)),
                 "{ip} not in the map:\n{}",
                 d.log_text()
             );
@@ -107,9 +106,7 @@ fn udp_logins_reach_the_postfix_map() {
         port,
         "<22>Nov 23 10:00:09 mail1 dovecot: pop3-login: Login: user=<zed>, method=PLAIN, rip=192.0.2.200, lip=192.0.2.1, mpid=9, session=<Vb0F8x8s4NzAAAAG>",
     );
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.200")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.200", Duration::from_secs(30)));
     for ip in NOT_GRANTED {
         assert_eq!(s.postmap_q(ip), None, "{ip} must not be granted");
     }
@@ -173,10 +170,7 @@ fn unix_socket_grants_and_window_expires() {
         "<22>Nov 23 10:00:01 dovecot: imap-login: Login: user=<alice>, method=PLAIN, rip=192.0.2.8, lip=192.0.2.1, mpid=77, session=<Vb0F8x8s4NzAAAAH>",
     );
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q("192.0.2.8")
-            .as_deref()
-            == Some("OK")),
+        s.wait_ok("192.0.2.8", Duration::from_secs(30)),
         "{}",
         d.log_text()
     );
@@ -222,9 +216,7 @@ fn peers_outside_allow_from_grant_nothing() {
     // was decided: datagrams are handled in order.
     send_udp_from("127.0.0.2", port, &line("192.0.2.11"));
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q("192.0.2.11")
-            .is_some()),
+        s.wait_granted("192.0.2.11", Duration::from_secs(30)),
         "{}",
         d.log_text()
     );
@@ -307,9 +299,7 @@ fn postmap_failure_is_retried_and_not_fatal() {
     // Once postmap exists, the retry writes the map with the kept grant.
     std::os::unix::fs::symlink(which_postmap(), &fake).unwrap();
     assert!(
-        wait_for(Duration::from_secs(60), || s
-            .postmap_q("192.0.2.12")
-            .is_some()),
+        s.wait_granted("192.0.2.12", Duration::from_secs(60)),
         "{}",
         d.log_text()
     );
@@ -619,7 +609,7 @@ fn tcp_listener_bounds_connections_and_frames() {
         .unwrap();
     for ip in ["192.0.2.41", "192.0.2.42"] {
         assert!(
-            wait_for(Duration::from_secs(30), || s.postmap_q(ip).is_some()),
+            s.wait_granted(ip, Duration::from_secs(30)),
             "{ip}\n{}",
             d.log_text()
         );
@@ -819,9 +809,7 @@ fn attestation_is_believed_only_on_attested_listeners_from_trusted_peers() {
     send_udp(port2, &line("192.0.2.51"));
     send_unix(&plain_sock, &line("192.0.2.54"));
     send_unix(&sock, &line("192.0.2.52"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.52")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.52", Duration::from_secs(30)));
     assert!(
         wait_for(Duration::from_secs(30), || {
             d.log_text()
@@ -853,9 +841,7 @@ fn attestation_is_believed_only_on_attested_listeners_from_trusted_peers() {
     );
     send_udp(port, &line("192.0.2.53"));
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q("192.0.2.53")
-            .is_some()),
+        s.wait_granted("192.0.2.53", Duration::from_secs(30)),
         "{}",
         d.log_text()
     );
@@ -918,7 +904,7 @@ fn a_flood_loses_nothing_silently() {
     sent += 1;
     let barrier = format!("10.0.{}.{}", logins / 250, logins % 250 + 1);
     assert!(
-        wait_for(Duration::from_secs(60), || s.postmap_q(&barrier).is_some()),
+        s.wait_granted(&barrier, Duration::from_secs(60)),
         "{}",
         d.log_text()
     );

@@ -510,20 +510,13 @@ fn dovecots_log_binary_run_by_a_user_is_refused() {
     let ns = libdir.path().join("ns.sh");
     std::fs::write(
         &ns,
-        format!(
-            "set -e\n\
-             mount --make-rprivate /\n\
-             mkdir -p {save}\n\
-             mount --rbind /dev {save}\n\
-             mount -t tmpfs -o mode=755 tmpfs /dev\n\
-             for n in null zero full random urandom tty; do touch /dev/$n; mount --bind {save}/$n /dev/$n; done\n\
-             umount -l {save}\n\
-             touch /dev/log\n\
-             mount --bind {sock} /dev/log\n\
-             exec setpriv --reuid=65534 --regid=65534 --clear-groups env LD_PRELOAD={so} /usr/lib/dovecot/log\n",
-            save = libdir.path().join("devsave").display(),
-            sock = rs.socket.display(),
-            so = so.display()
+        dev_log_namespace(
+            &libdir.path().join("devsave"),
+            &rs.socket,
+            &format!(
+                "setpriv --reuid=65534 --regid=65534 --clear-groups env LD_PRELOAD={} /usr/lib/dovecot/log",
+                so.display()
+            ),
         ),
     )
     .unwrap();

@@ -38,50 +38,6 @@ macro_rules! require_root {
     };
 }
 
-/// An unprivileged account made for one test (a name unique to the run),
-/// removed when dropped.
-struct TestUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
-impl TestUser {
-    fn create(tag: &str) -> TestUser {
-        let name = format!("sapf{tag}{}", std::process::id());
-        let st = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--user-group"])
-            .args(["--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent"])
-            .arg(&name)
-            .status()
-            .expect("useradd");
-        assert!(st.success(), "useradd {name} failed");
-        let id = |flag: &str| -> u32 {
-            let out = Command::new("id")
-                .arg(flag)
-                .arg(&name)
-                .output()
-                .expect("id");
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .expect("id")
-        };
-        let (uid, gid) = (id("-u"), id("-g"));
-        TestUser { name, uid, gid }
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).status();
-        let _ = Command::new("groupdel")
-            .arg(&self.name)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// A scratch directory the test user can read (tempfile makes 0700 ones).
 fn readable_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()
@@ -213,7 +169,7 @@ fn server_binaries_run_by_a_user_with_a_preloaded_library_are_refused() {
     let s = Scratch::new();
     let (mut d, socket) = attested_daemon(&s, &[]);
     let rs = rsyslog_attested(&s, "rsyslog", &socket);
-    let user = TestUser::create("a");
+    let user = TestUser::create("sapfa");
     let dir = readable_dir();
     let so = forging_library(dir.path());
     let forged = [
@@ -263,9 +219,7 @@ fn server_binaries_run_by_a_user_with_a_preloaded_library_are_refused() {
         .expect("env");
     assert!(out.status.success());
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q("198.51.100.23")
-            .is_some()),
+        s.wait_granted("198.51.100.23", Duration::from_secs(30)),
         "{}",
         d.log_text()
     );
@@ -454,9 +408,7 @@ fn a_user_name_cannot_supply_the_address_dovecot_left_out() {
         PASSWORD
     ));
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q("127.0.0.5")
-            .is_some()),
+        s.wait_granted("127.0.0.5", Duration::from_secs(30)),
         "{}",
         d.log_text()
     );

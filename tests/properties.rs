@@ -421,16 +421,6 @@ fn a_hostile_name_never_moves_the_granted_address() {
         );
         TestRunner::new(config(100))
             .run(&strategy, |(user, host, (text, ip))| {
-                // vchkpw writes "USER@DOMAIN:ADDRESS" and a user name with
-                // a ':' would move the address (":2001:db8::bad" before
-                // "11.0.0.1" reads as 2001:db8::bad:b00:1); vpopmail's
-                // account names hold no ':' (its vpasswd separator), so
-                // none can log in. Reported, kept out of the generator.
-                let (user, host) = if t.pattern == "vchkpw-login" {
-                    (user.replace(':', ""), host.map(|h| h.replace(':', "")))
-                } else {
-                    (user, host)
-                };
                 let lines = t.lines(&user, host.as_deref(), &text);
                 let got = run(&lines);
                 let mut shares = shares.borrow_mut();

@@ -78,17 +78,13 @@ fn sigkill_mid_window_keeps_open_windows_and_drops_expired_ones() {
     // B first; A six seconds later, so B's window closes while the daemon
     // is down and A's is still open (six seconds) when it comes back.
     send_udp(port, &login("192.0.2.20", "bob"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.20")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.20", Duration::from_secs(30)));
     // B was granted by now: its window ends before this.
     let b_expiry = Instant::now() + window;
     std::thread::sleep(Duration::from_secs(6));
     let a_granted = Instant::now();
     send_udp(port, &login("192.0.2.21", "alice"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.21")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.21", Duration::from_secs(30)));
     // A was granted between the two instants.
     let a_seen = Instant::now();
     d.signal("KILL");
@@ -162,9 +158,7 @@ fn sigterm_flushes_the_state_and_exits() {
     for i in 1..=50 {
         send_udp(port, &login(&format!("192.0.2.{i}"), "u"));
     }
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.50")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.50", Duration::from_secs(30)));
     // Exits (with 0) within the stop's bounded steps; how fast is for
     // the benchmarks, not for a test on a loaded machine.
     let code = d.stop();
@@ -285,9 +279,7 @@ fn sighup_refuses_a_broken_configuration_and_applies_a_good_one() {
         ],
     );
     send_udp(port, &login("192.0.2.40", "a"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.40")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.40", Duration::from_secs(30)));
 
     // A broken file: refused, with the file, line and value; the old
     // configuration keeps granting with its 2-minute window.
@@ -312,9 +304,7 @@ fn sighup_refuses_a_broken_configuration_and_applies_a_good_one() {
         "{log}"
     );
     send_udp(port, &login("192.0.2.41", "b"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.41")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.41", Duration::from_secs(30)));
     let left = seconds_left(&control, "192.0.2.41").unwrap();
     assert!(left > 100, "old window of 2m still applies: {left}s");
 
@@ -325,9 +315,7 @@ fn sighup_refuses_a_broken_configuration_and_applies_a_good_one() {
         .log_text()
         .contains("info: reloaded: window 30s")));
     send_udp(port, &login("192.0.2.42", "c"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.42")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.42", Duration::from_secs(30)));
     let left = seconds_left(&control, "192.0.2.42").unwrap();
     assert!(left <= 30, "new window: {left}s");
     assert!(
@@ -358,9 +346,7 @@ fn sighup_applies_new_allow_lists_and_never_rules() {
     // 198.51.100.50, sent after it, is the marker that 192.0.2.50 was
     // decided.
     send_udp(port, &login("198.51.100.50", "a"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("198.51.100.50")
-        .is_some()));
+    assert!(s.wait_granted("198.51.100.50", Duration::from_secs(30)));
     assert!(s.postmap_q("192.0.2.50").is_none(), "never rule");
     // Swap: 192.0.2.0/24 may now be granted, 198.51.100.0/24 not; and only
     // 127.0.0.2 may send.
@@ -375,9 +361,7 @@ fn sighup_applies_new_allow_lists_and_never_rules() {
     // A later login is the marker: datagrams are handled in order, so once
     // it is in the map the refusals before it have been decided.
     send_udp_from("127.0.0.2", port, &login("192.0.2.53", "a"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.53")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.53", Duration::from_secs(30)));
     assert!(s.postmap_q("192.0.2.52").is_some());
     assert!(
         s.postmap_q("192.0.2.51").is_none(),
@@ -421,9 +405,7 @@ fn list_revoke_and_stats_against_a_running_daemon() {
 
     send_udp(port, &login("192.0.2.60", "alice"));
     send_udp(port, &login("2001:db8::60", "bob"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("2001:db8::60")
-        .is_some()));
+    assert!(s.wait_granted("2001:db8::60", Duration::from_secs(30)));
 
     let (code, out, err) = cli(&["list", "--control", c]);
     assert_eq!(code, 0, "{err}");
@@ -526,9 +508,7 @@ fn prometheus_endpoint_serves_the_counters() {
         ],
     );
     send_udp(port, &login("192.0.2.70", "a"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.70")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.70", Duration::from_secs(30)));
     let get = |path: &str| {
         let mut c = std::net::TcpStream::connect(&metrics).unwrap();
         write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -590,16 +570,12 @@ fn systemd_readiness_and_socket_activation() {
     // The map was written before READY=1.
     assert!(s.path("authenticated_ips.db").exists());
     assert!(
-        wait_for(Duration::from_secs(30), || s
-            .postmap_q("192.0.2.80")
-            .is_some()),
+        s.wait_granted("192.0.2.80", Duration::from_secs(30)),
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     send_unix(&unix, &login("192.0.2.81", "b"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.81")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.81", Duration::from_secs(30)));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains(&format!("listening on udp://{udp}, passed by systemd")),
@@ -701,9 +677,7 @@ fn json_log_lines() {
         ],
     );
     send_udp(port, &login("192.0.2.90", "we\"ird\\user"));
-    assert!(wait_for(Duration::from_secs(30), || s
-        .postmap_q("192.0.2.90")
-        .is_some()));
+    assert!(s.wait_granted("192.0.2.90", Duration::from_secs(30)));
     d.stop();
     let text = d.log_text();
     let mut saw_grant = false;

@@ -18,9 +18,9 @@
 //! - [`authpolicy`]: Dovecot's auth-policy reports (`--auth-policy`).
 //! - [`shutdown`]: receivers that finish what senders sent before a stop.
 
-pub mod attest;
-pub mod authpolicy;
+pub(crate) mod attest;
+pub(crate) mod authpolicy;
 pub mod receiver;
 pub mod record;
-pub mod shutdown;
-pub mod tcp;
+pub(crate) mod shutdown;
+pub(crate) mod tcp;

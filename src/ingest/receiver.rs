@@ -357,6 +357,68 @@ fn accept<F>(
     handle(bytes, &Peer::Udp(peer));
 }
 
+/// Logs (rate-limited) that a receive on the socket `what` failed, and
+/// says how long to pause before the next, so that a failing socket does
+/// not spin.
+fn receive_failed(what: impl std::fmt::Display, e: &std::io::Error) -> Duration {
+    crate::log_warning_limited!(RECEIVE_WARNINGS, "{what}: receive failed: {e}");
+    Duration::from_millis(100)
+}
+
+/// Sleeps until `raw` is readable or `stop` is: whether it was the stop.
+fn stopped(raw: std::os::fd::RawFd, stop: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = [
+        libc::pollfd {
+            fd: raw,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: poll on two pollfds we own; no timeout: the thread
+    // sleeps until a datagram or the stop arrives.
+    unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+    pfd[1].revents != 0
+}
+
+/// The datagrams `recvmmsg` put in `msgs` (slots of `slot` bytes of
+/// `bufs`, source addresses in `names`), in one batch.
+fn take_batch(
+    msgs: &[libc::mmsghdr],
+    names: &mut [socket2::SockAddrStorage],
+    bufs: &[u8],
+    slot: usize,
+) -> Batch {
+    let n = msgs.len();
+    let total: usize = msgs.iter().map(|m| m.msg_len as usize).sum();
+    let mut batch = Batch {
+        data: Vec::with_capacity(total),
+        items: Vec::with_capacity(n),
+    };
+    for (i, m) in msgs.iter().enumerate() {
+        let len = (m.msg_len as usize).min(slot);
+        // SAFETY: the kernel wrote msg_namelen bytes of an address
+        // into names[i], a sockaddr_storage.
+        let storage = std::mem::replace(&mut names[i], socket2::SockAddrStorage::zeroed());
+        let addr = unsafe { socket2::SockAddr::new(storage, m.msg_hdr.msg_namelen) };
+        // A UDP datagram always has a source address; one that does
+        // not read as one is not believed to come from anywhere.
+        let Some(peer) = addr.as_socket() else {
+            continue;
+        };
+        batch
+            .data
+            .extend_from_slice(&bufs[i * slot..i * slot + len]);
+        batch.items.push((len, peer));
+    }
+    batch
+}
+
 /// The receive thread of a UDP socket (`fd`, a duplicate of the listener's
 /// descriptor, non-blocking as the listener is): reads batches with
 /// `recvmmsg` and queues them, until `stop` (an eventfd) is readable or the
@@ -415,52 +477,15 @@ fn receive_thread(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                 )
             {
-                crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(receive_failed(local, &e));
                 continue;
             }
-            let mut pfd = [
-                libc::pollfd {
-                    fd: raw,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: poll on two pollfds we own; no timeout: the thread
-            // sleeps until a datagram or the stop arrives.
-            unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
-            if pfd[1].revents != 0 {
+            if stopped(raw, stop) {
                 return;
             }
             continue;
         }
-        let n = n as usize;
-        let total: usize = msgs[..n].iter().map(|m| m.msg_len as usize).sum();
-        let mut batch = Batch {
-            data: Vec::with_capacity(total),
-            items: Vec::with_capacity(n),
-        };
-        for (i, m) in msgs[..n].iter().enumerate() {
-            let len = (m.msg_len as usize).min(SLOT);
-            // SAFETY: the kernel wrote msg_namelen bytes of an address
-            // into names[i], a sockaddr_storage.
-            let storage = std::mem::replace(&mut names[i], socket2::SockAddrStorage::zeroed());
-            let addr = unsafe { socket2::SockAddr::new(storage, m.msg_hdr.msg_namelen) };
-            // A UDP datagram always has a source address; one that does
-            // not read as one is not believed to come from anywhere.
-            let Some(peer) = addr.as_socket() else {
-                continue;
-            };
-            batch
-                .data
-                .extend_from_slice(&bufs[i * SLOT..i * SLOT + len]);
-            batch.items.push((len, peer));
-        }
+        let batch = take_batch(&msgs[..n as usize], &mut names, &bufs, SLOT);
         if tx.blocking_send(batch).is_err() {
             return;
         }
@@ -495,8 +520,7 @@ async fn run_udp_in_task<F>(
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{local}: receive failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(receive_failed(local, &e)).await;
                     continue;
                 }
             },
@@ -540,8 +564,7 @@ async fn run_unix<F>(
             r = socket.recv(&mut buf) => match r {
                 Ok(n) => n,
                 Err(e) => {
-                    crate::log_warning_limited!(RECEIVE_WARNINGS, "{peer}: receive failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(receive_failed(&peer, &e)).await;
                     continue;
                 }
             },

@@ -26,9 +26,9 @@
 //!
 //! The daemon calls [`begin`], then waits for [`drained`] (at most
 //! [`DRAIN`]), logs how many queued datagrams were handled
-//! ([`queued_handled`]), lets the map sink write once more
-//! ([`map_written`], at most [`FLUSH`]), and only then stops its other
-//! tasks and writes its state.
+//! ([`queued_handled`]), lets every sink write once more
+//! ([`crate::grants::follow::flush_all`], at most [`FLUSH`]), and only
+//! then stops its other tasks and writes its state.
 //!
 //! Consumes: the daemon's decision to stop.
 //! Produces: a signal receivers wait for, and a count of receivers still
@@ -72,19 +72,6 @@ pub fn queued_handled() -> u64 {
 /// Counts `n` datagrams a receiver read from its queue at the stop.
 pub fn count_queued(n: u64) {
     QUEUED.fetch_add(n, Ordering::SeqCst);
-}
-
-/// Waits until the map sink reports (through `visible`, the generation
-/// each of its writes made visible) that it wrote `generation` or later,
-/// or `deadline` passed; true when it did.
-pub async fn map_written(
-    visible: &mut watch::Receiver<u64>,
-    generation: u64,
-    deadline: Duration,
-) -> bool {
-    tokio::time::timeout(deadline, visible.wait_for(|g| *g >= generation))
-        .await
-        .is_ok_and(|r| r.is_ok())
 }
 
 fn done_tx() -> &'static watch::Sender<usize> {
@@ -262,15 +249,6 @@ mod tests {
         assert_eq!(n, 100);
         assert_eq!(got, (0..100).collect::<Vec<u8>>());
         assert!(queued_handled() >= before + 100);
-    }
-
-    #[tokio::test]
-    async fn the_map_is_waited_for_until_it_holds_the_generation() {
-        let (tx, mut rx) = watch::channel(3u64);
-        assert!(map_written(&mut rx, 3, Duration::from_millis(10)).await);
-        assert!(!map_written(&mut rx, 4, Duration::from_millis(10)).await);
-        tx.send_replace(5);
-        assert!(map_written(&mut rx, 4, Duration::from_millis(10)).await);
     }
 
     #[test]

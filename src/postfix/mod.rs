@@ -15,9 +15,9 @@
 //! - [`lines`]: the main.cf line and memcache_table(5) file that go with
 //!   the configuration (`postfix-config`).
 
-pub mod check;
-pub mod lines;
+pub(crate) mod check;
+pub(crate) mod lines;
 pub mod map;
 pub mod memcache;
-pub mod policy;
-pub mod socketmap;
+pub(crate) mod policy;
+pub(crate) mod socketmap;

@@ -169,6 +169,16 @@ pub enum Ambiguity {
         /// The capture group.
         group: &'static str,
     },
+    /// The address follows a user-controlled capture with one character
+    /// between (`USER@DOMAIN:IP`), and the text reads as a different
+    /// address when split at another such character: the user's text may
+    /// hold part of the address (`":2001:db8::bad` before `11.0.0.1`).
+    Split {
+        /// The character between the two.
+        glue: char,
+        /// The capture group before the address.
+        group: &'static str,
+    },
     /// The text that ends a user-controlled capture appears inside it.
     Undelimited {
         /// The text that ends the capture.
@@ -191,6 +201,12 @@ impl fmt::Display for Ambiguity {
                 f,
                 "the {group} text holds the server's field \"{}\"",
                 e(field)
+            ),
+            Ambiguity::Split { glue, group } => write!(
+                f,
+                "the {group} text and the address, joined by \"{}\", split into another address at another \"{}\"",
+                e(&glue.to_string()),
+                e(&glue.to_string())
             ),
             Ambiguity::Undelimited { delimiter, group } => write!(
                 f,
@@ -244,22 +260,16 @@ pub fn regex_fields(regex: &str) -> Vec<String> {
     out
 }
 
-/// The literal text that follows group `name` in a regex, up to the first
-/// construct that is not a literal character (escaped punctuation counts
-/// as literal); a character made optional by a quantifier is left out.
-/// `user=<(?P<user>.*)>(?:, ...` gives `>`; `'(?P<user>[^']*)' logged in
-/// from (?P<ip>...)` gives `' logged in from `.
-pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
-    let open = format!("(?P<{name}>");
+/// The byte offset of the parenthesis that closes group `name` in a regex.
+fn group_end(regex: &str, name: &str) -> Option<usize> {
     let start = regex
-        .find(&open)
+        .find(&format!("(?P<{name}>"))
         .or_else(|| regex.find(&format!("(?<{name}>")))?;
     let b = regex.as_bytes();
-    // Find the group's closing parenthesis.
     let mut depth = 0usize;
     let mut i = start;
     let mut in_class = false;
-    let end = loop {
+    loop {
         let c = *b.get(i)?;
         match c {
             b'\\' => i += 1,
@@ -269,13 +279,37 @@ pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
             b')' if !in_class => {
                 depth -= 1;
                 if depth == 0 {
-                    break i;
+                    return Some(i);
                 }
             }
             _ => {}
         }
         i += 1;
-    };
+    }
+}
+
+/// The one character (`:` or a space) between a user-controlled group
+/// and the `ip` group that directly follows it, as in vchkpw's
+/// `USER@DOMAIN:IP`: the address might begin at any such character of
+/// the user's text (see [`Ambiguity::Split`]).
+pub fn regex_glue(regex: &str) -> Option<(&'static str, char)> {
+    USER_GROUPS.iter().find_map(|&g| {
+        let rest = &regex[group_end(regex, g)? + 1..];
+        [':', ' '].into_iter().find_map(|c| {
+            let after = rest.strip_prefix(c)?;
+            (after.starts_with("(?P<ip>") || after.starts_with("(?<ip>")).then_some((g, c))
+        })
+    })
+}
+
+/// The literal text that follows group `name` in a regex, up to the first
+/// construct that is not a literal character (escaped punctuation counts
+/// as literal); a character made optional by a quantifier is left out.
+/// `user=<(?P<user>.*)>(?:, ...` gives `>`; `'(?P<user>[^']*)' logged in
+/// from (?P<ip>...)` gives `' logged in from `.
+pub fn regex_delimiter(regex: &str, name: &str) -> Option<String> {
+    let b = regex.as_bytes();
+    let end = group_end(regex, name)?;
     let mut out = String::new();
     let mut i = end + 1;
     while let Some(&c) = b.get(i) {
@@ -370,6 +404,9 @@ struct Pattern {
     fields: Vec<String>,
     /// For each user-controlled group, the literal text that ends it.
     delimiters: Vec<(&'static str, String)>,
+    /// The group and character that join a user-controlled capture to the
+    /// address ([`regex_glue`]).
+    glue: Option<(&'static str, char)>,
     /// The fields the server leaves out of some lines (sample harness).
     omitted: Vec<String>,
     /// Literal text of which every message the regex matches holds one
@@ -380,12 +417,112 @@ struct Pattern {
 }
 
 impl Pattern {
+    /// What a match of this pattern is, its addresses parsed.
+    fn outcome(
+        &self,
+        rec: &Record<'_>,
+        caps: &regex::Captures<'_>,
+        ip: Option<IpAddr>,
+        via: Option<IpAddr>,
+    ) -> Outcome {
+        let service = match self.service {
+            ServiceFrom::Fixed(s) => Some(s),
+            ServiceFrom::Group => caps
+                .name("service")
+                .and_then(|m| Service::from_text(m.as_str())),
+            ServiceFrom::Program => Service::from_text(rec.program),
+        };
+        let user = caps.name("user").map_or("", |m| m.as_str()).to_string();
+        let session = match self.hold {
+            None => None,
+            Some(HoldBy::Session) => caps
+                .name("session")
+                .map(|m| format!("session {}", m.as_str())),
+            Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
+        };
+        let bad = || Outcome::BadAddress {
+            pattern: self.id.clone(),
+            text: caps.name("ip").map_or("", |m| m.as_str()).to_string(),
+        };
+        match self.kind {
+            Kind::Login => {
+                let (Some(ip), Some(service)) = (ip, service) else {
+                    return bad();
+                };
+                Outcome::Login(Login {
+                    ip,
+                    server: self.server.clone(),
+                    service,
+                    user,
+                    pattern: self.id.clone(),
+                    speakers: self.speakers.clone(),
+                    session,
+                    address_pattern: None,
+                    via,
+                })
+            }
+            Kind::Address => {
+                let Some(ip) = ip else { return bad() };
+                Outcome::Address {
+                    ip,
+                    server: self.server.clone(),
+                    pattern: self.id.clone(),
+                    speakers: self.speakers.clone(),
+                }
+            }
+            Kind::LoginAfterAddress => {
+                let Some(service) = service else { return bad() };
+                Outcome::LoginWithoutAddress {
+                    server: self.server.clone(),
+                    service,
+                    user,
+                    pattern: self.id.clone(),
+                    speakers: self.speakers.clone(),
+                }
+            }
+            Kind::Unaddressed => Outcome::Unaddressed {
+                server: self.server.clone(),
+                pattern: self.id.clone(),
+            },
+            Kind::Logout => Outcome::Logout {
+                ip,
+                server: self.server.clone(),
+                session,
+                user,
+                pattern: self.id.clone(),
+                speakers: self.speakers.clone(),
+            },
+        }
+    }
+
+    /// Whether the user's text and the address it is joined to
+    /// ([`regex_glue`]) read as another address when split at another
+    /// joining character: `":2001:db8::bad:11.0.0.1` is the address
+    /// 2001:db8::bad:b00:1 after the first ':' and 11.0.0.1 after the last.
+    /// Addresses that differ only as IPv4 and IPv4-mapped IPv6 are one.
+    fn split(&self, message: &str, caps: &regex::Captures<'_>) -> Option<Ambiguity> {
+        let (group, glue) = self.glue?;
+        let (user, ip) = (caps.name(group)?, caps.name("ip")?);
+        let chosen = parse_ip(ip.as_str()).ok().map(|a| a.to_canonical());
+        let joined = &message[user.start()..ip.end()];
+        let at = ip.start() - user.start() - 1;
+        joined
+            .match_indices(glue)
+            .filter(|&(i, _)| i != at)
+            .filter_map(|(i, _)| parse_ip(&joined[i + 1..]).ok())
+            .any(|a| Some(a.to_canonical()) != chosen)
+            .then_some(Ambiguity::Split { glue, group })
+    }
+
     /// Whether the match `caps` of `message` is ambiguous, and why.
     fn ambiguity(&self, message: &str, caps: &regex::Captures<'_>) -> Option<Ambiguity> {
         for f in &self.fields {
             if field_count(message, f) > 1 {
                 return Some(Ambiguity::Repeated(f.clone()));
             }
+        }
+        if let Some(why) = self.split(message, caps) {
+            return Some(why);
         }
         for group in USER_GROUPS {
             let Some(m) = caps.name(group) else { continue };
@@ -847,97 +984,9 @@ impl Matchers {
         let regex =
             Regex::new(&anchored).map_err(|e| err(format!("pattern \"{id}\": bad regex: {e}")))?;
         let names: Vec<&str> = regex.capture_names().flatten().collect();
-        let kind = match spec.kind.as_deref() {
-            None | Some("login") => Kind::Login,
-            Some("address") => Kind::Address,
-            Some("login-after-address") => Kind::LoginAfterAddress,
-            Some("logout") => Kind::Logout,
-            Some("login-without-address") => Kind::Unaddressed,
-            Some(other) => {
-                return Err(err(format!(
-                    "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\", \"login-without-address\" or \"logout\""
-                )));
-            }
-        };
-        match kind {
-            Kind::Login | Kind::Address if !names.contains(&"ip") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
-                )));
-            }
-            Kind::Unaddressed if names.contains(&"ip") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": a login-without-address pattern recognises lines that carry no address and must not capture (?P<ip>...)"
-                )));
-            }
-            Kind::LoginAfterAddress if names.contains(&"ip") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": a login-after-address pattern grants the address of its process's address line and must not capture (?P<ip>...) itself"
-                )));
-            }
-            _ => {}
-        }
-        let hold = match spec.hold.as_deref() {
-            None => None,
-            Some(_)
-                if matches!(
-                    kind,
-                    Kind::Address | Kind::LoginAfterAddress | Kind::Unaddressed
-                ) =>
-            {
-                return Err(err(format!(
-                    "pattern \"{id}\": hold is only for login and logout patterns"
-                )));
-            }
-            Some("session") if names.contains(&"session") => Some(HoldBy::Session),
-            Some("session") => {
-                return Err(err(format!(
-                    "pattern \"{id}\": hold = \"session\" but the regex has no named group \"session\": capture the session id with (?P<session>...)"
-                )));
-            }
-            Some("pid") => Some(HoldBy::Pid),
-            Some(other) => {
-                return Err(err(format!(
-                    "pattern \"{id}\": hold = \"{other}\" is not known: expected \"session\" or \"pid\""
-                )));
-            }
-        };
-        if kind == Kind::Logout && hold.is_none() {
-            return Err(err(format!(
-                "pattern \"{id}\": a logout pattern needs hold = \"session\" or \"pid\" to say which login it ends"
-            )));
-        }
-        let service = match spec.service.as_deref() {
-            None if matches!(kind, Kind::Address | Kind::Logout | Kind::Unaddressed) => {
-                ServiceFrom::Fixed(Service::Pop3)
-            }
-            None if names.contains(&"service") => ServiceFrom::Group,
-            None => {
-                return Err(err(format!(
-                    "pattern \"{id}\": say which service it is: service = \"pop3\", \"imap\" or \"program\", or capture (?P<service>...)"
-                )));
-            }
-            Some("program") => ServiceFrom::Program,
-            Some(s) => match s {
-                "pop3" => ServiceFrom::Fixed(Service::Pop3),
-                "imap" => ServiceFrom::Fixed(Service::Imap),
-                other => {
-                    return Err(err(format!(
-                        "pattern \"{id}\": service = \"{other}\" is not known: expected \"pop3\", \"imap\" or \"program\""
-                    )));
-                }
-            },
-        };
-        if let ServiceFrom::Program = service
-            && let Some(p) = spec
-                .program
-                .iter()
-                .find(|p| Service::from_text(p).is_none())
-        {
-            return Err(err(format!(
-                "pattern \"{id}\": service = \"program\" but program \"{p}\" names neither pop3 nor imap: set service = \"pop3\" or \"imap\""
-            )));
-        }
+        let kind = kind_of(spec, &id, &names).map_err(err)?;
+        let hold = hold_of(spec, &id, &names, kind).map_err(err)?;
+        let service = service_of(spec, &id, &names, kind).map_err(err)?;
         if let Some(e) = spec.executables.iter().find(|e| !e.starts_with('/')) {
             return Err(err(format!(
                 "pattern \"{id}\": executables = [\"{e}\"]: expected absolute paths, e.g. \"/usr/lib/dovecot/log\""
@@ -959,47 +1008,8 @@ impl Matchers {
             .filter(|g| names.contains(g))
             .filter_map(|g| regex_delimiter(text, g).map(|d| (*g, d)))
             .collect();
-        let process = match spec.credential.as_deref() {
-            None => kind == Kind::LoginAfterAddress,
-            Some("uid") if kind == Kind::LoginAfterAddress => {
-                return Err(err(format!(
-                    "pattern \"{id}\": a login-after-address line may be written by the user who logged in, so its uid is no credential: leave out credential (it is \"process\")"
-                )));
-            }
-            Some("uid") => false,
-            Some("process") => true,
-            Some(other) => {
-                return Err(err(format!(
-                    "pattern \"{id}\": credential = \"{other}\" is not known: expected \"uid\" or \"process\""
-                )));
-            }
-        };
-        if process && !spec.uids.is_empty() {
-            return Err(err(format!(
-                "pattern \"{id}\": its credential is the process (the line may be written as the user who logged in), so uids are not checked: leave them out, and name them on the server's address pattern"
-            )));
-        }
-        if process && kind == Kind::Logout && hold != Some(HoldBy::Pid) {
-            return Err(err(format!(
-                "pattern \"{id}\": a logout line whose credential is its process must be paired by it: hold = \"pid\" (the attested pid, which only that process can send)"
-            )));
-        }
-        if process && matches!(kind, Kind::Address | Kind::Unaddressed) {
-            return Err(err(format!(
-                "pattern \"{id}\": credential = \"process\" is for lines written after the server switched users (login, login-after-address, logout); an address line's uid is its credential"
-            )));
-        }
-        let mut uids = Vec::new();
-        let mut missing = Vec::new();
-        for a in &spec.uids {
-            match a {
-                Account::Uid(n) => uids.push(*n),
-                Account::Name(name) => match crate::service::privilege::user(name) {
-                    Ok(u) => uids.push(u.uid),
-                    Err(_) => missing.push(name.clone()),
-                },
-            }
-        }
+        let process = process_of(spec, &id, kind, hold).map_err(err)?;
+        let (uids, missing) = resolve(&spec.uids);
         if spec.line_limit == Some(0) {
             return Err(err(format!(
                 "pattern \"{id}\": line_limit = 0: give the length in bytes at which the server's logger cuts a line, e.g. line_limit = 500"
@@ -1030,6 +1040,7 @@ impl Matchers {
             hold,
             fields,
             delimiters,
+            glue: regex_glue(text),
             omitted: spec.omitted.clone(),
             literals: required_literals(&anchored),
             programs: spec.program.clone(),
@@ -1136,74 +1147,7 @@ impl Matchers {
                     };
                 }
             };
-            let service = match p.service {
-                ServiceFrom::Fixed(s) => Some(s),
-                ServiceFrom::Group => caps
-                    .name("service")
-                    .and_then(|m| Service::from_text(m.as_str())),
-                ServiceFrom::Program => Service::from_text(rec.program),
-            };
-            let user = caps.name("user").map_or("", |m| m.as_str()).to_string();
-            let session = match p.hold {
-                None => None,
-                Some(HoldBy::Session) => caps
-                    .name("session")
-                    .map(|m| format!("session {}", m.as_str())),
-                Some(HoldBy::Pid) => rec.pid.map(|n| format!("pid {n}")),
-            };
-            let bad = || Outcome::BadAddress {
-                pattern: p.id.clone(),
-                text: caps.name("ip").map_or("", |m| m.as_str()).to_string(),
-            };
-            return match p.kind {
-                Kind::Login => {
-                    let (Some(ip), Some(service)) = (ip, service) else {
-                        return bad();
-                    };
-                    Outcome::Login(Login {
-                        ip,
-                        server: p.server.clone(),
-                        service,
-                        user,
-                        pattern: p.id.clone(),
-                        speakers: p.speakers.clone(),
-                        session,
-                        address_pattern: None,
-                        via,
-                    })
-                }
-                Kind::Address => {
-                    let Some(ip) = ip else { return bad() };
-                    Outcome::Address {
-                        ip,
-                        server: p.server.clone(),
-                        pattern: p.id.clone(),
-                        speakers: p.speakers.clone(),
-                    }
-                }
-                Kind::LoginAfterAddress => {
-                    let Some(service) = service else { return bad() };
-                    Outcome::LoginWithoutAddress {
-                        server: p.server.clone(),
-                        service,
-                        user,
-                        pattern: p.id.clone(),
-                        speakers: p.speakers.clone(),
-                    }
-                }
-                Kind::Unaddressed => Outcome::Unaddressed {
-                    server: p.server.clone(),
-                    pattern: p.id.clone(),
-                },
-                Kind::Logout => Outcome::Logout {
-                    ip,
-                    server: p.server.clone(),
-                    session,
-                    user,
-                    pattern: p.id.clone(),
-                    speakers: p.speakers.clone(),
-                },
-            };
+            return p.outcome(rec, &caps, ip, via);
         }
         Outcome::NoMatch
     }
@@ -1619,6 +1563,178 @@ impl AddressMemory {
     }
 }
 
+/// The pattern's `kind`, checked against its `ip` group.
+fn kind_of(spec: &PatternSpec, id: &str, names: &[&str]) -> Result<Kind, String> {
+    let kind = match spec.kind.as_deref() {
+        None | Some("login") => Kind::Login,
+        Some("address") => Kind::Address,
+        Some("login-after-address") => Kind::LoginAfterAddress,
+        Some("logout") => Kind::Logout,
+        Some("login-without-address") => Kind::Unaddressed,
+        Some(other) => {
+            return Err(format!(
+                "pattern \"{id}\": kind = \"{other}\" is not known: expected \"login\", \"address\", \"login-after-address\", \"login-without-address\" or \"logout\""
+            ));
+        }
+    };
+    match kind {
+        Kind::Login | Kind::Address if !names.contains(&"ip") => {
+            return Err(format!(
+                "pattern \"{id}\": the regex has no named group \"ip\": capture the client address with (?P<ip>...)"
+            ));
+        }
+        Kind::Unaddressed if names.contains(&"ip") => {
+            return Err(format!(
+                "pattern \"{id}\": a login-without-address pattern recognises lines that carry no address and must not capture (?P<ip>...)"
+            ));
+        }
+        Kind::LoginAfterAddress if names.contains(&"ip") => {
+            return Err(format!(
+                "pattern \"{id}\": a login-after-address pattern grants the address of its process's address line and must not capture (?P<ip>...) itself"
+            ));
+        }
+        _ => {}
+    }
+    Ok(kind)
+}
+
+/// How the pattern's logins are held (`hold`), checked against its kind.
+fn hold_of(
+    spec: &PatternSpec,
+    id: &str,
+    names: &[&str],
+    kind: Kind,
+) -> Result<Option<HoldBy>, String> {
+    let hold = match spec.hold.as_deref() {
+        None => None,
+        Some(_)
+            if matches!(
+                kind,
+                Kind::Address | Kind::LoginAfterAddress | Kind::Unaddressed
+            ) =>
+        {
+            return Err(format!(
+                "pattern \"{id}\": hold is only for login and logout patterns"
+            ));
+        }
+        Some("session") if names.contains(&"session") => Some(HoldBy::Session),
+        Some("session") => {
+            return Err(format!(
+                "pattern \"{id}\": hold = \"session\" but the regex has no named group \"session\": capture the session id with (?P<session>...)"
+            ));
+        }
+        Some("pid") => Some(HoldBy::Pid),
+        Some(other) => {
+            return Err(format!(
+                "pattern \"{id}\": hold = \"{other}\" is not known: expected \"session\" or \"pid\""
+            ));
+        }
+    };
+    if kind == Kind::Logout && hold.is_none() {
+        return Err(format!(
+            "pattern \"{id}\": a logout pattern needs hold = \"session\" or \"pid\" to say which login it ends"
+        ));
+    }
+    Ok(hold)
+}
+
+/// Where the pattern's service comes from.
+fn service_of(
+    spec: &PatternSpec,
+    id: &str,
+    names: &[&str],
+    kind: Kind,
+) -> Result<ServiceFrom, String> {
+    let service = match spec.service.as_deref() {
+        None if matches!(kind, Kind::Address | Kind::Logout | Kind::Unaddressed) => {
+            ServiceFrom::Fixed(Service::Pop3)
+        }
+        None if names.contains(&"service") => ServiceFrom::Group,
+        None => {
+            return Err(format!(
+                "pattern \"{id}\": say which service it is: service = \"pop3\", \"imap\" or \"program\", or capture (?P<service>...)"
+            ));
+        }
+        Some("program") => ServiceFrom::Program,
+        Some(s) => match s {
+            "pop3" => ServiceFrom::Fixed(Service::Pop3),
+            "imap" => ServiceFrom::Fixed(Service::Imap),
+            other => {
+                return Err(format!(
+                    "pattern \"{id}\": service = \"{other}\" is not known: expected \"pop3\", \"imap\" or \"program\""
+                ));
+            }
+        },
+    };
+    if let ServiceFrom::Program = service
+        && let Some(p) = spec
+            .program
+            .iter()
+            .find(|p| Service::from_text(p).is_none())
+    {
+        return Err(format!(
+            "pattern \"{id}\": service = \"program\" but program \"{p}\" names neither pop3 nor imap: set service = \"pop3\" or \"imap\""
+        ));
+    }
+    Ok(service)
+}
+
+/// Whether the pattern's credential is its process (`credential`).
+fn process_of(
+    spec: &PatternSpec,
+    id: &str,
+    kind: Kind,
+    hold: Option<HoldBy>,
+) -> Result<bool, String> {
+    let process = match spec.credential.as_deref() {
+        None => kind == Kind::LoginAfterAddress,
+        Some("uid") if kind == Kind::LoginAfterAddress => {
+            return Err(format!(
+                "pattern \"{id}\": a login-after-address line may be written by the user who logged in, so its uid is no credential: leave out credential (it is \"process\")"
+            ));
+        }
+        Some("uid") => false,
+        Some("process") => true,
+        Some(other) => {
+            return Err(format!(
+                "pattern \"{id}\": credential = \"{other}\" is not known: expected \"uid\" or \"process\""
+            ));
+        }
+    };
+    if process && !spec.uids.is_empty() {
+        return Err(format!(
+            "pattern \"{id}\": its credential is the process (the line may be written as the user who logged in), so uids are not checked: leave them out, and name them on the server's address pattern"
+        ));
+    }
+    if process && kind == Kind::Logout && hold != Some(HoldBy::Pid) {
+        return Err(format!(
+            "pattern \"{id}\": a logout line whose credential is its process must be paired by it: hold = \"pid\" (the attested pid, which only that process can send)"
+        ));
+    }
+    if process && matches!(kind, Kind::Address | Kind::Unaddressed) {
+        return Err(format!(
+            "pattern \"{id}\": credential = \"process\" is for lines written after the server switched users (login, login-after-address, logout); an address line's uid is its credential"
+        ));
+    }
+    Ok(process)
+}
+
+/// The uids of `accounts`, and the names that do not exist here.
+fn resolve(accounts: &[Account]) -> (Vec<u32>, Vec<String>) {
+    let mut uids = Vec::new();
+    let mut missing = Vec::new();
+    for a in accounts {
+        match a {
+            Account::Uid(n) => uids.push(*n),
+            Account::Name(name) => match crate::service::privilege::user(name) {
+                Ok(u) => uids.push(u.uid),
+                Err(_) => missing.push(name.clone()),
+            },
+        }
+    }
+    (uids, missing)
+}
+
 /// Parses an address as servers write it: brackets around it are allowed,
 /// IPv6 in any case, IPv4-mapped IPv6 kept (the address policy folds it).
 fn parse_ip(text: &str) -> Result<IpAddr, std::net::AddrParseError> {
@@ -1771,6 +1887,63 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn an_address_joined_to_the_user_by_one_character_must_split_one_way() {
+        assert_eq!(
+            regex_glue("success (?P<user>[^\\s:]+):(?P<ip>[0-9.:]+)"),
+            Some(("user", ':'))
+        );
+        assert_eq!(
+            regex_glue("(?P<user>\\S+) (?P<ip>[0-9.]{7,15}) \\d+"),
+            Some(("user", ' '))
+        );
+        assert_eq!(
+            regex_glue("user=(?P<user>.*) host=\\[(?P<ip>[0-9.]+)\\]"),
+            None
+        );
+        let m = Matchers::builtin();
+        let line = |tail: &str| {
+            format!(
+                "<22>Nov 24 10:00:01 mail vpopmail[1]: vchkpw-pop3: (PLAIN) login success {tail}"
+            )
+        };
+        for tail in [
+            "\":2001:db8::bad:11.0.0.1",
+            "a@b:1:192.0.2.7",
+            "a@b:2001:db8::1",
+        ] {
+            let text = line(tail);
+            let r = parse_str(&text).unwrap();
+            let Outcome::Ambiguous { why, .. } = m.match_record(&r) else {
+                panic!("{tail}: {:?}", m.match_record(&r))
+            };
+            assert_eq!(
+                why,
+                Ambiguity::Split {
+                    glue: ':',
+                    group: "user"
+                }
+            );
+            assert_eq!(
+                why.to_string(),
+                "the user text and the address, joined by \":\", split into another address at another \":\""
+            );
+        }
+        // One address however it is split: IPv4, IPv4-mapped, full IPv6.
+        for (tail, ip) in [
+            ("a@b:192.0.2.7", "192.0.2.7"),
+            ("a@b:::ffff:192.0.2.7", "::ffff:192.0.2.7"),
+            ("a@b:2001:db8:0:0:0:0:0:1", "2001:db8::1"),
+        ] {
+            let text = line(tail);
+            let r = parse_str(&text).unwrap();
+            let Outcome::Login(l) = m.match_record(&r) else {
+                panic!("{tail}: {:?}", m.match_record(&r))
+            };
+            assert_eq!(l.ip, ip.parse::<IpAddr>().unwrap(), "{tail}");
+        }
     }
 
     fn custom(src: &str) -> Result<Matchers, (bool, PatternError)> {

@@ -14,6 +14,6 @@
 //! - [`pipeline`]: the per-record stage: match, attest, check the address
 //!   rules, pair two-line logins, decide, and apply the outcome.
 
-pub mod hold;
+pub(crate) mod hold;
 pub mod matcher;
-pub mod pipeline;
+pub(crate) mod pipeline;

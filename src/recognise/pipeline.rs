@@ -1454,6 +1454,16 @@ mod tests {
     }
 
     /// What the attested rule writes for a sender.
+    /// Feeds an attested record ([`attested`]) from [`peer`] to `p`.
+    fn feed(p: &Pipeline, exe: &str, uid: u32, pid: u32, tag: &str, msg: &str) {
+        p.handle_on(attested(exe, uid, pid, tag, msg).as_bytes(), &peer(), true);
+    }
+
+    /// Whether `p`'s table holds a grant of `ip`.
+    fn granted(p: &Pipeline, ip: &str) -> bool {
+        p.table.get(ip.parse().unwrap()).is_some()
+    }
+
     fn attested(exe: &str, uid: u32, pid: u32, tag: &str, msg: &str) -> String {
         format!(
             "<22>1 2026-12-01T18:30:00.000000+00:00 mail {tag} - - [attest@32473 exe=\"{exe}\" uid=\"{uid}\" pid=\"{pid}\"]  {msg}"
@@ -1608,68 +1618,57 @@ mod tests {
         // no executable ("0"), its uid and pid still from the kernel: a
         // popa3d or Solid POP3 session whose client quit at once.
         let p = pipeline_with(false, true);
-        let granted = |p: &Pipeline, ip: &str| p.table.get(ip.parse().unwrap()).is_some();
         // popa3d: the address line while the process ran (root), the
         // success line after it had exited: granted by its address line.
-        p.handle_on(
-            attested(
-                "/usr/sbin/popa3d",
-                0,
-                300,
-                "popa3d",
-                "Session from 192.0.2.30",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "/usr/sbin/popa3d",
+            0,
+            300,
+            "popa3d",
+            "Session from 192.0.2.30",
         );
-        p.handle_on(
-            attested("0", 1000, 300, "popa3d", "Authentication passed for bob").as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "0",
+            1000,
+            300,
+            "popa3d",
+            "Authentication passed for bob",
         );
         assert!(granted(&p, "192.0.2.30"));
         // The pid must still be the address line's: an exited sender of
         // another pid (a user's quick logger) takes nothing.
-        p.handle_on(
-            attested(
-                "/usr/sbin/popa3d",
-                0,
-                301,
-                "popa3d",
-                "Session from 192.0.2.31",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "/usr/sbin/popa3d",
+            0,
+            301,
+            "popa3d",
+            "Session from 192.0.2.31",
         );
-        p.handle_on(
-            attested("0", 1000, 9999, "popa3d", "Authentication passed for eve").as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "0",
+            1000,
+            9999,
+            "popa3d",
+            "Authentication passed for eve",
         );
         assert!(!granted(&p, "192.0.2.31"));
         // An address line is root's word (its credential is the uid): an
         // exited sender's is refused, even as root, and its success line
         // then takes nothing.
         let forgeries = count(&p.stats.forgeries);
-        p.handle_on(
-            attested("0", 0, 302, "popa3d", "Session from 192.0.2.32").as_bytes(),
-            &peer(),
-            true,
-        );
+        feed(&p, "0", 0, 302, "popa3d", "Session from 192.0.2.32");
         assert_eq!(count(&p.stats.forgeries), forgeries + 1);
-        p.handle_on(
-            attested(
-                "/usr/sbin/popa3d",
-                1000,
-                302,
-                "popa3d",
-                "Authentication passed for bob",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "/usr/sbin/popa3d",
+            1000,
+            302,
+            "popa3d",
+            "Authentication passed for bob",
         );
         assert!(!granted(&p, "192.0.2.32"));
     }
@@ -1677,97 +1676,68 @@ mod tests {
     #[tokio::test]
     async fn an_exited_sender_is_judged_by_its_credential_in_solid_pop3_dovecot_and_uw() {
         let p = pipeline_with(false, true);
-        let granted = |p: &Pipeline, ip: &str| p.table.get(ip.parse().unwrap()).is_some();
         // Solid POP3: an APOP line (credential: the connect line of its
         // process) after the process exited is granted; a USER/PASS line,
         // whose credential is its uid (root), is refused.
-        p.handle_on(
-            attested(
-                "/usr/sbin/solid-pop3d",
-                0,
-                400,
-                "solid-pop3d",
-                "connect from 192.0.2.40",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "/usr/sbin/solid-pop3d",
+            0,
+            400,
+            "solid-pop3d",
+            "connect from 192.0.2.40",
         );
-        p.handle_on(
-            attested(
-                "0",
-                1001,
-                400,
-                "solid-pop3d",
-                "user bob authenticated through APOP - 192.0.2.40",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "0",
+            1001,
+            400,
+            "solid-pop3d",
+            "user bob authenticated through APOP - 192.0.2.40",
         );
         assert!(granted(&p, "192.0.2.40"));
         let forgeries = count(&p.stats.forgeries);
-        p.handle_on(
-            attested(
-                "/usr/sbin/solid-pop3d",
-                0,
-                401,
-                "solid-pop3d",
-                "connect from 192.0.2.41",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "/usr/sbin/solid-pop3d",
+            0,
+            401,
+            "solid-pop3d",
+            "connect from 192.0.2.41",
         );
-        p.handle_on(
-            attested(
-                "0",
-                0,
-                401,
-                "solid-pop3d",
-                "user alice authenticated - 192.0.2.41",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "0",
+            0,
+            401,
+            "solid-pop3d",
+            "user alice authenticated - 192.0.2.41",
         );
         assert!(!granted(&p, "192.0.2.41"));
         assert_eq!(count(&p.stats.forgeries), forgeries + 1);
         // A one-line login whose credential is its uid (Dovecot's log
         // process, root): an exited sender is refused (fail closed: a root
         // script's logger may carry text an attacker chose).
-        p.handle_on(
-            attested("0", 0, 500, "dovecot", DOVECOT).as_bytes(),
-            &peer(),
-            true,
-        );
+        feed(&p, "0", 0, 500, "dovecot", DOVECOT);
         assert!(!granted(&p, "198.51.100.40"));
         assert_eq!(count(&p.stats.forgeries), forgeries + 2);
         // UW: a Login line (credential: the service-init line of its
         // process) after the process exited, naming the same address.
-        p.handle_on(
-            attested(
-                "/usr/sbin/ipop3d",
-                0,
-                600,
-                "ipop3d",
-                "pop3 service init from 192.0.2.60",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "/usr/sbin/ipop3d",
+            0,
+            600,
+            "ipop3d",
+            "pop3 service init from 192.0.2.60",
         );
-        p.handle_on(
-            attested(
-                "0",
-                1000,
-                600,
-                "ipop3d",
-                "Login user=bob host=client.example.net [192.0.2.60] nmsgs=1/1",
-            )
-            .as_bytes(),
-            &peer(),
-            true,
+        feed(
+            &p,
+            "0",
+            1000,
+            600,
+            "ipop3d",
+            "Login user=bob host=client.example.net [192.0.2.60] nmsgs=1/1",
         );
         assert!(granted(&p, "192.0.2.60"));
     }

@@ -21,10 +21,10 @@
 //!   the daemon's own decision, and a summary.
 
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod daemon;
-pub mod inspect;
-pub mod metrics;
-pub mod privilege;
-pub mod startup;
-pub mod systemd;
+pub(crate) mod inspect;
+pub(crate) mod metrics;
+pub(crate) mod privilege;
+pub(crate) mod startup;
+pub(crate) mod systemd;

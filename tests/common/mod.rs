@@ -56,6 +56,16 @@ impl Scratch {
         postmap_q(&self.mail_config(), &self.map(), ip)
     }
 
+    /// Polls the map until it holds `ip` (any value), at most `timeout`.
+    pub fn wait_granted(&self, ip: &str, timeout: Duration) -> bool {
+        wait_for(timeout, || self.postmap_q(ip).is_some())
+    }
+
+    /// Polls the map until it maps `ip` to `OK`, at most `timeout`.
+    pub fn wait_ok(&self, ip: &str, timeout: Duration) -> bool {
+        wait_for(timeout, || self.postmap_q(ip).as_deref() == Some("OK"))
+    }
+
     /// `postmap -q ip` on another map of this scratch directory.
     pub fn postmap_q_at(&self, map: &Path, ip: &str) -> Option<String> {
         postmap_q(&self.mail_config(), map, ip)

@@ -37,7 +37,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_smtp-after-popd");
@@ -75,25 +75,9 @@ pub const USERS: &[(&str, u32)] = &[
     ("erin", 2005),
 ];
 
-/// True when the tests run as root, which namespaces and servers need.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+// Whether the tests run as root (namespaces and servers need it), and
+// polling with a deadline: the test binaries' shared helpers.
+pub use crate::common::{is_root, wait_for};
 
 fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/conformance")

@@ -32,6 +32,27 @@ use std::time::Duration;
 
 use crate::common::{free_tcp_port, wait_for};
 
+/// A shell script for `unshare -m sh`: a mount namespace whose /dev is a
+/// fresh tmpfs with the few device nodes a server needs (bound from the
+/// machine's, saved under `save`) and /dev/log bound to `socket`, that then
+/// execs `command`. The machine's own /dev is untouched.
+pub fn dev_log_namespace(save: &Path, socket: &Path, command: &str) -> String {
+    format!(
+        "set -e\n\
+         mount --make-rprivate /\n\
+         mkdir -p {save}\n\
+         mount --rbind /dev {save}\n\
+         mount -t tmpfs -o mode=755 tmpfs /dev\n\
+         for n in null zero full random urandom tty; do touch /dev/$n; mount --bind {save}/$n /dev/$n; done\n\
+         umount -l {save}\n\
+         touch /dev/log\n\
+         mount --bind {sock} /dev/log\n\
+         exec {command}\n",
+        save = save.display(),
+        sock = socket.display(),
+    )
+}
+
 /// True when running as root, for the benchmarks that include this module
 /// without tests/common (the tests use `common::require_root`).
 pub fn is_root() -> bool {
@@ -345,26 +366,13 @@ impl Dovecot {
             ),
         )
         .expect("dovecot.conf");
-        // A mount namespace whose /dev is a fresh tmpfs with the few device
-        // nodes Dovecot needs and /dev/log bound to the chosen socket; the
-        // machine's own /dev is untouched.
         let script = dir.join("ns.sh");
         std::fs::write(
             &script,
-            format!(
-                "set -e\n\
-                 mount --make-rprivate /\n\
-                 mkdir -p {save}\n\
-                 mount --rbind /dev {save}\n\
-                 mount -t tmpfs -o mode=755 tmpfs /dev\n\
-                 for n in null zero full random urandom tty; do touch /dev/$n; mount --bind {save}/$n /dev/$n; done\n\
-                 umount -l {save}\n\
-                 touch /dev/log\n\
-                 mount --bind {sock} /dev/log\n\
-                 exec dovecot -F -c {conf}\n",
-                save = dir.join("devsave").display(),
-                sock = log_socket.display(),
-                conf = conf.display(),
+            dev_log_namespace(
+                &dir.join("devsave"),
+                log_socket,
+                &format!("dovecot -F -c {}", conf.display()),
             ),
         )
         .expect("ns.sh");

@@ -11,7 +11,7 @@ use smtp_after_popd::recognise::matcher::{
     AddressMemory, MEMORY_ENTRIES, Matchers, Outcome, ProcessKey, parse_pattern_specs,
     regex_delimiter,
 };
-use smtp_after_popd::recognise::pipeline::Settings;
+use smtp_after_popd::service::daemon::Settings;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -43,7 +43,6 @@
 //! - [`logging`], [`stats`], `swap`: the daemon's own log (escaping,
 //!   rate limits), the counters of everything received, dropped and
 //!   decided, and the settings a reload (SIGHUP) replaces.
-
 //!
 //! # Public API
 //!
@@ -70,7 +69,9 @@
 //!   loop, for a test's own sink);
 //! - backends: [`postfix::map`] (`PostfixMap`, `MapType`) and
 //!   [`postfix::memcache`] (`Memcache`, `Server`);
-//! - configuration: [`service::config`] (`Cli`, `Config`).
+//! - configuration: [`service::config`] (`Cli`, `Config`);
+//! - the benchmarks' own receiver, on the daemon's socket settings:
+//!   [`set_datagram_buffer`].
 
 // The module docs link freely to crate-private items: they are for the
 // people who work on the daemon (`cargo doc --document-private-items`).
@@ -85,3 +86,5 @@ pub mod recognise;
 pub mod service;
 pub mod stats;
 pub(crate) mod swap;
+
+pub use net::set_datagram_buffer;

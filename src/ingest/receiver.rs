@@ -107,7 +107,7 @@ pub fn bind(
         ListenSpec::Unix(path, _) => {
             let what = format!("--listen {what}");
             let (socket, file) = net::bind_unix(path, UnixKind::Datagram, access, &what)?;
-            net::set_recv_buffer(&SockRef::from(&socket), &what, recv_buffer);
+            net::set_datagram_buffer(&SockRef::from(&socket), &what, recv_buffer);
             let socket = UnixDatagram::from_std(socket.into())
                 .map_err(|e| format!("{what}: cannot register the socket: {e}"))?;
             Ok(Listener::Unix { socket, file })

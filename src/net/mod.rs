@@ -49,7 +49,7 @@ use crate::logging::RateLimit;
 use crate::swap::Swap;
 
 pub use bind::{
-    Adopted, Kind, StreamListener, adopt, bind_tcp, bind_udp, kind_of, set_recv_buffer,
+    Adopted, Kind, StreamListener, adopt, bind_tcp, bind_udp, kind_of, set_datagram_buffer,
 };
 pub use deadline::Limits;
 pub use peer::Cred;

@@ -235,7 +235,10 @@ pub struct DaemonArgs {
     pub socket_mode: Option<String>,
 
     /// Receive buffer size asked for each socket, in bytes (suffixes K, M).
-    /// [default: the kernel's]
+    /// A datagram listener started as root gets it past net.core.rmem_max
+    /// (SO_RCVBUFFORCE); otherwise the kernel caps it there, with a warning.
+    /// [default: 8M for UDP and unix datagram listeners, the kernel's for
+    /// TCP]
     #[arg(long, value_name = "BYTES")]
     pub receive_buffer: Option<String>,
 

@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -190,7 +190,7 @@ impl Listener {
     {
         match self {
             Listener::Udp { socket, allow } => {
-                run_udp(socket, allow, &stats, &received, handle).await
+                run_udp(socket, allow, stats, received, handle).await
             }
             Listener::Tcp(l) => run_tcp(l, stats, received, handle).await,
             Listener::Unix { socket, file } => {
@@ -203,29 +203,31 @@ impl Listener {
 /// Datagrams a UDP receive thread reads with one `recvmmsg` call.
 const BATCH: usize = 64;
 
-/// Batches the receive thread may queue for the pipeline before it waits
-/// (and the kernel's buffer fills): 1,024 batches, up to 65,536 datagrams.
-const QUEUE_BATCHES: usize = 1024;
-
-/// Datagrams a UDP receive thread read, for the pipeline: their bytes one
-/// after the other, and for each its length and the peer the kernel
-/// reported for it.
-struct Batch {
-    data: Vec<u8>,
-    items: Vec<(usize, SocketAddr)>,
+/// Tells the receive thread that the daemon stops (or its listener is
+/// gone): a flag, and an eventfd the thread polls beside the socket (so
+/// that it sleeps until one of them is readable, and costs nothing while
+/// the socket is idle).
+struct ThreadStop {
+    stopping: AtomicBool,
+    wake: std::os::fd::OwnedFd,
 }
 
-/// Tells the receive thread that its listener is gone: an eventfd the
-/// thread polls beside the socket (so that it sleeps until one of them
-/// is readable, and costs nothing while the socket is idle).
-struct StopOnDrop(Arc<std::os::fd::OwnedFd>);
+impl ThreadStop {
+    fn stop(&self) {
+        use std::os::fd::AsRawFd;
+        self.stopping.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a u64 we own to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Stops the receive thread when the listener's task ends, however it ends.
+struct StopOnDrop(Arc<ThreadStop>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        let one: u64 = 1;
-        // SAFETY: an 8-byte write from a u64 we own to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.0.stop();
     }
 }
 
@@ -244,89 +246,83 @@ fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
 
 /// Receives datagrams from the allowed peers of a UDP socket.
 ///
-/// A thread of its own drains the socket (up to [`BATCH`] datagrams a
-/// `recvmmsg` call) into a queue, and this task hands each datagram to the
-/// pipeline: the socket is read as soon as the kernel wakes the thread,
-/// however busy the pipeline or the machine, so that the kernel's buffer
-/// (208 KiB by default, a millisecond or two of a busy log) does not
-/// overflow while the task waits for a core. Each datagram keeps its own
-/// peer address, checked against the allow-list here as before.
+/// A thread of its own reads the socket (up to [`BATCH`] datagrams a
+/// `recvmmsg` call) and hands each datagram to the pipeline itself: the
+/// socket is read as soon as the kernel wakes the thread, and a busy flow
+/// costs no wake-ups of the runtime's threads, so that the kernel's buffer
+/// does not overflow while a task waits for a core. Each datagram keeps its
+/// own peer address, checked against the allow-list as before.
 async fn run_udp<F>(
     socket: UdpSocket,
     allow: AllowList,
-    stats: &Stats,
-    received: &AtomicU64,
+    stats: Arc<Stats>,
+    received: Arc<AtomicU64>,
     handle: F,
 ) where
-    F: Fn(&[u8], &Peer),
+    F: Fn(&[u8], &Peer) + Send + Sync + 'static,
 {
     use std::os::fd::AsFd;
     let local = socket
         .local_addr()
         .map_or_else(|_| "udp".to_string(), |a| format!("udp://{a}"));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(QUEUE_BATCHES);
-    let thread = eventfd().and_then(|stop| {
-        let stop = Arc::new(stop);
+    let handle = Arc::new(handle);
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<u64>();
+    let thread = eventfd().and_then(|wake| {
+        let stop = Arc::new(ThreadStop {
+            stopping: AtomicBool::new(false),
+            wake,
+        });
         let fd = socket.as_fd().try_clone_to_owned()?;
-        let (theirs, local) = (stop.clone(), local.clone());
+        let theirs = stop.clone();
+        let (allow, stats, received, handle, local) = (
+            allow.clone(),
+            stats.clone(),
+            received.clone(),
+            handle.clone(),
+            local.clone(),
+        );
         std::thread::Builder::new()
             .name("udp-receive".to_string())
-            .spawn(move || receive_thread(fd, tx, &theirs, &local))?;
+            .spawn(move || {
+                let each = |bytes: &[u8], peer: SocketAddr| {
+                    accept(bytes, peer, &allow, &stats, &received, &*handle, &local)
+                };
+                let drained = receive_thread(fd, each, &theirs, &local);
+                let _ = done_tx.send(drained);
+            })?;
         Ok(stop)
     });
     let stop = match thread {
-        Ok(stop) => stop,
+        Ok(stop) => StopOnDrop(stop),
         Err(e) => {
             crate::log_warning!(
                 "{local}: no receive thread ({e}): receiving in the pipeline's task"
             );
-            return run_udp_in_task(socket, allow, stats, received, handle, &local).await;
+            let each = |b: &[u8], p: &Peer| handle(b, p);
+            return run_udp_in_task(socket, allow, &stats, &received, each, &local).await;
         }
     };
-    let stop_thread = StopOnDrop(stop);
-    // At a stop the queue is read to the end ([`crate::ingest::shutdown`]): the
-    // thread reads the socket until it is empty, then ends, and the batches
-    // it queued are handled here. The socket stays open after that, until
-    // the daemon has read the kernel's count of what it dropped, and the
-    // task is ended.
+    // At a stop the queue is read to the end ([`crate::ingest::shutdown`]):
+    // the thread reads the socket until it is empty (for at most
+    // [`crate::ingest::shutdown::DRAIN`]), then ends. The socket stays open
+    // after that, until the daemon has read the kernel's count of what it
+    // dropped, and the task is ended.
     let draining = crate::ingest::shutdown::Draining::enter();
-    let stop = crate::ingest::shutdown::stopping();
-    tokio::pin!(stop);
-    let each = |bytes: &[u8], peer: SocketAddr| {
-        accept(bytes, peer, &allow, stats, received, &handle, &local)
-    };
-    loop {
-        tokio::select! {
-            batch = rx.recv() => match batch {
-                Some(batch) => batch.each(each),
-                None => break,
-            },
-            () = &mut stop => {
-                drop(stop_thread);
-                let deadline = tokio::time::Instant::now() + crate::ingest::shutdown::DRAIN;
-                let mut n = 0;
-                while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                    n += batch.items.len() as u64;
-                    batch.each(each);
-                }
+    tokio::select! {
+        () = crate::ingest::shutdown::stopping() => {
+            stop.0.stop();
+            let wait = crate::ingest::shutdown::DRAIN + Duration::from_millis(100);
+            if let Ok(Ok(n)) = tokio::time::timeout(wait, done_rx).await {
                 crate::ingest::shutdown::count_queued(n);
-                drop(draining);
-                return std::future::pending().await;
             }
+            drop(draining);
+            std::future::pending::<()>().await;
         }
-    }
-    drop(draining);
-    // The thread stopped: it said why. Go on in this task.
-    run_udp_in_task(socket, allow, stats, received, handle, &local).await;
-}
-
-impl Batch {
-    /// Hands each datagram of the batch to `each`, with its sender.
-    fn each(&self, mut each: impl FnMut(&[u8], SocketAddr)) {
-        let mut start = 0;
-        for &(n, peer) in &self.items {
-            each(&self.data[start..start + n], peer);
-            start += n;
+        _ = &mut done_rx => {
+            // The thread stopped: it said why. Go on in this task.
+            drop(draining);
+            let each = |b: &[u8], p: &Peer| handle(b, p);
+            run_udp_in_task(socket, allow, &stats, &received, each, &local).await;
         }
     }
 }
@@ -386,20 +382,15 @@ fn stopped(raw: std::os::fd::RawFd, stop: &std::os::fd::OwnedFd) -> bool {
     pfd[1].revents != 0
 }
 
-/// The datagrams `recvmmsg` put in `msgs` (slots of `slot` bytes of
-/// `bufs`, source addresses in `names`), in one batch.
-fn take_batch(
+/// Hands each datagram `recvmmsg` put in `msgs` (slots of `slot` bytes of
+/// `bufs`, source addresses in `names`) to `each`, with its sender.
+fn each_received(
     msgs: &[libc::mmsghdr],
     names: &mut [socket2::SockAddrStorage],
     bufs: &[u8],
     slot: usize,
-) -> Batch {
-    let n = msgs.len();
-    let total: usize = msgs.iter().map(|m| m.msg_len as usize).sum();
-    let mut batch = Batch {
-        data: Vec::with_capacity(total),
-        items: Vec::with_capacity(n),
-    };
+    each: &impl Fn(&[u8], SocketAddr),
+) {
     for (i, m) in msgs.iter().enumerate() {
         let len = (m.msg_len as usize).min(slot);
         // SAFETY: the kernel wrote msg_namelen bytes of an address
@@ -411,24 +402,21 @@ fn take_batch(
         let Some(peer) = addr.as_socket() else {
             continue;
         };
-        batch
-            .data
-            .extend_from_slice(&bufs[i * slot..i * slot + len]);
-        batch.items.push((len, peer));
+        each(&bufs[i * slot..i * slot + len], peer);
     }
-    batch
 }
 
 /// The receive thread of a UDP socket (`fd`, a duplicate of the listener's
 /// descriptor, non-blocking as the listener is): reads batches with
-/// `recvmmsg` and queues them, until `stop` (an eventfd) is readable or the
-/// queue is gone.
+/// `recvmmsg` and hands each datagram to `each`, until `stop` says so; then
+/// reads what is still queued (for at most
+/// [`crate::ingest::shutdown::DRAIN`]) and returns how many that was.
 fn receive_thread(
     fd: std::os::fd::OwnedFd,
-    tx: tokio::sync::mpsc::Sender<Batch>,
-    stop: &std::os::fd::OwnedFd,
+    each: impl Fn(&[u8], SocketAddr),
+    stop: &ThreadStop,
     local: &str,
-) {
+) -> u64 {
     use std::os::fd::AsRawFd;
     // One byte more than the limit, to tell an oversized datagram.
     const SLOT: usize = MAX_RECORD + 1;
@@ -447,9 +435,16 @@ fn receive_thread(
         })
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    // Set once the stop is seen: when, and what was read since.
+    let mut draining: Option<(std::time::Instant, u64)> = None;
     loop {
-        if tx.is_closed() {
-            return;
+        if draining.is_none() && stop.stopping.load(Ordering::SeqCst) {
+            draining = Some((std::time::Instant::now(), 0));
+        }
+        if let Some((since, n)) = draining
+            && since.elapsed() >= crate::ingest::shutdown::DRAIN
+        {
+            return n;
         }
         for ((m, iov), name) in msgs.iter_mut().zip(iovs.iter_mut()).zip(names.iter_mut()) {
             m.msg_hdr.msg_iov = iov;
@@ -477,17 +472,22 @@ fn receive_thread(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                 )
             {
+                if let Some((_, n)) = draining {
+                    return n;
+                }
                 std::thread::sleep(receive_failed(local, &e));
                 continue;
             }
-            if stopped(raw, stop) {
-                return;
+            // The queue is empty.
+            if let Some((_, n)) = draining {
+                return n;
             }
+            stopped(raw, &stop.wake);
             continue;
         }
-        let batch = take_batch(&msgs[..n as usize], &mut names, &bufs, SLOT);
-        if tx.blocking_send(batch).is_err() {
-            return;
+        each_received(&msgs[..n as usize], &mut names, &bufs, SLOT, &each);
+        if let Some((_, read)) = &mut draining {
+            *read += n as u64;
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The follow loop: one shape for every sink that follows the grant table
-//! change by change (the first step of issue 15's "one `Sink` trait"; the
-//! memcached sink is its first implementation).
+//! change by change. The Postfix map (`postfix::map`), the state file
+//! (`grants::state`) and each memcached server (`postfix::memcache`) are
+//! its [`Sink`]s: a new backend is one implementation of the trait.
 //!
 //! Consumes: the table's changes, through a bounded queue that a change
 //! hook fills under the table's lock ([`Feed`]); and the table itself, for
@@ -15,9 +16,11 @@
 //!
 //! The loop owns what every such sink needs: the first write (reported
 //! through a oneshot, so that start-up can wait for it), the refill after
-//! anything that may have lost a change, and retries with backoff (250 ms
-//! doubling to 30 s) with the failure logged once, then at most once a
-//! minute while it lasts, and its end logged. A failing sink never holds up
+//! anything that may have lost a change, retries with backoff (by default
+//! 250 ms doubling to 30 s, [`Sink::retry`]) with the failure logged once,
+//! then at most once a minute while it lasts (the map: at every try), and
+//! its end logged; the counters; and the registration with [`flush_all`],
+//! which the stop path waits for. A failing sink never holds up
 //! the receivers or the other sinks: the hook only queues, and on overflow
 //! ([`QUEUE`] changes waiting) the queue is dropped and the sink refilled
 //! from the table instead, so no change is lost, only coalesced.

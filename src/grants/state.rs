@@ -2,7 +2,8 @@
 //! (`--state FILE`).
 //!
 //! Consumes: at start-up, the file an earlier run wrote; then every change
-//! of the grant table ([`crate::grants::table::Change`], through the table's hook).
+//! of the grant table ([`crate::grants::table::Change`]), as the follow
+//! loop ([`crate::grants::follow`]) hands them to the state file's [`Sink`].
 //! Produces: the grants of the file still inside their window, back in the
 //! table with their original expiry; and the file, kept in step.
 //! Trusts: the file is the daemon's own (its directory should be writable
@@ -27,7 +28,9 @@
 //! # Cost and safety
 //!
 //! Each change appends one line (written at once, so a SIGKILL loses
-//! nothing the kernel has; synced to disk after each batch). When the
+//! nothing the kernel has; synced to disk after each batch, off the
+//! runtime's threads). A failed write is retried every second by a
+//! rewrite, logged once (then once a minute) and its end logged. When the
 //! appended lines outnumber twice the live grants (and at least
 //! [`MIN_COMPACT`]), the file is rewritten from the table: written to
 //! `FILE.tmp`, synced, renamed over `FILE`, so a crash leaves either the

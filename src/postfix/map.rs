@@ -1,7 +1,8 @@
 //! Sinks: keep Postfix's view in step with the grant table.
 //!
-//! Consumes: the grant table's generation (a change signal) and its set of
-//! live addresses.
+//! Consumes: the grant table's changes, as the follow loop
+//! ([`crate::grants::follow`]) hands them to the map's [`Sink`], and its
+//! sorted set of live addresses for a full rewrite.
 //! Produces: the Postfix access map: a source file of `ADDRESS OK` lines at
 //! `--map`, and the database built from it with the real `postmap`.
 //! Trusts: the table (its addresses passed the matchers and the never-grant
@@ -19,9 +20,12 @@
 //!
 //! The sink rewrites the map only when the set of addresses changed, never
 //! more than one rebuild at a time; logins that arrive during a rebuild are
-//! all picked up by the next one. A failing `postmap` is logged with its
-//! stderr and retried with backoff (1 s doubling to 60 s); the table, which
-//! is the source of truth, is never touched by a failure.
+//! all picked up by the next one. It keeps a sorted copy of the addresses
+//! the database holds (nothing else of the grants), so that a small change
+//! is applied with `postmap -i`/`-d`. The first write fails the start; a
+//! later failing `postmap` is logged with its stderr at every try and
+//! retried with backoff (1 s doubling to 60 s) by the follow loop; the
+//! table, which is the source of truth, is never touched by a failure.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -834,6 +838,44 @@ mod tests {
         assert_eq!(a, [ip("192.0.2.3"), ip("192.0.2.5")]);
         assert_eq!(r, [ip("192.0.2.1")]);
         assert_eq!(diff::<IpAddr>(&[], &[]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn patch_applies_changes_in_order_to_the_sorted_set() {
+        use crate::grants::table::Grant;
+        let c = |s: &str| Cidr::host(s.parse().unwrap());
+        let g = Grant {
+            expires: tokio::time::Instant::now(),
+            server: "dovecot".into(),
+            service: crate::recognise::matcher::Service::Imap,
+            user: "u".into(),
+            reporter: "r".into(),
+            host: "h".into(),
+        };
+        let old = [c("192.0.2.2"), c("192.0.2.4"), c("192.0.2.6")];
+        let changes = [
+            Change::Grant(c("192.0.2.9"), g.clone()),
+            Change::Grant(c("192.0.2.1"), g.clone()),
+            Change::Revoke(c("192.0.2.4")),
+            // Renewed: still there once.
+            Change::Grant(c("192.0.2.2"), g.clone()),
+            // Granted, then gone: the last change wins.
+            Change::Grant(c("192.0.2.5"), g.clone()),
+            Change::Expire(c("192.0.2.5")),
+            // Gone, then back.
+            Change::Expire(c("192.0.2.6")),
+            Change::Grant(c("192.0.2.6"), g),
+            // Not there: nothing to remove.
+            Change::Revoke(c("192.0.2.8")),
+        ];
+        let want = [
+            c("192.0.2.1"),
+            c("192.0.2.2"),
+            c("192.0.2.6"),
+            c("192.0.2.9"),
+        ];
+        assert_eq!(patch(&old, &changes), want);
+        assert_eq!(patch(&[], &[]), Vec::<Cidr>::new());
     }
 
     #[test]

@@ -275,14 +275,33 @@ struct Queue {
 pub struct Feed {
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Most changes kept waiting.
+    bound: usize,
+    /// Whether an overflow is routine (not logged as a warning).
+    coalescing: bool,
 }
 
 impl Feed {
-    /// A feed told of every change of `table` from now on.
+    /// A feed told of every change of `table` from now on, holding at
+    /// most [`QUEUE`] changes (an overflow is logged).
     pub fn subscribe(table: &GrantTable) -> Arc<Feed> {
+        Self::with_bound(table, QUEUE, false)
+    }
+
+    /// A feed for a sink that coalesces anyway (the map, which writes the
+    /// whole set; the state file): past `bound` changes waiting (each
+    /// holds a copy of its grant), the queue is dropped quietly and the
+    /// sink refilled from the table.
+    pub fn subscribe_coalescing(table: &GrantTable, bound: usize) -> Arc<Feed> {
+        Self::with_bound(table, bound, true)
+    }
+
+    fn with_bound(table: &GrantTable, bound: usize, coalescing: bool) -> Arc<Feed> {
         let feed = Arc::new(Feed {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            bound,
+            coalescing,
         });
         let f = feed.clone();
         table.add_hook(Box::new(move |change| f.push(change)));
@@ -301,7 +320,7 @@ impl Feed {
     fn push(&self, change: Change) {
         let mut q = self.lock();
         q.seq += 1;
-        if q.changes.len() >= QUEUE {
+        if q.changes.len() >= self.bound {
             q.changes = Vec::new();
             q.overflowed = true;
         } else if !q.overflowed {
@@ -493,10 +512,14 @@ impl<S: Sink> Follower<S> {
         let ((changes, overflowed, seq), generation) =
             self.table.at_generation(|g| (self.feed.take(), g));
         if overflowed {
-            crate::log_warning!(
-                "{}: more than {QUEUE} changes waited; refilling from the table instead",
-                self.sink.name()
-            );
+            let (name, bound) = (self.sink.name(), self.feed.bound);
+            if self.feed.coalescing {
+                crate::log_debug!("{name}: more than {bound} changes waited; refilling");
+            } else {
+                crate::log_warning!(
+                    "{name}: more than {bound} changes waited; refilling from the table instead"
+                );
+            }
             return Next::Refill;
         }
         if changes.is_empty() {

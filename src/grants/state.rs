@@ -59,6 +59,9 @@ use crate::recognise::matcher::Service;
 pub const HEADER: &str = "smtp-after-popd state 1";
 /// Grants written per look at the table when the file is rewritten.
 const COMPACT_CHUNK: usize = 16_384;
+/// Changes waiting for the writer; beyond this the writer rewrites the
+/// whole file from the table instead of appending the changes one by one.
+const QUEUE: usize = 65_536;
 /// Fewest appended lines before a rewrite is considered.
 pub const MIN_COMPACT: usize = 4096;
 
@@ -499,7 +502,7 @@ impl StateWriter {
             })?;
         // Subscribed first: the changes made while the file is written
         // are applied on top of it.
-        let feed = Feed::subscribe(&table);
+        let feed = Feed::subscribe_coalescing(&table, QUEUE);
         let file = compact(&table, &path, &tmp, Instant::now(), now_ms())
             .map_err(|e| format!("--state {}: cannot write it: {e}", path.display()))?;
         let sink = StateSink {

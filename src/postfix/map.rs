@@ -476,7 +476,7 @@ impl PostfixMap {
         first_write: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
         visible: Option<tokio::sync::watch::Sender<u64>>,
     ) {
-        let feed = Feed::subscribe(&table);
+        let feed = Feed::subscribe_coalescing(&table, MAP_QUEUE);
         let sink = MapSink {
             map: self,
             table: table.clone(),
@@ -694,6 +694,10 @@ fn push_entry(s: &mut String, ip: &IpAddr) {
         }
     }
 }
+
+/// Most changes waiting for the map while it is rebuilt; past it the next
+/// write reads the whole set from the table, as a large change would.
+const MAP_QUEUE: usize = 16_384;
 
 /// Changes up to this many (plus a quarter of the table) are applied
 /// incrementally; more are rebuilt.

@@ -533,9 +533,17 @@ impl StateWriter {
     }
 
     /// Waits, at most `timeout`, until every change made so far is on
-    /// disk, then stops the writer. Blocks the calling thread: for a
-    /// thread outside the runtime, or a multi-threaded runtime's (the
-    /// daemon's stop path waits with `crate::grants::follow::flush_all`).
+    /// disk, then stops the writer; false when they were not by then.
+    pub async fn finish(self, timeout: Duration) -> bool {
+        let want = self.feed.seq();
+        let mut visible = self.visible.clone();
+        tokio::time::timeout(timeout, visible.wait_for(|v| *v >= want))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// [`StateWriter::finish`], blocking the calling thread: for a thread
+    /// outside the runtime, or a multi-threaded runtime's.
     pub fn stop(self, timeout: Duration) -> bool {
         let want = self.feed.seq();
         let deadline = std::time::Instant::now() + timeout;

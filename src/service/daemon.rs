@@ -593,8 +593,13 @@ async fn stop(started: Started, mut tasks: tokio::task::JoinSet<()>) {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    // The state file was among the sinks flush_all waited for.
-    drop(started.state_writer);
+    // The state file was among the sinks flush_all waited for; when that
+    // ran out of time, it has a little more.
+    if let Some(w) = started.state_writer
+        && !w.finish(Duration::from_millis(800)).await
+    {
+        crate::log_error!("state: the last changes could not be written within 0.8 s");
+    }
     if let Some(p) = &started.pid_file {
         startup::remove_pid_file(p);
     }

@@ -561,6 +561,39 @@ impl StateWriter {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_writer_follows_the_table_and_rewrites_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let table = Arc::new(GrantTable::new());
+        let g = || Grant {
+            expires: Instant::now() + Duration::from_secs(600),
+            server: "dovecot".into(),
+            service: Service::Imap,
+            user: "alice".into(),
+            reporter: "test".into(),
+            host: "mail".into(),
+        };
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | i));
+        table.grant(ip(0), g());
+        let w = StateWriter::start(path.clone(), table.clone()).unwrap();
+        // Renewals of ten grants, more than a rewrite waits for: appended,
+        // then the file rewritten from the table.
+        let renewals = MIN_COMPACT as u32 + 1000;
+        for i in 0..renewals {
+            table.grant(ip(1 + i % 10), g());
+        }
+        table.revoke(ip(0));
+        assert!(w.finish(Duration::from_secs(10)).await);
+        let loaded = load(&path).unwrap();
+        assert!(loaded.bad_lines.is_empty(), "{:?}", loaded.bad_lines);
+        let mut have: Vec<Cidr> = loaded.grants.keys().copied().collect();
+        have.sort_unstable();
+        assert_eq!(have, table.blocks().1);
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < renewals as usize, "{lines} lines: never rewritten");
+    }
+
     #[test]
     fn fields_round_trip() {
         for s in [

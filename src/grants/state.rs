@@ -2,7 +2,8 @@
 //! (`--state FILE`).
 //!
 //! Consumes: at start-up, the file an earlier run wrote; then every change
-//! of the grant table ([`crate::grants::table::Change`], through the table's hook).
+//! of the grant table ([`crate::grants::table::Change`]), as the follow
+//! loop ([`crate::grants::follow`]) hands them to the state file's [`Sink`].
 //! Produces: the grants of the file still inside their window, back in the
 //! table with their original expiry; and the file, kept in step.
 //! Trusts: the file is the daemon's own (its directory should be writable
@@ -27,7 +28,9 @@
 //! # Cost and safety
 //!
 //! Each change appends one line (written at once, so a SIGKILL loses
-//! nothing the kernel has; synced to disk after each batch). When the
+//! nothing the kernel has; synced to disk after each batch, off the
+//! runtime's threads). A failed write is retried every second by a
+//! rewrite, logged once (then once a minute) and its end logged. When the
 //! appended lines outnumber twice the live grants (and at least
 //! [`MIN_COMPACT`]), the file is rewritten from the table: written to
 //! `FILE.tmp`, synced, renamed over `FILE`, so a crash leaves either the
@@ -42,14 +45,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
 use crate::grants::addr::{AddressPolicy, Cidr};
+use crate::grants::follow::{Feed, Live, Reports, Retry, Sink, SinkError};
 use crate::grants::table::{Change, Grant, GrantTable, Names};
 use crate::recognise::matcher::Service;
 
@@ -57,11 +59,11 @@ use crate::recognise::matcher::Service;
 pub const HEADER: &str = "smtp-after-popd state 1";
 /// Grants written per look at the table when the file is rewritten.
 const COMPACT_CHUNK: usize = 16_384;
-/// Fewest appended lines before a rewrite is considered.
-pub const MIN_COMPACT: usize = 4096;
 /// Changes waiting for the writer; beyond this the writer rewrites the
 /// whole file from the table instead of appending the changes one by one.
 const QUEUE: usize = 65_536;
+/// Fewest appended lines before a rewrite is considered.
+pub const MIN_COMPACT: usize = 4096;
 
 /// One grant as the file holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,75 +315,106 @@ pub fn restore(
     (restored, expired, refused)
 }
 
-enum Msg {
-    Change(Change),
-    /// Write what is pending, then say so (`crate::grants::follow::flush_all`).
-    Flush(tokio::sync::oneshot::Sender<()>),
-    Stop(SyncSender<()>),
-}
-
-/// The writer of the state file: a thread that appends the table's changes
-/// and rewrites the file when it has grown.
+/// The writer of the state file: a [`Sink`] of the follow loop, which
+/// appends the table's changes and rewrites the file when it has grown.
 pub struct StateWriter {
-    tx: SyncSender<Msg>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Its place among the sinks `crate::grants::follow::flush_all` waits for.
-    _registered: crate::grants::follow::Registered,
+    feed: Arc<Feed>,
+    /// The sequence number of the last change on disk.
+    visible: tokio::sync::watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-struct Writer {
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The state file as the follow loop writes it.
+struct StateSink {
     path: PathBuf,
     tmp: PathBuf,
-    file: File,
+    file: Arc<File>,
     table: Arc<GrantTable>,
+    /// Lines appended since the last rewrite.
     appended: usize,
-    lost: Arc<AtomicBool>,
-    failing: bool,
+    /// Written whole by [`StateWriter::start`], before the loop began.
+    filled: bool,
 }
 
-impl Writer {
-    /// Rewrites the whole file from the table, atomically: walked a chunk
-    /// at a time into the temporary file (never the whole text in memory),
-    /// synced, renamed over the file.
-    fn compact(&mut self) -> std::io::Result<()> {
-        let (now, now_ms) = (Instant::now(), now_ms());
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            // User names are nobody else's business: owner only.
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&self.tmp)?;
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
-            let mut text = String::with_capacity(COMPACT_CHUNK * 96);
-            text.push_str(HEADER);
-            text.push('\n');
-            let mut from = Some(0);
-            while let Some(at) = from {
-                from = self.table.visit(at, COMPACT_CHUNK, |key, g| {
-                    grant_line(&mut text, key, wall_ms(g.expires, now, now_ms), g)
-                });
-                f.write_all(text.as_bytes())?;
-                text.clear();
-            }
-            f.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+/// Rewrites the whole file from the table, atomically: walked a chunk at
+/// a time into the temporary file (never the whole text in memory),
+/// synced, renamed over the file; returns the file opened for appending.
+fn compact(
+    table: &GrantTable,
+    path: &Path,
+    tmp: &Path,
+    now: Instant,
+    now_ms: u64,
+) -> std::io::Result<File> {
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // User names are nobody else's business: owner only.
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(tmp)?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
+        let mut text = String::with_capacity(COMPACT_CHUNK * 96);
+        text.push_str(HEADER);
+        text.push('\n');
+        let mut from = Some(0);
+        while let Some(at) = from {
+            from = table.visit(at, COMPACT_CHUNK, |key, g| {
+                grant_line(&mut text, key, wall_ms(g.expires, now, now_ms), g)
+            });
+            f.write_all(text.as_bytes())?;
+            text.clear();
         }
-        std::fs::rename(&self.tmp, &self.path)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Ok(d) = File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.appended = 0;
-        Ok(())
+        f.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+    }
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    OpenOptions::new().append(true).open(path)
+}
+
+fn io_error(e: std::io::Error) -> SinkError {
+    SinkError(e.to_string())
+}
+
+impl Sink for StateSink {
+    fn name(&self) -> String {
+        format!("state {}", self.path.display())
     }
 
-    fn append(&mut self, changes: &[Change]) -> std::io::Result<()> {
+    /// Off the runtime's threads: the rewrite waits for the disk.
+    async fn refill(&mut self, _live: &[Live]) -> Result<u64, SinkError> {
+        let (table, path, tmp) = (self.table.clone(), self.path.clone(), self.tmp.clone());
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let file = tokio::task::spawn_blocking(move || compact(&table, &path, &tmp, now, now_ms))
+            .await
+            .map_err(|e| SinkError(e.to_string()))?
+            .map_err(io_error)?;
+        self.file = Arc::new(file);
+        self.appended = 0;
+        Ok(1)
+    }
+
+    /// Appends a line for each change (synced once for the batch), or
+    /// rewrites the file when the lines outnumber the live grants.
+    async fn apply(&mut self, changes: &[Change]) -> Result<u64, SinkError> {
+        if self.appended + changes.len() > MIN_COMPACT.max(2 * self.table.len()) {
+            return self.refill(&[]).await;
+        }
         let (now, now_ms) = (Instant::now(), now_ms());
         let mut text = String::with_capacity(changes.len() * 96);
+        let mut lines = 0;
         for c in changes {
             match c {
                 Change::Grant(ip, g) => {
@@ -391,105 +424,73 @@ impl Writer {
                     let _ = writeln!(text, "revoke {}", key.shown());
                 }
                 // Whoever reads the file drops expired grants itself.
-                Change::Expire(_) => {}
+                Change::Expire(_) => continue,
             }
+            lines += 1;
         }
-        self.file.write_all(text.as_bytes())?;
-        self.file.sync_data()?;
-        self.appended += changes.len();
-        Ok(())
+        if lines == 0 {
+            return Ok(0);
+        }
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            (&*file).write_all(text.as_bytes())?;
+            file.sync_data()
+        })
+        .await
+        .map_err(|e| SinkError(e.to_string()))?
+        .map_err(io_error)?;
+        self.appended += lines;
+        Ok(lines as u64)
     }
 
-    /// Writes a batch; rewrites the file when due, or after a failure or
-    /// a full queue (the table is then the only complete record).
-    fn write(&mut self, changes: &[Change]) {
-        let due = self.appended + changes.len() > MIN_COMPACT.max(2 * self.table.len());
-        let result = if self.failing || self.lost.swap(false, Ordering::Relaxed) || due {
-            self.compact()
-        } else {
-            self.append(changes)
-        };
-        match result {
-            Ok(()) => {
-                if self.failing {
-                    crate::log_info!("state {}: written again", self.path.display());
-                }
-                self.failing = false;
-            }
-            Err(e) => {
-                if !self.failing {
-                    crate::log_error!(
-                        "state {}: cannot write: {e}; grants are kept in memory and the file will be rewritten when writing works again",
-                        self.path.display()
-                    );
-                }
-                self.failing = true;
-            }
+    fn reads_table(&self) -> bool {
+        true
+    }
+
+    fn filled(&mut self) -> bool {
+        std::mem::take(&mut self.filled)
+    }
+
+    fn retry(&self) -> Retry {
+        Retry {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(1),
+            log_every: Duration::from_secs(60),
         }
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
-        let mut batch = Vec::new();
-        // Flushes asked for, answered once a write has worked.
-        let mut flushed = Vec::new();
-        loop {
-            // While failing, retry every second even if nothing changes.
-            let first = if self.failing {
-                match rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(m) => Some(m),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(m) => Some(m),
-                    Err(_) => return,
-                }
-            };
-            let mut stop = None;
-            let mut next = first;
-            while let Some(m) = next {
-                match m {
-                    Msg::Change(c) => batch.push(c),
-                    Msg::Flush(reply) => {
-                        flushed.push(reply);
-                        break;
-                    }
-                    Msg::Stop(reply) => {
-                        stop = Some(reply);
-                        break;
-                    }
-                }
-                if batch.len() >= 4096 {
-                    break;
-                }
-                next = rx.try_recv().ok();
-            }
-            if !batch.is_empty() || self.failing {
-                self.write(&batch);
-                batch.clear();
-            }
-            if !self.failing {
-                for reply in flushed.drain(..) {
-                    let _ = reply.send(());
-                }
-            }
-            if let Some(reply) = stop {
-                let _ = reply.send(());
-                return;
-            }
+    fn failure_line(&self, e: &SinkError, _: Duration, failing_for: Option<Duration>) -> String {
+        match failing_for {
+            None => format!(
+                "{}: cannot write: {e}; grants are kept in memory and the file will be rewritten when writing works again",
+                self.name()
+            ),
+            Some(d) => format!(
+                "{}: still cannot write after {} s: {e}",
+                self.name(),
+                d.as_secs()
+            ),
         }
+    }
+
+    fn recovered_line(&self, _: Duration) -> String {
+        format!("{}: written again", self.name())
+    }
+
+    fn refilled_line(&self, _: usize, _: u128) -> Option<String> {
+        None
     }
 }
 
 impl StateWriter {
     /// Writes the table to `path` now (so the file matches what was
-    /// restored), then hooks the table so every later change is recorded.
-    /// Must be called inside the tokio runtime.
+    /// restored), then follows the table so every later change is
+    /// recorded. Must be called inside the tokio runtime.
     pub fn start(path: PathBuf, table: Arc<GrantTable>) -> Result<StateWriter, String> {
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");
-        let file = OpenOptions::new()
+        let tmp = PathBuf::from(tmp);
+        OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
@@ -499,83 +500,99 @@ impl StateWriter {
                     path.display()
                 )
             })?;
-        let lost = Arc::new(AtomicBool::new(false));
-        let mut w = Writer {
-            path: path.clone(),
-            tmp: tmp.into(),
-            file,
+        // Subscribed first: the changes made while the file is written
+        // are applied on top of it.
+        let feed = Feed::subscribe_coalescing(&table, QUEUE);
+        let file = compact(&table, &path, &tmp, Instant::now(), now_ms())
+            .map_err(|e| format!("--state {}: cannot write it: {e}", path.display()))?;
+        let sink = StateSink {
+            path,
+            tmp,
+            file: Arc::new(file),
             table: table.clone(),
             appended: 0,
-            lost: lost.clone(),
-            failing: false,
+            filled: true,
         };
-        w.compact()
-            .map_err(|e| format!("--state {}: cannot write it: {e}", path.display()))?;
-        let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
-        let hook_tx = tx.clone();
-        table.add_hook(Box::new(move |change| {
-            if matches!(change, Change::Expire(_)) {
-                return;
-            }
-            if let Err(TrySendError::Full(_)) = hook_tx.try_send(Msg::Change(change)) {
-                lost.store(true, Ordering::Relaxed);
-            }
-        }));
-        let runtime = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new()
-            .name("state".into())
-            .spawn(move || {
-                // The runtime's clock, so that expiries read the same time
-                // as the table (and a paused test clock).
-                let _guard = runtime.enter();
-                w.run(rx)
-            })
-            .map_err(|e| format!("cannot start the state writer: {e}"))?;
-        let flush_tx = tx.clone();
-        let registered = crate::grants::follow::register(Box::new(move || {
-            let tx = flush_tx.clone();
-            Box::pin(async move {
-                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-                let sent = match tx.try_send(Msg::Flush(reply_tx)) {
-                    Ok(()) => true,
-                    // A full queue: wait for room off the runtime.
-                    Err(TrySendError::Full(m)) => tokio::task::spawn_blocking(move || tx.send(m))
-                        .await
-                        .is_ok_and(|r| r.is_ok()),
-                    Err(TrySendError::Disconnected(_)) => false,
-                };
-                if sent {
-                    let _ = reply_rx.await;
-                }
-            })
-        }));
+        let (visible_tx, visible) = tokio::sync::watch::channel(0);
+        let reports = Reports {
+            first_write: None,
+            visible: Some(visible_tx),
+        };
+        let task = tokio::spawn(crate::grants::follow::follow(
+            sink,
+            table,
+            feed.clone(),
+            None,
+            reports,
+        ));
         Ok(StateWriter {
-            tx,
-            thread: Some(thread),
-            _registered: registered,
+            feed,
+            visible,
+            task,
         })
     }
 
-    /// Writes what is pending and stops the writer, waiting at most
-    /// `timeout`.
-    pub fn stop(mut self, timeout: Duration) -> bool {
-        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-        let sent = match self.tx.try_send(Msg::Stop(reply_tx)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(m)) => self.tx.send(m).is_ok(),
-            Err(_) => false,
-        };
-        let done = sent && reply_rx.recv_timeout(timeout).is_ok();
-        if done && let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Waits, at most `timeout`, until every change made so far is on
+    /// disk, then stops the writer; false when they were not by then.
+    pub async fn finish(self, timeout: Duration) -> bool {
+        let want = self.feed.seq();
+        let mut visible = self.visible.clone();
+        tokio::time::timeout(timeout, visible.wait_for(|v| *v >= want))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// [`StateWriter::finish`], blocking the calling thread: for a thread
+    /// outside the runtime, or a multi-threaded runtime's.
+    pub fn stop(self, timeout: Duration) -> bool {
+        let want = self.feed.seq();
+        let deadline = std::time::Instant::now() + timeout;
+        while *self.visible.borrow() < want {
+            if std::time::Instant::now() >= deadline || self.task.is_finished() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        done
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_writer_follows_the_table_and_rewrites_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let table = Arc::new(GrantTable::new());
+        let g = || Grant {
+            expires: Instant::now() + Duration::from_secs(600),
+            server: "dovecot".into(),
+            service: Service::Imap,
+            user: "alice".into(),
+            reporter: "test".into(),
+            host: "mail".into(),
+        };
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | i));
+        table.grant(ip(0), g());
+        let w = StateWriter::start(path.clone(), table.clone()).unwrap();
+        // Renewals of ten grants, more than a rewrite waits for: appended,
+        // then the file rewritten from the table.
+        let renewals = MIN_COMPACT as u32 + 1000;
+        for i in 0..renewals {
+            table.grant(ip(1 + i % 10), g());
+        }
+        table.revoke(ip(0));
+        assert!(w.finish(Duration::from_secs(10)).await);
+        let loaded = load(&path).unwrap();
+        assert!(loaded.bad_lines.is_empty(), "{:?}", loaded.bad_lines);
+        let mut have: Vec<Cidr> = loaded.grants.keys().copied().collect();
+        have.sort_unstable();
+        assert_eq!(have, table.blocks().1);
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < renewals as usize, "{lines} lines: never rewritten");
+    }
 
     #[test]
     fn fields_round_trip() {

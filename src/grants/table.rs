@@ -574,6 +574,13 @@ impl GrantTable {
         f(&mut it)
     }
 
+    /// Calls `f` with the table's generation, under the lock: what a change
+    /// hook queued by then is exactly the changes up to that generation.
+    pub fn at_generation<T>(&self, f: impl FnOnce(u64) -> T) -> T {
+        let inner = self.lock();
+        f(inner.generation)
+    }
+
     /// Calls `f` with up to `max` live grants, from place `from` in the
     /// table's storage on, under the lock; returns the place to go on
     /// from, or `None` once every place was seen. A writer walks the table

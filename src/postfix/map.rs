@@ -1,7 +1,8 @@
 //! Sinks: keep Postfix's view in step with the grant table.
 //!
-//! Consumes: the grant table's generation (a change signal) and its set of
-//! live addresses.
+//! Consumes: the grant table's changes, as the follow loop
+//! ([`crate::grants::follow`]) hands them to the map's [`Sink`], and its
+//! sorted set of live addresses for a full rewrite.
 //! Produces: the Postfix access map: a source file of `ADDRESS OK` lines at
 //! `--map`, and the database built from it with the real `postmap`.
 //! Trusts: the table (its addresses passed the matchers and the never-grant
@@ -19,9 +20,12 @@
 //!
 //! The sink rewrites the map only when the set of addresses changed, never
 //! more than one rebuild at a time; logins that arrive during a rebuild are
-//! all picked up by the next one. A failing `postmap` is logged with its
-//! stderr and retried with backoff (1 s doubling to 60 s); the table, which
-//! is the source of truth, is never touched by a failure.
+//! all picked up by the next one. It keeps a sorted copy of the addresses
+//! the database holds (nothing else of the grants), so that a small change
+//! is applied with `postmap -i`/`-d`. The first write fails the start; a
+//! later failing `postmap` is logged with its stderr at every try and
+//! retried with backoff (1 s doubling to 60 s) by the follow loop; the
+//! table, which is the source of truth, is never touched by a failure.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -42,8 +46,11 @@ pub fn dir_of(file: &Path) -> PathBuf {
     }
 }
 
+use std::collections::HashMap;
+
 use crate::grants::addr::Cidr;
-use crate::grants::table::GrantTable;
+use crate::grants::follow::{Counters, Feed, Live, Reports, Retry, Sink};
+use crate::grants::table::{Change, GrantTable};
 use crate::stats::Stats;
 
 /// The Postfix lookup table types the daemon can build atomically: one
@@ -112,14 +119,7 @@ pub struct PostfixMap {
 }
 
 /// A failed map update.
-#[derive(Debug)]
-pub struct SinkError(pub String);
-
-impl std::fmt::Display for SinkError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::grants::follow::SinkError;
 
 /// How long one `postmap` run may take before it is killed and retried.
 const POSTMAP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -467,7 +467,8 @@ impl PostfixMap {
     }
 
     /// [`PostfixMap::run`], also publishing the table generation each
-    /// successful write made visible (for benchmarks and tests).
+    /// successful write made visible (for benchmarks and tests): the map
+    /// as a [`Sink`] of the follow loop.
     pub async fn run_reporting(
         self,
         table: Arc<GrantTable>,
@@ -475,114 +476,185 @@ impl PostfixMap {
         first_write: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
         visible: Option<tokio::sync::watch::Sender<u64>>,
     ) {
-        let mut changes = table.subscribe();
-        let mut written: Option<u64> = None;
-        // For crate::grants::follow::flush_all: the generation last written.
-        let (done_tx, done_rx) = tokio::sync::watch::channel(None::<u64>);
-        let t = table.clone();
-        let _registered = crate::grants::follow::register(Box::new(move || {
-            let want = *t.subscribe().borrow();
-            let mut done = done_rx.clone();
-            Box::pin(async move {
-                while done.borrow_and_update().is_none_or(|d| d < want) {
-                    if done.changed().await.is_err() {
-                        return;
-                    }
-                }
-            })
-        }));
-        // What the database holds, when we wrote it and know it.
-        let mut in_db: Option<Vec<Cidr>> = None;
-        let mut backoff = Duration::from_secs(1);
-        let mut first_write = first_write;
-        loop {
-            let (generation, addrs) = table.blocks();
-            if written != Some(generation) {
-                let started = tokio::time::Instant::now();
-                // A small change is applied to a copy of the database
-                // (postmap -i / -d), which costs little however large the
-                // table; a large one, or a database we did not write, is
-                // rebuilt from scratch.
-                let delta = match &in_db {
-                    Some(old)
-                        if self.incremental
-                            && self.supports_incremental()
-                            && self.database_path().exists() =>
-                    {
-                        let (added, removed) = diff(old, &addrs);
-                        (added.len() + removed.len() <= INCREMENTAL_MAX + addrs.len() / 4)
-                            .then_some((added, removed))
-                    }
-                    _ => None,
-                };
-                let result = match &delta {
-                    Some((a, r)) => self.write_with(&addrs, Some((a, r))).await,
-                    None => self.write_with(&addrs, None).await,
-                };
-                match result {
-                    Ok(()) => {
-                        Stats::bump(&stats.map_updates);
-                        written = Some(generation);
-                        backoff = Duration::from_secs(1);
-                        match &delta {
-                            Some((a, r)) => crate::log_info!(
-                                "map {}:{} updated (+{} -{}) to {} address{} in {} ms",
-                                self.map_type.name(),
-                                self.path.display(),
-                                a.len(),
-                                r.len(),
-                                addrs.len(),
-                                if addrs.len() == 1 { "" } else { "es" },
-                                started.elapsed().as_millis()
-                            ),
-                            None => crate::log_info!(
-                                "map {}:{} rewritten with {} address{} in {} ms",
-                                self.map_type.name(),
-                                self.path.display(),
-                                addrs.len(),
-                                if addrs.len() == 1 { "" } else { "es" },
-                                started.elapsed().as_millis()
-                            ),
-                        }
-                        in_db = Some(addrs);
-                        done_tx.send_replace(Some(generation));
-                        if let Some(v) = &visible {
-                            v.send_replace(generation);
-                        }
-                        if let Some(tx) = first_write.take() {
-                            let _ = tx.send(Ok(()));
-                        }
-                    }
-                    Err(e) => {
-                        Stats::bump(&stats.map_failures);
-                        // After a failure, trust only a full rebuild.
-                        in_db = None;
-                        let advice = self
-                            .advice(&e)
-                            .map(|a| format!("; {a}"))
-                            .unwrap_or_default();
-                        if let Some(tx) = first_write.take() {
-                            // The daemon stops: say it there, not here.
-                            let _ = tx.send(Err(format!("{e}{advice}")));
-                            return;
-                        }
-                        crate::log_error!(
-                            "map {}:{} not updated: {e}{advice}; the grants are kept, retrying in {} s",
-                            self.map_type.name(),
-                            self.path.display(),
-                            backoff.as_secs()
-                        );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(60));
-                        continue;
-                    }
-                }
+        let feed = Feed::subscribe_coalescing(&table, MAP_QUEUE);
+        let sink = MapSink {
+            map: self,
+            table: table.clone(),
+            in_db: None,
+            visible,
+        };
+        // Every rebuild, full or incremental, is one update.
+        let counters = Counters {
+            stats,
+            writes: |s| &s.map_updates,
+            failures: |s| &s.map_failures,
+            refills: |s| &s.map_updates,
+        };
+        let reports = Reports {
+            first_write,
+            visible: None,
+        };
+        crate::grants::follow::follow(sink, table, feed, counters, reports).await;
+    }
+}
+
+/// The map as a sink: rewritten only when the set of addresses changed,
+/// never more than one rebuild at a time (logins that arrive during a
+/// rebuild are all picked up by the next one).
+struct MapSink {
+    map: PostfixMap,
+    table: Arc<GrantTable>,
+    /// What the database holds, sorted, when we wrote it and know it (the
+    /// addresses only: 18 bytes each).
+    in_db: Option<Vec<Cidr>>,
+    visible: Option<tokio::sync::watch::Sender<u64>>,
+}
+
+impl MapSink {
+    /// Makes the map hold exactly `blocks` (sorted). A small change is
+    /// applied to a copy of the database (postmap -i / -d), which costs
+    /// little however large the table; a large one, or a database we did
+    /// not write, is rebuilt from scratch. Returns the number of rebuilds.
+    async fn write_set(&mut self, blocks: Vec<Cidr>) -> Result<u64, SinkError> {
+        if self.in_db.as_ref() == Some(&blocks) {
+            return Ok(0);
+        }
+        let started = tokio::time::Instant::now();
+        let m = &self.map;
+        let delta = match &self.in_db {
+            Some(old)
+                if m.incremental && m.supports_incremental() && m.database_path().exists() =>
+            {
+                let (added, removed) = diff(old, &blocks);
+                (added.len() + removed.len() <= INCREMENTAL_MAX + blocks.len() / 4)
+                    .then_some((added, removed))
             }
-            if changes.changed().await.is_err() {
-                return;
+            _ => None,
+        };
+        // After a failure, trust only a full rebuild.
+        self.in_db = None;
+        let result = match &delta {
+            Some((a, r)) => m.write_with(&blocks, Some((a, r))).await,
+            None => m.write_with(&blocks, None).await,
+        };
+        result?;
+        let (n, ms) = (blocks.len(), started.elapsed().as_millis());
+        let plural = if n == 1 { "" } else { "es" };
+        let (ty, path) = (m.map_type.name(), m.path.display());
+        match &delta {
+            Some((a, r)) => crate::log_info!(
+                "map {ty}:{path} updated (+{} -{}) to {n} address{plural} in {ms} ms",
+                a.len(),
+                r.len()
+            ),
+            None => {
+                crate::log_info!("map {ty}:{path} rewritten with {n} address{plural} in {ms} ms")
             }
         }
+        self.in_db = Some(blocks);
+        Ok(1)
     }
+
+    fn publish(&self, generation: u64) {
+        if let Some(v) = &self.visible {
+            v.send_replace(generation);
+        }
+    }
+}
+
+impl Sink for MapSink {
+    fn name(&self) -> String {
+        format!(
+            "map {}:{}",
+            self.map.map_type.name(),
+            self.map.path.display()
+        )
+    }
+
+    async fn refill(&mut self, _live: &[Live]) -> Result<u64, SinkError> {
+        let (generation, blocks) = self.table.blocks();
+        let n = self.write_set(blocks).await?;
+        self.publish(generation);
+        Ok(n)
+    }
+
+    async fn apply(&mut self, changes: &[Change]) -> Result<u64, SinkError> {
+        let Some(old) = &self.in_db else {
+            return Err(SinkError("the map's contents are unknown".into()));
+        };
+        let new = patch(old, changes);
+        self.write_set(new).await
+    }
+
+    fn reads_table(&self) -> bool {
+        true
+    }
+
+    fn first_failure_ends(&self) -> bool {
+        true
+    }
+
+    fn written(&mut self, generation: u64) {
+        self.publish(generation);
+    }
+
+    fn retry(&self) -> Retry {
+        Retry {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            // Every failure is logged, with when the next try is.
+            log_every: Duration::ZERO,
+        }
+    }
+
+    fn explain(&self, e: &SinkError) -> String {
+        match self.map.advice(e) {
+            Some(a) => format!("{e}; {a}"),
+            None => e.to_string(),
+        }
+    }
+
+    fn failure_line(&self, e: &SinkError, retry_in: Duration, _: Option<Duration>) -> String {
+        format!(
+            "{} not updated: {}; the grants are kept, retrying in {} s",
+            self.name(),
+            self.explain(e),
+            retry_in.as_secs()
+        )
+    }
+
+    fn refilled_line(&self, _: usize, _: u128) -> Option<String> {
+        None
+    }
+}
+
+/// Sorted `old` with `changes` applied in order (the last change of a
+/// block wins): what the table holds after them.
+fn patch(old: &[Cidr], changes: &[Change]) -> Vec<Cidr> {
+    let mut last: HashMap<Cidr, bool> = HashMap::with_capacity(changes.len());
+    for c in changes {
+        match c {
+            Change::Grant(k, _) => last.insert(*k, true),
+            Change::Revoke(k) | Change::Expire(k) => last.insert(*k, false),
+        };
+    }
+    let mut added: Vec<Cidr> = last
+        .iter()
+        .filter(|(k, present)| **present && old.binary_search(k).is_err())
+        .map(|(k, _)| *k)
+        .collect();
+    added.sort_unstable();
+    let kept = old.iter().filter(|k| last.get(k) != Some(&false));
+    let mut new = Vec::with_capacity(old.len() + added.len());
+    let mut added = added.into_iter().peekable();
+    for k in kept {
+        while let Some(a) = added.next_if(|a| a < k) {
+            new.push(a);
+        }
+        new.push(*k);
+    }
+    new.extend(added);
+    new
 }
 
 /// Appends a `KEY OK` line for each key of a block: the address for one
@@ -622,6 +694,10 @@ fn push_entry(s: &mut String, ip: &IpAddr) {
         }
     }
 }
+
+/// Most changes waiting for the map while it is rebuilt; past it the next
+/// write reads the whole set from the table, as a large change would.
+const MAP_QUEUE: usize = 16_384;
 
 /// Changes up to this many (plus a quarter of the table) are applied
 /// incrementally; more are rebuilt.
@@ -766,6 +842,44 @@ mod tests {
         assert_eq!(a, [ip("192.0.2.3"), ip("192.0.2.5")]);
         assert_eq!(r, [ip("192.0.2.1")]);
         assert_eq!(diff::<IpAddr>(&[], &[]), (vec![], vec![]));
+    }
+
+    #[test]
+    fn patch_applies_changes_in_order_to_the_sorted_set() {
+        use crate::grants::table::Grant;
+        let c = |s: &str| Cidr::host(s.parse().unwrap());
+        let g = Grant {
+            expires: tokio::time::Instant::now(),
+            server: "dovecot".into(),
+            service: crate::recognise::matcher::Service::Imap,
+            user: "u".into(),
+            reporter: "r".into(),
+            host: "h".into(),
+        };
+        let old = [c("192.0.2.2"), c("192.0.2.4"), c("192.0.2.6")];
+        let changes = [
+            Change::Grant(c("192.0.2.9"), g.clone()),
+            Change::Grant(c("192.0.2.1"), g.clone()),
+            Change::Revoke(c("192.0.2.4")),
+            // Renewed: still there once.
+            Change::Grant(c("192.0.2.2"), g.clone()),
+            // Granted, then gone: the last change wins.
+            Change::Grant(c("192.0.2.5"), g.clone()),
+            Change::Expire(c("192.0.2.5")),
+            // Gone, then back.
+            Change::Expire(c("192.0.2.6")),
+            Change::Grant(c("192.0.2.6"), g),
+            // Not there: nothing to remove.
+            Change::Revoke(c("192.0.2.8")),
+        ];
+        let want = [
+            c("192.0.2.1"),
+            c("192.0.2.2"),
+            c("192.0.2.6"),
+            c("192.0.2.9"),
+        ];
+        assert_eq!(patch(&old, &changes), want);
+        assert_eq!(patch(&[], &[]), Vec::<Cidr>::new());
     }
 
     #[test]

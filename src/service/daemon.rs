@@ -593,8 +593,10 @@ async fn stop(started: Started, mut tasks: tokio::task::JoinSet<()>) {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    // The state file was among the sinks flush_all waited for; when that
+    // ran out of time, it has a little more.
     if let Some(w) = started.state_writer
-        && !w.stop(Duration::from_millis(800))
+        && !w.finish(Duration::from_millis(800)).await
     {
         crate::log_error!("state: the last changes could not be written within 0.8 s");
     }
@@ -687,9 +689,8 @@ async fn start_sinks(
         match first_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                if let Some(w) = state_writer {
-                    w.stop(Duration::from_millis(800));
-                }
+                // Nothing changed since the state file was written whole.
+                drop(state_writer);
                 return Err(StartError::config(format_args!(
                     "map {shown} cannot be built, so the daemon does not start: {e}"
                 )));

@@ -682,6 +682,14 @@ impl Needles {
             Needles::Regex(r) => r.is_match(bytes),
         }
     }
+
+    /// Where the first of the needles stands in `bytes`.
+    fn find(&self, bytes: &[u8]) -> Option<std::ops::Range<usize>> {
+        match self {
+            Needles::Packed(s) => s.find(bytes).map(|m| m.start()..m.end()),
+            Needles::Regex(r) => r.find(bytes).map(|m| m.range()),
+        }
+    }
 }
 
 /// A search for any of `needles`, byte for byte.
@@ -1325,6 +1333,21 @@ impl Matchers {
         self.prefilter
             .as_ref()
             .is_none_or(|p| p.programs.is_match(bytes))
+    }
+
+    /// The program of a known program's line, when the first program name
+    /// in it stands where a syslog tag does (after a space, before `:` or
+    /// `[`): without parsing the record. None when that cannot be told so
+    /// (parse the record then).
+    pub fn program_at_tag<'a>(&self, bytes: &'a [u8]) -> Option<&'a str> {
+        let at = self.prefilter.as_ref()?.programs.find(bytes)?;
+        let before = at.start.checked_sub(1).map(|i| bytes[i]);
+        let after = bytes.get(at.end).copied();
+        if before != Some(b' ') || !matches!(after, Some(b':' | b'[')) {
+            return None;
+        }
+        let name = std::str::from_utf8(&bytes[at]).ok()?;
+        self.knows_program(name).then_some(name)
     }
 }
 

@@ -167,19 +167,36 @@ impl Scan {
             );
             // A line the prefilter skipped may still be one of a known
             // program's that no pattern recognised: the summary counts it.
-            if matches!(d.decision, Decision::Skipped)
-                && self.settings.matchers.may_name_program(text)
-                && let Ok(rec) = crate::ingest::record::parse(text)
-                && self.settings.matchers.knows_program(rec.program)
-            {
-                *self
-                    .summary
-                    .unmatched
-                    .entry(rec.program.to_string())
-                    .or_default() += 1;
+            if matches!(d.decision, Decision::Skipped) {
+                self.count_skipped(text);
             }
             if let Some(v) = self.summary.count(&self.settings, &d) {
                 writeln!(out, "{v}\t{name}:{n}{}", reason_of(&d.decision))?;
+            }
+        }
+    }
+}
+
+impl Scan {
+    /// Counts a line the prefilter skipped among the lines of a known
+    /// program that no pattern matched, if it is one: by the tag where it
+    /// stands, else by parsing the record.
+    fn count_skipped(&mut self, text: &[u8]) {
+        let m = &self.settings.matchers;
+        if !m.may_name_program(text) {
+            return;
+        }
+        let program = match m.program_at_tag(text) {
+            Some(p) => p,
+            None => match crate::ingest::record::parse(text) {
+                Ok(rec) if m.knows_program(rec.program) => rec.program,
+                _ => return,
+            },
+        };
+        match self.summary.unmatched.get_mut(program) {
+            Some(n) => *n += 1,
+            None => {
+                self.summary.unmatched.insert(program.to_string(), 1);
             }
         }
     }

@@ -218,8 +218,11 @@ fn daemon_run(daemon: &PathBuf, rate: u64, secs: u64, base: u64) -> (u64, u64, u
         .stdout(Stdio::null())
         .spawn()
         .expect("daemon");
+    // Sent before the daemon handles its sockets (during its start-up
+    // checks), the flood would wait in the kernel's buffer and overflow
+    // it: start sending once it says it started.
     let t = Instant::now();
-    while !dir.path().join("authenticated_ips.db").exists() {
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("started: listening on")) {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "daemon did not start"

@@ -880,7 +880,9 @@ pub enum Outcome {
     },
 }
 
-fn line_of(source: &str, offset: usize) -> usize {
+/// The line (from 1) of byte `offset` in `source`: where a value came
+/// from, for messages about a configuration or patterns file.
+pub(crate) fn line_of(source: &str, offset: usize) -> usize {
     source.as_bytes()[..offset.min(source.len())]
         .iter()
         .filter(|&&b| b == b'\n')

@@ -650,18 +650,10 @@ impl Origin<'_> {
             } => ConfigError(format!(
                 "{}, line {}: {key} = \"{value}\": {expected}",
                 path.display(),
-                line_of(source, *offset)
+                crate::recognise::matcher::line_of(source, *offset)
             )),
         }
     }
-}
-
-fn line_of(source: &str, offset: usize) -> usize {
-    source.as_bytes()[..offset.min(source.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 /// Reads the configuration file, if any.
@@ -673,7 +665,10 @@ fn read_file(path: &Path) -> Result<(String, FileConfig), ConfigError> {
         ))
     })?;
     let file: FileConfig = toml::from_str(&source).map_err(|e| {
-        let line = e.span().map(|s| line_of(&source, s.start)).unwrap_or(1);
+        let line = e
+            .span()
+            .map(|s| crate::recognise::matcher::line_of(&source, s.start))
+            .unwrap_or(1);
         ConfigError(format!(
             "{}, line {line}: {}; see smtp-after-popd --help for the keys and their values",
             path.display(),

@@ -890,6 +890,28 @@ pub fn expiry(window: Duration) -> Instant {
     Instant::now() + window
 }
 
+/// A table holding one grant for `addr`, for the tests of the services
+/// that answer from the table.
+#[cfg(test)]
+pub(crate) fn table_granting(
+    addr: &str,
+    service: crate::recognise::matcher::Service,
+) -> GrantTable {
+    let t = GrantTable::new();
+    t.grant(
+        addr.parse().expect("a test address"),
+        Grant {
+            expires: tokio::time::Instant::now() + std::time::Duration::from_secs(60),
+            server: "dovecot".into(),
+            service,
+            user: "u".into(),
+            reporter: "t".into(),
+            host: "h".into(),
+        },
+    );
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

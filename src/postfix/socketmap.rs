@@ -140,23 +140,10 @@ pub async fn session(conn: Connection, io: Box<dyn Io>, table: Arc<GrantTable>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grants::table::Grant;
     use crate::recognise::matcher::Service;
 
     fn table() -> GrantTable {
-        let t = GrantTable::new();
-        t.grant(
-            "2001:db8::7".parse().unwrap(),
-            Grant {
-                expires: tokio::time::Instant::now() + Duration::from_secs(60),
-                server: "dovecot".into(),
-                service: Service::Imap,
-                user: "u".into(),
-                reporter: "t".into(),
-                host: "h".into(),
-            },
-        );
-        t
+        crate::grants::table::table_granting("2001:db8::7", Service::Imap)
     }
 
     #[test]

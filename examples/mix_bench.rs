@@ -1,8 +1,10 @@
-//! The mix of issue 17, side by side in one run: a plain one-regex scan
-//! (the baseline), our parse + match as `smtp-after-popd match` does it,
-//! the daemon's per-datagram path (the pipeline's entry, without the
-//! socket), and the `match` command itself on the same lines in a file,
-//! against `grep -cE` with the baseline's regex on that file.
+//! The mix of issue 17, side by side in one run: our parse + match as
+//! `smtp-after-popd match` does it, the daemon's per-datagram path (the
+//! pipeline's entry, without the socket), and the `match` command itself
+//! on the same lines in a file, against issue 17's baseline, a one-regex
+//! Perl loop over the file (`ratio_to_baseline`), and beside it `grep -cE`
+//! with the same regex and one regex over the lines already in memory (a
+//! floor no reader of a file reaches).
 //!
 //! The mix: 1,000,000 lines of a Dovecot host's mail log. One line in 50
 //! is a Dovecot login; the rest is split evenly among Postfix `connect
@@ -140,7 +142,7 @@ fn main() {
     let (t_base, found) = best(rounds, || lines.iter().filter(|l| re.is_match(l)).count());
     assert_eq!(found, logins, "the baseline must find every login");
     println!(
-        "baseline_one_regex cpu_s={:.3} lines_per_s={:.0} found={found}",
+        "in_memory_regex cpu_s={:.3} lines_per_s={:.0} found={found} (one regex over lines already in memory: a floor, not the issue's baseline)",
         t_base.as_secs_f64(),
         per_s(t_base)
     );
@@ -164,7 +166,7 @@ fn main() {
     });
     assert_eq!(found, logins, "parse + match must find every login");
     println!(
-        "parse_and_match cpu_s={:.3} lines_per_s={:.0} found={found} ratio_to_baseline={:.2}",
+        "parse_and_match cpu_s={:.3} lines_per_s={:.0} found={found} ratio_to_in_memory_regex={:.2}",
         t_match.as_secs_f64(),
         per_s(t_match),
         t_match.as_secs_f64() / t_base.as_secs_f64()
@@ -206,7 +208,7 @@ fn main() {
     }
     assert_eq!(granted, logins, "the daemon's path must grant every login");
     println!(
-        "daemon_path cpu_s={:.3} lines_per_s={:.0} granted={granted} ratio_to_baseline={:.2}",
+        "daemon_path cpu_s={:.3} lines_per_s={:.0} granted={granted} ratio_to_in_memory_regex={:.2}",
         t_daemon.as_secs_f64(),
         per_s(t_daemon),
         t_daemon.as_secs_f64() / t_base.as_secs_f64()
@@ -271,6 +273,7 @@ fn main() {
             per_s(t_perl)
         );
     }
+    let mut t_cmd_seen = Duration::ZERO;
     if bin.exists() {
         let mut t_cmd = Duration::MAX;
         let mut printed = 0;
@@ -292,8 +295,9 @@ fn main() {
                 .count();
         }
         assert_eq!(printed, logins, "match must grant every login");
+        t_cmd_seen = t_cmd;
         println!(
-            "match_command cpu_s={:.3} lines_per_s={:.0} granted={printed} ratio_to_baseline={:.2} ratio_to_grep={:.2} ratio_to_perl={:.2} (process start and file reading included)",
+            "match_command cpu_s={:.3} lines_per_s={:.0} granted={printed} ratio_to_in_memory_regex={:.2} ratio_to_grep={:.2} ratio_to_perl={:.2} (process start and file reading included)",
             t_cmd.as_secs_f64(),
             per_s(t_cmd),
             t_cmd.as_secs_f64() / t_base.as_secs_f64(),
@@ -307,13 +311,14 @@ fn main() {
         );
     }
     if t_perl != Duration::MAX {
-        // Against the issue's one-regex scan of the file: the in-process
-        // paths read no file, so this flatters them less than it seems
-        // (the Perl loop's time includes reading 1M lines).
+        // Against the issue's one-regex scan of the file. The in-process
+        // paths read no file while the Perl loop's time includes reading
+        // it: the command's ratio is the like-for-like one.
         println!(
-            "against_perl_loop parse_and_match={:.2} daemon_path={:.2}",
+            "ratio_to_baseline (issue 17's baseline, the one-regex Perl loop over the file): parse_and_match={:.2} daemon_path={:.2} match_command={:.2}",
             t_match.as_secs_f64() / t_perl.as_secs_f64(),
-            t_daemon.as_secs_f64() / t_perl.as_secs_f64()
+            t_daemon.as_secs_f64() / t_perl.as_secs_f64(),
+            t_cmd_seen.as_secs_f64() / t_perl.as_secs_f64()
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -228,7 +228,28 @@ impl<'a> Run<'a> {
             self.attempt_from(&sentinel, a),
             "the last login must succeed"
         );
-        let arrived = d.wait_granted(&sentinel, Duration::from_secs(60));
+        let mut arrived = d.wait_granted(&sentinel, Duration::from_secs(60));
+        let line_seen = self
+            .sb
+            .syslog()
+            .lines()
+            .any(|l| l.contains(sentinel.as_str()) && l.to_ascii_lowercase().contains("login"));
+        if !arrived && !line_seen {
+            // The server's own log line never reached rsyslog (seen with
+            // Courier under heavy load: the session's LOGIN line missing
+            // from rsyslog's own file). That is no fault of the daemon's,
+            // which never saw it; log in once more as the barrier. A line
+            // that rsyslog did get and the daemon did not grant still
+            // fails.
+            eprintln!(
+                "conformance: the sentinel's login line never reached rsyslog; logging in again"
+            );
+            assert!(
+                self.attempt_from(&sentinel, a),
+                "the last login must succeed"
+            );
+            arrived = d.wait_granted(&sentinel, Duration::from_secs(60));
+        }
         self.check(d, arrived);
     }
 

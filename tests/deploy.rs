@@ -111,7 +111,8 @@ fn run_quick_start(s: &Scratch, main_cf: Option<&str>) -> (String, String) {
          mount -t tmpfs tmpfs /run\n\
          unset MAIL_CONFIG\n\
          cd {checkout}\n\
-         {bin} {args} 2>{log} &\n\
+         : > {log}\n\
+         {bin} {args} 2>>{log} &\n\
          pid=$!\n\
          for i in $(seq 200); do grep -q 'started: ' {log} && break; sleep 0.05; done\n\
          {logger}\n\

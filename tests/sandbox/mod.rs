@@ -557,6 +557,10 @@ impl Sandbox {
                 "--require-attestation",
                 "--log-level",
                 "debug",
+                // A run takes minutes on a loaded machine: no grant may
+                // expire before the map is compared with the logins.
+                "--window",
+                "30m",
             ])
             .args(extra);
         let proc = self.spawn("daemon", cmd);

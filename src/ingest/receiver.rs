@@ -361,8 +361,9 @@ fn receive_failed(what: impl std::fmt::Display, e: &std::io::Error) -> Duration 
     Duration::from_millis(100)
 }
 
-/// Sleeps until `raw` is readable or `stop` is: whether it was the stop.
-fn stopped(raw: std::os::fd::RawFd, stop: &std::os::fd::OwnedFd) -> bool {
+/// Sleeps until `raw` is readable or `stop` is (the caller reads the stop
+/// flag itself).
+fn wait_readable(raw: std::os::fd::RawFd, stop: &std::os::fd::OwnedFd) {
     use std::os::fd::AsRawFd;
     let mut pfd = [
         libc::pollfd {
@@ -379,7 +380,6 @@ fn stopped(raw: std::os::fd::RawFd, stop: &std::os::fd::OwnedFd) -> bool {
     // SAFETY: poll on two pollfds we own; no timeout: the thread
     // sleeps until a datagram or the stop arrives.
     unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
-    pfd[1].revents != 0
 }
 
 /// Hands each datagram `recvmmsg` put in `msgs` (slots of `slot` bytes of
@@ -482,7 +482,7 @@ fn receive_thread(
             if let Some((_, n)) = draining {
                 return n;
             }
-            stopped(raw, &stop.wake);
+            wait_readable(raw, &stop.wake);
             continue;
         }
         each_received(&msgs[..n as usize], &mut names, &bufs, SLOT, &each);

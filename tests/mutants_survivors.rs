@@ -190,3 +190,64 @@ fn with_a_map_a_prefix_without_postfix_keys_grants_the_address_alone() {
     let (scope, _) = s.policy.scope(ip("2001:db8:1:2::5"));
     assert_eq!(scope.to_string(), "2001:db8:1:2::/64");
 }
+
+// ---- From the full run (TESTING.md, "The whole set") ----
+
+/// A login is never widened into a prefix that lies in the NAT64 block
+/// (64:ff9b::/32: its addresses carry an IPv4 address each, so the /64
+/// of one is a range of other IPv4 hosts) or in multicast (ff00::/8).
+/// Kills `addr.rs: replace << with >>` in `NOT_WIDENED` (both shifts).
+#[test]
+fn nat64_and_multicast_addresses_are_never_widened_into_a_prefix() {
+    let wide = AddressPolicy::new(vec![]).with_ipv6_prefix(64, false);
+    for a in ["64:ff9b::c000:205", "ff02::1", "ff05::1:3"] {
+        let (c, why) = wide.scope(ip(a));
+        assert!(c.is_host(), "{a} was widened to {c}");
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("which is never granted by prefix")),
+            "{a}: {why:?}"
+        );
+    }
+    // An ordinary address is widened, so the above is the block, not the policy.
+    let (c, _) = wide.scope(ip("2001:db8:7::5"));
+    assert_eq!(c.to_string(), "2001:db8:7::/64");
+}
+
+/// A block that ends in more than two zero groups (`2001:db8:1::/96`)
+/// has no key that Postfix tries for every address in it, so no keys are
+/// given for it; a block ending in two zero groups still has one.
+/// Kills `addr.rs: replace - with / in postfix_keys`.
+#[test]
+fn a_block_ending_in_three_zero_groups_has_no_postfix_keys() {
+    use smtp_after_popd::grants::addr::postfix_keys;
+    for c in ["2001:db8:1::/96", "2001:db8:1::/112", "2001:db8:1:2::/112"] {
+        let c: Cidr = c.parse().unwrap();
+        assert_eq!(postfix_keys(&c), None, "{c}");
+    }
+    let c: Cidr = "2001:db8:1:2:3::/112".parse().unwrap();
+    assert!(postfix_keys(&c).is_some(), "{c}");
+}
+
+/// User names are shared (one copy per distinct name) up to
+/// `Names::MAX`; past it a name is still returned, but not kept.
+/// Kills `table.rs: replace < with == in Names::get` and `< with <=`.
+#[test]
+fn names_are_shared_up_to_the_bound_and_not_kept_past_it() {
+    use smtp_after_popd::grants::table::Names;
+    use std::sync::Arc;
+    let names = Names::default();
+    let a = names.get("alice");
+    assert!(
+        Arc::ptr_eq(&a, &names.get("alice")),
+        "the first name is kept"
+    );
+    for i in 1..Names::MAX {
+        names.get(&format!("user{i}"));
+    }
+    // MAX names are kept now: one more is returned but not kept.
+    let over = names.get("one-too-many");
+    assert_eq!(&*over, "one-too-many");
+    assert!(!Arc::ptr_eq(&over, &names.get("one-too-many")));
+    assert!(Arc::ptr_eq(&a, &names.get("alice")));
+}

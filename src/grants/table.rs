@@ -1198,4 +1198,147 @@ mod tests {
         assert_eq!(table.lock().index.len(), 1);
         assert_eq!(std::mem::size_of::<Slot>(), 64);
     }
+
+    // ---- Tests for mutants the full run let survive (TESTING.md) ----
+
+    /// Each renewal that moves an expiry leaves a stale queue entry; the
+    /// stale entries are dropped all at once when the queue holds more
+    /// than twice the live grants plus 1,024, and not before. Pins the
+    /// bound of `Inner::compact` exactly (with one live grant, 1,026
+    /// entries stay, the 1,027th drops the 1,026 stale ones).
+    #[tokio::test(start_paused = true)]
+    async fn stale_expiry_entries_are_dropped_exactly_past_the_bound() {
+        let table = GrantTable::new();
+        let a = ip("192.0.2.7");
+        let now = Instant::now();
+        for k in 1..=1026u64 {
+            table.grant(a, g(now + Duration::from_millis(k)));
+        }
+        assert_eq!(table.lock().expiries.len(), 1026);
+        table.grant(a, g(now + Duration::from_millis(1027)));
+        assert_eq!(table.lock().expiries.len(), 1);
+        assert_eq!(table.len(), 1);
+    }
+
+    /// Two IPv6 prefix grants of the same length: revoking one leaves the
+    /// other found for its addresses (the count of live prefixes of each
+    /// length goes 2, 1, 0, and the length is tried while it is above 0).
+    #[test]
+    fn revoking_one_of_two_prefixes_of_a_length_keeps_the_other_found() {
+        let table = GrantTable::new();
+        let later = Instant::now() + Duration::from_secs(60);
+        let p1: Cidr = "2001:db8:1:1::/64".parse().unwrap();
+        let p2: Cidr = "2001:db8:1:2::/64".parse().unwrap();
+        table.grant_block(p1, g(later));
+        table.grant_block(p2, g(later));
+        assert_eq!(
+            table.lookup(ip("2001:db8:1:2::5")).map(|(k, _)| k),
+            Some(p2)
+        );
+        assert!(table.revoke_block(p1).is_some());
+        assert_eq!(
+            table.lookup(ip("2001:db8:1:2::5")).map(|(k, _)| k),
+            Some(p2)
+        );
+        assert_eq!(table.lookup(ip("2001:db8:1:1::5")), None);
+        assert!(table.revoke_block(p2).is_some());
+        assert_eq!(table.lookup(ip("2001:db8:1:2::5")), None);
+        // A new grant of that length after the count went to 0 is found.
+        table.grant_block(p1, g(later));
+        assert_eq!(
+            table.lookup(ip("2001:db8:1:1::5")).map(|(k, _)| k),
+            Some(p1)
+        );
+    }
+
+    /// The table's Debug form (in panics and `{:?}` logs) shows its size
+    /// and limit.
+    #[test]
+    fn the_debug_form_shows_the_size_and_the_limit() {
+        let table = GrantTable::with_limit(7);
+        assert!(table.is_empty());
+        table.grant(ip("192.0.2.7"), g(Instant::now() + Duration::from_secs(60)));
+        assert!(!table.is_empty());
+        let d = format!("{table:?}");
+        assert!(d.starts_with("GrantTable {"), "{d}");
+        assert!(d.contains("len: 1"), "{d}");
+        assert!(d.contains("max_grants: 7"), "{d}");
+    }
+
+    /// `visit` walks the table a chunk at a time: at most `max` grants a
+    /// call, and the place to go on from, until every grant was seen once.
+    #[test]
+    fn visit_hands_out_at_most_max_grants_a_call() {
+        let table = GrantTable::new();
+        let later = Instant::now() + Duration::from_secs(60);
+        for k in 1..=5 {
+            table.grant(ip(&format!("192.0.2.{k}")), g(later));
+        }
+        let mut seen = Vec::new();
+        let mut from = 0;
+        let mut calls = 0;
+        loop {
+            let mut chunk = 0;
+            let next = table.visit(from, 2, |k, _| {
+                seen.push(k);
+                chunk += 1;
+            });
+            calls += 1;
+            assert!(chunk <= 2, "{chunk} grants in one call");
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        assert_eq!(calls, 3, "5 grants, 2 a call");
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 5);
+    }
+
+    /// A window closes at its expiry instant: `purge` at exactly that
+    /// instant removes the grant, returns it with its address, bumps the
+    /// generation once and tells the sinks; a purge with nothing due
+    /// changes nothing, the generation included.
+    #[tokio::test(start_paused = true)]
+    async fn purge_at_the_expiry_instant_removes_the_grant_and_bumps_the_generation_once() {
+        let table = GrantTable::new();
+        let mut rx = table.subscribe();
+        let now = Instant::now();
+        let (a, b) = (ip("192.0.2.7"), ip("192.0.2.8"));
+        table.grant(a, g(now + Duration::from_secs(10)));
+        table.grant(b, g(now + Duration::from_secs(20)));
+        let (before, _) = table.addresses();
+        rx.borrow_and_update();
+        // Nothing due yet.
+        let (gone, next) = table.purge(now + Duration::from_secs(9));
+        assert!(gone.is_empty());
+        assert_eq!(next, Some(now + Duration::from_secs(10)));
+        assert_eq!(
+            table.addresses().0,
+            before,
+            "a purge of nothing left the generation"
+        );
+        assert!(!rx.has_changed().unwrap());
+        // At the instant itself.
+        let (gone, next) = table.purge(now + Duration::from_secs(10));
+        assert_eq!(gone.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![a]);
+        assert_eq!(next, Some(now + Duration::from_secs(20)));
+        assert_eq!(table.addresses(), (before + 1, vec![b]));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), before + 1);
+    }
+
+    /// A reload's new `max-grants` takes effect at once: a table that was
+    /// full has room again when its limit is raised.
+    #[test]
+    fn a_raised_limit_makes_room_at_once() {
+        let table = GrantTable::with_limit(1);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(table.grant(ip("192.0.2.1"), g(later)), GrantResult::New);
+        assert_eq!(table.grant(ip("192.0.2.2"), g(later)), GrantResult::Full);
+        table.set_limit(2);
+        assert_eq!(table.limit(), 2);
+        assert_eq!(table.grant(ip("192.0.2.2"), g(later)), GrantResult::New);
+    }
 }

@@ -503,4 +503,55 @@ mod tests {
         let text = with_sd(r#"[attest@32473 exe="/usr/bin/logger" uid="1000" pid="1"]"#);
         assert!(matches!(verdict(&text, &popa3d, true), Verdict::Forgery(_)));
     }
+
+    // ---- Tests for mutants the full run let survive (TESTING.md) ----
+
+    /// A record from a peer whose attestation is believed
+    /// (trust-attestation-from) is parsed as any RFC 5424 record, not by
+    /// [`attested_record`]: `sender` alone then refuses a second
+    /// attestation element and an executable that is not a plain absolute
+    /// path, whatever else the record holds.
+    #[test]
+    fn sender_refuses_two_elements_and_an_executable_that_is_no_plain_path() {
+        let parse = |sd: &str| {
+            let text = format!("<22>1 2026-11-24T15:36:30Z mail dovecot - - {sd} {LINE}");
+            let rec = crate::ingest::record::parse_str(&text).expect("an RFC 5424 record");
+            sender(&rec).map(|s| s.map(|s| (s.exe.map(str::to_string), s.uid, s.pid)))
+        };
+        let good = r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#;
+        assert_eq!(
+            parse(good),
+            Ok(Some((Some("/usr/lib/dovecot/log".to_string()), 0, 1)))
+        );
+        let Err(why) = parse(&format!("{good}{good}")) else {
+            panic!("two attestation elements were accepted");
+        };
+        assert_eq!(why, "2 attestation elements in one record");
+        for exe in ["usr/lib/dovecot/log", "/usr/lib/dove cot", "/tmp/a;b"] {
+            let sd = format!(r#"[attest@32473 exe="{exe}" uid="0" pid="1"]"#);
+            let got = parse(&sd);
+            assert!(
+                got.as_ref()
+                    .is_err_and(|w| w.contains("is not a plain absolute path")),
+                "{exe}: {got:?}"
+            );
+        }
+    }
+
+    /// The PRI of the attested form is one to three digits: an empty or a
+    /// four-digit one is not what rsyslog writes.
+    #[test]
+    fn a_pri_that_is_empty_or_too_long_is_not_the_attested_form() {
+        let good = r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#;
+        let with_pri =
+            |pri: &str| format!("<{pri}>1 2026-11-24T15:36:30Z mail dovecot - - {good}  {LINE}");
+        assert!(attested_record(&with_pri("22")).is_ok());
+        assert!(attested_record(&with_pri("191")).is_ok());
+        for pri in ["", "0022", "1910", "2a"] {
+            assert!(
+                attested_record(&with_pri(pri)).is_err(),
+                "<{pri}> was accepted"
+            );
+        }
+    }
 }

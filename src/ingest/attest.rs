@@ -538,10 +538,11 @@ mod tests {
         }
     }
 
-    /// The PRI of the attested form is one to three digits: an empty or a
-    /// four-digit one is not what rsyslog writes.
+    /// The PRI of the attested form is one to three digits, and its
+    /// executable a path longer than `/`: anything else is not what
+    /// rsyslog writes.
     #[test]
-    fn a_pri_that_is_empty_or_too_long_is_not_the_attested_form() {
+    fn a_pri_or_executable_the_rule_never_writes_is_not_the_attested_form() {
         let good = r#"[attest@32473 exe="/usr/lib/dovecot/log" uid="0" pid="1"]"#;
         let with_pri =
             |pri: &str| format!("<{pri}>1 2026-11-24T15:36:30Z mail dovecot - - {good}  {LINE}");
@@ -553,5 +554,10 @@ mod tests {
                 "<{pri}> was accepted"
             );
         }
+        // An executable of "/" alone is no path rsyslog writes.
+        let root = with_sd(r#"[attest@32473 exe="/" uid="0" pid="1"]"#);
+        assert!(attested_record(&root).is_err(), "{root}");
+        let one = with_sd(r#"[attest@32473 exe="/x" uid="0" pid="1"]"#);
+        assert!(attested_record(&one).is_ok(), "{one}");
     }
 }

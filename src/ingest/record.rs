@@ -281,4 +281,18 @@ mod more_tests {
         .unwrap();
         assert_eq!(r.sd_param("a@32473", "exe"), Some(r#"/x"y]z\w"#));
     }
+
+    // ---- Tests for mutants the full run let survive (TESTING.md) ----
+
+    /// The fallback parser drops a PRI of up to three digits and its `>`,
+    /// and nothing more; anything else stays, to be read as text.
+    #[test]
+    fn strip_pri_drops_the_pri_and_its_bracket_only() {
+        assert_eq!(strip_pri("<22>Nov 24 mail x"), "Nov 24 mail x");
+        assert_eq!(strip_pri("<191>mail x"), "mail x");
+        assert_eq!(strip_pri("<>mail x"), "mail x");
+        assert_eq!(strip_pri("<1234>mail x"), "<1234>mail x");
+        assert_eq!(strip_pri("<2a>mail x"), "<2a>mail x");
+        assert_eq!(strip_pri("mail x"), "mail x");
+    }
 }

@@ -1922,4 +1922,32 @@ mod tests {
         );
         assert!(p.table.get("192.0.2.152".parse().unwrap()).is_some());
     }
+
+    // ---- Tests for mutants the full run let survive (TESTING.md) ----
+
+    /// A record that carries our SD-ID where no attestation is believed (a
+    /// unix listener not declared attested) is a forgery even with
+    /// require-attestation off, where the same login without the element
+    /// grants: whoever wrote it claimed an attestation nobody made.
+    #[tokio::test]
+    async fn an_attestation_element_where_none_is_believed_is_a_forgery() {
+        let s = settings(false, false, &[]);
+        let (memory, cut) = (AddressMemory::new(), CutLines::new());
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = Transport {
+            peer: &p,
+            attested: false,
+        };
+        let claimed = attested("/usr/lib/dovecot/log", 0, 1, "dovecot", DOVECOT);
+        match decide(&s, &memory, &cut, claimed.as_bytes(), on, now).decision {
+            Decision::Refused(r) => assert_eq!(r.reason(), "forgery", "{}", r.detail()),
+            other => panic!("{claimed}: {other:?}"),
+        }
+        let plain = format!("<22>Nov 24 15:36:30 mail dovecot: {DOVECOT}");
+        match decide(&s, &memory, &cut, plain.as_bytes(), on, now).decision {
+            Decision::Grant(a) => assert_eq!(a.ip.to_string(), "198.51.100.40"),
+            other => panic!("{plain}: {other:?}"),
+        }
+    }
 }

@@ -560,4 +560,46 @@ mod tests {
         let one = with_sd(r#"[attest@32473 exe="/x" uid="0" pid="1"]"#);
         assert!(attested_record(&one).is_ok(), "{one}");
     }
+
+    /// A refusal says what the pattern would have accepted: the uids and
+    /// executables where the uid is the credential, only the executables
+    /// where the process is.
+    #[test]
+    fn a_refusal_names_what_the_pattern_accepts() {
+        let logger = Sender {
+            exe: Some("/usr/bin/logger"),
+            uid: 1000,
+            pid: 7,
+        };
+        let why = |speakers: &Speakers| match check(Some(&logger), "p", speakers, true, "x") {
+            Verdict::Forgery(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            why(&dovecot()).ends_with("(uids 0; executables /usr/lib/dovecot/log)"),
+            "{}",
+            why(&dovecot())
+        );
+        let popa3d = Speakers {
+            executables: vec!["/usr/sbin/popa3d".into()],
+            uids: Vec::new(),
+            process: true,
+        };
+        assert!(
+            why(&popa3d)
+                .ends_with("which may not speak for pattern p (executables /usr/sbin/popa3d)"),
+            "{}",
+            why(&popa3d)
+        );
+        let no_uids = Speakers {
+            executables: vec!["/usr/sbin/x".into()],
+            uids: Vec::new(),
+            process: false,
+        };
+        assert!(
+            why(&no_uids).ends_with("(the pattern names no uids, or none of its accounts exists here: the uid is the credential)"),
+            "{}",
+            why(&no_uids)
+        );
+    }
 }

@@ -327,4 +327,33 @@ mod tests {
             Closed::Last(ip("192.0.2.8"))
         );
     }
+
+    // ---- Tests for mutants the full run let survive (TESTING.md) ----
+
+    /// Each login leaves an entry in the login-order queue, stale once its
+    /// session closed; the queue is rebuilt from the open sessions when it
+    /// holds more than four times their number (at least 4 × 1,024), and
+    /// not before. Pins that bound exactly.
+    #[tokio::test(start_paused = true)]
+    async fn stale_order_entries_are_dropped_exactly_past_the_bound() {
+        let h = Holds::new();
+        let now = Instant::now();
+        let a = ip("192.0.2.7");
+        for i in 0..4096 {
+            let k = key(&format!("pid {i}"));
+            assert!(h.open(k.clone(), a, now, MAX).is_some());
+            h.close(&k, None, now, MAX);
+        }
+        assert_eq!(h.lock().order.len(), 4096);
+        assert!(h.held_until(a, now, MAX).is_none());
+        assert_eq!(
+            h.lock().order.len(),
+            4096,
+            "4,096 entries are not past the bound"
+        );
+        h.open(key("one more"), a, now, MAX);
+        assert_eq!(h.lock().order.len(), 4097);
+        assert!(h.held_until(a, now, MAX).is_some());
+        assert_eq!(h.lock().order.len(), 1, "rebuilt from the one open session");
+    }
 }

@@ -295,4 +295,29 @@ mod more_tests {
         assert_eq!(strip_pri("<2a>mail x"), "<2a>mail x");
         assert_eq!(strip_pri("mail x"), "mail x");
     }
+
+    /// The length bound comes first, whatever the bytes are: an oversize
+    /// datagram is "too long" even when it is not UTF-8 either; the bound
+    /// itself is allowed.
+    #[test]
+    fn the_length_bound_is_checked_before_anything_else() {
+        assert_eq!(parse(&vec![0xff; MAX_RECORD + 1]), Err(ParseError::TooLong));
+        assert_eq!(parse(&vec![0xff; MAX_RECORD]), Err(ParseError::InvalidUtf8));
+        let mut line = b"<22>Nov 24 15:36:30 mail dovecot: ".to_vec();
+        line.resize(MAX_RECORD, b'x');
+        assert!(parse(&line).is_ok());
+        line.push(b'x');
+        assert_eq!(parse(&line), Err(ParseError::TooLong));
+    }
+
+    /// What the daemon logs for a datagram that is no record.
+    #[test]
+    fn parse_errors_say_what_was_wrong() {
+        assert_eq!(ParseError::TooLong.to_string(), "longer than 8192 bytes");
+        assert_eq!(ParseError::InvalidUtf8.to_string(), "not valid UTF-8");
+        assert_eq!(
+            ParseError::NoProgram.to_string(),
+            "no syslog tag (program name) found"
+        );
+    }
 }

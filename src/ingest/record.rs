@@ -308,6 +308,11 @@ mod more_tests {
         assert!(parse(&line).is_ok());
         line.push(b'x');
         assert_eq!(parse(&line), Err(ParseError::TooLong));
+        // The same bound for text already known to be UTF-8.
+        let text = String::from_utf8(line).unwrap();
+        assert_eq!(parse_str(&text), Err(ParseError::TooLong));
+        assert!(parse_str(&text[..MAX_RECORD]).is_ok());
+        assert_eq!(parse_str(&"x".repeat(9000)), Err(ParseError::TooLong));
     }
 
     /// What the daemon logs for a datagram that is no record.

@@ -353,6 +353,7 @@ mod tests {
         );
         h.open(key("one more"), a, now, MAX);
         assert_eq!(h.lock().order.len(), 4097);
+        assert!(!h.is_empty());
         assert!(h.held_until(a, now, MAX).is_some());
         assert_eq!(h.lock().order.len(), 1, "rebuilt from the one open session");
     }

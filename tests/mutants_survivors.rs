@@ -251,3 +251,25 @@ fn names_are_shared_up_to_the_bound_and_not_kept_past_it() {
     assert!(!Arc::ptr_eq(&over, &names.get("one-too-many")));
     assert!(Arc::ptr_eq(&a, &names.get("alice")));
 }
+
+/// A `name=` inside a character class is no field of the server's text:
+/// the class runs to its `]`, whatever its first character.
+/// Kills `matcher.rs: replace != with == in regex_fields`.
+#[test]
+fn a_name_and_equals_sign_inside_a_class_is_no_field() {
+    use smtp_after_popd::recognise::matcher::regex_fields;
+    assert!(regex_fields(r"[xy=]+").is_empty());
+    assert!(regex_fields(r"(?P<user>[a-z=]+)").is_empty());
+    assert_eq!(regex_fields(r"[^=]+ rip=(?P<ip>\S+)"), ["rip="]);
+}
+
+/// An escaped parenthesis inside the user's group does not close it: the
+/// text after the group is read from the group's own `)`.
+/// Kills `matcher.rs: delete match arm b'\\' in group_end`.
+#[test]
+fn an_escaped_parenthesis_does_not_close_the_user_group() {
+    assert_eq!(
+        regex_delimiter(r"login (?P<user>\w+\)) logged in", "user").as_deref(),
+        Some(" logged in")
+    );
+}

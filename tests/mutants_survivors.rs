@@ -273,3 +273,14 @@ fn an_escaped_parenthesis_does_not_close_the_user_group() {
         Some(" logged in")
     );
 }
+
+/// A `+` after a literal character of the text that follows the user's
+/// group keeps that character (one or more of it is still there).
+/// Kills `matcher.rs: replace += with -= in regex_delimiter` (the `+` arm).
+#[test]
+fn a_repeated_literal_after_the_user_group_stays_in_its_delimiter() {
+    assert_eq!(
+        regex_delimiter(r"user (?P<user>\S+):+ from (?P<ip>\S+)", "user").as_deref(),
+        Some(": from ")
+    );
+}

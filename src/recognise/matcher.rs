@@ -2142,4 +2142,20 @@ mod prefilter_tests {
         let rec = parse_str(line).unwrap();
         assert!(matches!(m.match_record(&rec), Outcome::Login(_)));
     }
+
+    // ---- Tests for mutants the full run let survive (TESTING.md) ----
+
+    /// Of the required prefixes and suffixes, the prefilter takes the set
+    /// whose shortest literal is longer (the more selective one).
+    #[test]
+    fn the_prefilter_takes_the_longer_of_prefix_and_suffix_literals() {
+        assert_eq!(
+            required_literals("^(?:abc.*defgh)$"),
+            Some(vec![b"defgh".to_vec()])
+        );
+        assert_eq!(
+            required_literals("^(?:abcdefg.*xyz)$"),
+            Some(vec![b"abcdefg".to_vec()])
+        );
+    }
 }

@@ -310,3 +310,44 @@ fn a_known_program_at_the_tag_is_read_without_parsing() {
         None
     );
 }
+
+/// A custom pattern without an id is named after its server and its
+/// place among all patterns, counted from 1 (the built-in ones first), as
+/// the logs and `match` report it.
+/// Kills `matcher.rs: replace + with * in Matchers::add`.
+#[test]
+fn a_pattern_without_an_id_is_named_after_its_server_and_place() {
+    use smtp_after_popd::recognise::matcher::BUILTIN_PATTERNS;
+    let builtins = parse_pattern_specs(BUILTIN_PATTERNS).unwrap().len();
+    let src = "[[pattern]]\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let m = Matchers::new(&pairs).unwrap();
+    let rec = parse_str("<22>Nov 24 15:36:30 mail mypop[3]: OK login bob from 192.0.2.9").unwrap();
+    let Outcome::Login(login) = m.match_record(&rec) else {
+        panic!("no login");
+    };
+    assert_eq!(&*login.pattern, format!("mypop-{}", builtins + 1));
+}
+
+/// A pattern must name the syslog tags it applies to: an empty list, or
+/// an empty name in it, is refused at start with the fix.
+/// Kills `matcher.rs: replace || with && in Matchers::add`.
+#[test]
+fn a_pattern_with_no_program_is_refused() {
+    for program in ["[]", "[\"\"]", "[\"mypop\", \"\"]"] {
+        let src = format!(
+            "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = {program}\nservice = \"pop3\"\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n"
+        );
+        let specs = parse_pattern_specs(&src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
+        let Err((_, e)) = Matchers::new(&pairs) else {
+            panic!("program = {program} was accepted");
+        };
+        assert!(
+            e.message.contains("program must list the syslog tags"),
+            "{}",
+            e.message
+        );
+    }
+}

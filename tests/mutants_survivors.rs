@@ -351,3 +351,25 @@ fn a_pattern_with_no_program_is_refused() {
         );
     }
 }
+
+/// A field a custom pattern declares (`fields = [...]`, for a server that
+/// writes one the regex does not spell out) is checked like the regex's
+/// own: inside the user's text it makes the line ambiguous.
+/// Kills `matcher.rs: delete ! in Matchers::add` (the declared fields).
+#[test]
+fn a_declared_field_inside_the_user_text_is_ambiguous() {
+    let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nfields = [\"via=\"]\nregex = 'OK login (?P<user>\\S+) from (?P<ip>[0-9.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let m = Matchers::new(&pairs).unwrap();
+    let line =
+        |user: &str| format!("<22>Nov 24 15:36:30 mail mypop[3]: OK login {user} from 192.0.2.9");
+    let plain = line("bob");
+    assert!(matches!(
+        m.match_record(&parse_str(&plain).unwrap()),
+        Outcome::Login(_)
+    ));
+    let forged = line("bob,via=198.51.100.7");
+    let outcome = m.match_record(&parse_str(&forged).unwrap());
+    assert!(matches!(outcome, Outcome::Ambiguous { .. }), "{outcome:?}");
+}

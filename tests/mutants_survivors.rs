@@ -373,3 +373,34 @@ fn a_declared_field_inside_the_user_text_is_ambiguous() {
     let outcome = m.match_record(&parse_str(&forged).unwrap());
     assert!(matches!(outcome, Outcome::Ambiguous { .. }), "{outcome:?}");
 }
+
+/// The benchmarks' naive baseline tries every pattern whatever the
+/// program: it finds a login under any tag, and nothing in other text.
+/// Kills `matcher.rs: replace Matchers::match_every_pattern -> bool with false`.
+#[test]
+fn the_naive_baseline_finds_a_login_under_any_tag() {
+    let m = Matchers::builtin();
+    let login = "<22>Nov 24 15:36:30 mail nottheprogram: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=1, session=<abc>";
+    assert!(m.match_every_pattern(&parse_str(login).unwrap()));
+    let other = "<22>Nov 24 15:36:30 mail dovecot: imap(bob): Disconnected: Logged out";
+    assert!(!m.match_every_pattern(&parse_str(other).unwrap()));
+}
+
+/// A user group joined to the address by `:` (vchkpw's `USER@DOMAIN:IP`)
+/// is ambiguous when the text splits into another address at any other
+/// `:`, also one inside the address (`u:a:b::1` is also `b::1`), wherever
+/// the user's group starts in the message.
+/// Kills `matcher.rs: replace - with + in Pattern::split`.
+#[test]
+fn a_split_inside_the_address_is_ambiguous_wherever_the_user_starts() {
+    let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nregex = 'x(?P<user>\\w+):(?P<ip>[0-9a-f:.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let m = Matchers::new(&pairs).unwrap();
+    let outcome = |msg: &str| {
+        m.match_record(&parse_str(&format!("<22>Nov 24 15:36:30 mail mypop[3]: {msg}")).unwrap())
+    };
+    assert!(matches!(outcome("xu:192.0.2.9"), Outcome::Login(_)));
+    let o = outcome("xu:a:b::1");
+    assert!(matches!(o, Outcome::Ambiguous { .. }), "{o:?}");
+}

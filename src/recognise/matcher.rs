@@ -2157,5 +2157,10 @@ mod prefilter_tests {
             required_literals("^(?:abcdefg.*xyz)$"),
             Some(vec![b"abcdefg".to_vec()])
         );
+        // A tie keeps the prefixes.
+        assert_eq!(
+            required_literals("^(?:abc.*xyz)$"),
+            Some(vec![b"abc".to_vec()])
+        );
     }
 }

@@ -404,3 +404,13 @@ fn a_split_inside_the_address_is_ambiguous_wherever_the_user_starts() {
     let o = outcome("xu:a:b::1");
     assert!(matches!(o, Outcome::Ambiguous { .. }), "{o:?}");
 }
+
+/// An account of a pattern's `uids` is written as the configuration
+/// writes it (a number or a name), in start-up notes and `match`.
+/// Kills `matcher.rs: replace <impl Display for Account>::fmt with Ok(Default::default())`.
+#[test]
+fn an_account_is_written_as_configured() {
+    use smtp_after_popd::recognise::matcher::Account;
+    assert_eq!(Account::Uid(0).to_string(), "0");
+    assert_eq!(Account::Name("dovenull".into()).to_string(), "dovenull");
+}

@@ -414,3 +414,19 @@ fn an_account_is_written_as_configured() {
     assert_eq!(Account::Uid(0).to_string(), "0");
     assert_eq!(Account::Name("dovenull".into()).to_string(), "dovenull");
 }
+
+/// `match` sums up the lines of known programs that no pattern took: a
+/// program is known when some pattern is written for it, and the
+/// prefilter's program half tells which raw lines may name one.
+/// Kills `matcher.rs: Matchers::knows_program` (delete !, -> true) and
+/// `Matchers::may_name_program -> false`.
+#[test]
+fn known_programs_are_told_from_others() {
+    let m = Matchers::builtin();
+    assert!(m.knows_program("dovecot"));
+    assert!(m.knows_program("ipop3d"));
+    assert!(!m.knows_program("sshd"));
+    assert!(!m.knows_program(""));
+    assert!(m.may_name_program(b"<22>Nov 24 15:36:30 mail dovecot: anything"));
+    assert!(!m.may_name_program(b"<22>Nov 24 15:36:30 mail sshd[4]: Accepted password"));
+}

@@ -430,3 +430,39 @@ fn known_programs_are_told_from_others() {
     assert!(m.may_name_program(b"<22>Nov 24 15:36:30 mail dovecot: anything"));
     assert!(!m.may_name_program(b"<22>Nov 24 15:36:30 mail sshd[4]: Accepted password"));
 }
+
+/// An address line whose login never came is forgotten `MEMORY_TTL`
+/// later, and counted as dropped.
+/// Kills `matcher.rs: replace += with *= in AddressMemory::expire`.
+#[tokio::test(start_paused = true)]
+async fn an_unpaired_address_line_is_dropped_and_counted_after_its_ttl() {
+    use smtp_after_popd::recognise::matcher::MEMORY_TTL;
+    let m = Matchers::builtin();
+    let memory = AddressMemory::new();
+    let t0 = tokio::time::Instant::now();
+    let session = |pid: u32, ip: &str, now| {
+        let line = format!("<22>Dec  1 21:33:29 mail popa3d[{pid}]: Session from {ip}");
+        let rec = parse_str(&line).unwrap();
+        let outcome = m.match_record(&rec);
+        let key = ProcessKey::of("127.0.0.1".to_string(), &rec, rec.pid);
+        memory.pair(key, outcome, now, false).1
+    };
+    assert_eq!(session(1, "192.0.2.1", t0), 0);
+    assert_eq!(session(2, "192.0.2.2", t0 + MEMORY_TTL / 2), 0);
+    assert_eq!(memory.len(), 2);
+    // The first is a TTL old now; the second is not.
+    assert_eq!(session(3, "192.0.2.3", t0 + MEMORY_TTL), 1);
+    assert_eq!(memory.len(), 2);
+}
+
+/// The prefilter lets through the lines that may hold a login and skips
+/// the others without parsing them.
+/// Kills `matcher.rs: replace Matchers::may_match -> bool with true`.
+#[test]
+fn the_prefilter_skips_lines_that_hold_no_login_text() {
+    let m = Matchers::builtin();
+    assert!(m.may_match(b"<22>Nov 24 15:36:30 mail dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=1, session=<abc>"));
+    assert!(!m.may_match(
+        b"<22>Nov 24 15:36:30 mail sshd[4]: Accepted password for bob from 192.0.2.6 port 22 ssh2"
+    ));
+}

@@ -466,3 +466,35 @@ fn the_prefilter_skips_lines_that_hold_no_login_text() {
         b"<22>Nov 24 15:36:30 mail sshd[4]: Accepted password for bob from 192.0.2.6 port 22 ssh2"
     ));
 }
+
+/// A second address line from the same process replaces the first, which
+/// is counted as dropped unused.
+/// Kills `matcher.rs: replace += with *= in AddressMemory::pair` (the replaced entry).
+#[tokio::test(start_paused = true)]
+async fn a_replaced_address_line_is_counted_as_dropped() {
+    let m = Matchers::builtin();
+    let memory = AddressMemory::new();
+    let now = tokio::time::Instant::now();
+    let mut dropped = Vec::new();
+    for ip in ["192.0.2.1", "192.0.2.2"] {
+        let line = format!("<22>Dec  1 21:33:29 mail popa3d[7]: Session from {ip}");
+        let rec = parse_str(&line).unwrap();
+        let key = ProcessKey::of("127.0.0.1".to_string(), &rec, rec.pid);
+        dropped.push(memory.pair(key, m.match_record(&rec), now, false).1);
+    }
+    assert_eq!(dropped, [0, 1]);
+    assert_eq!(memory.len(), 1);
+}
+
+/// The sample harness checks that at most one pattern claims a line:
+/// `all_matching` names every pattern of the program that matches.
+/// Kills `matcher.rs: replace Matchers::all_matching -> Vec<Arc<str>> with vec![]`.
+#[test]
+fn all_matching_names_the_patterns_that_match() {
+    let m = Matchers::builtin();
+    let rec = parse_str("<22>Nov 24 15:36:30 mail dovecot: imap-login: Login: user=<bob>, method=PLAIN, rip=192.0.2.6, lip=192.0.2.1, mpid=1, session=<abc>").unwrap();
+    let ids: Vec<String> = m.all_matching(&rec).iter().map(|s| s.to_string()).collect();
+    assert_eq!(ids, ["dovecot-login"]);
+    let other = parse_str("<22>Nov 24 15:36:30 mail dovecot: imap(bob): Logged out").unwrap();
+    assert!(m.all_matching(&other).is_empty());
+}

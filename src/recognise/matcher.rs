@@ -2163,4 +2163,27 @@ mod prefilter_tests {
             Some(vec![b"abc".to_vec()])
         );
     }
+
+    /// The same process remembered again and again leaves stale order
+    /// entries; the order is rebuilt from the map when it holds more than
+    /// four times `MEMORY_ENTRIES`, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn stale_memory_order_entries_are_dropped_exactly_past_the_bound() {
+        let m = Matchers::builtin();
+        let memory = AddressMemory::new();
+        let now = Instant::now();
+        let line = "<22>Dec  1 21:33:29 mail popa3d[7]: Session from 192.0.2.1";
+        let rec = crate::ingest::record::parse_str(line).unwrap();
+        let remember = || {
+            let key = ProcessKey::of("127.0.0.1".to_string(), &rec, rec.pid);
+            memory.pair(key, m.match_record(&rec), now, false);
+        };
+        for _ in 0..4 * MEMORY_ENTRIES + 1 {
+            remember();
+        }
+        assert_eq!(memory.lock().order.len(), 4 * MEMORY_ENTRIES + 1);
+        remember();
+        assert_eq!(memory.lock().order.len(), 2);
+        assert_eq!(memory.len(), 1);
+    }
 }

@@ -498,3 +498,31 @@ fn all_matching_names_the_patterns_that_match() {
     let other = parse_str("<22>Nov 24 15:36:30 mail dovecot: imap(bob): Logged out").unwrap();
     assert!(m.all_matching(&other).is_empty());
 }
+
+/// A one-line login whose credential is its process takes the address its
+/// process remembered only when that address line is as believed as the
+/// login: an attested login never takes an unattested address line
+/// (anyone could have written that one), an unattested login takes it.
+/// Kills `matcher.rs: delete ! in AddressMemory::take`.
+#[tokio::test(start_paused = true)]
+async fn an_attested_login_takes_no_unattested_address() {
+    let m = Matchers::builtin();
+    let now = tokio::time::Instant::now();
+    let line = "<22>Dec  1 21:33:29 mail popa3d[7]: Session from 192.0.2.1";
+    let rec = parse_str(line).unwrap();
+    let key = || ProcessKey::of("127.0.0.1".to_string(), &rec, rec.pid);
+    let remember = |memory: &AddressMemory, attested| {
+        memory.pair(key(), m.match_record(&rec), now, attested);
+    };
+    let Outcome::Address { server, .. } = m.match_record(&rec) else {
+        panic!("no address line");
+    };
+    let a = ip("192.0.2.1");
+    let memory = AddressMemory::new();
+    remember(&memory, false);
+    assert!(!memory.take(key(), &server, a, now, true));
+    assert!(memory.take(key(), &server, a, now, false));
+    let memory = AddressMemory::new();
+    remember(&memory, true);
+    assert!(memory.take(key(), &server, a, now, true));
+}

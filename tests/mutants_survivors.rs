@@ -526,3 +526,37 @@ async fn an_attested_login_takes_no_unattested_address() {
     remember(&memory, true);
     assert!(memory.take(key(), &server, a, now, true));
 }
+
+/// `hold` says which login a logout ends: on an address, login-after-
+/// address or login-without-address pattern it means nothing, and is
+/// refused at start.
+/// Kills `matcher.rs: replace match guard matches!(kind, ...) with false in hold_of`.
+#[test]
+fn hold_on_a_pattern_that_is_no_login_is_refused() {
+    for (kind, regex) in [
+        ("address", r"Session from (?P<ip>[0-9.]+)"),
+        (
+            "login-after-address",
+            r"Authentication passed for (?P<user>\S+)",
+        ),
+        (
+            "login-without-address",
+            r"Authentication passed for (?P<user>\S+)",
+        ),
+    ] {
+        let src = format!(
+            "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"{kind}\"\nhold = \"pid\"\nregex = '{regex}'\n"
+        );
+        let specs = parse_pattern_specs(&src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
+        let Err((_, e)) = Matchers::new(&pairs) else {
+            panic!("hold on a {kind} pattern was accepted");
+        };
+        assert!(
+            e.message
+                .contains("hold is only for login and logout patterns"),
+            "{kind}: {}",
+            e.message
+        );
+    }
+}

@@ -450,6 +450,7 @@ async fn an_unpaired_address_line_is_dropped_and_counted_after_its_ttl() {
     assert_eq!(session(1, "192.0.2.1", t0), 0);
     assert_eq!(session(2, "192.0.2.2", t0 + MEMORY_TTL / 2), 0);
     assert_eq!(memory.len(), 2);
+    assert!(!memory.is_empty());
     // The first is a TTL old now; the second is not.
     assert_eq!(session(3, "192.0.2.3", t0 + MEMORY_TTL), 1);
     assert_eq!(memory.len(), 2);
@@ -559,4 +560,30 @@ fn hold_on_a_pattern_that_is_no_login_is_refused() {
             e.message
         );
     }
+}
+
+/// A login pattern must say which service it grants for: no `service`
+/// and no `(?P<service>...)` group is refused at start; the group alone
+/// is enough.
+/// Kills `matcher.rs: replace match guard names.contains(&"service") with true in service_of`.
+#[test]
+fn a_login_pattern_must_say_its_service() {
+    let load = |regex: &str| {
+        let src = format!(
+            "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nregex = '{regex}'\n"
+        );
+        let specs = parse_pattern_specs(&src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
+        Matchers::new(&pairs)
+            .map(|_| ())
+            .map_err(|(_, e)| e.message)
+    };
+    let Err(e) = load(r"OK login (?P<user>\w+) from (?P<ip>[0-9.]+)") else {
+        panic!("a login pattern without a service was accepted");
+    };
+    assert!(e.contains("say which service it is"), "{e}");
+    assert_eq!(
+        load(r"OK (?P<service>pop3|imap) login (?P<user>\w+) from (?P<ip>[0-9.]+)"),
+        Ok(())
+    );
 }

@@ -587,3 +587,64 @@ fn a_login_pattern_must_say_its_service() {
         Ok(())
     );
 }
+
+/// The second line of a two-line login (popa3d's `Authentication passed`)
+/// takes the address its process remembered only when that address line
+/// is as believed as it: an attested success line never takes an
+/// unattested address line.
+/// Kills `matcher.rs: replace && with || in AddressMemory::pair` (the success line).
+#[tokio::test(start_paused = true)]
+async fn an_attested_success_line_takes_no_unattested_address_line() {
+    let m = Matchers::builtin();
+    let now = tokio::time::Instant::now();
+    let session =
+        parse_str("<22>Mar 11 08:00:01 mail popa3d[3101]: Session from 192.0.2.100").unwrap();
+    let passed =
+        parse_str("<22>Mar 11 08:00:02 mail popa3d[3101]: Authentication passed for alice")
+            .unwrap();
+    let key = |rec| ProcessKey::of("127.0.0.1".to_string(), rec, rec.pid);
+    let run = |address_attested, login_attested| {
+        let memory = AddressMemory::new();
+        memory.pair(
+            key(&session),
+            m.match_record(&session),
+            now,
+            address_attested,
+        );
+        memory
+            .pair(key(&passed), m.match_record(&passed), now, login_attested)
+            .0
+    };
+    assert!(matches!(run(false, false), Outcome::Login(_)));
+    assert!(matches!(run(true, true), Outcome::Login(_)));
+    assert!(matches!(run(true, false), Outcome::Login(_)));
+    let o = run(false, true);
+    assert!(matches!(o, Outcome::NoAddress { .. }), "{o:?}");
+}
+
+/// Without a map or memcached (only the policy service or socketmap,
+/// which answer from the table for any address), an IPv6 prefix is
+/// granted whole, keys or not: 2001:0:0:1::/64 has no key Postfix's
+/// check_client_access tries, and needs none here.
+/// Kills `pipeline.rs: delete ! in Settings::of`.
+#[test]
+fn without_a_map_a_prefix_needs_no_postfix_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = format!("unix://{}", dir.path().join("policy").display());
+    let args = <smtp_after_popd::service::config::Cli as clap::Parser>::try_parse_from([
+        "smtp-after-popd",
+        "--policy",
+        sock.as_str(),
+        "--map",
+        "none",
+        "--ipv6-prefix",
+        "64",
+    ])
+    .unwrap()
+    .daemon;
+    let config = smtp_after_popd::service::config::Config::from_args(&args).unwrap();
+    assert!(config.map.is_none() && config.memcache.is_empty());
+    let s = Settings::of(&config);
+    let (scope, why) = s.policy.scope(ip("2001:0:0:1::5"));
+    assert_eq!(scope.to_string(), "2001:0:0:1::/64", "{why:?}");
+}

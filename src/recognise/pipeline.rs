@@ -1950,4 +1950,36 @@ mod tests {
             other => panic!("{plain}: {other:?}"),
         }
     }
+
+    /// The minute's summary of a full table is written while the table is
+    /// full or when it refused logins, and not otherwise.
+    #[test]
+    fn the_full_table_summary_is_written_only_when_there_is_something_to_say() {
+        let table = Arc::new(GrantTable::with_limit(1));
+        let p = Pipeline::new(
+            settings(false, false, &[]),
+            table.clone(),
+            Arc::new(Stats::default()),
+        );
+        assert_eq!(p.full_summary(), None);
+        let later = tokio::time::Instant::now() + Duration::from_secs(60);
+        table.grant(
+            "192.0.2.1".parse().unwrap(),
+            crate::grants::table::Grant {
+                expires: later,
+                server: "dovecot".into(),
+                service: crate::recognise::matcher::Service::Imap,
+                user: "u".into(),
+                reporter: "t".into(),
+                host: "h".into(),
+            },
+        );
+        let line = p.full_summary().expect("a full table is summed up");
+        assert!(
+            line.starts_with("the grant table is full (1 grants, --max-grants 1): 0 login(s)"),
+            "{line}"
+        );
+        table.set_limit(2);
+        assert_eq!(p.full_summary(), None);
+    }
 }

@@ -648,3 +648,21 @@ fn without_a_map_a_prefix_needs_no_postfix_keys() {
     let (scope, why) = s.policy.scope(ip("2001:0:0:1::5"));
     assert_eq!(scope.to_string(), "2001:0:0:1::/64", "{why:?}");
 }
+
+/// A login-without-address pattern recognises lines that carry no
+/// address: one that captures `(?P<ip>...)` is refused at start.
+/// Kills `matcher.rs: replace match guard names.contains(&"ip") with false in kind_of`.
+#[test]
+fn a_login_without_address_pattern_may_not_capture_an_address() {
+    let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"login-without-address\"\nregex = 'Authentication passed for (?P<user>\\S+) from (?P<ip>[0-9.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let Err((_, e)) = Matchers::new(&pairs) else {
+        panic!("a login-without-address pattern with an ip group was accepted");
+    };
+    assert!(
+        e.message.contains("must not capture (?P<ip>...)"),
+        "{}",
+        e.message
+    );
+}

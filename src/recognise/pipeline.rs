@@ -1982,4 +1982,17 @@ mod tests {
         table.set_limit(2);
         assert_eq!(p.full_summary(), None);
     }
+
+    /// Address lines dropped unused (a second one from the same process
+    /// replaces the first) are counted in `addresses_dropped`.
+    #[tokio::test]
+    async fn replaced_address_lines_are_counted() {
+        let p = pipeline(false);
+        for ip in ["192.0.2.1", "192.0.2.2"] {
+            let line = format!("<22>Mar 11 08:00:01 mail popa3d[3101]: Session from {ip}");
+            p.handle(line.as_bytes(), &peer());
+        }
+        assert_eq!(count(&p.stats.addresses_remembered), 2);
+        assert_eq!(count(&p.stats.addresses_dropped), 1);
+    }
 }

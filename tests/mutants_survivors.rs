@@ -666,3 +666,22 @@ fn a_login_without_address_pattern_may_not_capture_an_address() {
         e.message
     );
 }
+
+/// The same for a login-after-address pattern: its address is the one its
+/// process's address line gave.
+/// Kills `matcher.rs: replace match guard names.contains(&"ip") with false
+/// in kind_of` (the login-after-address arm).
+#[test]
+fn a_login_after_address_pattern_may_not_capture_an_address() {
+    let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"login-after-address\"\nregex = 'Authentication passed for (?P<user>\\S+) from (?P<ip>[0-9.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    let Err((_, e)) = Matchers::new(&pairs) else {
+        panic!("a login-after-address pattern with an ip group was accepted");
+    };
+    assert!(
+        e.message.contains("must not capture (?P<ip>...) itself"),
+        "{}",
+        e.message
+    );
+}

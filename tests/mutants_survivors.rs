@@ -685,3 +685,41 @@ fn a_login_after_address_pattern_may_not_capture_an_address() {
         e.message
     );
 }
+
+/// `hold = "session"` needs the session id: without a `(?P<session>...)`
+/// group it is refused at start, with one it loads.
+/// Kills `matcher.rs: replace match guard names.contains(&"session") with true in hold_of`.
+#[test]
+fn hold_by_session_needs_a_session_group() {
+    let load = |regex: &str| {
+        let src = format!(
+            "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nhold = \"session\"\nregex = '{regex}'\n"
+        );
+        let specs = parse_pattern_specs(&src).unwrap();
+        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
+        Matchers::new(&pairs)
+            .map(|_| ())
+            .map_err(|(_, e)| e.message)
+    };
+    let Err(e) = load(r"OK login (?P<user>\w+) from (?P<ip>[0-9.]+)") else {
+        panic!("hold = session without a session group was accepted");
+    };
+    assert!(e.contains("has no named group \"session\""), "{e}");
+    assert_eq!(
+        load(r"OK login (?P<user>\w+) from (?P<ip>[0-9.]+) session (?P<session>\w+)"),
+        Ok(())
+    );
+}
+
+/// A login pattern may name the uid as its credential (the default for
+/// one-line logins); only login-after-address patterns may not.
+/// Kills `matcher.rs: replace match guard kind == Kind::LoginAfterAddress with true in process_of`.
+#[test]
+fn a_login_pattern_may_take_the_uid_as_credential() {
+    let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\ncredential = \"uid\"\nexecutables = [\"/usr/sbin/mypop\"]\nuids = [0]\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    if let Err((_, e)) = Matchers::new(&pairs) {
+        panic!("{}", e.message);
+    }
+}

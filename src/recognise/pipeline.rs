@@ -1995,4 +1995,17 @@ mod tests {
         assert_eq!(count(&p.stats.addresses_remembered), 2);
         assert_eq!(count(&p.stats.addresses_dropped), 1);
     }
+
+    /// A grant runs for the window from its login (hold-while-connected
+    /// off).
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_runs_for_the_window_from_its_login() {
+        let line =
+            "<22>Nov 23 10:00:03 mail ipop3d[3458]: Login user=carol host=[192.0.2.9] nmsgs=3/3";
+        let p = pipeline(false);
+        let now = tokio::time::Instant::now();
+        p.handle(line.as_bytes(), &peer());
+        let g = p.table.get("192.0.2.9".parse().unwrap()).expect("granted");
+        assert_eq!(g.expires, now + Duration::from_secs(120));
+    }
 }

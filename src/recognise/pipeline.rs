@@ -2008,4 +2008,19 @@ mod tests {
         let g = p.table.get("192.0.2.9".parse().unwrap()).expect("granted");
         assert_eq!(g.expires, now + Duration::from_secs(120));
     }
+
+    /// Refusal lines describe a login by its server, service, user (with
+    /// the log's escaping), pattern and reporter.
+    #[test]
+    fn a_refused_login_is_described_in_full() {
+        let line = LOGIN.replace("user=<bob>", "user=<b\"ob>");
+        let rec = record::parse_str(&line).unwrap();
+        let Outcome::Login(l) = Matchers::builtin().match_record(&rec) else {
+            panic!("no login");
+        };
+        assert_eq!(
+            About(&l, &"unix:/run/x").to_string(),
+            "dovecot imap login of user \"b\\\"ob\", pattern dovecot-login, reported by unix:/run/x"
+        );
+    }
 }

@@ -2023,4 +2023,64 @@ mod tests {
             "dovecot imap login of user \"b\\\"ob\", pattern dovecot-login, reported by unix:/run/x"
         );
     }
+
+    /// A refusal names the login it refused and its pattern when the line
+    /// got that far (a forged login), and neither when it did not (a
+    /// record that claims an attestation nobody made); a refused login
+    /// still counts as a login.
+    #[tokio::test]
+    async fn a_refusal_names_its_login_and_pattern_when_it_has_them() {
+        let s = settings(false, true, &[]);
+        let (memory, cut) = (AddressMemory::new(), CutLines::new());
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = Transport {
+            peer: &p,
+            attested: false,
+        };
+        let Decision::Refused(r) = decide(&s, &memory, &cut, LOGIN.as_bytes(), on, now).decision
+        else {
+            panic!("granted without attestation");
+        };
+        assert_eq!(r.reason(), "forgery");
+        assert_eq!(r.login().map(|l| l.user.as_str()), Some("bob"));
+        assert_eq!(r.pattern(), Some("dovecot-login"));
+        let claimed = attested("/usr/lib/dovecot/log", 0, 1, "dovecot", DOVECOT);
+        let Decision::Refused(r) = decide(&s, &memory, &cut, claimed.as_bytes(), on, now).decision
+        else {
+            panic!("granted");
+        };
+        assert!(r.login().is_none());
+        assert_eq!(r.pattern(), None);
+        // Through the pipeline, the refused login is counted.
+        let pl = pipeline_with(false, true);
+        pl.handle(LOGIN.as_bytes(), &peer());
+        assert_eq!(count(&pl.stats.logins), 1);
+        assert_eq!(count(&pl.stats.forgeries), 1);
+    }
+
+    /// The full table's summary is written a minute after the start, and
+    /// each minute after, not at once.
+    #[tokio::test(start_paused = true)]
+    async fn the_full_table_summary_comes_once_a_minute() {
+        let table = Arc::new(GrantTable::with_limit(0));
+        let p = Arc::new(Pipeline::new(
+            settings(false, false, &[]),
+            table,
+            Arc::new(Stats::default()),
+        ));
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let out = lines.clone();
+        let task = tokio::spawn(p.clone().run_full_summary(move |l| {
+            out.lock().unwrap().push(l.to_string());
+        }));
+        let n = || lines.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(n(), 0, "nothing at the start");
+        tokio::time::sleep(FULL_SUMMARY_EVERY).await;
+        assert_eq!(n(), 1);
+        tokio::time::sleep(FULL_SUMMARY_EVERY).await;
+        assert_eq!(n(), 2);
+        task.abort();
+    }
 }

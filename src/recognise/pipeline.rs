@@ -2045,6 +2045,12 @@ mod tests {
         assert_eq!(r.reason(), "forgery");
         assert_eq!(r.login().map(|l| l.user.as_str()), Some("bob"));
         assert_eq!(r.pattern(), Some("dovecot-login"));
+        assert!(
+            r.detail()
+                .contains("no attestation of the sending process (require-attestation is on"),
+            "{}",
+            r.detail()
+        );
         let claimed = attested("/usr/lib/dovecot/log", 0, 1, "dovecot", DOVECOT);
         let Decision::Refused(r) = decide(&s, &memory, &cut, claimed.as_bytes(), on, now).decision
         else {

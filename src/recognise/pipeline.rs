@@ -2089,4 +2089,49 @@ mod tests {
         assert_eq!(n(), 2);
         task.abort();
     }
+
+    /// A logout line is trusted as a login line is: with
+    /// require-attestation, an unattested one is refused as a forged line
+    /// (it would otherwise end someone's held session early).
+    #[tokio::test]
+    async fn an_unattested_logout_line_is_a_forged_line() {
+        let s = settings(true, true, &[]);
+        let (memory, cut) = (AddressMemory::new(), CutLines::new());
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = Transport {
+            peer: &p,
+            attested: false,
+        };
+        let logout = "<22>Dec  1 21:33:10 mail dovecot: pop3(alice)<86><SCzjRZlhz8HAAAJk>: Disconnected: Logged out top=0/0, retr=0/0, del=0/0, size=0";
+        let Decision::Refused(r) = decide(&s, &memory, &cut, logout.as_bytes(), on, now).decision
+        else {
+            panic!("an unattested logout line was taken");
+        };
+        assert_eq!(r.reason(), "forgery");
+        assert_eq!(r.pattern(), Some("dovecot-logout"));
+        assert!(r.detail().contains("logout line ignored"), "{}", r.detail());
+    }
+
+    /// A refusal before any login was made of the line (an ambiguous line)
+    /// still names the pattern that recognised it.
+    #[tokio::test]
+    async fn an_ambiguous_refusal_names_its_pattern() {
+        let s = settings(false, false, &[]);
+        let (memory, cut) = (AddressMemory::new(), CutLines::new());
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = Transport {
+            peer: &p,
+            attested: false,
+        };
+        let line = LOGIN.replace("user=<bob>", "user=<bob, rip=198.51.100.9>");
+        let Decision::Refused(r) = decide(&s, &memory, &cut, line.as_bytes(), on, now).decision
+        else {
+            panic!("an ambiguous line was taken");
+        };
+        assert_eq!(r.reason(), "ambiguous");
+        assert_eq!(r.pattern(), Some("dovecot-login"));
+        assert!(r.login().is_none());
+    }
 }

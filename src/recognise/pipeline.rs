@@ -2134,4 +2134,54 @@ mod tests {
         assert_eq!(r.pattern(), Some("dovecot-login"));
         assert!(r.login().is_none());
     }
+
+    /// The success line of a two-line server (popa3d), attested, takes
+    /// only an address line that was attested too: after an unattested
+    /// `Session from` (anyone could have sent it), it grants nothing;
+    /// after an attested one, it grants.
+    #[tokio::test]
+    async fn an_attested_success_line_takes_only_an_attested_address_line() {
+        let s = settings(false, false, &[]);
+        let now = tokio::time::Instant::now();
+        let p = peer();
+        let on = |attested| Transport { peer: &p, attested };
+        let session = "Session from 192.0.2.100";
+        let passed = attested(
+            "/usr/sbin/popa3d",
+            1000,
+            3101,
+            "popa3d",
+            "Authentication passed for alice",
+        );
+        let run = |session_attested: bool| {
+            let (memory, cut) = (AddressMemory::new(), CutLines::new());
+            let first = if session_attested {
+                attested("/usr/sbin/popa3d", 0, 3101, "popa3d", session)
+            } else {
+                format!("<22>Mar 11 08:00:01 mail popa3d[3101]: {session}")
+            };
+            let d = decide(
+                &s,
+                &memory,
+                &cut,
+                first.as_bytes(),
+                on(session_attested),
+                now,
+            );
+            assert!(
+                matches!(d.decision, Decision::Remembered { .. }),
+                "{:?}",
+                d.decision
+            );
+            decide(&s, &memory, &cut, passed.as_bytes(), on(true), now).decision
+        };
+        match run(false) {
+            Decision::Refused(r) => assert_eq!(r.reason(), "no-address-line"),
+            other => panic!("{other:?}"),
+        }
+        match run(true) {
+            Decision::Grant(a) => assert_eq!(a.ip.to_string(), "192.0.2.100"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

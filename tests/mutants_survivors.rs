@@ -17,6 +17,16 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// Loads custom patterns (beside the built-in ones) from a configuration
+/// text.
+fn custom(
+    src: &str,
+) -> Result<Matchers, (bool, smtp_after_popd::recognise::matcher::PatternError)> {
+    let specs = parse_pattern_specs(src).unwrap();
+    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
+    Matchers::new(&pairs)
+}
+
 /// `::1` is the loopback address, not the IPv4-compatible form of
 /// 0.0.0.1 (nor is `::`, the unspecified address).
 /// Kills `addr.rs: replace > with >= in embedded_ipv4`.
@@ -82,9 +92,7 @@ fn a_parenthesis_inside_a_class_does_not_close_the_user_group() {
 #[test]
 fn a_login_after_address_pattern_may_not_take_the_uid_as_credential() {
     let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"login-after-address\"\ncredential = \"uid\"\nexecutables = [\"/usr/sbin/mypop\"]\nregex = 'Authentication passed for (?P<user>\\S+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let Err((builtin, e)) = Matchers::new(&pairs) else {
+    let Err((builtin, e)) = custom(src) else {
         panic!("a login-after-address pattern with credential = \"uid\" was accepted");
     };
     assert!(!builtin);
@@ -92,9 +100,7 @@ fn a_login_after_address_pattern_may_not_take_the_uid_as_credential() {
     assert!(e.message.contains("uid is no credential"), "{}", e.message);
     // The same pattern with the default credential (the process) loads.
     let src = src.replace("credential = \"uid\"\n", "");
-    let specs = parse_pattern_specs(&src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
-    assert!(Matchers::new(&pairs).is_ok());
+    assert!(custom(&src).is_ok());
 }
 
 /// At start, with require-attestation, the daemon names the patterns
@@ -108,9 +114,7 @@ fn a_login_after_address_pattern_may_not_take_the_uid_as_credential() {
 #[test]
 fn the_start_up_note_names_the_patterns_whose_accounts_are_all_missing() {
     let src = "[[pattern]]\nid = \"h6mute\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nexecutables = [\"/usr/sbin/mypop\"]\nuids = [\"h6-no-such-account\"]\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n\n[[pattern]]\nid = \"h6unnamed\"\nserver = \"yourpop\"\nprogram = [\"yourpop\"]\nservice = \"pop3\"\nexecutables = [\"/usr/sbin/yourpop\"]\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let m = Matchers::new(&pairs).unwrap();
+    let m = custom(src).unwrap();
     let notes = m.attestation_notes(true);
     let missing = notes
         .iter()
@@ -320,9 +324,7 @@ fn a_pattern_without_an_id_is_named_after_its_server_and_place() {
     use smtp_after_popd::recognise::matcher::BUILTIN_PATTERNS;
     let builtins = parse_pattern_specs(BUILTIN_PATTERNS).unwrap().len();
     let src = "[[pattern]]\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let m = Matchers::new(&pairs).unwrap();
+    let m = custom(src).unwrap();
     let rec = parse_str("<22>Nov 24 15:36:30 mail mypop[3]: OK login bob from 192.0.2.9").unwrap();
     let Outcome::Login(login) = m.match_record(&rec) else {
         panic!("no login");
@@ -339,9 +341,7 @@ fn a_pattern_with_no_program_is_refused() {
         let src = format!(
             "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = {program}\nservice = \"pop3\"\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n"
         );
-        let specs = parse_pattern_specs(&src).unwrap();
-        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
-        let Err((_, e)) = Matchers::new(&pairs) else {
+        let Err((_, e)) = custom(&src) else {
             panic!("program = {program} was accepted");
         };
         assert!(
@@ -359,9 +359,7 @@ fn a_pattern_with_no_program_is_refused() {
 #[test]
 fn a_declared_field_inside_the_user_text_is_ambiguous() {
     let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nfields = [\"via=\"]\nregex = 'OK login (?P<user>\\S+) from (?P<ip>[0-9.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let m = Matchers::new(&pairs).unwrap();
+    let m = custom(src).unwrap();
     let line =
         |user: &str| format!("<22>Nov 24 15:36:30 mail mypop[3]: OK login {user} from 192.0.2.9");
     let plain = line("bob");
@@ -394,9 +392,7 @@ fn the_naive_baseline_finds_a_login_under_any_tag() {
 #[test]
 fn a_split_inside_the_address_is_ambiguous_wherever_the_user_starts() {
     let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nregex = 'x(?P<user>\\w+):(?P<ip>[0-9a-f:.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let m = Matchers::new(&pairs).unwrap();
+    let m = custom(src).unwrap();
     let outcome = |msg: &str| {
         m.match_record(&parse_str(&format!("<22>Nov 24 15:36:30 mail mypop[3]: {msg}")).unwrap())
     };
@@ -548,9 +544,7 @@ fn hold_on_a_pattern_that_is_no_login_is_refused() {
         let src = format!(
             "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"{kind}\"\nhold = \"pid\"\nregex = '{regex}'\n"
         );
-        let specs = parse_pattern_specs(&src).unwrap();
-        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
-        let Err((_, e)) = Matchers::new(&pairs) else {
+        let Err((_, e)) = custom(&src) else {
             panic!("hold on a {kind} pattern was accepted");
         };
         assert!(
@@ -572,11 +566,7 @@ fn a_login_pattern_must_say_its_service() {
         let src = format!(
             "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nregex = '{regex}'\n"
         );
-        let specs = parse_pattern_specs(&src).unwrap();
-        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
-        Matchers::new(&pairs)
-            .map(|_| ())
-            .map_err(|(_, e)| e.message)
+        custom(&src).map(|_| ()).map_err(|(_, e)| e.message)
     };
     let Err(e) = load(r"OK login (?P<user>\w+) from (?P<ip>[0-9.]+)") else {
         panic!("a login pattern without a service was accepted");
@@ -655,9 +645,7 @@ fn without_a_map_a_prefix_needs_no_postfix_keys() {
 #[test]
 fn a_login_without_address_pattern_may_not_capture_an_address() {
     let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"login-without-address\"\nregex = 'Authentication passed for (?P<user>\\S+) from (?P<ip>[0-9.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let Err((_, e)) = Matchers::new(&pairs) else {
+    let Err((_, e)) = custom(src) else {
         panic!("a login-without-address pattern with an ip group was accepted");
     };
     assert!(
@@ -674,9 +662,7 @@ fn a_login_without_address_pattern_may_not_capture_an_address() {
 #[test]
 fn a_login_after_address_pattern_may_not_capture_an_address() {
     let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nkind = \"login-after-address\"\nregex = 'Authentication passed for (?P<user>\\S+) from (?P<ip>[0-9.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    let Err((_, e)) = Matchers::new(&pairs) else {
+    let Err((_, e)) = custom(src) else {
         panic!("a login-after-address pattern with an ip group was accepted");
     };
     assert!(
@@ -695,11 +681,7 @@ fn hold_by_session_needs_a_session_group() {
         let src = format!(
             "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\nhold = \"session\"\nregex = '{regex}'\n"
         );
-        let specs = parse_pattern_specs(&src).unwrap();
-        let pairs: Vec<_> = specs.into_iter().map(|s| (s, src.as_str())).collect();
-        Matchers::new(&pairs)
-            .map(|_| ())
-            .map_err(|(_, e)| e.message)
+        custom(&src).map(|_| ()).map_err(|(_, e)| e.message)
     };
     let Err(e) = load(r"OK login (?P<user>\w+) from (?P<ip>[0-9.]+)") else {
         panic!("hold = session without a session group was accepted");
@@ -717,9 +699,7 @@ fn hold_by_session_needs_a_session_group() {
 #[test]
 fn a_login_pattern_may_take_the_uid_as_credential() {
     let src = "[[pattern]]\nid = \"mine\"\nserver = \"mypop\"\nprogram = [\"mypop\"]\nservice = \"pop3\"\ncredential = \"uid\"\nexecutables = [\"/usr/sbin/mypop\"]\nuids = [0]\nregex = 'OK login (?P<user>\\w+) from (?P<ip>[0-9.]+)'\n";
-    let specs = parse_pattern_specs(src).unwrap();
-    let pairs: Vec<_> = specs.into_iter().map(|s| (s, src)).collect();
-    if let Err((_, e)) = Matchers::new(&pairs) {
+    if let Err((_, e)) = custom(src) {
         panic!("{}", e.message);
     }
 }
